@@ -1,0 +1,263 @@
+"""Typed configuration: the one source of defaults.
+
+A recipe is YAML whose sections mirror these dataclasses; `key.sub=value`
+overrides (values parsed as YAML) apply on top. Unknown keys, wrong types
+and invalid values are all collected into one ConfigError before anything
+launches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2"
+    """HF model folder or hub id; 'smollm2' = the embedded SmolLM2-135M-Instruct (converted once, cached)."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Training precision. fp16 is not offered: it is unsupported on CPU and brittle for LM fine-tuning."""
+    chat_template: str | None = None
+    """Jinja chat template to use instead of the tokenizer's own (must be prefix-stable)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about 30% more compute."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "chitchat"
+    """Training data: .jsonl/.json/.parquet file, saved `datasets` folder, or 'chitchat' (embedded)."""
+    max_length: int = 256
+    """Tokens per sequence; longer dialogues are cut and their last turn flagged partial."""
+    skip_invalid: bool = False
+    """Skip bad records and report counts per kind, instead of stopping with an error."""
+    shuffle_buffer: int = 10000
+    """Records in the seeded shuffle buffer (memory-bounded; >= corpus size = full shuffle)."""
+
+
+@dataclass
+class StatsConfig:
+    num_buckets: int = 8
+    """K: turn depths >= K-1 share the last bucket."""
+    decay: float = 1.0
+    """Scale of running n and M2 before each merge; 1 = cumulative Welford (the paper)."""
+
+
+@dataclass
+class ResureConfig:
+    weight_fn: Literal["hard", "exp", "sigmoid"] = "exp"
+    """z -> weight: hard (0 above tau), exp (exp(-lam*max(0, z-tau))), sigmoid (1/(1+exp((z-tau)/s)))."""
+    tau: float = 1.5
+    """z threshold above which a turn counts as unreliable."""
+    lam: float = 1.0
+    """Decay rate of the exp weight past tau."""
+    s: float = 0.5
+    """Temperature of the sigmoid weight."""
+    level: Literal["turn", "sample"] = "turn"
+    """turn: each turn its own weight; sample: all turns get the dialogue's minimum."""
+    propagate: Literal["none", "forward"] = "none"
+    """forward: turn t gets min(w_0..w_t), so an unreliable early turn down-weights later ones."""
+    two_sided: bool = False
+    """Use |z|: abnormally low loss (copied/boilerplate replies) is suspicious too."""
+    floor: float = 0.0
+    """Lower bound of every weight."""
+    min_count: int = 64
+    """Weight 1 while a bucket has fewer turns than this (warm-up)."""
+    warmup_steps: int = 0
+    """Weight 1 for the first optimizer steps, whatever the counts."""
+    eps: float = 1e-6
+    """Added to the std in z."""
+
+
+@dataclass
+class LossTruncationConfig:
+    drop_fraction: float = 0.1
+    """c: turns above the running (1-c) loss quantile get weight 0."""
+    min_count: int = 64
+    """Weight 1 until this many turns are in the histogram."""
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["resure", "sft", "loss_truncation"] = "resure"
+    """sft: weights 1 (statistics still tracked); resure; loss_truncation (baseline)."""
+    micro_batch_size: int = 4
+    """Sequences per rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    max_steps: int = 60
+    """Optimizer steps (the budget; same for every method)."""
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up, to min_lr_ratio * lr."""
+    lr_warmup_steps: int = 5
+    """Linear learning-rate warm-up steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage 0-3."""
+    seed: int = 1234
+    """Seeds data order, model-side RNG and everything else."""
+    log_every: int = 1
+    """Progress-bar refresh and TensorBoard interval (metrics.jsonl gets every step)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 30
+    """Save every N optimizer steps (and always at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted."""
+    resume: str = "auto"
+    """auto: resume from the newest checkpoint in the run folder if any; none; or a checkpoint path."""
+    export: bool = True
+    """Write a plain Hugging Face folder (16-bit weights, tokenizer, template) at the end."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    """Parent folder of run folders."""
+    name: str = "resure-default"
+    """Run folder name: outputs go to <dir>/<name>/."""
+    audit_max_rows: int = 200000
+    """Per-turn audit rows kept (a reservoir sample past this bound)."""
+    tensorboard: bool = True
+    """Also log every step to TensorBoard."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    resure: ResureConfig = field(default_factory=ResureConfig)
+    loss_truncation: LossTruncationConfig = field(default_factory=LossTruncationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _check_type(value: Any, tp: Any) -> Any:
+    """Return value coerced to tp, or raise TypeError/ValueError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, bool, str) and type(value) is tp:
+        return value
+    raise TypeError(f"must be {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, data: dict, prefix: str, errors: list[str]):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            errors.append(f"{name}: unknown key (known: {', '.join(hints)})")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                errors.append(f"{name}: must be a section (mapping), got {value!r}")
+                continue
+            kwargs[key] = _build(tp, value, name + ".", errors)
+        else:
+            try:
+                kwargs[key] = _check_type(value, tp)
+            except (TypeError, ValueError) as e:
+                errors.append(f"{name}: {e}")
+    return cls(**kwargs)
+
+
+def _validate(c: Config) -> list[str]:
+    e = []
+    pos = [("data.max_length", c.data.max_length), ("data.shuffle_buffer", c.data.shuffle_buffer),
+           ("stats.num_buckets", c.stats.num_buckets), ("train.micro_batch_size", c.train.micro_batch_size),
+           ("train.grad_accum", c.train.grad_accum), ("train.max_steps", c.train.max_steps),
+           ("train.log_every", c.train.log_every), ("checkpoint.keep_last", c.checkpoint.keep_last),
+           ("resure.s", c.resure.s), ("resure.eps", c.resure.eps), ("train.lr", c.train.lr)]
+    e += [f"{k}: must be > 0, got {v}" for k, v in pos if v <= 0]
+    nonneg = [("resure.lam", c.resure.lam), ("resure.min_count", c.resure.min_count),
+              ("resure.warmup_steps", c.resure.warmup_steps), ("train.lr_warmup_steps", c.train.lr_warmup_steps),
+              ("train.grad_clip", c.train.grad_clip), ("train.weight_decay", c.train.weight_decay),
+              ("checkpoint.every", c.checkpoint.every), ("output.audit_max_rows", c.output.audit_max_rows),
+              ("loss_truncation.min_count", c.loss_truncation.min_count)]
+    e += [f"{k}: must be >= 0, got {v}" for k, v in nonneg if v < 0]
+    if not 0.0 < c.stats.decay <= 1.0:
+        e.append(f"stats.decay: must be in (0, 1], got {c.stats.decay}")
+    if not 0.0 <= c.resure.floor <= 1.0:
+        e.append(f"resure.floor: must be in [0, 1], got {c.resure.floor}")
+    if not 0.0 < c.loss_truncation.drop_fraction < 1.0:
+        e.append(f"loss_truncation.drop_fraction: must be in (0, 1), got {c.loss_truncation.drop_fraction}")
+    if not 0.0 <= c.train.min_lr_ratio <= 1.0:
+        e.append(f"train.min_lr_ratio: must be in [0, 1], got {c.train.min_lr_ratio}")
+    if c.train.zero_stage not in (0, 1, 2, 3):
+        e.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {c.train.zero_stage}")
+    if c.checkpoint.resume not in ("auto", "none") and not c.checkpoint.resume:
+        e.append("checkpoint.resume: must be auto, none or a checkpoint path")
+    return e
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value (e.g. train.lr=1e-5)")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """YAML recipe (optional) + dotted overrides -> validated Config."""
+    data: dict = {}
+    if recipe:
+        try:
+            with open(recipe, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{recipe}: no such recipe file (see recipes/)") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{recipe}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{recipe}: a recipe must be a mapping of sections")
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[path[-1]] = value
+    errors: list[str] = []
+    cfg = _build(Config, data, "", errors)
+    if not errors:
+        errors = _validate(cfg)
+    if errors:
+        where = f" in {recipe}" if recipe else ""
+        raise ConfigError(f"{len(errors)} config problem(s){where}:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""Dialogue data: readers, validation, chat-template rendering, batching."""

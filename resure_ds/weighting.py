@@ -1,0 +1,77 @@
+"""Turn losses + statistics (as they stood before this micro-step) -> weights.
+
+All tensors are [B, T] (sequence, turn id); weights are constants (no grad).
+Absent turns (count 0) get weight 1 so they never lower a minimum, and
+contribute nothing to the loss anyway. Non-finite turn losses get weight 0.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .config import LossTruncationConfig, ResureConfig
+from .quantile import LossHistogram
+from .welford import Welford
+
+
+class Weights(NamedTuple):
+    w: torch.Tensor  # [B, T] float32 in [floor, 1]
+    z: torch.Tensor  # [B, T] float64 z-score (NaN where undefined or warm-up)
+
+
+def zscores(loss: torch.Tensor, stats: Welford, eps: float) -> torch.Tensor:
+    """z = (L - mean_b) / (std_b + eps), b = min(turn, K-1); NaN where n_b < 2."""
+    T = loss.shape[1]
+    b = stats.bucket(torch.arange(T))
+    mean = stats.mean[b].to(loss.device)
+    std = stats.std[b].to(loss.device)
+    return (loss.double() - mean) / (std + eps)
+
+
+def weight_fn(z: torch.Tensor, cfg: ResureConfig) -> torch.Tensor:
+    if cfg.two_sided:
+        z = z.abs()
+    if cfg.weight_fn == "hard":
+        return (z <= cfg.tau).double()
+    if cfg.weight_fn == "exp":
+        return torch.exp(-cfg.lam * (z - cfg.tau).clamp(min=0))
+    return torch.sigmoid(-(z - cfg.tau) / cfg.s)
+
+
+def resure_weights(loss: torch.Tensor, present: torch.Tensor, stats: Welford,
+                   cfg: ResureConfig, step: int) -> Weights:
+    """METHOD.md s.4: z -> weight_fn -> propagate -> level -> floor; warm-up gives 1."""
+    T = loss.shape[1]
+    z = zscores(loss, stats, cfg.eps)
+    nb = stats.n[stats.bucket(torch.arange(T))].to(loss.device)
+    warm = (nb >= max(cfg.min_count, 2)) & (step >= cfg.warmup_steps)
+    w = torch.where(warm & torch.isfinite(z), weight_fn(z, cfg), torch.ones_like(z))
+    w = torch.where(present, w, torch.ones_like(w))
+    if cfg.propagate == "forward":
+        w = torch.cummin(w, dim=1).values
+    if cfg.level == "sample":
+        w = w.min(dim=1, keepdim=True).values.expand_as(w)
+    w = w.clamp(min=cfg.floor)
+    w = torch.where(present & ~torch.isfinite(loss), torch.zeros_like(w), w)
+    z = torch.where(warm, z, torch.full_like(z, float("nan")))
+    return Weights(w.float(), z)
+
+
+def truncation_weights(loss: torch.Tensor, present: torch.Tensor, hist: LossHistogram,
+                       cfg: LossTruncationConfig) -> Weights:
+    """Loss truncation: weight 0 above the running (1 - c) quantile of all turn losses."""
+    z = torch.full_like(loss, float("nan"), dtype=torch.float64)
+    if hist.total < max(cfg.min_count, 1):
+        w = torch.ones_like(loss)
+    else:
+        w = (loss <= hist.quantile(1.0 - cfg.drop_fraction)).double()
+    w = torch.where(present, w, torch.ones_like(w))
+    w = torch.where(present & ~torch.isfinite(loss), torch.zeros_like(w), w)
+    return Weights(w.float(), z)
+
+
+def sft_weights(loss: torch.Tensor, present: torch.Tensor, stats: Welford, eps: float) -> Weights:
+    """All ones (non-finite turns 0); z still reported for logging and the audit."""
+    w = torch.where(present & ~torch.isfinite(loss), torch.zeros_like(loss), torch.ones_like(loss))
+    return Weights(w.float(), zscores(loss, stats, eps))

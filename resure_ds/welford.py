@@ -1,0 +1,121 @@
+"""Per-bucket Welford statistics (n, mean, M2) in float64, merged exactly
+across ranks.
+
+Bucket of a turn: b = min(turn, K-1). Every micro-step each rank summarises
+its finite, complete turn losses as a [K, 4] float64 tensor
+(n, mean, M2, non-finite count), all ranks all-gather it (a fixed shape,
+sent also by ranks with nothing in a bucket, so no rank can hang), and
+every rank merges the gathered rows in rank order with Chan et al.'s
+parallel formula. Same inputs, same order of operations: the statistics are
+bit-identical on every rank.
+Cost: one all-gather of K*4 doubles and one device->host copy per micro-step.
+"""
+from __future__ import annotations
+
+import torch
+
+N, MEAN, M2, NONFINITE = range(4)
+
+
+def summarize(values: torch.Tensor, buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """1-D losses and bucket ids -> [K, 4] float64 (n, mean, M2, non-finite count), on CPU."""
+    values = values.detach().double().reshape(-1).cpu()
+    buckets = buckets.reshape(-1).cpu().long()
+    finite = torch.isfinite(values)
+    out = torch.zeros(num_buckets, 4, dtype=torch.float64)
+    out[:, NONFINITE] = torch.bincount(buckets[~finite], minlength=num_buckets).double()
+    v, b = values[finite], buckets[finite]
+    n = torch.bincount(b, minlength=num_buckets).double()
+    s = torch.zeros(num_buckets, dtype=torch.float64).index_add(0, b, v)
+    mean = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
+    m2 = torch.zeros(num_buckets, dtype=torch.float64).index_add(0, b, (v - mean[b]) ** 2)
+    out[:, N], out[:, MEAN], out[:, M2] = n, mean, m2
+    return out
+
+
+def merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Chan et al. exact merge of two [K, >=3] summaries (non-finite counts add)."""
+    out = a.clone()
+    n = a[:, N] + b[:, N]
+    delta = b[:, MEAN] - a[:, MEAN]
+    safe = n.clamp(min=1e-300)
+    out[:, N] = n
+    out[:, MEAN] = torch.where(n > 0, a[:, MEAN] + delta * b[:, N] / safe, a[:, MEAN])
+    out[:, M2] = torch.where(n > 0, a[:, M2] + b[:, M2] + delta ** 2 * a[:, N] * b[:, N] / safe, a[:, M2])
+    if a.shape[1] > NONFINITE:
+        out[:, NONFINITE] = a[:, NONFINITE] + b[:, NONFINITE]
+    return out
+
+
+def gather_merge(local: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Combine every rank's [K, 4] summary; identical result on every rank.
+
+    Without an initialised process group this is the identity. `device`
+    is where the collective runs (CUDA for NCCL, CPU for gloo).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    t = local.to(device or "cpu")
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    total = parts[0].cpu()
+    for p in parts[1:]:
+        total = merge(total, p.cpu())
+    return total
+
+
+class Welford:
+    """Running per-bucket statistics; `decay` < 1 scales n and M2 before each merge."""
+
+    def __init__(self, num_buckets: int = 8, decay: float = 1.0):
+        if num_buckets < 1 or not 0.0 < decay <= 1.0:
+            raise ValueError("num_buckets >= 1 and 0 < decay <= 1 are required")
+        self.num_buckets, self.decay = num_buckets, decay
+        self.state = torch.zeros(num_buckets, 4, dtype=torch.float64)
+
+    def bucket(self, turn: torch.Tensor) -> torch.Tensor:
+        return turn.clamp(max=self.num_buckets - 1)
+
+    @property
+    def n(self) -> torch.Tensor:
+        return self.state[:, N]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.state[:, MEAN]
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Sample std per bucket; NaN while n < 2."""
+        n = self.state[:, N]
+        return torch.where(n > 1, (self.state[:, M2] / (n - 1).clamp(min=1e-300)).sqrt(),
+                           torch.full_like(n, float("nan")))
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        return self.state[:, NONFINITE]
+
+    def update(self, summary: torch.Tensor) -> None:
+        """Merge an already combined [K, 4] batch summary."""
+        if self.decay != 1.0:
+            self.state[:, N] *= self.decay
+            self.state[:, M2] *= self.decay
+        self.state = merge(self.state, summary.to(torch.float64).cpu())
+
+    def sync_update(self, values: torch.Tensor, turns: torch.Tensor,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+        """Summarise this rank's turn losses, combine over ranks, merge. Returns the batch summary."""
+        batch = gather_merge(summarize(values, self.bucket(turns), self.num_buckets), device)
+        self.update(batch)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"num_buckets": self.num_buckets, "decay": self.decay, "state": self.state.clone()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["num_buckets"] != self.num_buckets:
+            raise ValueError(f"checkpoint has {sd['num_buckets']} Welford buckets, config says "
+                             f"{self.num_buckets}; resume with stats.num_buckets={sd['num_buckets']}")
+        self.state = sd["state"].clone().to(torch.float64)

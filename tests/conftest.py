@@ -1,0 +1,39 @@
+"""Shared fixtures: the real embedded tokenizer/model and a tiny model built from its config."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from resure_ds.models import EMBEDDED, resolve_model_path
+
+    return resolve_model_path(EMBEDDED)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, smollm2_path, tokenizer) -> str:
+    """A 2-layer Llama with SmolLM2's tokenizer and template: real code paths, seconds per step."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    out = str(tmp_path_factory.mktemp("tiny-llama"))
+    cfg = AutoConfig.from_pretrained(smollm2_path)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 64, 128, 2
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, 2, 16
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

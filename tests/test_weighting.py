@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+from resure_ds.config import LossTruncationConfig, ResureConfig
+from resure_ds.quantile import LossHistogram
+from resure_ds.weighting import resure_weights, sft_weights, truncation_weights
+from resure_ds.welford import Welford
+
+
+def stats_with(mean=2.0, std=0.5, n=1000, K=4):
+    """Welford state with an exact mean/std per bucket."""
+    w = Welford(K)
+    w.state[:, 0] = n
+    w.state[:, 1] = mean
+    w.state[:, 2] = std ** 2 * (n - 1)
+    return w
+
+
+def cfg(**kw):
+    base = dict(weight_fn="hard", tau=1.0, min_count=10, eps=0.0)
+    base.update(kw)
+    return ResureConfig(**base)
+
+
+def L(*rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_z_and_each_weight_fn():
+    st = stats_with()
+    loss = L([2.0, 2.5, 3.0, 4.0])  # z = 0, 1, 2, 4
+    present = torch.ones_like(loss, dtype=torch.bool)
+    hard = resure_weights(loss, present, st, cfg(), 0)
+    assert hard.z.tolist() == [[0.0, 1.0, 2.0, 4.0]]
+    assert hard.w.tolist() == [[1, 1, 0, 0]]
+    e = resure_weights(loss, present, st, cfg(weight_fn="exp", lam=0.5), 0).w
+    assert torch.allclose(e, torch.tensor([[1, 1, math.exp(-0.5), math.exp(-1.5)]], dtype=torch.float32))
+    s = resure_weights(loss, present, st, cfg(weight_fn="sigmoid", s=0.5), 0).w
+    assert torch.allclose(s, torch.tensor([[1 / (1 + math.exp(-2)), 0.5, 1 / (1 + math.exp(2)),
+                                            1 / (1 + math.exp(6))]], dtype=torch.float32))
+
+
+def test_two_sided_flags_abnormally_low_loss():
+    st = stats_with()
+    loss = L([0.5, 2.0])  # z = -3, 0
+    present = torch.ones_like(loss, dtype=torch.bool)
+    assert resure_weights(loss, present, st, cfg(), 0).w.tolist() == [[1, 1]]
+    assert resure_weights(loss, present, st, cfg(two_sided=True), 0).w.tolist() == [[0, 1]]
+
+
+def test_warmup_by_count_and_by_step():
+    loss = L([9.0, 9.0])
+    present = torch.ones_like(loss, dtype=torch.bool)
+    assert resure_weights(loss, present, stats_with(n=5), cfg(), 0).w.tolist() == [[1, 1]]
+    assert resure_weights(loss, present, stats_with(), cfg(warmup_steps=3), 2).w.tolist() == [[1, 1]]
+    assert resure_weights(loss, present, stats_with(), cfg(warmup_steps=3), 3).w.tolist() == [[0, 0]]
+
+
+def test_propagate_level_floor_and_absent_turns():
+    st = stats_with()
+    nan = float("nan")
+    loss = L([2.0, 4.0, 2.0, nan], [2.0, 2.0, 2.0, 2.0])
+    present = ~torch.isnan(loss)
+    assert resure_weights(loss, present, st, cfg(), 0).w.tolist() == [[1, 0, 1, 1], [1, 1, 1, 1]]
+    fwd = resure_weights(loss, present, st, cfg(propagate="forward"), 0).w
+    assert fwd.tolist() == [[1, 0, 0, 0], [1, 1, 1, 1]]
+    smp = resure_weights(loss, present, st, cfg(level="sample"), 0).w
+    assert smp.tolist() == [[0, 0, 0, 0], [1, 1, 1, 1]]
+    fl = resure_weights(loss, present, st, cfg(floor=0.25), 0).w
+    assert fl.tolist() == [[1, 0.25, 1, 1], [1, 1, 1, 1]]
+
+
+def test_nonfinite_turn_gets_zero_weight():
+    loss = L([float("inf"), 2.0])
+    present = torch.ones_like(loss, dtype=torch.bool)
+    assert resure_weights(loss, present, stats_with(), cfg(), 0).w.tolist() == [[0, 1]]
+    assert sft_weights(loss, present, stats_with(), 1e-6).w.tolist() == [[0, 1]]
+
+
+def test_loss_truncation_drops_above_quantile():
+    h = LossHistogram(bins=1000, max_loss=10.0)
+    h.sync_update(torch.arange(1, 101, dtype=torch.float64) / 10)  # 0.1 .. 10.0
+    assert h.quantile(0.9) == pytest.approx(9.0, abs=0.02)
+    loss = L([1.0, 8.9, 9.5])
+    present = torch.ones_like(loss, dtype=torch.bool)
+    w = truncation_weights(loss, present, h, LossTruncationConfig(drop_fraction=0.1, min_count=10)).w
+    assert w.tolist() == [[1, 1, 0]]
+    warm = truncation_weights(loss, present, h, LossTruncationConfig(drop_fraction=0.1, min_count=1000)).w
+    assert warm.tolist() == [[1, 1, 1]]
+
+
+def test_sft_weights_are_ones_with_z_logged():
+    st = stats_with()
+    loss = L([2.0, 9.0])
+    out = sft_weights(loss, torch.ones_like(loss, dtype=torch.bool), st, 0.0)
+    assert out.w.tolist() == [[1, 1]] and out.z[0, 1].item() == 14.0
