@@ -23,8 +23,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "smollm2"
     """HF model folder or hub id; 'smollm2' = the embedded SmolLM2-135M-Instruct (converted once, cached)."""
-    dtype: Literal["bf16", "fp32"] = "bf16"
-    """Training precision. fp16 is not offered: it is unsupported on CPU and brittle for LM fine-tuning."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Training precision. auto: bf16 where the hardware computes it natively (CUDA GPUs with bf16,
+    CPUs with AVX-512/AMX bf16), else fp32 (an AVX2-only CPU emulates bf16 matmuls 5-70x slower).
+    fp16 is not offered: unsupported on CPU and brittle for LM fine-tuning."""
     chat_template: str | None = None
     """Jinja chat template to use instead of the tokenizer's own (must be prefix-stable)."""
     gradient_checkpointing: bool = False
@@ -69,7 +71,7 @@ class ResureConfig:
     """Use |z|: abnormally low loss (copied/boilerplate replies) is suspicious too."""
     floor: float = 0.0
     """Lower bound of every weight."""
-    min_count: int = 64
+    min_count: int = 32
     """Weight 1 while a bucket has fewer turns than this (warm-up)."""
     warmup_steps: int = 0
     """Weight 1 for the first optimizer steps, whatever the counts."""
@@ -95,6 +97,9 @@ class TrainConfig:
     """Micro-steps per optimizer step."""
     max_steps: int = 60
     """Optimizer steps (the budget; same for every method)."""
+    stop_after: int = 0
+    """Stop after this many optimizer steps as if interrupted (checkpoint saved; the schedule
+    still spans max_steps), for time-limited jobs that resume later. 0 = run to max_steps."""
     lr: float = 2e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -109,6 +114,8 @@ class TrainConfig:
     """Global gradient-norm clip; 0 disables."""
     zero_stage: int = 3
     """DeepSpeed ZeRO stage 0-3."""
+    ds_config: str | None = None
+    """Optional DeepSpeed JSON merged over the generated config (e.g. recipes/ds_offload.json)."""
     seed: int = 1234
     """Seeds data order, model-side RNG and everything else."""
     log_every: int = 1
@@ -203,7 +210,7 @@ def _validate(c: Config) -> list[str]:
     nonneg = [("resure.lam", c.resure.lam), ("resure.min_count", c.resure.min_count),
               ("resure.warmup_steps", c.resure.warmup_steps), ("train.lr_warmup_steps", c.train.lr_warmup_steps),
               ("train.grad_clip", c.train.grad_clip), ("train.weight_decay", c.train.weight_decay),
-              ("checkpoint.every", c.checkpoint.every), ("output.audit_max_rows", c.output.audit_max_rows),
+              ("checkpoint.every", c.checkpoint.every), ("train.stop_after", c.train.stop_after), ("output.audit_max_rows", c.output.audit_max_rows),
               ("loss_truncation.min_count", c.loss_truncation.min_count)]
     e += [f"{k}: must be >= 0, got {v}" for k, v in nonneg if v < 0]
     if not 0.0 < c.stats.decay <= 1.0:

@@ -69,5 +69,27 @@ def resolve_model_path(path: str) -> str:
     return out
 
 
-if __name__ == "__main__":  # python -m resure_ds.models: prepare the cache
+def main(argv: list[str]) -> int:
+    """python -m resure_ds.models [--if-embedded RECIPE key=value ...]: prepare the cache.
+
+    With --if-embedded, converts only when the recipe's model.path is the
+    embedded model (launch scripts call this once, before ranks start).
+    """
+    if argv[:1] == ["--if-embedded"]:
+        from .config import ConfigError, load_config
+
+        rest = argv[1:]
+        recipe = rest[0] if rest and rest[0].endswith((".yaml", ".yml")) else None
+        try:
+            cfg = load_config(recipe, rest[1:] if recipe else rest)
+        except ConfigError as e:
+            print(f"[resure_ds] error: {e}", file=sys.stderr)
+            return 2
+        if cfg.model.path != EMBEDDED:
+            return 0
     print(resolve_model_path(EMBEDDED))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Run the ReSURE recipe.
+#
+#   bash launch/train.sh [RECIPE.yaml] [key=value ...]
+#
+# Run directly, it starts the DeepSpeed launcher, which runs this same
+# script once per rank (--no_python). Started by a launcher (RANK or
+# LOCAL_RANK set), it runs the recipe for that rank. Either way works:
+#   deepspeed --no_python --no_local_rank launch/train.sh recipes/default.yaml
+#
+# Environment:
+#   NUM_PROCS     ranks per node (default: visible GPUs, or 2 on a CPU machine)
+#   HOSTFILE      DeepSpeed hostfile for multi-node runs (default: none)
+#   MASTER_ADDR / MASTER_PORT   rendezvous (default: launcher's / a free port)
+#   PYTHON        interpreter (default: python3)
+#   LAUNCHER_ARGS extra deepspeed launcher flags
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+args=("$@")
+if [[ ${#args[@]} -eq 0 || "${args[0]}" != *.y*ml ]]; then
+  args=("$ROOT/recipes/default.yaml" "${args[@]}")
+fi
+
+if [[ -n "${RANK:-}" || -n "${LOCAL_RANK:-}" ]]; then
+  # One rank, started by a launcher. On CPU, ranks share the cores.
+  if [[ -z "${OMP_NUM_THREADS:-}" && -n "${LOCAL_SIZE:-${LOCAL_WORLD_SIZE:-}}" ]]; then
+    export OMP_NUM_THREADS=$(( $(nproc) / ${LOCAL_SIZE:-${LOCAL_WORLD_SIZE}} > 0 ? $(nproc) / ${LOCAL_SIZE:-${LOCAL_WORLD_SIZE}} : 1 ))
+  fi
+  exec "$PYTHON" -u -m resure_ds.train "${args[@]}"
+fi
+
+if [[ -z "${NUM_PROCS:-}" ]]; then
+  NUM_PROCS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')
+fi
+MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}"
+launcher=(deepspeed --no_python --no_local_rank --master_port "$MASTER_PORT")
+if [[ -n "${HOSTFILE:-}" ]]; then
+  launcher+=(--hostfile "$HOSTFILE")
+  [[ -n "${MASTER_ADDR:-}" ]] && launcher+=(--master_addr "$MASTER_ADDR")
+else
+  launcher+=(--num_gpus "$NUM_PROCS")
+fi
+# shellcheck disable=SC2206
+launcher+=(${LAUNCHER_ARGS:-})
+# Prepare the embedded model once, before ranks start (no-op for other models).
+"$PYTHON" -m resure_ds.models --if-embedded "${args[@]}"
+exec "${launcher[@]}" "$0" "${args[@]}"

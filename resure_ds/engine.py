@@ -1,0 +1,202 @@
+"""The only module that calls DeepSpeed.
+
+Everything the recipe needs from DeepSpeed, behind a few small methods:
+process group, ZeRO-wrapped model, backward with explicit loss
+normalisation, step, collectives, checkpoints and the final HF export.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from .config import Config
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group: launcher env vars, or MPI (mpirun) via mpi4py discovery."""
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().current_device_name())
+
+
+def is_cpu() -> bool:
+    return get_accelerator().device_name() == "cpu"
+
+
+def native_bf16() -> bool:
+    """Does this accelerator compute bf16 natively (not by slow emulation)?"""
+    if not is_cpu():
+        return get_accelerator().is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(cfg: Config) -> str:
+    """model.dtype with 'auto' resolved to bf16 or fp32 for this hardware."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "bf16" if native_bf16() else "fp32"
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a sync point); returns a CPU tensor."""
+    t = t.to(device())
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.lr_warmup_steps:
+            return (step + 1) / (t.lr_warmup_steps + 1)
+        if t.schedule == "constant":
+            return 1.0
+        span = max(1, t.max_steps - t.lr_warmup_steps)
+        p = min(1.0, (step - t.lr_warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * p)) if t.schedule == "cosine" else 1 - p
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+    return f
+
+
+def ds_config(cfg: Config) -> dict:
+    """DeepSpeed JSON built from the recipe; train.ds_config (a JSON file) may add or override keys."""
+    t = cfg.train
+    conf = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": resolve_dtype(cfg) == "bf16"},
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": t.weight_decay,
+            # FusedAdam on GPU; the plain torch AdamW where there is no CUDA
+            "torch_adam": is_cpu()}},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if t.ds_config:
+        with open(t.ds_config, encoding="utf-8") as f:
+            _merge(conf, json.load(f))
+    return conf
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+class Engine:
+    """A Hugging Face causal LM under DeepSpeed (ZeRO 0-3), AdamW and a warm-up schedule."""
+
+    def __init__(self, cfg: Config, model_path: str):
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.cfg = cfg
+        conf = ds_config(cfg)
+        # Must exist before from_pretrained so weights load straight into ZeRO-3
+        # partitions (zero.Init): no rank ever holds the whole model.
+        self._hf_ds = HfDeepSpeedConfig(conf) if cfg.train.zero_stage == 3 else None
+        self.dtype = resolve_dtype(cfg)
+        dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model.config.use_cache = False
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=conf,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        self.world = dist.get_world_size()
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        dev = self.engine.device
+        out = self.engine(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
+        return out.logits
+
+    def backward(self, weighted_sum: torch.Tensor, global_tokens: int) -> None:
+        """Backward of (sum of w * token NLL on this rank's micro-batch) / N.
+
+        N is the trained-token count of the whole optimizer step over all
+        micro-batches and ranks. DeepSpeed averages gradients over ranks, so
+        we multiply by world size and skip its division by accumulation steps:
+        the summed gradient is exactly grad(sum_all w*l / N) (METHOD.md s.5).
+        """
+        self.engine.backward(weighted_sum * (self.world / global_tokens), scale_wrt_gas=False)
+
+    def step(self) -> None:
+        """Per micro-step; DeepSpeed applies the optimizer at the accumulation boundary."""
+        self.engine.step()
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def grad_norm(self) -> float | None:
+        g = self.engine.get_global_grad_norm()
+        return None if g is None else float(g)
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Gathered fp32 gradients of every parameter (tests; call between backward and step)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        return {n: safe_get_full_grad(p).detach().float().cpu().clone()
+                for n, p in self.module.named_parameters()}
+
+    # -- checkpoints ------------------------------------------------------
+    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
+
+    def load(self, ckpt_dir: str, tag: str | None = None) -> tuple[str | None, dict]:
+        path, client = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        return path, client or {}
+
+    def export_hf(self, out_dir: str, tokenizer) -> None:
+        """A plain Hugging Face folder with 16-bit weights gathered from the shards (rank 0 writes)."""
+        if self.cfg.train.zero_stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls
+        else:
+            sd = {k: v.to(torch.bfloat16) for k, v in self.module.state_dict().items()}
+        if dist.get_rank() == 0:
+            sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
+            self.module.config.dtype = torch.bfloat16
+            tmp = out_dir + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(tmp, out_dir)
+        dist.barrier()

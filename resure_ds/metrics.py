@@ -1,0 +1,93 @@
+"""Rank-0 step metrics (metrics.jsonl, TensorBoard, progress bar) and the
+per-rank turn audit (a bounded reservoir sample, written at checkpoints)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+
+class MetricsLogger:
+    """Rank 0 only: every step to metrics.jsonl (appended; truncated to the
+    resumed step on resume), every log_every steps to TensorBoard."""
+
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, log_every: int, tensorboard: bool):
+        from tqdm import tqdm
+
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._truncate(start_step)
+        self.f = open(self.path, "a", encoding="utf-8")
+        self.log_every = log_every
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def _truncate(self, start_step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start_step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+
+    def log(self, row: dict) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+        step = row["step"]
+        if self.tb is not None and step % self.log_every == 0:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+                elif isinstance(v, list) and k.startswith("bucket_"):
+                    for b, x in enumerate(v):
+                        if x == x:  # not NaN
+                            self.tb.add_scalar(f"{k}/{b}", x, step)
+        self.bar.update(1)
+        if step % self.log_every == 0:
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", w=f"{row['mean_weight']:.3f}",
+                                 tok_s=f"{row['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Audit:
+    """Every trained turn's (dialogue_id, turn, loss, z, weight, step, partial),
+    kept as a uniform reservoir sample of at most max_rows per rank."""
+
+    def __init__(self, run_dir: str, rank: int, max_rows: int, seed: int):
+        self.path = os.path.join(run_dir, "audit", f"rank{rank:05d}.jsonl")
+        self.max_rows, self.rows, self.seen = max_rows, [], 0
+        self.rng = random.Random(seed * 7919 + rank)
+
+    def add(self, rows: list[dict]) -> None:
+        for r in rows:
+            self.seen += 1
+            if len(self.rows) < self.max_rows:
+                self.rows.append(r)
+            else:
+                j = self.rng.randrange(self.seen)
+                if j < self.max_rows:
+                    self.rows[j] = r
+
+    def write(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in self.rows:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
+
+    def state_dict(self) -> dict:
+        """The reservoir itself rides in the checkpoint, so a resumed run keeps the same sample."""
+        return {"seen": self.seen, "rng": self.rng.getstate(), "rows": list(self.rows)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.seen, self.rows = sd["seen"], list(sd["rows"])
+        self.rng.setstate(sd["rng"])
