@@ -5,15 +5,10 @@
 #   NUM_PROCS=2 bash launch/mpirun.sh [RECIPE.yaml] [key=value ...]
 #   MPI_ARGS="-f hosts -ppn 4" NUM_PROCS=8 bash launch/mpirun.sh recipes/default.yaml
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python3}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-args=("$@")
-if [[ ${#args[@]} -eq 0 || "${args[0]}" != *.y*ml ]]; then
-  args=("$ROOT/recipes/default.yaml" "${args[@]}")
-fi
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 export MASTER_PORT="${MASTER_PORT:-29500}"
-"$PYTHON" -m resure_ds.models --if-embedded "${args[@]}"
+"$PYTHON" -m resure_ds.models --if-embedded "${ARGS[@]}"
 # shellcheck disable=SC2086
 exec mpirun -n "${NUM_PROCS:-2}" ${MPI_ARGS:-} -genv MASTER_PORT "$MASTER_PORT" \
-  "$PYTHON" -u -m resure_ds.train "${args[@]}"
+  "$PYTHON" -u -m resure_ds.train "${ARGS[@]}"

@@ -15,21 +15,15 @@
 #   PYTHON        interpreter (default: python3)
 #   LAUNCHER_ARGS extra deepspeed launcher flags
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python3}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-
-args=("$@")
-if [[ ${#args[@]} -eq 0 || "${args[0]}" != *.y*ml ]]; then
-  args=("$ROOT/recipes/default.yaml" "${args[@]}")
-fi
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 if [[ -n "${RANK:-}" || -n "${LOCAL_RANK:-}" ]]; then
   # One rank, started by a launcher. On CPU, ranks share the cores.
   if [[ -z "${OMP_NUM_THREADS:-}" && -n "${LOCAL_SIZE:-${LOCAL_WORLD_SIZE:-}}" ]]; then
     export OMP_NUM_THREADS=$(( $(nproc) / ${LOCAL_SIZE:-${LOCAL_WORLD_SIZE}} > 0 ? $(nproc) / ${LOCAL_SIZE:-${LOCAL_WORLD_SIZE}} : 1 ))
   fi
-  exec "$PYTHON" -u -m resure_ds.train "${args[@]}"
+  exec "$PYTHON" -u -m resure_ds.train "${ARGS[@]}"
 fi
 
 if [[ -z "${NUM_PROCS:-}" ]]; then
@@ -46,5 +40,5 @@ fi
 # shellcheck disable=SC2206
 launcher+=(${LAUNCHER_ARGS:-})
 # Prepare the embedded model once, before ranks start (no-op for other models).
-"$PYTHON" -m resure_ds.models --if-embedded "${args[@]}"
-exec "${launcher[@]}" "$0" "${args[@]}"
+"$PYTHON" -m resure_ds.models --if-embedded "${ARGS[@]}"
+exec "${launcher[@]}" "$0" "${ARGS[@]}"

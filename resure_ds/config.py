@@ -268,3 +268,32 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def option_table() -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every option, docs read from this file's field docstrings."""
+    import ast
+    import inspect
+
+    rows = []
+    for section in dataclasses.fields(Config):
+        cls = section.type if isinstance(section.type, type) else typing.get_type_hints(Config)[section.name]
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        docs = {}
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(b.value.value.split())
+        default = cls()
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section.name}.{f.name}", repr(getattr(default, f.name)), docs.get(f.name, "")))
+    return rows
+
+
+def markdown_table() -> str:
+    lines = ["| option | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{k}` | `{d}` | {doc.replace('|', chr(92) + '|')} |" for k, d, doc in option_table()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m resure_ds.config: the option table for the README
+    print(markdown_table())

@@ -192,6 +192,9 @@ class Engine:
             sd = {k: v.to(torch.bfloat16) for k, v in self.module.state_dict().items()}
         if dist.get_rank() == 0:
             sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
+            # The gathered dict holds tied weights (lm_head = embeddings) twice; keep one copy.
+            for key in getattr(self.module, "all_tied_weights_keys", None) or {}:
+                sd.pop(key, None)
             self.module.config.dtype = torch.bfloat16
             tmp = out_dir + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)

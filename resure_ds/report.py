@@ -39,6 +39,7 @@ def plot(run_dir: str, metrics: list[dict], audit: list[dict]) -> str:
     mean = np.array([m["bucket_mean"] for m in metrics], dtype=float)
     std = np.array([m["bucket_std"] for m in metrics], dtype=float)
     n = np.array([m["bucket_n"] for m in metrics], dtype=float)
+    mean[n < 1] = np.nan  # a bucket has no mean before its first turn
     for b in range(mean.shape[1]):
         if n[-1, b] > 1:
             ax[0, 1].plot(steps, mean[:, b], label=f"turn {b}" + ("+" if b == mean.shape[1] - 1 else ""))

@@ -1,0 +1,64 @@
+import glob
+import os
+
+import pytest
+
+from resure_ds.config import Config, ConfigError, load_config
+from tests.conftest import ROOT
+
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+
+
+def test_there_are_recipes():
+    assert any(p.endswith("default.yaml") for p in RECIPES)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_recipe_loads_and_opens_with_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    with open(path, encoding="utf-8") as f:
+        first = f.readline().strip()
+    rel = os.path.relpath(path, ROOT)
+    assert first.startswith("# ") and rel in first, f"{rel} must open with the command that runs it"
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["train.lr=3e-5", "resure.weight_fn=sigmoid", "model.chat_template=null",
+                             "stats.decay=0.99", "data.train=x.jsonl"])
+    assert cfg.train.lr == 3e-5 and cfg.resure.weight_fn == "sigmoid" and cfg.stats.decay == 0.99
+    assert cfg.data.train == "x.jsonl" and cfg.model.chat_template is None
+    assert load_config().train.zero_stage == 3
+
+
+def test_all_problems_in_one_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  lr: -1\n  mehtod: sft\nresure:\n  weight_fn: cubic\n  tau: fast\nstats:\n  decay: 1.5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p), ["data.max_length=0"])
+    msg = str(e.value)
+    for part in ("bad.yaml", "train.mehtod: unknown key", "resure.weight_fn: must be one of",
+                 "resure.tau: must be float"):
+        assert part in msg, part
+    # value checks run once types are right
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.lr=-1", "stats.decay=1.5", "data.max_length=0"])
+    msg = str(e.value)
+    assert "3 config problem(s)" in msg
+    assert "train.lr: must be > 0" in msg and "stats.decay: must be in (0, 1]" in msg
+
+
+def test_bad_override_syntax_and_missing_recipe():
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="no such recipe"):
+        load_config("nope.yaml")
+
+
+def test_readme_documents_every_option_with_its_default():
+    from resure_ds.config import markdown_table
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert markdown_table() in readme, "README option table is stale: paste `python -m resure_ds.config`"
+    assert "bash launch/train.sh" in readme and "make test" in readme

