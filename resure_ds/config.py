@@ -172,6 +172,11 @@ def _check_type(value: Any, tp: Any) -> Any:
         return _check_type(value, next(a for a in args if a is not type(None)))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-5 (no dot) as a string; accept what Python reads as a number
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, bool, str) and type(value) is tp:
         return value
     raise TypeError(f"must be {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")

@@ -81,4 +81,6 @@ def test_same_gradient_for_world_size_and_accumulation(tmp_path, tiny_model_path
         for name, g in base["grads"].items():
             diff = (r["grads"][name] - g).abs().max().item()
             assert diff <= 1e-5 * max(scale, 1.0), (name, diff)
-        torch.testing.assert_close(r["stats"], base["stats"], rtol=1e-9, atol=0)
+        # Same turns merged; their fp32 losses differ at rounding level between batch shapes
+        # (padding changes matmul blocking). Exactness on equal inputs: test_welford_distributed.
+        torch.testing.assert_close(r["stats"], base["stats"], rtol=1e-5, atol=1e-6)
