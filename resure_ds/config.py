@@ -127,7 +127,7 @@ class CheckpointConfig:
     every: int = 30
     """Save every N optimizer steps (and always at the end); 0 = only at the end."""
     keep_last: int = 2
-    """Checkpoints kept; older ones are deleted."""
+    """Checkpoints kept; older ones are deleted. 0 = save none (throwaway runs such as the study)."""
     resume: str = "auto"
     """auto: resume from the newest checkpoint in the run folder if any; none; or a checkpoint path."""
     export: bool = True
@@ -144,6 +144,8 @@ class OutputConfig:
     """Per-turn audit rows kept (a reservoir sample past this bound)."""
     tensorboard: bool = True
     """Also log every step to TensorBoard."""
+    plot: bool = True
+    """Write training.png at the end (about 1.5 s; off for sweeps of many small runs)."""
 
 
 @dataclass
@@ -209,13 +211,14 @@ def _validate(c: Config) -> list[str]:
     pos = [("data.max_length", c.data.max_length), ("data.shuffle_buffer", c.data.shuffle_buffer),
            ("stats.num_buckets", c.stats.num_buckets), ("train.micro_batch_size", c.train.micro_batch_size),
            ("train.grad_accum", c.train.grad_accum), ("train.max_steps", c.train.max_steps),
-           ("train.log_every", c.train.log_every), ("checkpoint.keep_last", c.checkpoint.keep_last),
+           ("train.log_every", c.train.log_every),
            ("resure.s", c.resure.s), ("resure.eps", c.resure.eps), ("train.lr", c.train.lr)]
     e += [f"{k}: must be > 0, got {v}" for k, v in pos if v <= 0]
     nonneg = [("resure.lam", c.resure.lam), ("resure.min_count", c.resure.min_count),
               ("resure.warmup_steps", c.resure.warmup_steps), ("train.lr_warmup_steps", c.train.lr_warmup_steps),
               ("train.grad_clip", c.train.grad_clip), ("train.weight_decay", c.train.weight_decay),
-              ("checkpoint.every", c.checkpoint.every), ("train.stop_after", c.train.stop_after), ("output.audit_max_rows", c.output.audit_max_rows),
+              ("checkpoint.every", c.checkpoint.every), ("train.stop_after", c.train.stop_after),
+              ("checkpoint.keep_last", c.checkpoint.keep_last), ("output.audit_max_rows", c.output.audit_max_rows),
               ("loss_truncation.min_count", c.loss_truncation.min_count)]
     e += [f"{k}: must be >= 0, got {v}" for k, v in nonneg if v < 0]
     if not 0.0 < c.stats.decay <= 1.0:

@@ -63,7 +63,8 @@ def plot(run_dir: str, metrics: list[dict], audit: list[dict]) -> str:
     return out
 
 
-def write_report(run_dir: str, skipped: dict | None = None, cut_by_max_length: int | None = None) -> str:
+def write_report(run_dir: str, skipped: dict | None = None, cut_by_max_length: int | None = None,
+                 with_plot: bool = True) -> str:
     metrics, audit = read_metrics(run_dir), read_audit(run_dir)
     last = metrics[-min(5, len(metrics)):]
     warm = [r for r in audit if r["z"] is not None]
@@ -82,7 +83,8 @@ def write_report(run_dir: str, skipped: dict | None = None, cut_by_max_length: i
         lines.append(f"invalid records skipped: {', '.join(f'{k}={v}' for k, v in sorted(skipped.items())) or 'none'}")
     if cut_by_max_length is not None:
         lines.append(f"examples with no trained token left by data.max_length (rank 0): {cut_by_max_length}")
-    lines.append(f"plot: {plot(run_dir, metrics, audit)}")
+    if with_plot:
+        lines.append(f"plot: {plot(run_dir, metrics, audit)}")
     text = "\n".join(lines)
     with open(os.path.join(run_dir, "summary.txt"), "w", encoding="utf-8") as f:
         f.write(text + "\n")

@@ -183,6 +183,9 @@ def _rank_state_path(ckpt_dir: str, tag: str, rank: int) -> str:
 
 
 def save_checkpoint(run: Run) -> None:
+    run.audit.write()
+    if run.cfg.checkpoint.keep_last == 0:
+        return  # throwaway run (e.g. the noisy-mix study): metrics and audit only
     tag = f"step{run.step:07d}"
     client = {"step": run.step, "welford": run.stats.state_dict(),
               "hist": run.hist.state_dict() if run.hist is not None else None}
@@ -191,7 +194,6 @@ def save_checkpoint(run: Run) -> None:
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state()}},
                _rank_state_path(run.ckpt_dir, tag, run.rank))
-    run.audit.write()
     ds.barrier()
     if run.rank == 0:
         tags = sorted(t for t in os.listdir(run.ckpt_dir) if t.startswith("step"))
@@ -255,13 +257,28 @@ def finish(run: Run) -> None:
         from .report import write_report
 
         summary = write_report(run.run_dir, skipped=dict(run.stream.skip_counts),
-                               cut_by_max_length=run.stream.truncated_away)
+                               cut_by_max_length=run.stream.truncated_away, with_plot=run.cfg.output.plot)
         print(summary, flush=True)
 
 
-def cleanup(run: Run | None) -> None:
-    if run is not None and run.logger is not None:
-        run.logger.close()
+def run_recipe(cfg: Config) -> Run:
+    """One whole run in this process; the process group stays up for the next one."""
+    run = setup(cfg)
+    try:
+        resume(run)
+        train(run)
+        if run.step >= cfg.train.max_steps:
+            finish(run)
+        else:
+            print0(f"stopped at step {run.step} of {cfg.train.max_steps} (train.stop_after); "
+                   "run the same command to resume", rank=run.rank)
+    finally:
+        if run.logger is not None:
+            run.logger.close()
+    return run
+
+
+def cleanup() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -277,22 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.recipe)
         args.recipe = None
-    run = None
     try:
-        cfg = load_config(args.recipe, args.overrides)
-        run = setup(cfg)
-        resume(run)
-        train(run)
-        if run.step >= cfg.train.max_steps:
-            finish(run)
-        else:
-            print0(f"stopped at step {run.step} of {cfg.train.max_steps} (train.stop_after); "
-                   "run the same command to resume", rank=run.rank)
+        run_recipe(load_config(args.recipe, args.overrides))
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"[resure_ds] error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        cleanup(run)
+        cleanup()
     return 0
 
 

@@ -1,0 +1,90 @@
+"""Held-out evaluation: clean per-turn loss of a plain HF model folder, no DeepSpeed.
+
+    python -m resure_ds.eval MODEL_DIR DATA [--max-length 256] [--batch-size 8]
+
+Reports the token-mean loss over all assistant tokens, the mean of per-turn
+losses, and both per turn depth (the same turn spans as training).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections import defaultdict
+from typing import Iterator
+
+import torch
+
+from .data.collate import collate
+from .data.records import read_dialogues
+from .data.render import Renderer
+from .loss import shift_targets, token_nll, turn_losses
+
+
+@torch.no_grad()
+def turn_scores(model, tokenizer, source, max_length: int = 256, batch_size: int = 8,
+                skip_invalid: bool = True) -> Iterator[tuple[str, int, float, int]]:
+    """Yield (dialogue_id, turn, summed token NLL, trained tokens) for every turn of a source."""
+    renderer = Renderer(tokenizer, max_length)
+    exs = (e for e in (renderer.render(d) for d in read_dialogues(source, skip_invalid)) if e is not None)
+    model.eval()
+    dev = next(model.parameters()).device
+    while True:
+        chunk = list(itertools.islice(exs, batch_size))
+        if not chunk:
+            return
+        b = collate(chunk, tokenizer.pad_token_id)
+        logits = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
+        tgt, tt = shift_targets(b["labels"].to(dev), b["turn_ids"].to(dev))
+        turns = turn_losses(token_nll(logits, tgt), tt, b["partial"].shape[1])
+        for s, t in torch.nonzero(turns.count > 0).tolist():
+            yield b["dialogue_ids"][s], t, float(turns.sum[s, t]), int(turns.count[s, t])
+
+
+def evaluate(model, tokenizer, source, max_length: int = 256, batch_size: int = 8,
+             skip_invalid: bool = True) -> dict:
+    depth_nll, depth_tok, depth_turns, depth_sum = (defaultdict(float), defaultdict(int),
+                                                    defaultdict(int), defaultdict(float))
+    dialogues = set()
+    for did, t, nll, count in turn_scores(model, tokenizer, source, max_length, batch_size, skip_invalid):
+        dialogues.add(did)
+        depth_nll[t] += nll
+        depth_tok[t] += count
+        depth_turns[t] += 1
+        depth_sum[t] += nll / count
+    turns, tokens = sum(depth_turns.values()), sum(depth_tok.values())
+    return {
+        "dialogues": len(dialogues), "tokens": tokens, "turns": turns,
+        "loss": sum(depth_nll.values()) / max(tokens, 1),
+        "turn_loss": sum(depth_sum.values()) / max(turns, 1),
+        "per_depth": {t: {"turns": depth_turns[t], "loss": depth_nll[t] / depth_tok[t],
+                          "turn_loss": depth_sum[t] / depth_turns[t]} for t in sorted(depth_turns)},
+    }
+
+
+def load_model(model_dir: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tok
+
+
+def evaluate_folder(model_dir: str, source, max_length: int = 256, batch_size: int = 8) -> dict:
+    model, tok = load_model(model_dir)
+    return evaluate(model, tok, source, max_length, batch_size)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("data")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    a = ap.parse_args()
+    print(json.dumps(evaluate_folder(a.model_dir, a.data, a.max_length, a.batch_size), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The study's quick profile end to end: checks the pipeline and the results schema, not the outcome."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "run.py"),
+                          "--profile", "quick", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "MASTER_PORT": "29611"})
+    assert out.returncode == 0, out.stderr[-4000:]
+    with open(tmp_path / "results.json", encoding="utf-8") as f:
+        res = json.load(f)
+    methods = {"sft", "resure", "loss_truncation", "prefilter"}
+    assert {r["method"] for r in res["runs"]} == methods
+    assert {r["noise"] for r in res["runs"]} == {0.0, 0.3}
+    for r in res["runs"]:
+        assert r["test"]["loss"] > 0 and r["test"]["per_depth"]
+        assert set(r["detection"]) >= {"auroc_1_minus_w", "auroc_z", "precision_w_lt_0.5", "recall_w_lt_0.5",
+                                       "per_kind"}
+    big = [r for r in res["runs"] if r["noise"] == 0.3 and r["method"] == "resure" and r["size"] == 32]
+    assert big and all(r["detection"]["corrupted"] > 0 for r in big)  # labelled turns seen after warm-up
+    assert set(big[0]["detection"]["per_kind"]) == {"swap", "shuffle", "random", "echo", "truncate"}
+    assert 0.0 <= big[0]["detection"]["auroc_1_minus_w"] <= 1.0
+    for noise in (0.0, 0.3):  # one global cut: filtered sets shrink and stay nested
+        pre = sorted(((r["size"], r["train_dialogues"]) for r in res["runs"]
+                      if r["method"] == "prefilter" and r["noise"] == noise and r["seed"] == 0),
+                     key=lambda x: x[0])
+        assert all(kept <= size for size, kept in pre) and pre[-1][1] < pre[-1][0]
+        assert [k for _, k in pre] == sorted(k for _, k in pre)
+    corr = res["summary"]["spearman_size_vs_neg_test_loss"]
+    assert set(corr) == {f"{m}@{n}" for m in methods for n in (0.0, 0.3)}
+    seeds = res["summary"]["largest_size_over_seeds"]
+    assert all(s["n"] == 2 for s in seeds.values())
+    assert os.path.getsize(tmp_path / "test_loss_vs_size.png") > 5000
+    assert "| method @ noise |" in (tmp_path / "results.md").read_text()
