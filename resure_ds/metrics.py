@@ -58,7 +58,7 @@ class MetricsLogger:
 
 
 class Audit:
-    """Every trained turn's (dialogue_id, turn, loss, z, weight, step, partial),
+    """Every trained turn's (dialogue_id, turn, loss, z, weight, warm, step, partial),
     kept as a uniform reservoir sample of at most max_rows per rank."""
 
     def __init__(self, run_dir: str, rank: int, max_rows: int, seed: int):

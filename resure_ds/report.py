@@ -67,7 +67,7 @@ def write_report(run_dir: str, skipped: dict | None = None, cut_by_max_length: i
                  with_plot: bool = True) -> str:
     metrics, audit = read_metrics(run_dir), read_audit(run_dir)
     last = metrics[-min(5, len(metrics)):]
-    warm = [r for r in audit if r["z"] is not None]
+    warm = [r for r in audit if r["warm"]]
     down = sum(r["weight"] < 1 for r in audit)
     lines = [
         f"run: {run_dir}",

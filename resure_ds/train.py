@@ -142,10 +142,11 @@ def micro_backward(run: Run, batch: dict, global_tokens: int, acc: torch.Tensor)
         batch["attention_mask"].sum().double().to(dev)]).cpu()
     rows = torch.nonzero(present, as_tuple=True)
     mean, z, wv = turns.mean[rows].tolist(), wts.z[rows].tolist(), wts.w[rows].tolist()
+    warm = wts.warm.to(dev)[rows].tolist()
     part = batch["partial"][rows[0].cpu(), rows[1].cpu()].tolist()
-    run.audit.add([{"dialogue_id": batch["dialogue_ids"][b], "turn": t, "loss": m,
-                    "z": None if zz != zz else zz, "weight": ww, "step": run.step + 1, "partial": p}
-                   for b, t, m, zz, ww, p in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, part)])
+    run.audit.add([{"dialogue_id": batch["dialogue_ids"][b], "turn": t, "loss": m, "z": None if zz != zz else zz,
+                    "weight": ww, "warm": wm, "step": run.step + 1, "partial": p}
+                   for b, t, m, zz, ww, wm, p in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, warm, part)])
 
 
 def global_token_count(micro: list[dict]) -> int:

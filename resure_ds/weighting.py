@@ -16,8 +16,9 @@ from .welford import Welford
 
 
 class Weights(NamedTuple):
-    w: torch.Tensor  # [B, T] float32 in [floor, 1]
-    z: torch.Tensor  # [B, T] float64 z-score (NaN where undefined or warm-up)
+    w: torch.Tensor     # [B, T] float32 in [floor, 1]
+    z: torch.Tensor     # [B, T] float64 z-score (NaN where undefined or warm-up)
+    warm: torch.Tensor  # [B, T] bool: the method's weighting was active (past its warm-up)
 
 
 def zscores(loss: torch.Tensor, stats: Welford, eps: float) -> torch.Tensor:
@@ -55,23 +56,25 @@ def resure_weights(loss: torch.Tensor, present: torch.Tensor, stats: Welford,
     w = w.clamp(min=cfg.floor)
     w = torch.where(present & ~torch.isfinite(loss), torch.zeros_like(w), w)
     z = torch.where(warm, z, torch.full_like(z, float("nan")))
-    return Weights(w.float(), z)
+    return Weights(w.float(), z, warm.expand_as(w))
 
 
 def truncation_weights(loss: torch.Tensor, present: torch.Tensor, hist: LossHistogram,
                        cfg: LossTruncationConfig) -> Weights:
     """Loss truncation: weight 0 above the running (1 - c) quantile of all turn losses."""
     z = torch.full_like(loss, float("nan"), dtype=torch.float64)
-    if hist.total < max(cfg.min_count, 1):
+    warm = hist.total >= max(cfg.min_count, 1)
+    if not warm:
         w = torch.ones_like(loss)
     else:
         w = (loss <= hist.quantile(1.0 - cfg.drop_fraction)).double()
     w = torch.where(present, w, torch.ones_like(w))
     w = torch.where(present & ~torch.isfinite(loss), torch.zeros_like(w), w)
-    return Weights(w.float(), z)
+    return Weights(w.float(), z, torch.full_like(present, warm))
 
 
 def sft_weights(loss: torch.Tensor, present: torch.Tensor, stats: Welford, eps: float) -> Weights:
     """All ones (non-finite turns 0); z still reported for logging and the audit."""
     w = torch.where(present & ~torch.isfinite(loss), torch.zeros_like(loss), torch.ones_like(loss))
-    return Weights(w.float(), zscores(loss, stats, eps))
+    z = zscores(loss, stats, eps)
+    return Weights(w.float(), z, torch.isfinite(z))  # no weighting; "warm" = z defined

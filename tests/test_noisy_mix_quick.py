@@ -25,6 +25,8 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert big and all(r["detection"]["corrupted"] > 0 for r in big)  # labelled turns seen after warm-up
     assert set(big[0]["detection"]["per_kind"]) == {"swap", "shuffle", "random", "echo", "truncate"}
     assert 0.0 <= big[0]["detection"]["auroc_1_minus_w"] <= 1.0
+    lt = [r for r in res["runs"] if r["noise"] == 0.3 and r["method"] == "loss_truncation" and r["size"] == 32]
+    assert lt and all(r["detection"]["turns"] > 0 and r["detection"]["auroc_z"] is None for r in lt)
     for noise in (0.0, 0.3):  # one global cut: filtered sets shrink and stay nested
         pre = sorted(((r["size"], r["train_dialogues"]) for r in res["runs"]
                       if r["method"] == "prefilter" and r["noise"] == noise and r["seed"] == 0),

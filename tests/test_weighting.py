@@ -53,7 +53,9 @@ def test_two_sided_flags_abnormally_low_loss():
 def test_warmup_by_count_and_by_step():
     loss = L([9.0, 9.0])
     present = torch.ones_like(loss, dtype=torch.bool)
-    assert resure_weights(loss, present, stats_with(n=5), cfg(), 0).w.tolist() == [[1, 1]]
+    cold = resure_weights(loss, present, stats_with(n=5), cfg(), 0)
+    assert cold.w.tolist() == [[1, 1]] and not cold.warm.any()
+    assert resure_weights(loss, present, stats_with(), cfg(), 0).warm.all()
     assert resure_weights(loss, present, stats_with(), cfg(warmup_steps=3), 2).w.tolist() == [[1, 1]]
     assert resure_weights(loss, present, stats_with(), cfg(warmup_steps=3), 3).w.tolist() == [[0, 0]]
 
@@ -87,8 +89,8 @@ def test_loss_truncation_drops_above_quantile():
     present = torch.ones_like(loss, dtype=torch.bool)
     w = truncation_weights(loss, present, h, LossTruncationConfig(drop_fraction=0.1, min_count=10)).w
     assert w.tolist() == [[1, 1, 0]]
-    warm = truncation_weights(loss, present, h, LossTruncationConfig(drop_fraction=0.1, min_count=1000)).w
-    assert warm.tolist() == [[1, 1, 1]]
+    warm = truncation_weights(loss, present, h, LossTruncationConfig(drop_fraction=0.1, min_count=1000))
+    assert warm.w.tolist() == [[1, 1, 1]] and not warm.warm.any()
 
 
 def test_sft_weights_are_ones_with_z_logged():

@@ -107,19 +107,26 @@ def train_one(name: str, data_path: str, model_path: str, p: dict, method: str, 
 def detection(run_dir: str, labels: list[dict]) -> dict:
     from resure_ds.report import read_audit
 
-    rows = [r for r in read_audit(run_dir) if r["z"] is not None and not r["partial"]]
+    """Weights vs injected labels on complete turns seen after the method's warm-up; AUROC of z
+    where the method has one (not loss truncation)."""
+    rows = [r for r in read_audit(run_dir) if r["warm"] and not r["partial"]]
     kinds = {(x["dialogue_id"], x["turn"]): x["kind"] for x in labels}
     y = [(r["dialogue_id"], r["turn"]) in kinds for r in rows]
     w = [r["weight"] for r in rows]
-    z = [r["z"] for r in rows]
+
+    def z_auroc(sel):
+        pairs = [(rows[i]["z"], y[i]) for i in sel if rows[i]["z"] is not None]
+        return auroc([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None
+
     prec, rec = precision_recall([x < 0.5 for x in w], y)
     out = {"turns": len(rows), "corrupted": int(sum(y)), "auroc_1_minus_w": auroc([1 - x for x in w], y),
-           "auroc_z": auroc(z, y), "precision_w_lt_0.5": prec, "recall_w_lt_0.5": rec, "per_kind": {}}
+           "auroc_z": z_auroc(range(len(rows))), "precision_w_lt_0.5": prec, "recall_w_lt_0.5": rec,
+           "per_kind": {}}
     for kind in sorted(set(kinds.values())):
         sel = [i for i, r in enumerate(rows) if kinds.get((r["dialogue_id"], r["turn"]), kind) == kind]
         yk = [y[i] for i in sel]
         out["per_kind"][kind] = {"n": int(sum(yk)), "auroc_1_minus_w": auroc([1 - w[i] for i in sel], yk),
-                                 "auroc_z": auroc([z[i] for i in sel], yk)}
+                                 "auroc_z": z_auroc(sel)}
     return out
 
 
