@@ -118,30 +118,34 @@ def micro_backward(run: Run, batch: dict, global_tokens: int, acc: torch.Tensor)
     logits = run.engine.forward(batch)
     dev = logits.device
     targets, turn_t = shift_targets(batch["labels"].to(dev), batch["turn_ids"].to(dev))
-    T = batch["partial"].shape[1]
-    turns = turn_losses(token_nll(logits, targets), turn_t, T)
+    turns = turn_losses(token_nll(logits, targets), turn_t, batch["partial"].shape[1])
     del logits
     wts = weigh(run, turns)  # statistics as they stood before this micro-step
-    present = turns.count > 0
-    finite = torch.isfinite(turns.mean)
-    complete = present & ~batch["partial"].to(dev)
-    seq, depth = torch.nonzero(complete, as_tuple=True)
+    complete = (turns.count > 0) & ~batch["partial"].to(dev)
+    depth = torch.nonzero(complete, as_tuple=True)[1]
     # All ranks merge every micro-step (non-finite losses are counted there, not merged).
     run.stats.sync_update(turns.mean[complete], depth, dev)
     if run.hist is not None:
-        run.hist.sync_update(turns.mean[complete & finite], dev)
+        run.hist.sync_update(turns.mean[complete & torch.isfinite(turns.mean)], dev)
     loss_sum = weighted_loss_sum(turns, wts.w.to(dev))
     run.engine.backward(loss_sum, global_tokens)
+    _account(run, batch, turns, wts, loss_sum, acc)
 
+
+def _account(run: Run, batch: dict, turns: TurnLosses, wts: Weights, loss_sum: torch.Tensor,
+             acc: torch.Tensor) -> None:
+    """Add this micro-batch to the step's metric sums and its turns to the audit."""
+    dev = turns.sum.device
+    w_all, present, finite = wts.w.to(dev), turns.count > 0, torch.isfinite(turns.mean)
     ok = present & finite
-    w = wts.w.to(dev)[ok]
+    w = w_all[ok]
     acc += torch.stack([
         torch.where(ok, turns.sum.detach(), torch.zeros_like(turns.sum)).sum().double(),
         loss_sum.detach().double(), ok.sum().double(), w.sum().double(), (w < 1).sum().double(),
         (w < 0.5).sum().double(), (present & ~finite).sum().double(),
         batch["attention_mask"].sum().double().to(dev)]).cpu()
     rows = torch.nonzero(present, as_tuple=True)
-    mean, z, wv = turns.mean[rows].tolist(), wts.z[rows].tolist(), wts.w[rows].tolist()
+    mean, z, wv = turns.mean[rows].tolist(), wts.z.to(dev)[rows].tolist(), w_all[rows].tolist()
     warm = wts.warm.to(dev)[rows].tolist()
     part = batch["partial"][rows[0].cpu(), rows[1].cpu()].tolist()
     run.audit.add([{"dialogue_id": batch["dialogue_ids"][b], "turn": t, "loss": m, "z": None if zz != zz else zz,
