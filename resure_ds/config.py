@@ -25,7 +25,8 @@ class ModelConfig:
     """HF model folder or hub id; 'smollm2' = the embedded SmolLM2-135M-Instruct (converted once, cached)."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Training precision. auto: bf16 where the hardware computes it natively (CUDA GPUs with bf16,
-    CPUs with AVX-512/AMX bf16), else fp32 (an AVX2-only CPU emulates bf16 matmuls 5-70x slower).
+    CPUs with AVX-512/AMX bf16), else fp32 (an AVX2-only CPU emulates bf16: its matrix products ran 7-200x
+    slower than fp32 here, benchmarks/matmul_dtype.py).
     fp16 is not offered: unsupported on CPU and brittle for LM fine-tuning."""
     chat_template: str | None = None
     """Jinja chat template to use instead of the tokenizer's own (must be prefix-stable)."""
