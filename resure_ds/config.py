@@ -244,6 +244,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
 
 
+def split_recipe_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """Command-line words -> (recipe path or None, overrides): a recipe is a leading .yaml/.yml file."""
+    if args and args[0].endswith((".yaml", ".yml")):
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
 def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) -> Config:
     """YAML recipe (optional) + dotted overrides -> validated Config."""
     data: dict = {}

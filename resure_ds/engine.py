@@ -125,13 +125,14 @@ class Engine:
         # Must exist before from_pretrained so weights load straight into ZeRO-3
         # partitions (zero.Init): no rank ever holds the whole model.
         self._hf_ds = HfDeepSpeedConfig(conf) if cfg.train.zero_stage == 3 else None
-        self.dtype = resolve_dtype(cfg)
+        # The model's dtype follows the final DeepSpeed config (train.ds_config may override bf16).
+        self.dtype = "bf16" if conf.get("bf16", {}).get("enabled") else "fp32"
         dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         model.config.use_cache = False
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=conf,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
         self.world = dist.get_world_size()

@@ -76,12 +76,10 @@ def main(argv: list[str]) -> int:
     embedded model (launch scripts call this once, before ranks start).
     """
     if argv[:1] == ["--if-embedded"]:
-        from .config import ConfigError, load_config
+        from .config import ConfigError, load_config, split_recipe_args
 
-        rest = argv[1:]
-        recipe = rest[0] if rest and rest[0].endswith((".yaml", ".yml")) else None
         try:
-            cfg = load_config(recipe, rest[1:] if recipe else rest)
+            cfg = load_config(*split_recipe_args(argv[1:]))
         except ConfigError as e:
             print(f"[resure_ds] error: {e}", file=sys.stderr)
             return 2

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import engine as ds
-from .config import Config, ConfigError, load_config, to_dict
+from .config import Config, ConfigError, load_config, split_recipe_args, to_dict
 from .data.collate import collate
 from .data.records import DataError
 from .data.render import Renderer
@@ -292,15 +292,11 @@ def cleanup() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipe", nargs="?", default=None, help="YAML recipe (default: built-in defaults)")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
+    ap.add_argument("args", nargs="*", help="[RECIPE.yaml] then dotted key=value overrides, e.g. train.max_steps=10")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.recipe and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
-        args.overrides.insert(0, args.recipe)
-        args.recipe = None
+    recipe, overrides = split_recipe_args(ap.parse_args(argv).args)
     try:
-        run_recipe(load_config(args.recipe, args.overrides))
+        run_recipe(load_config(recipe, overrides))
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"[resure_ds] error: {e}", file=sys.stderr, flush=True)
         return 2

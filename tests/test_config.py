@@ -62,3 +62,12 @@ def test_readme_documents_every_option_with_its_default():
         readme = f.read()
     assert markdown_table() in readme, "README option table is stale: paste `python -m resure_ds.config`"
     assert "bash launch/train.sh" in readme and "make test" in readme
+
+
+def test_split_recipe_args():
+    from resure_ds.config import split_recipe_args
+
+    assert split_recipe_args(["recipes/default.yaml", "train.lr=1"]) == ("recipes/default.yaml", ["train.lr=1"])
+    assert split_recipe_args(["r.yml"]) == ("r.yml", [])
+    assert split_recipe_args(["train.lr=1", "x.yaml"]) == (None, ["train.lr=1", "x.yaml"])
+    assert split_recipe_args([]) == (None, [])
