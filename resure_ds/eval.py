@@ -63,12 +63,11 @@ def evaluate(model, tokenizer, source, max_length: int = 256, batch_size: int = 
 
 
 def load_model(model_dir: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tok
+    from .models import load_tokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), load_tokenizer(model_dir)
 
 
 def evaluate_folder(model_dir: str, source, max_length: int = 256, batch_size: int = 8) -> dict:

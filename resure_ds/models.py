@@ -69,6 +69,18 @@ def resolve_model_path(path: str) -> str:
     return out
 
 
+def load_tokenizer(model_path: str, chat_template: str | None = None):
+    """The model's tokenizer, with an optional template override and eos as pad where none is set."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if chat_template:
+        tok.chat_template = chat_template
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def main(argv: list[str]) -> int:
     """python -m resure_ds.models [--if-embedded RECIPE key=value ...]: prepare the cache.
 

@@ -33,7 +33,7 @@ from .data.render import Renderer
 from .data.stream import ExampleStream, batches
 from .loss import IGNORE, TurnLosses, shift_targets, token_nll, turn_losses, weighted_loss_sum
 from .metrics import Audit, MetricsLogger
-from .models import resolve_model_path
+from .models import load_tokenizer, resolve_model_path
 from .quantile import LossHistogram
 from .weighting import Weights, resure_weights, sft_weights, truncation_weights
 from .welford import Welford
@@ -63,17 +63,6 @@ class Run:
 
 
 # -- setup ------------------------------------------------------------------
-def load_tokenizer(cfg: Config, model_path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if cfg.model.chat_template:
-        tok.chat_template = cfg.model.chat_template
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -89,7 +78,7 @@ def setup(cfg: Config) -> Run:
             json.dump(to_dict(cfg), f, indent=2)
     seed_all(cfg.train.seed + rank)
     model_path = resolve_model_path(cfg.model.path)  # file-locked: one rank converts, others wait
-    tok = load_tokenizer(cfg, model_path)
+    tok = load_tokenizer(model_path, cfg.model.chat_template)
     stream = ExampleStream(cfg.data.train, Renderer(tok, cfg.data.max_length), rank, world,
                            cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.skip_invalid)
     pad = tok.pad_token_id
