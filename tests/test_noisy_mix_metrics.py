@@ -30,3 +30,15 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
     assert spearman([1, 2, 3], [5, 5, 5]) is None
+
+
+def test_resume_reads_finished_runs_and_refuses_other_settings(tmp_path):
+    from benchmarks.noisy_mix.run import finished_runs
+
+    settings = {"profile": "quick", "data": "chitchat", "settings": {"sizes": [8, 16], "lr": 1e-3}}
+    assert finished_runs(str(tmp_path), settings) == {}
+    (tmp_path / "runs.jsonl").write_text('{"name": "a", "test": {"loss": 1.5}}\n')
+    assert finished_runs(str(tmp_path), settings) == {"a": {"name": "a", "test": {"loss": 1.5}}}
+    other = {**settings, "settings": {"sizes": [8, 16], "lr": 5e-5}}
+    with pytest.raises(SystemExit, match="other settings.*pass another --out or delete that folder"):
+        finished_runs(str(tmp_path), other)

@@ -39,3 +39,11 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert all(s["n"] == 2 for s in seeds.values())
     assert os.path.getsize(tmp_path / "test_loss_vs_size.png") > 5000
     assert "| method @ noise |" in (tmp_path / "results.md").read_text()
+    # the same command again resumes: every run is read back from runs.jsonl, none is trained again
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "run.py"),
+                            "--profile", "quick", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=900, env={**os.environ, "MASTER_PORT": "29612"})
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "test loss" not in again.stdout and f"{len(res['runs'])} runs in" in again.stdout
+    with open(tmp_path / "results.json", encoding="utf-8") as f:
+        assert json.load(f)["runs"] == res["runs"]

@@ -8,7 +8,8 @@ on mixed-quality data with ground truth, through the project's own recipe.
 Every run calls resure_ds.train.run_recipe (the code path of launch/train.sh)
 in this process, with one rank; only the method and its options differ
 between runs of a cell (same model, data order, seed, steps, learning rate).
-Writes <out>/results.json, results.md and plots.
+Writes <out>/results.json, results.md and plots; each finished run is appended to
+<out>/runs.jsonl, and running the same command again resumes after the last one.
 """
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ PROFILES = {
     "quick": dict(model="tiny", max_length=64, micro_batch_size=8, sizes=[8, 16, 24, 32], noises=[0.0, 0.3],
                   seeds=[0, 1], sweep=[{"resure.two_sided": True}], eval_limit=24, lr=1e-3, min_count=4,
                   prefilter_q=0.2, early=0.5),
-    "cpu": dict(model="smollm2", max_length=128, micro_batch_size=4, sizes=[16, 32, 64, 128], noises=[0.0, 0.3],
-                seeds=[0, 1, 2], eval_limit=200, lr=5e-5, min_count=16, prefilter_q=0.2, early=0.5,
-                sweep=[{"resure.tau": 1.0}, {"resure.tau": 2.0}, {"resure.weight_fn": "hard"},
-                       {"resure.weight_fn": "sigmoid"}, {"resure.level": "sample"},
-                       {"resure.propagate": "forward"}, {"stats.decay": 0.99}, {"resure.two_sided": True}]),
+    # sized to finish in under 2 hours on a 2-core CPU (about 6 s a step, about 35 s of set-up,
+    # export and evaluation a run): extra seeds at 30% noise only, the sweep at the largest size
+    "cpu": dict(model="smollm2", max_length=128, micro_batch_size=4, sizes=[12, 24, 48, 96], noises=[0.0, 0.3],
+                seeds=[0, 1, 2], seed_noises=[0.3], eval_limit=64, lr=5e-5, min_count=16, prefilter_q=0.2,
+                early=0.5, sweep=[{"resure.tau": 1.0}, {"resure.tau": 2.0}, {"resure.weight_fn": "hard"},
+                                  {"resure.level": "sample"}, {"resure.propagate": "forward"},
+                                  {"stats.decay": 0.99}, {"resure.two_sided": True}]),
     "gpu": dict(model="smollm2", max_length=512, micro_batch_size=16, sizes=[256, 512, 1024, 2048],
                 noises=[0.0, 0.3], seeds=[0, 1, 2], eval_limit=None, lr=5e-5, min_count=32, prefilter_q=0.2,
                 early=0.5, sweep=[{"resure.tau": 1.0}, {"resure.tau": 2.0}, {"resure.weight_fn": "hard"},
@@ -131,19 +134,36 @@ def detection(run_dir: str, labels: list[dict]) -> dict:
 
 
 def plan(p: dict) -> list[dict]:
-    """Every run of the grid: methods x noise x sizes (seed 0), more seeds at the largest size,
-    and the ReSURE sweep at the highest noise and the largest size."""
+    """Every run of the grid: methods x noise x sizes (seed 0), more seeds at the largest size (at
+    the noise levels in seed_noises, default all), and the ReSURE sweep at the highest noise and the
+    largest size."""
     runs = []
     big, top = p["sizes"][-1], max(p["noises"])
     for noise in p["noises"]:
         for method in METHODS:
             for size in p["sizes"]:
                 runs.append(dict(noise=noise, method=method, size=size, seed=p["seeds"][0], variant={}))
-            for seed in p["seeds"][1:]:
+            for seed in p["seeds"][1:] if noise in p.get("seed_noises", p["noises"]) else []:
                 runs.append(dict(noise=noise, method=method, size=big, seed=seed, variant={}))
     for v in p.get("sweep", []):
         runs.append(dict(noise=top, method="resure", size=big, seed=p["seeds"][0], variant=v))
     return runs
+
+
+def finished_runs(out: str, settings: dict) -> dict:
+    """Runs already in <out>/runs.jsonl, by name, so an interrupted study resumes where it stopped;
+    refuses an <out> that an invocation with other settings wrote."""
+    path = os.path.join(out, "settings.json")
+    settings = json.loads(json.dumps(settings))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if json.load(f) != settings:
+                sys.exit(f"noisy_mix: {out} holds runs made with other settings ({path}); "
+                         "pass another --out or delete that folder")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1)
+    runs = os.path.join(out, "runs.jsonl")
+    return {r["name"]: r for r in read_jsonl(runs)} if os.path.exists(runs) else {}
 
 
 def summarise(results: list[dict], p: dict) -> dict:
@@ -230,7 +250,7 @@ def main() -> None:
         drops = prefilter_drops(model, train[: p["sizes"][-1]], p["prefilter_q"], p["max_length"], d)
         data[noise] = dict(dir=d, train=train, labels=read_jsonl(os.path.join(d, "labels.jsonl")),
                            counts=counts, drops=drops)
-    results = []
+    results, done = [], finished_runs(out, {"profile": a.profile, "data": a.data, "settings": p})
     from resure_ds.eval import evaluate_folder
 
     for spec in plan(p):
@@ -239,6 +259,9 @@ def main() -> None:
         subset = d["train"][:size]  # nested: every size is a prefix of the next
         tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in spec["variant"].items())
         name = f"n{noise}-{method}{'-' + tag if tag else ''}-s{size}-seed{seed}"
+        if name in done:  # finished by an earlier, interrupted invocation with the same settings
+            results.append(done[name])
+            continue
         path = os.path.join(out, "train-files", f"{name}.jsonl")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if method == "prefilter":
@@ -251,6 +274,8 @@ def main() -> None:
                                p["max_length"])
         results.append({**spec, "name": name, "steps": steps, "train_dialogues": len(subset), "test": test,
                         "detection": detection(run_dir, d["labels"])})
+        with open(os.path.join(out, "runs.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(results[-1]) + "\n")
         print(f"[noisy_mix] {name}: test loss {test['loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
     summary = summarise(results, p)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
