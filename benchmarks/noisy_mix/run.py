@@ -185,18 +185,32 @@ def summarise(results: list[dict], p: dict) -> dict:
 
 
 def write_markdown(out: str, summary: dict, results: list[dict], p: dict) -> None:
+    from benchmarks.noisy_mix.corrupt import KINDS
+
+    fmt = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = ["| method @ noise | test loss, largest size (mean +- sd over seeds) | Spearman(size, -loss) |",
              "| --- | --- | --- |"]
     for key, s in summary["largest_size_over_seeds"].items():
-        sd = "n/a" if s["std"] is None else f"{s['std']:.4f}"
         rho = summary["spearman_size_vs_neg_test_loss"][key]
-        lines.append(f"| {key} | {s['mean']:.4f} +- {sd} (n={s['n']}) | {'n/a' if rho is None else f'{rho:.2f}'} |")
-    lines += ["", "| run | test loss | AUROC 1-w | AUROC z | P(w<0.5) | R(w<0.5) |", "| --- | --- | --- | --- | --- | --- |"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {key} | {s['mean']:.4f} +- {fmt(s['std'], 4)} (n={s['n']}) | {fmt(rho, 2)} |")
+    lines += ["", "Clean test loss by training-set size (seed " + str(p["seeds"][0]) + "):", "",
+              "| method @ noise | " + " | ".join(str(n) for n in p["sizes"]) + " |",
+              "| --- |" + " --- |" * len(p["sizes"])]
+    for noise in p["noises"]:
+        for method in METHODS:
+            by = {r["size"]: r["test"]["loss"] for r in results if r["noise"] == noise and r["method"] == method
+                  and not r["variant"] and r["seed"] == p["seeds"][0]}
+            lines.append(f"| {method}@{noise} | " + " | ".join(fmt(by.get(n), 4) for n in p["sizes"]) + " |")
+    lines += ["", "Every run: clean test loss and detection of the injected labels (turns seen after warm-up; "
+              "per-kind columns: AUROC of 1-w):", "",
+              "| run | test loss | turns | corrupted | AUROC 1-w | AUROC z | P(w<0.5) | R(w<0.5) | "
+              + " | ".join(KINDS) + " |", "| --- |" + " --- |" * (7 + len(KINDS))]
     for r in results:
         d = r["detection"]
-        lines.append(f"| {r['name']} | {r['test']['loss']:.4f} | {fmt(d['auroc_1_minus_w'])} | {fmt(d['auroc_z'])} "
-                     f"| {fmt(d['precision_w_lt_0.5'])} | {fmt(d['recall_w_lt_0.5'])} |")
+        kinds = " | ".join(fmt(d["per_kind"].get(k, {}).get("auroc_1_minus_w")) for k in KINDS)
+        lines.append(f"| {r['name']} | {r['test']['loss']:.4f} | {d['turns']} | {d['corrupted']} "
+                     f"| {fmt(d['auroc_1_minus_w'])} | {fmt(d['auroc_z'])} | {fmt(d['precision_w_lt_0.5'])} "
+                     f"| {fmt(d['recall_w_lt_0.5'])} | {kinds} |")
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -220,6 +234,34 @@ def plot(out: str, results: list[dict], p: dict) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "test_loss_vs_size.png"), dpi=90)
+    plt.close(fig)
+    plot_detection(out, results, p, plt)
+
+
+def plot_detection(out: str, results: list[dict], p: dict, plt) -> None:
+    """AUROC of 1-w per corruption kind, for every weighting run at the highest noise and largest size."""
+    from benchmarks.noisy_mix.corrupt import KINDS
+
+    runs = [r for r in results if r["noise"] == max(p["noises"]) and r["size"] == p["sizes"][-1]
+            and r["seed"] == p["seeds"][0] and r["method"] in ("resure", "loss_truncation")]
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(runs)), 4))
+    width = 0.8 / (len(KINDS) + 1)
+    for j, kind in enumerate(("all",) + tuple(KINDS)):
+        vals = [(r["detection"]["auroc_1_minus_w"] if kind == "all" else
+                 r["detection"]["per_kind"].get(kind, {}).get("auroc_1_minus_w")) for r in runs]
+        ax.bar([i + j * width for i in range(len(runs))], [float("nan") if v is None else v for v in vals],
+               width, label=kind)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))])
+    names = [r["name"].replace(f"-s{r['size']}-seed{r['seed']}", "").split("-", 1)[1] for r in runs]
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("AUROC of 1 - w")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "detection_auroc.png"), dpi=90)
     plt.close(fig)
 
 
