@@ -37,6 +37,12 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert set(corr) == {f"{m}@{n}" for m in methods for n in (0.0, 0.3)}
     seeds = res["summary"]["largest_size_over_seeds"]
     assert all(s["n"] == 2 for s in seeds.values())
+    paired = res["summary"]["largest_size_minus_sft_paired"]  # each seed against sft with the same seed
+    assert set(paired) == set(seeds) and all(paired[f"sft@{n}"]["mean"] == 0.0 for n in (0.0, 0.3))
+    loss = {(r["method"], r["seed"]): r["test"]["loss"] for r in res["runs"]
+            if r["noise"] == 0.3 and r["size"] == 32 and not r["variant"]}
+    diffs = [loss["resure", s] - loss["sft", s] for s in (0, 1)]
+    assert abs(paired["resure@0.3"]["mean"] - sum(diffs) / 2) < 1e-12
     assert os.path.getsize(tmp_path / "test_loss_vs_size.png") > 5000
     assert "| method @ noise |" in (tmp_path / "results.md").read_text()
     # the same command again resumes: every run is read back from runs.jsonl, none is trained again

@@ -167,32 +167,44 @@ def finished_runs(out: str, settings: dict) -> dict:
 
 
 def summarise(results: list[dict], p: dict) -> dict:
+    """Spearman(size, -test loss) per method and noise (seed 0); at the largest size, test loss over
+    seeds and its difference from sft with the same seed (paired: same data order), mean and sd."""
     import numpy as np
 
     big = p["sizes"][-1]
-    corr, seeds = {}, {}
+
+    def stats(xs):
+        return {"n": len(xs), "mean": float(np.mean(xs)), "std": float(np.std(xs, ddof=1)) if len(xs) > 1 else None}
+
+    def at_big(noise, method):
+        return {r["seed"]: r["test"]["loss"] for r in results if r["noise"] == noise and r["method"] == method
+                and not r["variant"] and r["size"] == big}
+
+    corr, seeds, paired = {}, {}, {}
     for noise in p["noises"]:
         for method in METHODS:
             cell = [r for r in results if r["noise"] == noise and r["method"] == method and not r["variant"]
                     and r["seed"] == p["seeds"][0]]
             cell.sort(key=lambda r: r["size"])
-            corr[f"{method}@{noise}"] = spearman([r["size"] for r in cell], [-r["test"]["loss"] for r in cell])
-            at = [r["test"]["loss"] for r in results if r["noise"] == noise and r["method"] == method
-                  and not r["variant"] and r["size"] == big]
-            seeds[f"{method}@{noise}"] = {"n": len(at), "mean": float(np.mean(at)),
-                                          "std": float(np.std(at, ddof=1)) if len(at) > 1 else None}
-    return {"spearman_size_vs_neg_test_loss": corr, "largest_size_over_seeds": seeds}
+            key = f"{method}@{noise}"
+            corr[key] = spearman([r["size"] for r in cell], [-r["test"]["loss"] for r in cell])
+            mine, sft = at_big(noise, method), at_big(noise, "sft")
+            seeds[key] = stats(list(mine.values()))
+            paired[key] = stats([mine[s] - sft[s] for s in sorted(mine) if s in sft])
+    return {"spearman_size_vs_neg_test_loss": corr, "largest_size_over_seeds": seeds,
+            "largest_size_minus_sft_paired": paired}
 
 
 def write_markdown(out: str, summary: dict, results: list[dict], p: dict) -> None:
     from benchmarks.noisy_mix.corrupt import KINDS
 
     fmt = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = ["| method @ noise | test loss, largest size (mean +- sd over seeds) | Spearman(size, -loss) |",
-             "| --- | --- | --- |"]
+    lines = ["| method @ noise | test loss, largest size (mean +- sd over seeds) | minus sft, same seed "
+             "(mean +- sd) | Spearman(size, -loss) |", "| --- | --- | --- | --- |"]
     for key, s in summary["largest_size_over_seeds"].items():
-        rho = summary["spearman_size_vs_neg_test_loss"][key]
-        lines.append(f"| {key} | {s['mean']:.4f} +- {fmt(s['std'], 4)} (n={s['n']}) | {fmt(rho, 2)} |")
+        rho, d = summary["spearman_size_vs_neg_test_loss"][key], summary["largest_size_minus_sft_paired"][key]
+        lines.append(f"| {key} | {s['mean']:.4f} +- {fmt(s['std'], 4)} (n={s['n']}) "
+                     f"| {d['mean']:+.4f} +- {fmt(d['std'], 4)} | {fmt(rho, 2)} |")
     lines += ["", "Clean test loss by training-set size (seed " + str(p["seeds"][0]) + "):", "",
               "| method @ noise | " + " | ".join(str(n) for n in p["sizes"]) + " |",
               "| --- |" + " --- |" * len(p["sizes"])]
