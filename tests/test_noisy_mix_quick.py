@@ -44,6 +44,7 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     diffs = [loss["resure", s] - loss["sft", s] for s in (0, 1)]
     assert abs(paired["resure@0.3"]["mean"] - sum(diffs) / 2) < 1e-12
     assert os.path.getsize(tmp_path / "test_loss_vs_size.png") > 5000
+    assert os.path.getsize(tmp_path / "detection_auroc.png") > 5000
     assert "| method @ noise |" in (tmp_path / "results.md").read_text()
     # the same command again resumes: every run is read back from runs.jsonl, none is trained again
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "run.py"),
