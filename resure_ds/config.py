@@ -56,6 +56,8 @@ class StatsConfig:
 
 @dataclass
 class ResureConfig:
+    # Defaults kept after the noisy-mix study (benchmarks/noisy_mix/README.md): no sweep variant
+    # beat them by more than the spread over seeds; the numbers are in the project README.
     weight_fn: Literal["hard", "exp", "sigmoid"] = "exp"
     """z -> weight: hard (0 above tau), exp (exp(-lam*max(0, z-tau))), sigmoid (1/(1+exp((z-tau)/s)))."""
     tau: float = 1.5

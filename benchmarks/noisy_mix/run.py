@@ -334,7 +334,8 @@ def main() -> None:
     summary = summarise(results, p)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"profile": a.profile, "settings": p, "data": {str(k): v["counts"] for k, v in data.items()},
-                   "summary": summary, "runs": results, "wall_s": time.time() - t0}, f, indent=1)
+                   "summary": summary, "runs": results, "wall_s": time.time() - t0,
+                   "runs_read_back": sum(r["name"] in done for r in results)}, f, indent=1)
     write_markdown(out, summary, results, p)
     plot(out, results, p)
     print(f"[noisy_mix] {len(results)} runs in {time.time() - t0:.0f} s -> {out}/results.json", flush=True)
