@@ -150,6 +150,12 @@ def plan(p: dict) -> list[dict]:
     return runs
 
 
+def run_name(spec: dict) -> str:
+    tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in spec["variant"].items())
+    return (f"n{spec['noise']}-{spec['method']}{'-' + tag if tag else ''}"
+            f"-s{spec['size']}-seed{spec['seed']}")
+
+
 def finished_runs(out: str, settings: dict) -> dict:
     """Runs already in <out>/runs.jsonl, by name, so an interrupted study resumes where it stopped;
     refuses an <out> that an invocation with other settings wrote."""
@@ -293,6 +299,8 @@ def main() -> None:
 
     model = tiny_model(os.path.join(out, "tiny-model")) if p["model"] == "tiny" else resolve_model_path(EMBEDDED)
     t0 = time.time()
+    results, done = [], finished_runs(out, {"profile": a.profile, "data": a.data, "settings": p})
+    todo = [spec for spec in plan(p) if run_name(spec) not in done]
     data = {}
     for noise in p["noises"]:
         d = os.path.join(out, f"data-noise{noise}")
@@ -301,18 +309,17 @@ def main() -> None:
         test = read_jsonl(os.path.join(d, "test.jsonl"))[: p["eval_limit"]]
         write_jsonl(os.path.join(d, "test-eval.jsonl"), test)
         # the largest size holds every smaller one: score its turns once, one cut for all sizes
-        drops = prefilter_drops(model, train[: p["sizes"][-1]], p["prefilter_q"], p["max_length"], d)
+        drops = (prefilter_drops(model, train[: p["sizes"][-1]], p["prefilter_q"], p["max_length"], d)
+                 if any(x["method"] == "prefilter" and x["noise"] == noise for x in todo) else set())
         data[noise] = dict(dir=d, train=train, labels=read_jsonl(os.path.join(d, "labels.jsonl")),
                            counts=counts, drops=drops)
-    results, done = [], finished_runs(out, {"profile": a.profile, "data": a.data, "settings": p})
     from resure_ds.eval import evaluate_folder
 
     for spec in plan(p):
         noise, method, size, seed = spec["noise"], spec["method"], spec["size"], spec["seed"]
         d = data[noise]
         subset = d["train"][:size]  # nested: every size is a prefix of the next
-        tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in spec["variant"].items())
-        name = f"n{noise}-{method}{'-' + tag if tag else ''}-s{size}-seed{seed}"
+        name = run_name(spec)
         if name in done:  # finished by an earlier, interrupted invocation with the same settings
             results.append(done[name])
             continue
