@@ -23,7 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from benchmarks.noisy_mix.corrupt import make_study_data  # noqa: E402
+from benchmarks.noisy_mix.corrupt import KINDS, make_study_data  # noqa: E402
 from benchmarks.noisy_mix.metrics import auroc, precision_recall, spearman  # noqa: E402
 
 PROFILES = {
@@ -108,10 +108,10 @@ def train_one(name: str, data_path: str, model_path: str, p: dict, method: str, 
 
 
 def detection(run_dir: str, labels: list[dict]) -> dict:
-    from resure_ds.report import read_audit
-
     """Weights vs injected labels on complete turns seen after the method's warm-up; AUROC of z
     where the method has one (not loss truncation)."""
+    from resure_ds.report import read_audit
+
     rows = [r for r in read_audit(run_dir) if r["warm"] and not r["partial"]]
     kinds = {(x["dialogue_id"], x["turn"]): x["kind"] for x in labels}
     y = [(r["dialogue_id"], r["turn"]) in kinds for r in rows]
@@ -150,10 +150,20 @@ def plan(p: dict) -> list[dict]:
     return runs
 
 
-def run_name(spec: dict) -> str:
+def method_label(spec: dict) -> str:
+    """The method and its sweep variant, e.g. resure-tau1.0."""
     tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in spec["variant"].items())
-    return (f"n{spec['noise']}-{spec['method']}{'-' + tag if tag else ''}"
-            f"-s{spec['size']}-seed{spec['seed']}")
+    return f"{spec['method']}{'-' + tag if tag else ''}"
+
+
+def run_name(spec: dict) -> str:
+    return f"n{spec['noise']}-{method_label(spec)}-s{spec['size']}-seed{spec['seed']}"
+
+
+def size_curve(results: list[dict], noise: float, method: str, p: dict) -> list[dict]:
+    """The runs of one method at one noise level over the nested sizes (first seed, no sweep variant)."""
+    return sorted((r for r in results if r["noise"] == noise and r["method"] == method and not r["variant"]
+                   and r["seed"] == p["seeds"][0]), key=lambda r: r["size"])
 
 
 def finished_runs(out: str, settings: dict) -> dict:
@@ -189,9 +199,7 @@ def summarise(results: list[dict], p: dict) -> dict:
     corr, seeds, paired = {}, {}, {}
     for noise in p["noises"]:
         for method in METHODS:
-            cell = [r for r in results if r["noise"] == noise and r["method"] == method and not r["variant"]
-                    and r["seed"] == p["seeds"][0]]
-            cell.sort(key=lambda r: r["size"])
+            cell = size_curve(results, noise, method, p)
             key = f"{method}@{noise}"
             corr[key] = spearman([r["size"] for r in cell], [-r["test"]["loss"] for r in cell])
             mine, sft = at_big(noise, method), at_big(noise, "sft")
@@ -202,8 +210,6 @@ def summarise(results: list[dict], p: dict) -> dict:
 
 
 def write_markdown(out: str, summary: dict, results: list[dict], p: dict) -> None:
-    from benchmarks.noisy_mix.corrupt import KINDS
-
     fmt = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = ["| method @ noise | test loss, largest size (mean +- sd over seeds) | minus sft, same seed "
              "(mean +- sd) | Spearman(size, -loss) |", "| --- | --- | --- | --- |"]
@@ -216,8 +222,7 @@ def write_markdown(out: str, summary: dict, results: list[dict], p: dict) -> Non
               "| --- |" + " --- |" * len(p["sizes"])]
     for noise in p["noises"]:
         for method in METHODS:
-            by = {r["size"]: r["test"]["loss"] for r in results if r["noise"] == noise and r["method"] == method
-                  and not r["variant"] and r["seed"] == p["seeds"][0]}
+            by = {r["size"]: r["test"]["loss"] for r in size_curve(results, noise, method, p)}
             lines.append(f"| {method}@{noise} | " + " | ".join(fmt(by.get(n), 4) for n in p["sizes"]) + " |")
     lines += ["", "Every run: clean test loss and detection of the injected labels (turns seen after warm-up; "
               "per-kind columns: AUROC of 1-w):", "",
@@ -242,8 +247,7 @@ def plot(out: str, results: list[dict], p: dict) -> None:
     fig, axes = plt.subplots(1, len(p["noises"]), figsize=(6 * len(p["noises"]), 4), squeeze=False)
     for ax, noise in zip(axes[0], p["noises"]):
         for method in METHODS:
-            cell = sorted((r for r in results if r["noise"] == noise and r["method"] == method
-                           and not r["variant"] and r["seed"] == p["seeds"][0]), key=lambda r: r["size"])
+            cell = size_curve(results, noise, method, p)
             ax.plot([r["size"] for r in cell], [r["test"]["loss"] for r in cell], marker="o", label=method)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("training dialogues")
@@ -258,8 +262,6 @@ def plot(out: str, results: list[dict], p: dict) -> None:
 
 def plot_detection(out: str, results: list[dict], p: dict, plt) -> None:
     """AUROC of 1-w per corruption kind, for every weighting run at the highest noise and largest size."""
-    from benchmarks.noisy_mix.corrupt import KINDS
-
     runs = [r for r in results if r["noise"] == max(p["noises"]) and r["size"] == p["sizes"][-1]
             and r["seed"] == p["seeds"][0] and r["method"] in ("resure", "loss_truncation")]
     if not runs:
@@ -273,8 +275,7 @@ def plot_detection(out: str, results: list[dict], p: dict, plt) -> None:
                width, label=kind)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(runs))])
-    names = [r["name"].replace(f"-s{r['size']}-seed{r['seed']}", "").split("-", 1)[1] for r in runs]
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([method_label(r) for r in runs], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("AUROC of 1 - w")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=3)
