@@ -39,6 +39,7 @@ else
 fi
 # shellcheck disable=SC2206
 launcher+=(${LAUNCHER_ARGS:-})
-# Prepare the embedded model once, before ranks start (no-op for other models).
-"$PYTHON" -m resure_ds.models --if-embedded "${ARGS[@]}"
+# Before any rank starts: check the recipe, convert the embedded model once, and prepare the
+# data (a cache hit when unchanged). Bad config or data stops here, with one clear error.
+"$PYTHON" -m resure_ds.prepare "${ARGS[@]}" >/dev/null
 exec "${launcher[@]}" "$0" "${ARGS[@]}"

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    pass
+__all__ = ["Config", "ConfigError", "load_config", "split_recipe_args", "to_dict"]
 
 
 @dataclass
@@ -36,14 +36,28 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "chitchat"
-    """Training data: .jsonl/.json/.parquet file, saved `datasets` folder, or 'chitchat' (embedded)."""
+    train: str | list = "chitchat"
+    """Training data: a .jsonl/.jsonl.gz/.json/.parquet file, a glob, a folder of such files, a saved
+    `datasets` folder, a prepared folder, 'chitchat' (embedded), or a list of these, a mixture:
+    [{path: a.jsonl, weight: 3}, {path: /data/b/, weight: 1}] (weight = share of the draws)."""
     max_length: int = 256
-    """Tokens per sequence; longer dialogues are cut and their last turn flagged partial."""
+    """Tokens per row; a longer dialogue is cut and its last turn flagged partial."""
     skip_invalid: bool = False
-    """Skip bad records and report counts per kind, instead of stopping with an error."""
-    shuffle_buffer: int = 10000
-    """Records in the seeded shuffle buffer (memory-bounded; >= corpus size = full shuffle)."""
+    """Skip bad records (and template refusals) and report counts per kind, instead of stopping with an error."""
+    packing: bool = True
+    """Pack several dialogues into each row of max_length tokens, attention confined to each dialogue;
+    false: one dialogue per row, padded."""
+    pack_window: int = 8192
+    """Dialogues of the epoch's shuffled order packed together: larger = denser rows."""
+    prepared_dir: str | None = None
+    """Cache of prepared token shards (default $RESURE_CACHE/prepared, else ~/.cache/resure_ds/prepared);
+    on a cluster, a filesystem every node sees."""
+    prepare_workers: int = 0
+    """Processes that tokenize during prepare; 0 = one per CPU core (at most 16)."""
+    num_workers: int = 1
+    """Background processes per rank that assemble batches; 0 = in the training loop."""
+    prefetch: int = 4
+    """Batches each loader worker builds ahead."""
 
 
 @dataclass
@@ -174,7 +188,15 @@ def _check_type(value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        return _check_type(value, next(a for a in args if a is not type(None)))
+        options = [a for a in args if a is not type(None)]
+        for a in options[:-1]:
+            try:
+                return _check_type(value, a)
+            except (TypeError, ValueError):
+                pass
+        return _check_type(value, options[-1])
+    if tp is list and isinstance(value, list):
+        return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -210,8 +232,12 @@ def _build(cls, data: dict, prefix: str, errors: list[str]):
 
 
 def _validate(c: Config) -> list[str]:
-    e = []
-    pos = [("data.max_length", c.data.max_length), ("data.shuffle_buffer", c.data.shuffle_buffer),
+    e: list[str] = []
+    from .data.sources import parse_train
+
+    e += parse_train(c.data.train)[1]
+    pos = [("data.max_length", c.data.max_length), ("data.pack_window", c.data.pack_window),
+           ("data.prefetch", c.data.prefetch),
            ("stats.num_buckets", c.stats.num_buckets), ("train.micro_batch_size", c.train.micro_batch_size),
            ("train.grad_accum", c.train.grad_accum), ("train.max_steps", c.train.max_steps),
            ("train.log_every", c.train.log_every),
@@ -222,7 +248,8 @@ def _validate(c: Config) -> list[str]:
               ("train.grad_clip", c.train.grad_clip), ("train.weight_decay", c.train.weight_decay),
               ("checkpoint.every", c.checkpoint.every), ("train.stop_after", c.train.stop_after),
               ("checkpoint.keep_last", c.checkpoint.keep_last), ("output.audit_max_rows", c.output.audit_max_rows),
-              ("loss_truncation.min_count", c.loss_truncation.min_count)]
+              ("loss_truncation.min_count", c.loss_truncation.min_count),
+              ("data.prepare_workers", c.data.prepare_workers), ("data.num_workers", c.data.num_workers)]
     e += [f"{k}: must be >= 0, got {v}" for k, v in nonneg if v < 0]
     if not 0.0 < c.stats.decay <= 1.0:
         e.append(f"stats.decay: must be in (0, 1], got {c.stats.decay}")

@@ -80,8 +80,9 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def ds_config(cfg: Config) -> dict:
-    """DeepSpeed JSON built from the recipe; train.ds_config (a JSON file) may add or override keys."""
+def ds_config(cfg: Config, universal: bool = False) -> dict:
+    """DeepSpeed JSON built from the recipe; train.ds_config (a JSON file) may add or override keys.
+    universal: the checkpoint to load is in DeepSpeed's universal form (another world size)."""
     t = cfg.train
     conf = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -98,6 +99,7 @@ def ds_config(cfg: Config) -> dict:
             "torch_adam": is_cpu()}},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": universal},
     }
     if t.ds_config:
         with open(t.ds_config, encoding="utf-8") as f:
@@ -116,12 +118,12 @@ def _merge(base: dict, extra: dict) -> None:
 class Engine:
     """A Hugging Face causal LM under DeepSpeed (ZeRO 0-3), AdamW and a warm-up schedule."""
 
-    def __init__(self, cfg: Config, model_path: str):
+    def __init__(self, cfg: Config, model_path: str, universal: bool = False):
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
         self.cfg = cfg
-        conf = ds_config(cfg)
+        conf = ds_config(cfg, universal)
         # Must exist before from_pretrained so weights load straight into ZeRO-3
         # partitions (zero.Init): no rank ever holds the whole model.
         self._hf_ds = HfDeepSpeedConfig(conf) if cfg.train.zero_stage == 3 else None
@@ -145,9 +147,26 @@ class Engine:
         self.engine.train(mode)
 
     def forward(self, batch: dict) -> torch.Tensor:
+        """Logits of a padded batch (attention_mask) or a packed one (position_ids restarting per dialogue)."""
         dev = self.engine.device
-        out = self.engine(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
-        return out.logits
+        inputs = {k: batch[k].to(dev, non_blocking=True)
+                  for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        # use_cache=False: with a cache, transformers would not read packed position ids
+        return self.engine(**inputs, use_cache=False).logits
+
+    @torch.no_grad()
+    def packing_leaks(self, vocab: int) -> float:
+        """How much a dialogue's logits change when another dialogue precedes it in a packed row
+        (relative to the logit scale): ~0 where the model confines attention by position ids,
+        O(1) where it does not. Every rank calls (a ZeRO-3 forward is collective)."""
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randint(0, vocab, (1, 12), generator=g), torch.randint(0, vocab, (1, 12), generator=g)
+        pos = torch.arange(12)[None]
+        self.engine.eval()
+        alone = self.forward({"input_ids": b, "position_ids": pos}).float()
+        packed = self.forward({"input_ids": torch.cat([a, b], 1), "position_ids": torch.cat([pos, pos], 1)}).float()
+        self.engine.train()
+        return float((packed[:, 12:] - alone).abs().max() / (1 + alone.abs().max()))
 
     def backward(self, weighted_sum: torch.Tensor, global_tokens: int) -> None:
         """Backward of (sum of w * token NLL on this rank's micro-batch) / N.
@@ -178,12 +197,14 @@ class Engine:
                 for n, p in self.module.named_parameters()}
 
     # -- checkpoints ------------------------------------------------------
-    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
+    def save(self, ckpt_dir: str, tag: str) -> None:
+        """DeepSpeed's part of a checkpoint (collective: every rank calls); ours is checkpoint.py's."""
+        self.engine.save_checkpoint(ckpt_dir, tag=tag)
 
-    def load(self, ckpt_dir: str, tag: str | None = None) -> tuple[str | None, dict]:
-        path, client = self.engine.load_checkpoint(ckpt_dir, tag=tag)
-        return path, client or {}
+    def load(self, ckpt_dir: str, tag: str | None = None) -> str | None:
+        path, _ = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        return path
+
 
     def export_hf(self, out_dir: str, tokenizer) -> None:
         """A plain Hugging Face folder with 16-bit weights gathered from the shards (rank 0 writes)."""
@@ -204,3 +225,21 @@ class Engine:
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)
         dist.barrier()
+
+
+def to_universal(src: str, dst: str) -> None:
+    """Rank 0: convert a ZeRO checkpoint folder to DeepSpeed's universal form (world-size free).
+    A subprocess: the converter runs its own worker pools."""
+    import subprocess
+    import sys
+
+    if os.path.exists(os.path.join(dst, "zero")):
+        return
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
+                          "--output_folder", tmp, "--num_extract_workers", "2", "--num_merge_workers", "1"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"converting {src} to DeepSpeed's universal checkpoint failed:\n{out.stderr[-3000:]}")
+    os.replace(tmp, dst)

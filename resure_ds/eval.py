@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from .data.collate import collate
+from .data.collate import collate_examples
 from .data.records import read_dialogues
 from .data.render import Renderer
 from .loss import shift_targets, token_nll, turn_losses
@@ -26,17 +26,20 @@ def turn_scores(model, tokenizer, source, max_length: int = 256, batch_size: int
                 skip_invalid: bool = True) -> Iterator[tuple[str, int, float, int]]:
     """Yield (dialogue_id, turn, summed token NLL, trained tokens) for every turn of a source."""
     renderer = Renderer(tokenizer, max_length)
-    exs = (e for e in (renderer.render(d) for d in read_dialogues(source, skip_invalid)) if e is not None)
+    dialogues = read_dialogues(source, skip_invalid)
     model.eval()
     dev = next(model.parameters()).device
     while True:
-        chunk = list(itertools.islice(exs, batch_size))
+        chunk = list(itertools.islice(dialogues, batch_size))
         if not chunk:
             return
-        b = collate(chunk, tokenizer.pad_token_id)
+        exs = [e for e in renderer.render_many(chunk, {} if skip_invalid else None) if e is not None]
+        if not exs:
+            continue
+        b = collate_examples(exs, tokenizer.pad_token_id)
         logits = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
-        tgt, tt = shift_targets(b["labels"].to(dev), b["turn_ids"].to(dev))
-        turns = turn_losses(token_nll(logits, tgt), tt, b["partial"].shape[1])
+        tg = shift_targets(b["labels"].to(dev), b["turn_ids"].to(dev), b["doc_ids"].to(dev))
+        turns = turn_losses(token_nll(logits, tg.labels), tg, len(exs), b["partial"].shape[1])
         for s, t in torch.nonzero(turns.count > 0).tolist():
             yield b["dialogue_ids"][s], t, float(turns.sum[s, t]), int(turns.count[s, t])
 

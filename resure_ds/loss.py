@@ -1,6 +1,7 @@
 """Per-token NLL -> per-turn losses, for a whole batch at once. Pure torch.
 
-Shapes: B sequences, S positions, V vocab, T = max turns per sequence.
+Shapes: B rows, S positions, V vocab, D dialogues in the batch (one per row
+when padded, several per row when packed), T = max turns per dialogue.
 Labels are shifted, not logits: position s predicts token s+1, so the
 [B, S, V] logits are never copied (the HF `ForCausalLMLoss` trick).
 """
@@ -11,13 +12,31 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from .errors import IGNORE
 
 
-def shift_targets(labels: torch.Tensor, turn_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, S] labels/turn_ids -> targets aligned with logits: value at s is that of token s+1."""
-    return (F.pad(labels[:, 1:], (0, 1), value=IGNORE),
-            F.pad(turn_ids[:, 1:], (0, 1), value=-1))
+class Targets(NamedTuple):
+    """What position s predicts: the label, turn id and dialogue slot of token s+1 ([B, S] each)."""
+    labels: torch.Tensor
+    turn: torch.Tensor
+    doc: torch.Tensor
+
+
+def shift_targets(labels: torch.Tensor, turn_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> Targets:
+    """[B, S] labels, turn ids and dialogue slots (default: one dialogue per row) -> Targets.
+
+    In a packed row the last token of a dialogue would predict the first token of the next
+    one: that target is ignored (it is never a trained token anyway; this makes it certain).
+    """
+    if doc_ids is None:
+        doc_ids = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+
+    def shift(x, fill):
+        return F.pad(x[:, 1:], (0, 1), value=fill)
+
+    doc = shift(doc_ids, -1)
+    same = doc == doc_ids
+    return Targets(torch.where(same, shift(labels, IGNORE), IGNORE), torch.where(same, shift(turn_ids, -1), -1), doc)
 
 
 class _ChunkedNLL(torch.autograd.Function):
@@ -71,24 +90,22 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 102
 
 
 class TurnLosses(NamedTuple):
-    sum: torch.Tensor    # [B, T] sum of token NLL per turn (carries grad)
-    count: torch.Tensor  # [B, T] trained tokens per turn (0 = turn absent)
-    mean: torch.Tensor   # [B, T] float64 length-normalised loss L(d,t), detached; NaN where absent
+    sum: torch.Tensor    # [D, T] sum of token NLL per turn (carries grad)
+    count: torch.Tensor  # [D, T] trained tokens per turn (0 = turn absent)
+    mean: torch.Tensor   # [D, T] float64 length-normalised loss L(d,t), detached; NaN where absent
 
 
-def turn_losses(nll: torch.Tensor, turn_targets: torch.Tensor, num_turns: int) -> TurnLosses:
-    """Segment sums keyed by (sequence, turn): one index_add, no loop over turns.
+def turn_losses(nll: torch.Tensor, tgt: Targets, num_docs: int, num_turns: int) -> TurnLosses:
+    """Segment sums keyed by (dialogue, turn): one index_add, no loop over turns.
 
-    nll [B, S] float, turn_targets [B, S] long (-1 = untrained) -> TurnLosses.
-    Untrained positions go to a spill slot B*T that is dropped.
+    nll [B, S] float, tgt from shift_targets -> TurnLosses [D, T]. Padded or packed alike.
+    Untrained positions go to a spill slot D*T that is dropped.
     """
-    B, S = nll.shape
-    T = num_turns
-    rows = torch.arange(B, device=nll.device).unsqueeze(1) * T
-    key = torch.where(turn_targets >= 0, rows + turn_targets, B * T).reshape(-1)
-    sums = torch.zeros(B * T + 1, dtype=nll.dtype, device=nll.device).index_add(0, key, nll.reshape(-1))
-    counts = torch.bincount(key, minlength=B * T + 1)
-    sums, counts = sums[:-1].view(B, T), counts[:-1].view(B, T)
+    D, T = num_docs, num_turns
+    key = torch.where(tgt.turn >= 0, tgt.doc * T + tgt.turn, D * T).reshape(-1)
+    sums = torch.zeros(D * T + 1, dtype=nll.dtype, device=nll.device).index_add(0, key, nll.reshape(-1))
+    counts = torch.bincount(key, minlength=D * T + 1)
+    sums, counts = sums[:-1].view(D, T), counts[:-1].view(D, T)
     mean = sums.detach().double() / counts.clamp(min=1)
     mean = torch.where(counts > 0, mean, torch.full_like(mean, float("nan")))
     return TurnLosses(sums, counts, mean)

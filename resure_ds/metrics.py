@@ -62,7 +62,8 @@ class Audit:
     kept as a uniform reservoir sample of at most max_rows per rank."""
 
     def __init__(self, run_dir: str, rank: int, max_rows: int, seed: int):
-        self.path = os.path.join(run_dir, "audit", f"rank{rank:05d}.jsonl")
+        self.dir = os.path.join(run_dir, "audit")
+        self.path = os.path.join(self.dir, f"rank{rank:05d}.jsonl")
         self.max_rows, self.rows, self.seen = max_rows, [], 0
         self.rng = random.Random(seed * 7919 + rank)
 
@@ -84,10 +85,27 @@ class Audit:
                 f.write(json.dumps(r) + "\n")
         os.replace(tmp, self.path)
 
-    def state_dict(self) -> dict:
-        """The reservoir itself rides in the checkpoint, so a resumed run keeps the same sample."""
-        return {"seen": self.seen, "rng": self.rng.getstate(), "rows": list(self.rows)}
+    def drop_other_ranks(self, world: int) -> None:
+        """After a resume on fewer ranks: the files of ranks that no longer exist (their rows
+        were taken over by the remaining ranks) would be read twice."""
+        if os.path.isdir(self.dir):
+            for name in os.listdir(self.dir):
+                if name.startswith("rank") and name.endswith(".jsonl") and int(name[4:9]) >= world:
+                    os.remove(os.path.join(self.dir, name))
 
-    def load_state_dict(self, sd: dict) -> None:
-        self.seen, self.rows = sd["seen"], list(sd["rows"])
-        self.rng.setstate(sd["rng"])
+    def state_dict(self) -> dict:
+        """JSON: the reservoir itself rides in the checkpoint, so a resumed run keeps the same sample."""
+        v, st, g = self.rng.getstate()
+        return {"seen": self.seen, "rng": [v, list(st), g], "rows": list(self.rows)}
+
+    def load_state_dicts(self, sds: list[dict]) -> None:
+        """One state (same world size: exact), or several reservoirs taken over after a resume on
+        fewer ranks (merged: rows pooled, subsampled to max_rows, counts added)."""
+        if not sds:
+            return
+        v, st, g = sds[0]["rng"]
+        self.rng.setstate((v, tuple(st), g))
+        self.seen = sum(sd["seen"] for sd in sds)
+        self.rows = [r for sd in sds for r in sd["rows"]]
+        if len(self.rows) > self.max_rows:
+            self.rows = self.rng.sample(self.rows, self.max_rows)

@@ -17,9 +17,13 @@ EMBEDDED = "smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def cache_root() -> str:
+    """$RESURE_CACHE, else ~/.cache/resure_ds: the converted model and prepared data live here."""
+    return os.environ.get("RESURE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "resure_ds")
+
+
 def cache_dir() -> str:
-    root = os.environ.get("RESURE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "resure_ds")
-    return os.path.join(root, "smollm2-135m-instruct")
+    return os.path.join(cache_root(), "smollm2-135m-instruct")
 
 
 def _gguf_folder() -> str:
@@ -79,27 +83,3 @@ def load_tokenizer(model_path: str, chat_template: str | None = None):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def main(argv: list[str]) -> int:
-    """python -m resure_ds.models [--if-embedded RECIPE key=value ...]: prepare the cache.
-
-    With --if-embedded, converts only when the recipe's model.path is the
-    embedded model (launch scripts call this once, before ranks start).
-    """
-    if argv[:1] == ["--if-embedded"]:
-        from .config import ConfigError, load_config, split_recipe_args
-
-        try:
-            cfg = load_config(*split_recipe_args(argv[1:]))
-        except ConfigError as e:
-            print(f"[resure_ds] error: {e}", file=sys.stderr)
-            return 2
-        if cfg.model.path != EMBEDDED:
-            return 0
-    print(resolve_model_path(EMBEDDED))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -63,8 +63,8 @@ def plot(run_dir: str, metrics: list[dict], audit: list[dict]) -> str:
     return out
 
 
-def write_report(run_dir: str, skipped: dict | None = None, cut_by_max_length: int | None = None,
-                 with_plot: bool = True) -> str:
+def write_report(run_dir: str, data: dict | None = None, with_plot: bool = True) -> str:
+    """summary.txt (and training.png); `data`: the prepared corpus' counts (train.data_counts)."""
     metrics, audit = read_metrics(run_dir), read_audit(run_dir)
     last = metrics[-min(5, len(metrics)):]
     warm = [r for r in audit if r["warm"]]
@@ -79,10 +79,11 @@ def write_report(run_dir: str, skipped: dict | None = None, cut_by_max_length: i
         f"({down / max(len(audit), 1):.1%}), w < 0.5: {sum(r['weight'] < 0.5 for r in audit)}",
         f"non-finite turn losses skipped: {metrics[-1]['nonfinite_total']}",
     ]
-    if skipped is not None:
+    if data is not None:
+        skipped = data["skipped"]
         lines.append(f"invalid records skipped: {', '.join(f'{k}={v}' for k, v in sorted(skipped.items())) or 'none'}")
-    if cut_by_max_length is not None:
-        lines.append(f"examples with no trained token left by data.max_length (rank 0): {cut_by_max_length}")
+        lines.append(f"dialogues whose last turn was cut by data.max_length: {data['cut_by_max_length']}; "
+                     f"left with no trained token (skipped): {data['no_trained_token']}")
     if with_plot:
         lines.append(f"plot: {plot(run_dir, metrics, audit)}")
     text = "\n".join(lines)
@@ -94,15 +95,17 @@ def write_report(run_dir: str, skipped: dict | None = None, cut_by_max_length: i
 def top_downweighted(run_dir: str, k: int) -> list[dict]:
     """The k lowest-weight audited turns, with the assistant text from the training data."""
     from .data.records import read_dialogues
+    from .data.sources import parse_train
 
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     rows = sorted(read_audit(run_dir), key=lambda r: (r["weight"], -r["loss"]))[:k]
     want = {r["dialogue_id"] for r in rows}
     texts = {}
-    for d in read_dialogues(cfg["data"]["train"], skip_invalid=True):
-        if d.dialogue_id in want:
-            texts[d.dialogue_id] = [m["content"] for m in d.messages if m["role"] == "assistant"]
+    for spec in parse_train(cfg["data"]["train"])[0]:
+        for d in read_dialogues(spec, skip_invalid=True):
+            if d.dialogue_id in want:
+                texts[d.dialogue_id] = [m["content"] for m in d.messages if m["role"] == "assistant"]
     for r in rows:
         turns = texts.get(r["dialogue_id"], [])
         r["text"] = turns[r["turn"]] if r["turn"] < len(turns) else None

@@ -16,27 +16,30 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt
 from . import engine as ds
-from .config import Config, ConfigError, load_config, split_recipe_args, to_dict
-from .data.collate import collate
-from .data.records import DataError
-from .data.render import Renderer
-from .data.stream import ExampleStream, batches
-from .loss import IGNORE, TurnLosses, shift_targets, token_nll, turn_losses, weighted_loss_sum
+from .config import Config, load_config, split_recipe_args, to_dict
+from .data.loader import RankBatches, make_loader
+from .data.plan import Cursor
+from .errors import IGNORE, ConfigError, DataError
+from .loss import TurnLosses, shift_targets, token_nll, turn_losses, weighted_loss_sum
 from .metrics import Audit, MetricsLogger
 from .models import load_tokenizer, resolve_model_path
+from .prepare import Prepared, ensure_prepared
 from .quantile import LossHistogram
 from .weighting import Weights, resure_weights, sft_weights, truncation_weights
 from .welford import Welford
+
+
+PACKING_TOLERANCE = 0.05  # bf16 noise is ~1e-2 of the logit scale; a leak changes logits by O(1)
 
 
 def print0(*args, rank: int = 0) -> None:
@@ -53,13 +56,19 @@ class Run:
     ckpt_dir: str
     tokenizer: Any
     engine: ds.Engine
-    stream: ExampleStream
-    batch_iter: Iterator
+    prepared: list[Prepared]
     stats: Welford
     hist: LossHistogram | None
     audit: Audit
+    resume_from: ckpt.Found | None = None
+    batches: Iterator[dict] | None = None
+    cursor: Cursor = field(default_factory=Cursor)
     logger: MetricsLogger | None = None
     step: int = 0
+
+    @property
+    def source_names(self) -> list[str]:
+        return [p.spec.label for p in self.prepared]
 
 
 # -- setup ------------------------------------------------------------------
@@ -72,6 +81,7 @@ def seed_all(seed: int) -> None:
 def setup(cfg: Config) -> Run:
     rank, world = ds.init_distributed()
     run_dir = os.path.join(cfg.output.dir, cfg.output.name)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
@@ -79,17 +89,36 @@ def setup(cfg: Config) -> Run:
     seed_all(cfg.train.seed + rank)
     model_path = resolve_model_path(cfg.model.path)  # file-locked: one rank converts, others wait
     tok = load_tokenizer(model_path, cfg.model.chat_template)
-    stream = ExampleStream(cfg.data.train, Renderer(tok, cfg.data.max_length), rank, world,
-                           cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.skip_invalid)
-    pad = tok.pad_token_id
-    batch_iter = (collate(b, pad) for b in batches(stream, cfg.train.micro_batch_size))
-    engine = ds.Engine(cfg, model_path)
+    # A cache hit when launch/train.sh prepared the data before starting the ranks; otherwise one
+    # rank prepares (file-locked) while the others wait, before any collective.
+    prepared = ensure_prepared(cfg, tok, model_path, progress=rank == 0)
+    found = ckpt.find(ckpt_dir, cfg.checkpoint.resume)
+    regrid = found is not None and found.progress["world_size"] != world and cfg.train.zero_stage > 0
+    if regrid:  # ZeRO partitions depend on the world size: load through DeepSpeed's universal form
+        if rank == 0:
+            ds.to_universal(found.path, found.path + ".universal")
+        found.universal = True
+    engine = ds.Engine(cfg, model_path, universal=regrid)
+    if cfg.data.packing and engine.packing_leaks(len(tok)) > PACKING_TOLERANCE:
+        raise ConfigError(f"{model_path}: this model does not confine attention to each dialogue of a packed "
+                          "row (it ignores restarting position ids), so packed dialogues would see each other. "
+                          "Set data.packing=false, or use a model class with packed-sequence support")
     print0(f"model {model_path}, {world} rank(s), ZeRO-{cfg.train.zero_stage}, {engine.dtype} "
-           f"(model.dtype={cfg.model.dtype}), method {cfg.train.method}", rank=rank)
+           f"(model.dtype={cfg.model.dtype}), method {cfg.train.method}, "
+           f"{'packed' if cfg.data.packing else 'padded'} rows of {cfg.data.max_length} tokens", rank=rank)
     hist = LossHistogram() if cfg.train.method == "loss_truncation" else None
-    return Run(cfg, rank, world, run_dir, os.path.join(run_dir, "checkpoints"), tok, engine, stream,
-               batch_iter, Welford(cfg.stats.num_buckets, cfg.stats.decay), hist,
-               Audit(run_dir, rank, cfg.output.audit_max_rows, cfg.train.seed))
+    return Run(cfg, rank, world, run_dir, ckpt_dir, tok, engine, prepared,
+               Welford(cfg.stats.num_buckets, cfg.stats.decay), hist,
+               Audit(run_dir, rank, cfg.output.audit_max_rows, cfg.train.seed), found)
+
+
+def open_batches(run: Run) -> None:
+    """This rank's batches from the run's global cursor on (background workers per data.num_workers)."""
+    d, t = run.cfg.data, run.cfg.train
+    ds_ = RankBatches([p.folder for p in run.prepared], [p.spec.weight for p in run.prepared], t.seed,
+                      d.max_length, d.packing, d.pack_window, run.rank, run.world, t.micro_batch_size,
+                      run.tokenizer.pad_token_id, run.cursor)
+    run.batches = make_loader(ds_, d.num_workers, d.prefetch, pin_memory=torch.cuda.is_available())
 
 
 # -- one optimizer step -------------------------------------------------------
@@ -106,8 +135,8 @@ def micro_backward(run: Run, batch: dict, global_tokens: int, acc: torch.Tensor)
     """Forward, weights, statistics merge and backward of one micro-batch (no optimizer step)."""
     logits = run.engine.forward(batch)
     dev = logits.device
-    targets, turn_t = shift_targets(batch["labels"].to(dev), batch["turn_ids"].to(dev))
-    turns = turn_losses(token_nll(logits, targets), turn_t, batch["partial"].shape[1])
+    tg = shift_targets(batch["labels"].to(dev), batch["turn_ids"].to(dev), batch["doc_ids"].to(dev))
+    turns = turn_losses(token_nll(logits, tg.labels), tg, len(batch["dialogue_ids"]), batch["partial"].shape[1])
     del logits
     wts = weigh(run, turns)  # statistics as they stood before this micro-step
     complete = (turns.count > 0) & ~batch["partial"].to(dev)
@@ -123,7 +152,7 @@ def micro_backward(run: Run, batch: dict, global_tokens: int, acc: torch.Tensor)
 
 def _account(run: Run, batch: dict, turns: TurnLosses, wts: Weights, loss_sum: torch.Tensor,
              acc: torch.Tensor) -> None:
-    """Add this micro-batch to the step's metric sums and its turns to the audit."""
+    """Add this micro-batch to the step's metric sums and its turns (per dialogue) to the audit."""
     dev = turns.sum.device
     w_all, present, finite = wts.w.to(dev), turns.count > 0, torch.isfinite(turns.mean)
     ok = present & finite
@@ -132,31 +161,34 @@ def _account(run: Run, batch: dict, turns: TurnLosses, wts: Weights, loss_sum: t
         torch.where(ok, turns.sum.detach(), torch.zeros_like(turns.sum)).sum().double(),
         loss_sum.detach().double(), ok.sum().double(), w.sum().double(), (w < 1).sum().double(),
         (w < 0.5).sum().double(), (present & ~finite).sum().double(),
-        batch["attention_mask"].sum().double().to(dev)]).cpu()
+        (batch["doc_ids"] >= 0).sum().double().to(dev)]).cpu()
     rows = torch.nonzero(present, as_tuple=True)
     mean, z, wv = turns.mean[rows].tolist(), wts.z.to(dev)[rows].tolist(), w_all[rows].tolist()
     warm = wts.warm.to(dev)[rows].tolist()
     part = batch["partial"][rows[0].cpu(), rows[1].cpu()].tolist()
-    run.audit.add([{"dialogue_id": batch["dialogue_ids"][b], "turn": t, "loss": m, "z": None if zz != zz else zz,
-                    "weight": ww, "warm": wm, "step": run.step + 1, "partial": p}
-                   for b, t, m, zz, ww, wm, p in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, warm, part)])
+    names, src = run.source_names, batch["sources"]
+    run.audit.add([{"dialogue_id": batch["dialogue_ids"][d], "source": names[src[d]], "turn": t, "loss": m,
+                    "z": None if zz != zz else zz, "weight": ww, "warm": wm, "step": run.step + 1, "partial": p}
+                   for d, t, m, zz, ww, wm, p in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, warm, part)])
 
 
 def global_token_count(micro: list[dict]) -> int:
     """N: trained tokens of this optimizer step over all micro-batches and ranks (one all-reduce)."""
-    local = sum(int((shift_targets(b["labels"], b["turn_ids"])[0] != IGNORE).sum()) for b in micro)
+    local = sum(int((shift_targets(b["labels"], b["turn_ids"], b["doc_ids"]).labels != IGNORE).sum())
+                for b in micro)
     return int(ds.all_reduce_sum(torch.tensor([local], dtype=torch.float64))[0])
 
 
 def train_step(run: Run) -> dict:
     t0 = time.perf_counter()
-    micro = [next(run.batch_iter) for _ in range(run.cfg.train.grad_accum)]
+    micro = [next(run.batches) for _ in range(run.cfg.train.grad_accum)]
     n_tokens = global_token_count(micro)
     acc = torch.zeros(8, dtype=torch.float64)
     for b in micro:
         micro_backward(run, b, max(n_tokens, 1), acc)
         run.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
     run.step += 1
+    run.cursor = Cursor(**micro[-1]["cursor"])  # global: the same on every rank
     g = ds.all_reduce_sum(acc)  # step metrics over all ranks: one small all-reduce
     dt = time.perf_counter() - t0
     nturn = max(g[2].item(), 1.0)
@@ -168,12 +200,15 @@ def train_step(run: Run) -> dict:
         "frac_w_lt_0.5": g[5].item() / nturn, "nonfinite_turns": int(g[6].item()),
         "bucket_n": run.stats.n.tolist(), "bucket_mean": run.stats.mean.tolist(),
         "bucket_std": run.stats.std.tolist(), "nonfinite_total": int(run.stats.nonfinite.sum().item()),
+        "rows_seen": run.cursor.rows_seen, "epoch": run.cursor.epoch,
     }
 
 
 # -- checkpoints ----------------------------------------------------------------
-def _rank_state_path(ckpt_dir: str, tag: str, rank: int) -> str:
-    return os.path.join(ckpt_dir, tag, f"rank_state_{rank:05d}.pt")
+def data_identity(run: Run) -> list[dict]:
+    """What the data cursor points into: the prepared sources, their keys and weights."""
+    return [{"name": p.spec.label, "key": p.manifest.get("key", os.path.basename(p.folder)),
+             "weight": p.spec.weight} for p in run.prepared]
 
 
 def save_checkpoint(run: Run) -> None:
@@ -181,47 +216,45 @@ def save_checkpoint(run: Run) -> None:
     if run.cfg.checkpoint.keep_last == 0:
         return  # throwaway run (e.g. the noisy-mix study): metrics and audit only
     tag = f"step{run.step:07d}"
-    client = {"step": run.step, "welford": run.stats.state_dict(),
-              "hist": run.hist.state_dict() if run.hist is not None else None}
-    run.engine.save(run.ckpt_dir, tag, client)
-    torch.save({"stream": run.stream.state_dict(), "audit": run.audit.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state()}},
-               _rank_state_path(run.ckpt_dir, tag, run.rank))
-    ds.barrier()
+    run.engine.save(run.ckpt_dir, tag)
+    progress = {"step": run.step, "cursor": run.cursor.to_dict(), "world_size": run.world,
+                "global_batch": run.world * run.cfg.train.micro_batch_size * run.cfg.train.grad_accum,
+                "data": data_identity(run),
+                "welford": {**run.stats.state_dict(), "state": ckpt.tensor_to_json(run.stats.state)},
+                "hist": None if run.hist is None else {**run.hist.state_dict(),
+                                                       "counts": ckpt.tensor_to_json(run.hist.counts)}}
+    ckpt.write_own(run.ckpt_dir, tag, run.rank, progress,
+                   {"audit": run.audit.state_dict(), "rng": ckpt.rng_state()}, ds.barrier)
     if run.rank == 0:
-        tags = sorted(t for t in os.listdir(run.ckpt_dir) if t.startswith("step"))
-        for old in tags[:-run.cfg.checkpoint.keep_last]:
-            shutil.rmtree(os.path.join(run.ckpt_dir, old), ignore_errors=True)
+        ckpt.rotate(run.ckpt_dir, run.cfg.checkpoint.keep_last)
     ds.barrier()
 
 
 def resume(run: Run) -> None:
-    spec = run.cfg.checkpoint.resume
-    if spec == "none":
+    found = run.resume_from
+    if found is None:
         return
-    if spec == "auto":
-        latest = os.path.join(run.ckpt_dir, "latest")  # written by DeepSpeed after each save
-        if not os.path.exists(latest):
-            return
-        with open(latest, encoding="utf-8") as f:
-            ckpt_dir, tag = run.ckpt_dir, f.read().strip()
-    else:
-        ckpt_dir, tag = os.path.dirname(spec.rstrip("/")), os.path.basename(spec.rstrip("/"))
-    path, client = run.engine.load(ckpt_dir, tag)
-    if path is None:
-        raise FileNotFoundError(f"checkpoint.resume={spec}: no checkpoint {tag} in {ckpt_dir}")
-    run.step = client["step"]
-    run.stats.load_state_dict(client["welford"])
-    if run.hist is not None and client.get("hist"):
-        run.hist.load_state_dict(client["hist"])
-    st = torch.load(_rank_state_path(ckpt_dir, tag, run.rank), weights_only=False)
-    run.stream.load_state_dict(st["stream"])
-    run.audit.load_state_dict(st["audit"])
-    random.setstate(st["rng"]["python"])
-    np.random.set_state(st["rng"]["numpy"])
-    torch.set_rng_state(st["rng"]["torch"])
-    print0(f"resumed from {os.path.join(ckpt_dir, tag)} at step {run.step}", rank=run.rank)
+    p = found.progress
+    if p["data"] != data_identity(run):
+        raise DataError(f"{found.path} trained on data {p['data']}, this run's data is {data_identity(run)}: "
+                        "the data position would mean nothing. Resume with the same data.train, or start "
+                        "afresh with checkpoint.resume=none")
+    if run.engine.load(found.ckpt_dir, found.ds_tag) is None:
+        raise FileNotFoundError(f"checkpoint {found.path}: DeepSpeed found no checkpoint files there")
+    run.step, run.cursor = p["step"], Cursor(**p["cursor"])
+    run.stats.load_state_dict({**p["welford"], "state": torch.tensor(p["welford"]["state"], dtype=torch.float64)})
+    if run.hist is not None and p.get("hist"):
+        run.hist.load_state_dict({**p["hist"], "counts": torch.tensor(p["hist"]["counts"], dtype=torch.float64)})
+    rng, audits = ckpt.load_rank_state(found, run.rank, run.world)
+    run.audit.load_state_dicts(audits)
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    else:  # another world size: fresh per-rank streams, still a function of seed, rank and step
+        seed_all(run.cfg.train.seed + 1000003 * run.step + run.rank)
+        if run.rank == 0:
+            run.audit.drop_other_ranks(run.world)
+    print0(f"resumed from {found.path} at step {run.step} (rows seen {run.cursor.rows_seen}, epoch "
+           f"{run.cursor.epoch}; saved on {p['world_size']} rank(s), now {run.world})", rank=run.rank)
 
 
 # -- the loop ---------------------------------------------------------------------
@@ -230,6 +263,7 @@ def train(run: Run) -> None:
     if run.rank == 0:
         run.logger = MetricsLogger(run.run_dir, cfg.train.max_steps, run.step, cfg.train.log_every,
                                    cfg.output.tensorboard)
+    open_batches(run)
     run.engine.train()
     every, start = cfg.checkpoint.every, run.step
     end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
@@ -243,6 +277,18 @@ def train(run: Run) -> None:
         save_checkpoint(run)
 
 
+def data_counts(prepared: list[Prepared]) -> dict:
+    """Skipped records per kind and dialogues cut, over all sources (from their manifests)."""
+    skipped: dict[str, int] = {}
+    cut = no_token = 0
+    for p in prepared:
+        c = p.manifest["counts"]
+        for k, v in c["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+        cut, no_token = cut + c["cut_by_max_length"], no_token + c["no_trained_token"]
+    return {"skipped": skipped, "cut_by_max_length": cut, "no_trained_token": no_token}
+
+
 def finish(run: Run) -> None:
     """Export and the end-of-run summary and plot (rank 0)."""
     if run.cfg.checkpoint.export:
@@ -250,8 +296,7 @@ def finish(run: Run) -> None:
     if run.rank == 0:
         from .report import write_report
 
-        summary = write_report(run.run_dir, skipped=dict(run.stream.skip_counts),
-                               cut_by_max_length=run.stream.truncated_away, with_plot=run.cfg.output.plot)
+        summary = write_report(run.run_dir, data=data_counts(run.prepared), with_plot=run.cfg.output.plot)
         print(summary, flush=True)
 
 
@@ -267,6 +312,7 @@ def run_recipe(cfg: Config) -> Run:
             print0(f"stopped at step {run.step} of {cfg.train.max_steps} (train.stop_after); "
                    "run the same command to resume", rank=run.rank)
     finally:
+        run.batches = None  # stops the loader's worker processes
         if run.logger is not None:
             run.logger.close()
     return run

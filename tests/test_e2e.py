@@ -1,5 +1,6 @@
 """The real recipe through the real launchers: 2 ranks on gloo, a tiny model,
-the embedded chitchat corpus. Straight run vs interrupted + resumed run,
+the embedded chitchat corpus (prepared once, packed rows). Straight run vs
+interrupted + resumed run, on the same and on another number of ranks,
 export reloaded with plain transformers, MPI launch."""
 import json
 import os
@@ -13,7 +14,7 @@ import torch
 from tests.conftest import ROOT
 
 COMMON = ["train.max_steps=6", "data.max_length=128", "train.micro_batch_size=2", "resure.min_count=4",
-          "checkpoint.every=0", "output.tensorboard=true"]
+          "checkpoint.every=0", "output.tensorboard=true", f"data.prepared_dir={os.path.join(ROOT, 'runs', '.test-prepared')}"]
 
 
 def env():
@@ -64,6 +65,7 @@ def test_straight_run_outputs(straight):
     with open(os.path.join(straight, "summary.txt"), encoding="utf-8") as f:
         summary = f.read()
     assert "final loss" in summary and "no_assistant_turn=3150" in summary
+    assert all(r["source"] == "chitchat" for r in audit(straight))
     assert os.path.getsize(os.path.join(straight, "training.png")) > 10000
     assert os.listdir(os.path.join(straight, "tensorboard"))
     assert len(audit(straight)) == sum(r["turns"] for r in rows)
@@ -88,6 +90,28 @@ def test_interrupted_and_resumed_run_matches_straight_run(straight, tiny_model_p
     assert wa and [x[:2] for x in wa] == [x[:2] for x in wb]  # the same turns, in the same steps
     for x, y in zip(wa, wb):
         assert x[2] == pytest.approx(y[2], rel=1e-9) and x[3] == pytest.approx(y[3], rel=1e-9)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks(straight, tiny_model_path, before, after):
+    """Stopped on `before` ranks, resumed on `after` with the same global batch (4 rows): the same
+    dialogues in the same steps from the stop point, the same statistics, the same losses."""
+    out = os.path.dirname(straight)
+    name = f"regrid{before}to{after}"
+    args = ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, f"output.dir={out}", f"output.name={name}"]
+    launch("train.sh", [*args, "train.stop_after=3", f"train.micro_batch_size={4 // before}"],
+           extra_env={"NUM_PROCS": str(before)})
+    second = launch("train.sh", [*args, f"train.micro_batch_size={4 // after}"], extra_env={"NUM_PROCS": str(after)})
+    assert f"saved on {before} rank(s), now {after}" in second.stderr
+    a, b = metrics(straight), metrics(os.path.join(out, name))
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and [r["rows_seen"] for r in b] == [4, 8, 12, 16, 20, 24]
+    for ra, rb in zip(a, b):
+        assert ra["bucket_n"] == rb["bucket_n"], ra["step"]  # the same turns merged, step by step
+        for k in ("loss", "weighted_loss", "mean_weight", "bucket_mean", "bucket_std", "lr"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, nan_ok=True), (ra["step"], k)
+    turns = lambda run: sorted((r["step"], r["dialogue_id"], r["turn"]) for r in audit(run) if r["step"] > 3)
+    assert turns(straight) and turns(straight) == turns(os.path.join(out, name))
+    assert len(os.listdir(os.path.join(out, name, "audit"))) == after
 
 
 def test_export_loads_with_plain_transformers(straight, tiny_model_path):

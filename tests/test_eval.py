@@ -17,11 +17,11 @@ def test_eval_matches_direct_token_loss(tmp_path, tiny_model_path, tokenizer):
     nll, n, per_turn = 0.0, 0, []
     for d in read_dialogues(path):
         e = r.render(d)
-        ids = torch.tensor([e.input_ids])
+        ids = torch.from_numpy(e.input_ids).long()[None]
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, :-1]
-        lab = torch.tensor(e.labels[1:])
-        tid = torch.tensor(e.turn_ids[1:])
+        lab = torch.from_numpy(e.labels[1:])
+        tid = torch.from_numpy(e.turn_ids[1:]).long()
         tok = F.cross_entropy(logits, lab.clamp(min=0), reduction="none")
         nll += tok[lab >= 0].sum().item()
         n += int((lab >= 0).sum())

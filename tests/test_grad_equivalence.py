@@ -27,7 +27,9 @@ def worker(rank, world, model_path, grad_accum, run_dir):
 
     from resure_ds import engine as ds
     from resure_ds.config import load_config
-    from resure_ds.data.collate import collate
+    from resure_ds.data.collate import collate_examples
+    from resure_ds.data.sources import SourceSpec
+    from resure_ds.prepare import Prepared
     from resure_ds.data.render import Renderer
     from resure_ds.metrics import Audit
     from resure_ds.train import Run, global_token_count, micro_backward
@@ -47,9 +49,9 @@ def worker(rank, world, model_path, grad_accum, run_dir):
     tok = AutoTokenizer.from_pretrained(model_path)
     exs = [Renderer(tok, 96).render(d) for d in dialogues()]
     mine = exs[rank * per_rank:(rank + 1) * per_rank]
-    micro = [collate(mine[i * mb:(i + 1) * mb], tok.pad_token_id) for i in range(grad_accum)]
-    run = Run(cfg, rank, world, run_dir, run_dir, tok, engine, None, None, Welford(8), None,
-              Audit(run_dir, rank, 100, 0))
+    micro = [collate_examples(mine[i * mb:(i + 1) * mb], tok.pad_token_id) for i in range(grad_accum)]
+    run = Run(cfg, rank, world, run_dir, run_dir, tok, engine, [Prepared(SourceSpec('test'), '', {}, True)],
+              Welford(8), None, Audit(run_dir, rank, 100, 0))
     n = global_token_count(micro)
     acc = torch.zeros(8, dtype=torch.float64)
     for i, b in enumerate(micro):

@@ -36,8 +36,8 @@ def reference(logits, labels, turn_ids):
 def test_batched_turn_losses_match_turn_by_turn_reference():
     for seed in range(3):
         logits, labels, turn_ids = random_batch(seed=seed)
-        tgt, tt = shift_targets(labels, turn_ids)
-        res = turn_losses(token_nll(logits, tgt, chunk_rows=7), tt, int(turn_ids.max()) + 1)
+        tg = shift_targets(labels, turn_ids)
+        res = turn_losses(token_nll(logits, tg.labels, chunk_rows=7), tg, labels.shape[0], int(turn_ids.max()) + 1)
         ref = reference(logits, labels, turn_ids)
         present = {(b, t) for b, t in zip(*torch.nonzero(res.count > 0, as_tuple=True)) for b, t in [(int(b), int(t))]}
         assert present == set(ref)
@@ -49,7 +49,7 @@ def test_batched_turn_losses_match_turn_by_turn_reference():
 
 def test_chunking_does_not_change_nll():
     logits, labels, turn_ids = random_batch(S=33)
-    tgt, _ = shift_targets(labels, turn_ids)
+    tgt = shift_targets(labels, turn_ids).labels
     a = token_nll(logits, tgt, chunk_rows=5)
     b = token_nll(logits, tgt, chunk_rows=10 ** 6)
     assert torch.equal(a, b)
@@ -59,9 +59,10 @@ def test_chunking_does_not_change_nll():
 def test_weighted_loss_gradient_is_weighted_token_sum():
     logits, labels, turn_ids = random_batch(seed=5)
     logits.requires_grad_(True)
-    tgt, tt = shift_targets(labels, turn_ids)
+    tg = shift_targets(labels, turn_ids)
+    tgt, tt = tg.labels, tg.turn
     T = int(turn_ids.max()) + 1
-    res = turn_losses(token_nll(logits, tgt), tt, T)
+    res = turn_losses(token_nll(logits, tgt), tg, labels.shape[0], T)
     w = torch.rand(res.count.shape, generator=torch.Generator().manual_seed(1))
     weighted_loss_sum(res, w).backward()
     g1 = logits.grad.clone()
@@ -74,8 +75,8 @@ def test_weighted_loss_gradient_is_weighted_token_sum():
 
 def test_nonfinite_turn_contributes_nothing():
     logits, labels, turn_ids = random_batch(seed=2)
-    tgt, tt = shift_targets(labels, turn_ids)
-    res = turn_losses(token_nll(logits, tgt), tt, int(turn_ids.max()) + 1)
+    tg = shift_targets(labels, turn_ids)
+    res = turn_losses(token_nll(logits, tg.labels), tg, labels.shape[0], int(turn_ids.max()) + 1)
     bad = res._replace(mean=res.mean.clone())
     bad.mean[0, 0] = float("nan")
     ones = torch.ones_like(res.mean, dtype=torch.float32)
@@ -87,7 +88,7 @@ def test_chunked_nll_value_and_gradient_match_cross_entropy():
     for dtype, tol in ((torch.float64, 1e-6), (torch.bfloat16, 2e-2)):
         logits, labels, turn_ids = random_batch(seed=7)
         logits = logits.to(dtype)
-        tgt, _ = shift_targets(labels, turn_ids)
+        tgt = shift_targets(labels, turn_ids).labels
         g = torch.rand(tgt.shape, generator=torch.Generator().manual_seed(3))
         a = logits.clone().requires_grad_(True)
         (token_nll(a, tgt, chunk_rows=13) * g).sum().backward()

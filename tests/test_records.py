@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from resure_ds.data.chitchat import chitchat_records
-from resure_ds.data.records import DataError, SkipCounter, read_dialogues
+from resure_ds.data.records import SkipCounter, read_dialogues
+from resure_ds.errors import DataError
 from tests.data_fixtures import OPENAI, SHAREGPT, write_jsonl
 
 
@@ -62,7 +63,7 @@ def test_skip_invalid_counts_exactly(tmp_path):
 
 
 def test_missing_file_and_unknown_type(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="no such file or folder"):
         list(read_dialogues(str(tmp_path / "nope.jsonl")))
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unknown file type"):

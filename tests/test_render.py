@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from resure_ds.data.collate import collate
-from resure_ds.data.records import DataError, Dialogue
-from resure_ds.data.render import IGNORE, Renderer
+from resure_ds.data.collate import collate_examples
+from resure_ds.data.records import Dialogue
+from resure_ds.data.render import Renderer
+from resure_ds.errors import IGNORE, DataError
 from tests.data_fixtures import OPENAI, SHAREGPT
 
 # Other template styles, on the same tokenizer: Zephyr-like (eos after content,
@@ -41,7 +42,7 @@ def test_spans_decode_to_assistant_text(renderer):
     tok = renderer.tok
     for d in dialogues():
         ex = renderer.render(d)
-        ids, tid, lab = map(np.asarray, (ex.input_ids, ex.turn_ids, ex.labels))
+        ids, tid, lab = ex.input_ids, ex.turn_ids, ex.labels
         assistant = [m["content"] for m in d.messages if m["role"] == "assistant"]
         assert len(ex.partial) == len(assistant) and not any(ex.partial)
         for t, text in enumerate(assistant):
@@ -58,12 +59,12 @@ def test_spans_decode_to_assistant_text(renderer):
 def test_truncation_flags_partial_turn(tokenizer):
     d = dialogues()[0]
     full = Renderer(tokenizer, 4096).render(d)
-    last_start = full.turn_ids.index(1)
+    last_start = int(np.flatnonzero(full.turn_ids == 1)[0])
     ex = Renderer(tokenizer, last_start + 2).render(d)
-    assert ex.partial == [False, True]
+    assert ex.partial.tolist() == [False, True]
     assert len(ex.input_ids) == last_start + 2
     # cut before the first assistant token: nothing to train on
-    first = full.turn_ids.index(0)
+    first = int(np.flatnonzero(full.turn_ids == 0)[0])
     assert Renderer(tokenizer, first).render(d) is None
 
 
@@ -80,12 +81,68 @@ def test_template_that_refuses_roles_is_a_clear_error(tokenizer):
 def test_collate_pads_and_keeps_ids(tokenizer):
     r = Renderer(tokenizer, 4096)
     exs = [r.render(d) for d in dialogues()]
-    b = collate(exs, tokenizer.pad_token_id)
+    b = collate_examples(exs, tokenizer.pad_token_id)
     B, S = b["input_ids"].shape
     assert B == len(exs) and S == max(len(e.input_ids) for e in exs)
+    assert b["doc_ids"][:, 0].tolist() == list(range(B))
     assert b["partial"].shape == (B, 2)
     assert b["dialogue_ids"] == [e.dialogue_id for e in exs]
     for i, e in enumerate(exs):
         n = len(e.input_ids)
         assert b["attention_mask"][i].sum() == n
         assert (b["labels"][i, n:] == IGNORE).all() and (b["turn_ids"][i, n:] == -1).all()
+
+
+def test_template_refusal_is_counted_under_skip_invalid(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('no system') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    skipped = {}
+    out = Renderer(tok, 512).render_many(dialogues(), skipped)
+    assert skipped == {"template_refused": 1} and len(out) == len(dialogues()) - 1
+
+
+@pytest.mark.parametrize("max_length", [48, 256, 100000])
+def test_single_rendering_gives_the_prefix_definition_of_spans(renderer, max_length):
+    """The fast path (one rendering + a cached layout per role sequence) against the defining
+    computation (every prefix rendered), on 300 real chitchat dialogues, cut and uncut."""
+    from resure_ds.data.records import read_dialogues
+
+    r = Renderer(renderer.tok, max_length)
+    ds = [d for _, d in zip(range(300), read_dialogues("chitchat", skip_invalid=True))]
+    fast = r.render_many(ds)
+    assert r._layouts and all(v is not None for v in r._layouts.values())  # the fast path ran
+    for d, ex in zip(ds, fast):
+        full = r._template(d.messages, False)
+        pieces, prev = [], 0
+        for t, (s, e) in enumerate(r.prefix_spans(d, full)):
+            pieces += [(full[prev:s], -1), (full[s:e], t)]
+            prev = e
+        pieces.append((full[prev:], -1))
+        ref = r.assemble(d.dialogue_id, pieces, r.tokenize([p for p, _ in pieces]))
+        if ref is None:
+            assert ex is None
+            continue
+        assert ex.input_ids.tolist() == ref.input_ids.tolist()
+        assert ex.turn_ids.tolist() == ref.turn_ids.tolist()
+        assert ex.partial.tolist() == ref.partial.tolist()
+
+
+def test_content_dependent_template_falls_back_to_prefixes(tokenizer):
+    """A template that changes its text with the content fails the layout check and still gets
+    exact spans from the prefix renderings."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+                         "{% if m['content'] | length > 3 %}{{ '[long] ' }}{% endif %}"
+                         "{{ m['content'] + '<|im_end|>\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    r = Renderer(tok, 4096)
+    d = dialogues()[0]
+    ex = r.render(d)
+    texts = [tok.decode(ex.input_ids[ex.turn_ids == t].tolist()) for t in range(2)]
+    assert texts == ["[long] Hello! How can I help?<|im_end|>", "[long] Blue.<|im_end|>"] or \
+        texts == ["Hello! How can I help?<|im_end|>", "Blue.<|im_end|>"]

@@ -8,12 +8,13 @@ validation (the default recipe counts and skips them).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 from typing import Iterator
 
-from .records import DataError
+from ..errors import DataError
 
 
 def chitchat_path() -> str:
@@ -24,11 +25,19 @@ def chitchat_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "dataset.json")
 
 
-def chitchat_records(path: str | None = None) -> Iterator[tuple[str, dict]]:
-    """Yield (conversation key, OpenAI-layout record with 'id')."""
-    with open(path or chitchat_path(), encoding="utf-8") as f:
-        data = json.load(f)
-    for key, conv in data.items():
+@functools.lru_cache(maxsize=1)
+def _load(path: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        return list(json.load(f).items())  # 40 MB: parsed once per process
+
+
+def chitchat_count(path: str | None = None) -> int:
+    return len(_load(path or chitchat_path()))
+
+
+def chitchat_records(path: str | None = None, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield (conversation key, OpenAI-layout record with 'id') for conversations [start, stop)."""
+    for key, conv in _load(path or chitchat_path())[start:stop]:
         messages, first = [], None
         for turn in conv.get("messages", []):
             if not turn:

@@ -1,35 +1,73 @@
-"""Padded batches with per-turn bookkeeping.
+"""Rows of dialogues -> a batch with per-(dialogue, turn) bookkeeping.
 
-Batch tensors (B sequences, S = longest sequence, T = most turns):
-  input_ids [B, S] long, attention_mask [B, S] long, labels [B, S] long
-  (-100 untrained), turn_ids [B, S] long (-1 untrained), partial [B, T]
-  bool (turn cut by max_length); dialogue_ids: list of B strings.
-  A turn is present where it has trained tokens (loss.turn_losses counts them).
+A row holds one dialogue (padded batches) or several (packed batches); every
+dialogue of the batch gets a slot d. Tensors (B rows, S = longest row,
+D dialogues, T = most turns):
+  input_ids [B, S] long, labels [B, S] long (-100 untrained),
+  turn_ids [B, S] long (-1 untrained), doc_ids [B, S] long (dialogue slot,
+  -1 padding), partial [D, T] bool (turn cut by max_length),
+  dialogue_ids: D strings, sources: D source indices;
+  padded:  attention_mask [B, S] (1 = token, 0 = padding);
+  packed:  position_ids [B, S], restarting at 0 for every dialogue, and no
+           attention mask: the model confines attention to each dialogue
+           (transformers builds a block-diagonal causal mask from restarting
+           position ids for sdpa/eager; flash-attention 2 runs varlen).
+A turn is present where it has trained tokens (loss.turn_losses counts them).
 """
 from __future__ import annotations
 
+from typing import Protocol, Sequence
+
+import numpy as np
 import torch
 
-from .render import IGNORE, Example
+from ..errors import IGNORE
 
 
-def collate(examples: list[Example], pad_id: int) -> dict:
-    B = len(examples)
-    S = max(len(e.input_ids) for e in examples)
-    T = max(len(e.partial) for e in examples)
+class Dlg(Protocol):  # render.Example and shards.Row both qualify
+    dialogue_id: str
+    input_ids: np.ndarray
+    turn_ids: np.ndarray
+    partial: np.ndarray
+
+
+def collate(rows: Sequence[Sequence[Dlg]], pad_id: int, packed: bool, sources: Sequence[Sequence[int]] | None = None) -> dict:
+    B = len(rows)
+    S = max(sum(len(d.input_ids) for d in row) for row in rows)
+    dlgs = [d for row in rows for d in row]
+    T = max(max(len(d.partial) for d in dlgs), 1)
+    ids = np.full((B, S), pad_id, dtype=np.int64)
+    turn = np.full((B, S), -1, dtype=np.int64)
+    doc = np.full((B, S), -1, dtype=np.int64)
+    pos = np.zeros((B, S), dtype=np.int64)
+    partial = np.zeros((len(dlgs), T), dtype=bool)
+    slot = 0
+    for b, row in enumerate(rows):
+        at = 0
+        for d in row:
+            n = len(d.input_ids)
+            ids[b, at:at + n] = d.input_ids
+            turn[b, at:at + n] = d.turn_ids
+            doc[b, at:at + n] = slot
+            pos[b, at:at + n] = np.arange(n)
+            partial[slot, :len(d.partial)] = d.partial
+            at, slot = at + n, slot + 1
+        pos[b, at:] = np.arange(S - at)  # padding: one more pseudo-dialogue, never trained
+    labels = np.where(turn >= 0, ids, IGNORE)
     batch = {
-        "input_ids": torch.full((B, S), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((B, S), dtype=torch.long),
-        "labels": torch.full((B, S), IGNORE, dtype=torch.long),
-        "turn_ids": torch.full((B, S), -1, dtype=torch.long),
-        "partial": torch.zeros((B, T), dtype=torch.bool),
-        "dialogue_ids": [e.dialogue_id for e in examples],
+        "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+        "turn_ids": torch.from_numpy(turn), "doc_ids": torch.from_numpy(doc),
+        "partial": torch.from_numpy(partial),
+        "dialogue_ids": [d.dialogue_id for d in dlgs],
+        "sources": [s for row in sources for s in row] if sources is not None else [0] * len(dlgs),
     }
-    for b, e in enumerate(examples):
-        n = len(e.input_ids)
-        batch["input_ids"][b, :n] = torch.tensor(e.input_ids)
-        batch["attention_mask"][b, :n] = 1
-        batch["labels"][b, :n] = torch.tensor(e.labels)
-        batch["turn_ids"][b, :n] = torch.tensor(e.turn_ids)
-        batch["partial"][b, : len(e.partial)] = torch.tensor(e.partial)
+    if packed:
+        batch["position_ids"] = torch.from_numpy(pos)
+    else:
+        batch["attention_mask"] = torch.from_numpy((doc >= 0).astype(np.int64))
     return batch
+
+
+def collate_examples(examples: Sequence[Dlg], pad_id: int) -> dict:
+    """One dialogue per row, padded (evaluation and tests)."""
+    return collate([[e] for e in examples], pad_id, packed=False)

@@ -1,4 +1,4 @@
-"""Readers: files and datasets -> normalised dialogues.
+"""Records -> validated dialogues.
 
 A *dialogue* is `Dialogue(dialogue_id, messages, where)` with
 `messages = [{"role": "system"|"user"|"assistant"|"tool", "content": str}]`
@@ -8,16 +8,17 @@ Two layouts are accepted per record:
   OpenAI    {"messages": [{"role": ..., "content": ...}, ...]}
   ShareGPT  {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}
 
-Every reader streams: nothing holds a whole corpus in memory except the
-plain `.json` reader (a JSON array has to be parsed whole; use JSONL or
-Parquet for large corpora).
+A bad record raises InvalidRecord with a short kind (the skip counter's
+key); readers turn it into one DataError naming the record and the fix, or
+count it under data.skip_invalid.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator
+
+from ..errors import InvalidRecord, record_error
+from .sources import SourceSpec, Unit, default_id, read_unit, resolve, units_of
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -29,18 +30,6 @@ SHAREGPT_ROLES = {
 }
 
 
-class DataError(ValueError):
-    """A user-fixable problem with input data; the message names file, record and fix."""
-
-
-class InvalidRecord(Exception):
-    """One bad record: `kind` is a short counter key, `detail` says what is wrong."""
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind, self.detail = kind, detail
-
-
 @dataclass
 class Dialogue:
     dialogue_id: str
@@ -48,8 +37,18 @@ class Dialogue:
     where: str
 
 
+def _check_text(text: str, i: int, role: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # valid JSON ("\udc31") but not text any tokenizer can take
+        raise InvalidRecord("bad_text", f"message {i} ({role}) holds a lone surrogate {text[e.start]!r} "
+                            f"at character {e.start}") from None
+
+
 def normalise(record: Any) -> tuple[list[dict], Any]:
     """Record -> (messages, own id or None). Raises InvalidRecord."""
+    if isinstance(record, InvalidRecord):
+        raise record
     if not isinstance(record, dict):
         raise InvalidRecord("not_an_object", f"record is a {type(record).__name__}, not an object")
     if "messages" in record:
@@ -73,118 +72,67 @@ def normalise(record: Any) -> tuple[list[dict], Any]:
         if not isinstance(content, str):
             raise InvalidRecord("non_string_content",
                                 f"message {i} ({role}) has {text_key!r} of type {type(content).__name__}, not a string")
+        _check_text(content, i, role)
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise InvalidRecord("no_assistant_turn", "the conversation has no assistant message to train on")
     return messages, record.get("id")
 
 
-def _jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"line {lineno}", InvalidRecord("malformed_json", f"malformed JSON ({e.msg} at column {e.colno})")
-
-
-def _json(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}. "
-                            "Fix the file, or store one record per line as .jsonl") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: a .json file must hold a list of records (or {{'data': [...]}})")
-    for i, rec in enumerate(data):
-        yield f"record {i}", rec
-
-
-def _parquet(path: str) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
-            yield f"row {row}", rec
-            row += 1
-
-
-def _hf_dataset(ds: Any, name: str) -> Iterator[tuple[str, Any]]:
-    for i, rec in enumerate(ds):
-        yield f"row {i}", rec
-
-
-def _chitchat(_: str) -> Iterator[tuple[str, Any]]:
-    from .chitchat import chitchat_records
-
-    for key, rec in chitchat_records():
-        yield f"conversation {key}", rec
-
-
-def _source(spec: Any) -> tuple[str, Iterator[tuple[str, Any]]]:
-    """spec: path, 'chitchat', or a datasets.Dataset -> (name, (where, record) iterator)."""
-    if not isinstance(spec, (str, os.PathLike)):
-        name = getattr(spec, "info", None) and spec.info.dataset_name or type(spec).__name__
-        return str(name), _hf_dataset(spec, str(name))
-    spec = str(spec)
-    if spec == "chitchat":
-        return "chitchat-dataset", _chitchat(spec)
-    if os.path.isdir(spec):
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(spec)
-        except FileNotFoundError as e:
-            raise DataError(f"{spec}: a folder must be a dataset saved with datasets' save_to_disk ({e})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            raise DataError(f"{spec}: holds splits {list(ds)}; point data at one split's folder")
-        return spec, _hf_dataset(ds, spec)
-    if not os.path.exists(spec):
-        raise DataError(f"{spec}: no such file. Set data.train to a .jsonl, .json or .parquet file, "
-                        "a saved datasets folder, or 'chitchat' for the embedded corpus")
-    readers = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet}
-    ext = os.path.splitext(spec)[1].lower()
-    if ext not in readers:
-        raise DataError(f"{spec}: unknown file type {ext!r}; use .jsonl, .json or .parquet")
-    return spec, readers[ext](spec)
+def to_dialogue(unit: Unit, where: str, record: Any) -> Dialogue:
+    """Validate one record read from a unit. Raises InvalidRecord."""
+    messages, own_id = normalise(record)
+    did = str(own_id) if own_id is not None else default_id(unit, where)
+    return Dialogue(did, messages, f"{unit.path} {where}")
 
 
 class SkipCounter(dict):
     """kind -> count of records skipped under skip_invalid; reported, never silent."""
 
-    def add(self, kind: str) -> None:
-        self[kind] = self.get(kind, 0) + 1
+    def add(self, kind: str, n: int = 1) -> None:
+        self[kind] = self.get(kind, 0) + n
 
     def summary(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in sorted(self.items())) or "none"
 
 
+def unit_dialogues(unit: Unit, skip_invalid: bool, skipped: SkipCounter) -> Iterator[Dialogue]:
+    """Validated dialogues of one unit; bad records raise a located DataError or are counted."""
+    for where, rec in read_unit(unit):
+        try:
+            yield to_dialogue(unit, where, rec)
+        except InvalidRecord as bad:
+            if not skip_invalid:
+                raise record_error(f"{unit.path} {where}", bad) from None
+            skipped.add(bad.kind)
+
+
+def _in_memory(ds: Any) -> Iterator[tuple[str, Any]]:
+    for i, rec in enumerate(ds):
+        yield f"row {i}", rec
+
+
 def read_dialogues(spec: Any, skip_invalid: bool = False,
                    skipped: SkipCounter | None = None) -> Iterator[Dialogue]:
-    """Stream validated dialogues from one source.
+    """Stream validated dialogues of one source (a path as data.train takes it, or an in-memory
+    `datasets.Dataset`). Bad records raise DataError naming file, record and fix; with
+    skip_invalid=True they are counted in `skipped` by kind instead."""
+    skipped = SkipCounter() if skipped is None else skipped
+    if not isinstance(spec, (str, SourceSpec)):
+        name = str(getattr(getattr(spec, "info", None), "dataset_name", None) or type(spec).__name__)
+        unit = Unit("memory", name, 0, 0, 0)
+        for where, rec in _in_memory(spec):
+            try:
+                yield to_dialogue(unit, where, rec)
+            except InvalidRecord as bad:
+                if not skip_invalid:
+                    raise record_error(f"{name} {where}", bad) from None
+                skipped.add(bad.kind)
+        return
+    src = resolve(spec if isinstance(spec, SourceSpec) else SourceSpec(spec))
+    if src.kind == "prepared":
+        from .shards import manifest_source
 
-    Bad records raise DataError naming file, record and fix; with
-    skip_invalid=True they are counted in `skipped` by kind instead.
-    """
-    name, it = _source(spec)
-    base = os.path.basename(name) if isinstance(spec, (str, os.PathLike)) else name
-    for where, rec in it:
-        try:
-            if isinstance(rec, InvalidRecord):
-                raise rec
-            messages, own_id = normalise(rec)
-        except InvalidRecord as bad:
-            if skip_invalid:
-                if skipped is not None:
-                    skipped.add(bad.kind)
-                continue
-            raise DataError(f"{name} {where}: {bad.detail}. Fix the record, or set "
-                            f"data.skip_invalid=true to skip and count such records") from None
-        did = str(own_id) if own_id is not None else f"{base}:{where.split()[-1]}"
-        yield Dialogue(did, messages, f"{name} {where}")
+        src = resolve(manifest_source(src.files[0]))
+    for unit in units_of(src):
+        yield from unit_dialogues(unit, skip_invalid, skipped)

@@ -1,21 +1,29 @@
-"""Chat-template rendering: dialogue -> (input_ids, labels, turn_ids, partial).
+"""Chat-template rendering: dialogue -> (input_ids, turn_ids, partial).
 
 Trained tokens are each assistant message's content plus the template's
-end-of-turn token; all other tokens get label -100 and turn id -1. The
-turn id is the 0-based index of the assistant message in the dialogue.
+end-of-turn token; every other token has turn id -1 (label -100). The turn
+id is the 0-based index of the assistant message in the dialogue.
 
-How spans are found: for assistant message j we render the dialogue up to
-j with the generation prompt (P_j) and up to and including j (Q_j). The
-template must be prefix-stable: P_j is a prefix of Q_j and Q_j a prefix
-of the whole rendering. Q_j[len(P_j):] holds the content, then the
-end-of-turn token (the first special token after the content).
-The rendering is tokenized piece by piece (untrained text, trained span,
-untrained text, ...), exactly as at inference, where the prompt ends with
-the generation prompt and the model produces the reply's tokens: a BPE
-merge across a span boundary (e.g. a newline with the reply's first space)
-can then never blur which tokens are trained.
-Cost: per assistant turn inside max_length, one template render and two
-tokenizer calls; turns past the cut are never rendered.
+Where the spans are. The definition is the prefix one: for assistant message
+j, render the dialogue up to j with the generation prompt (P_j) and up to and
+including j (Q_j); the template must be prefix-stable (P_j a prefix of Q_j,
+Q_j a prefix of the whole rendering); the trained span is the content after
+P_j plus the first special token after it (the end-of-turn token).
+Rendering every prefix costs 2 template calls per assistant turn, so a
+dialogue of n turns costs O(n^2) characters. The fast path gets the same
+spans from ONE rendering of the real dialogue: the template's own text
+around each message (its *layout*) is found once per role sequence by
+rendering placeholder contents, and cached; the real rendering is then
+checked to be exactly layout text + (content or content.strip()) + layout
+text + ..., which also gives every content's position. A template whose text
+depends on the contents fails that check and takes the prefix path.
+
+Tokens: the rendering is tokenized piece by piece (untrained text, trained
+span, untrained text, ...), exactly as at inference, where the prompt ends
+with the generation prompt and the model produces the reply's tokens, so a
+BPE merge across a span boundary can never blur which tokens are trained.
+`render_many` tokenizes the pieces of many dialogues in one call of the Rust
+tokenizer. Text past what max_length tokens can cover is never tokenized.
 """
 from __future__ import annotations
 
@@ -24,46 +32,142 @@ from typing import Iterator
 
 import numpy as np
 
-from .records import DataError, Dialogue
+from ..errors import IGNORE, DataError, InvalidRecord, record_error
+from .records import Dialogue
 
-IGNORE = -100
+_PLACEHOLDER = "\ue000{}\ue001"  # private-use code points: never in real text, never trimmed
+_LAYOUT_CACHE_SIZE = 4096
+_GUESS_CHARS_PER_TOKEN = 8  # English BPE averages about 4
 
 
 @dataclass
 class Example:
     dialogue_id: str
-    input_ids: list[int]
-    labels: list[int]
-    turn_ids: list[int]
-    partial: list[bool]  # per turn id present in the example: cut by max_length
+    input_ids: np.ndarray  # [n] int32
+    turn_ids: np.ndarray   # [n] int32, -1 = untrained
+    partial: np.ndarray    # [turns present] bool: cut by max_length
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.where(self.turn_ids >= 0, self.input_ids, IGNORE).astype(np.int64)
+
+
+@dataclass
+class _Layout:
+    glue: list[str]                 # text before content i (glue[n]: after the last content)
+    tails: dict[int, str]           # assistant j -> text Q_j writes after its content
 
 
 class Renderer:
     def __init__(self, tokenizer, max_length: int):
         if not getattr(tokenizer, "is_fast", False):
-            raise DataError("the tokenizer must be a fast (Rust) tokenizer: turn spans need offset mappings")
+            raise DataError("the tokenizer must be a fast (Rust) tokenizer: turn spans need exact token pieces")
         if not tokenizer.chat_template:
             raise DataError("the tokenizer has no chat template; set model.chat_template to a Jinja template")
         self.tok = tokenizer
+        self.backend = tokenizer.backend_tokenizer
         self.max_length = max_length
         # Longest first, so '<|im_end|>' wins over a shorter special token it contains.
         specials = set(tokenizer.all_special_tokens) | {str(t) for t in tokenizer.get_added_vocab()}
         self.specials = sorted((s for s in specials if s), key=len, reverse=True)
+        # No token covers more characters than its vocabulary string (a byte-level BPE string has one
+        # character per byte), so text beyond max_length * longest can never fall inside the cut.
+        longest = max(max(len(s) for s in tokenizer.get_vocab()), max(map(len, self.specials), default=1))
+        self.char_cap = max_length * longest
+        self._layouts: dict[tuple, _Layout | None] = {}
+        self._prefixes: dict[tuple, tuple[str, str] | None] = {}
 
-    def _template(self, messages, gen: bool, where: str) -> str:
+    # -- template ---------------------------------------------------------
+    def _template(self, messages, gen: bool) -> str:
         try:
             return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-        except Exception as e:  # jinja raises for roles the template refuses
-            raise DataError(f"{where}: the chat template refused this dialogue ({e}). "
-                            "Fix the record or use a template that accepts its roles") from None
+        except Exception as e:  # jinja raises for roles or orders the template refuses
+            raise InvalidRecord("template_refused", f"the chat template refused this dialogue ({e})") from None
 
-    def spans(self, d: Dialogue, full: str) -> Iterator[tuple[int, int]]:
-        """Lazily yield the (start, end) character span of each assistant message's trained text."""
+    def _end_of_turn(self, tail: str) -> int:
+        """Characters of `tail` (text after an assistant content) that are trained: up to and
+        including the first special token, else the non-space text."""
+        hits = [(tail.find(s), s) for s in self.specials if s in tail]
+        if hits:
+            pos, s = min(hits, key=lambda h: (h[0], -len(h[1])))
+            return pos + len(s)
+        return len(tail.rstrip())
+
+    def _placeholders(self, roles: tuple) -> list[dict]:
+        return [{"role": r, "content": _PLACEHOLDER.format(i)} for i, r in enumerate(roles)]
+
+    def _prefix_tail(self, roles: tuple) -> tuple[str, str] | None:
+        """For roles ending in an assistant message j: (Q_j, the text Q_j writes after the content),
+        rendered with placeholders and cached per prefix; None where P_j is not a prefix of Q_j."""
+        if roles not in self._prefixes:
+            msgs = self._placeholders(roles)
+            p, q = self._template(msgs[:-1], True), self._template(msgs, False)
+            at = q.find(msgs[-1]["content"])
+            ok = q.startswith(p) and at >= len(p)
+            self._prefixes[roles] = (q, q[at + len(msgs[-1]["content"]):]) if ok else None
+        return self._prefixes[roles]
+
+    def _layout(self, roles: tuple) -> _Layout | None:
+        """The template's text around each message for this role sequence (cached), or None
+        when placeholders do not show a prefix-stable layout."""
+        if roles in self._layouts:
+            return self._layouts[roles]
+        if len(self._layouts) >= _LAYOUT_CACHE_SIZE:
+            self._layouts.clear()
+            self._prefixes.clear()
+        msgs = self._placeholders(roles)
+        layout = None
+        try:
+            full = self._template(msgs, False)
+            glue, pos = [], 0
+            for m in msgs:
+                at = full.find(m["content"], pos)
+                if at < 0 or full.count(m["content"]) != 1:
+                    raise ValueError
+                glue.append(full[pos:at])
+                pos = at + len(m["content"])
+            glue.append(full[pos:])
+            tails = {}
+            for j, r in enumerate(roles):
+                if r == "assistant":
+                    info = self._prefix_tail(roles[:j + 1])
+                    if info is None or not full.startswith(info[0]):
+                        raise ValueError
+                    tails[j] = info[1]
+            layout = _Layout(glue, tails)
+        except (ValueError, InvalidRecord):
+            layout = None
+        self._layouts[roles] = layout
+        return layout
+
+    def _fast_spans(self, d: Dialogue, full: str) -> list[tuple[int, int]] | None:
+        layout = self._layout(tuple(m["role"] for m in d.messages))
+        if layout is None:
+            return None
+        spans, pos = [], 0
+        for i, m in enumerate(d.messages):
+            if not full.startswith(layout.glue[i], pos):
+                return None
+            pos += len(layout.glue[i])
+            nxt = layout.glue[i + 1]
+            for content in (m["content"], m["content"].strip()):
+                end = pos + len(content)
+                if full.startswith(content, pos) and full.startswith(nxt, end):
+                    break
+            else:
+                return None
+            if m["role"] == "assistant":
+                spans.append((pos, end + self._end_of_turn(layout.tails[i])))
+            pos = end
+        return spans if pos + len(layout.glue[-1]) == len(full) else None
+
+    def prefix_spans(self, d: Dialogue, full: str) -> Iterator[tuple[int, int]]:
+        """The defining computation: render every prefix. Raises DataError for a template that is
+        not prefix-stable or rewrites an assistant message."""
         for j, m in enumerate(d.messages):
             if m["role"] != "assistant":
                 continue
-            p = self._template(d.messages[:j], True, d.where)
-            q = self._template(d.messages[:j + 1], False, d.where)
+            p, q = self._template(d.messages[:j], True), self._template(d.messages[:j + 1], False)
             if not (q.startswith(p) and full.startswith(q)):
                 raise DataError(f"{d.where}: the chat template is not prefix-stable at message {j}, so "
                                 "assistant spans cannot be located; use a prefix-stable template")
@@ -77,41 +181,92 @@ class Renderer:
                 raise DataError(f"{d.where}: the chat template rewrites assistant message {j}; "
                                 "its text is not in the rendering")
             c_end = at + len(content)
-            rest = seg[c_end:]
-            hits = [(rest.find(s), s) for s in self.specials if s in rest]
-            if hits:
-                pos, s = min(hits, key=lambda h: (h[0], -len(h[1])))
-                end = c_end + pos + len(s)
-            else:
-                end = c_end + len(rest.rstrip())
-            yield len(p) + at, len(p) + end
+            yield len(p) + at, len(p) + c_end + self._end_of_turn(seg[c_end:])
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
-
-    def render(self, d: Dialogue) -> Example | None:
-        """None when max_length truncation leaves no trained token."""
-        full = self._template(d.messages, False, d.where)
-        ids: list[int] = []
-        turn: list[int] = []
-        counts: list[int] = []  # trained tokens per turn before truncation
-        prev = 0
-        for t, (s, e) in enumerate(self.spans(d, full)):
-            if len(ids) >= self.max_length:
-                break  # this turn starts past the cut: never rendered further
-            head, body = self._ids(full[prev:s]), self._ids(full[s:e])
-            ids += head + body
-            turn += [-1] * len(head) + [t] * len(body)
-            counts.append(len(body))
+    # -- pieces and tokens ------------------------------------------------------
+    def pieces(self, d: Dialogue) -> list[tuple[str, int]]:
+        """(text, turn id or -1) pieces of the rendering, up to what max_length can reach.
+        Raises InvalidRecord when the template refuses the dialogue."""
+        full = self._template(d.messages, False)
+        spans = self._fast_spans(d, full)
+        if spans is None:
+            spans = list(self.prefix_spans(d, full))
+        out, prev, chars = [], 0, 0
+        for t, (s, e) in enumerate(spans):
+            for text, tid in ((full[prev:s], -1), (full[s:e], t)):
+                out.append((text, tid))
+                chars += len(text)
             prev = e
-        else:
-            tail = self._ids(full[prev:])
-            ids, turn = ids + tail, turn + [-1] * len(tail)
-        ids, turn = ids[: self.max_length], np.asarray(turn[: self.max_length], dtype=np.int64)
+            if chars > self.char_cap:
+                return out  # the cut falls inside what is already here
+        out.append((full[prev:], -1))
+        return out
+
+    def assemble(self, dialogue_id: str, pieces: list[tuple[str, int]], ids: list[list[int]]) -> Example | None:
+        """Tokenized pieces -> Example cut to max_length; None when no trained token is left."""
+        lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        tids = np.fromiter((t for _, t in pieces), dtype=np.int32, count=len(pieces))
+        flat = np.fromiter((i for x in ids for i in x), dtype=np.int32, count=int(lens.sum()))
+        turn = np.repeat(tids, lens)
+        counts = np.bincount(turn[turn >= 0], minlength=int(tids.max(initial=-1)) + 1)
+        flat, turn = flat[: self.max_length], turn[: self.max_length]
         if not (turn >= 0).any():
             return None
         n_turns = int(turn.max()) + 1
         kept = np.bincount(turn[turn >= 0], minlength=n_turns)
-        labels = np.where(turn >= 0, np.asarray(ids), IGNORE)
-        partial = [bool(kept[t] < counts[t]) for t in range(n_turns)]
-        return Example(d.dialogue_id, ids, labels.tolist(), turn.tolist(), partial)
+        return Example(dialogue_id, flat, turn, kept < counts[:n_turns])
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """One Rust call for many texts (empty texts cost nothing)."""
+        nonempty = [t for t in texts if t]
+        enc = iter(self.backend.encode_batch(nonempty, add_special_tokens=False)) if nonempty else iter(())
+        return [next(enc).ids if t else [] for t in texts]
+
+    def render_many(self, dialogues: list[Dialogue], skipped: dict | None = None) -> list[Example | None]:
+        """Render a batch (None: max_length left no trained token). A template refusal raises a
+        DataError naming the record or, given a skip counter, is counted and left out."""
+        ids, all_pieces = [], []
+        for d in dialogues:
+            try:
+                all_pieces.append(self.pieces(d))
+                ids.append(d.dialogue_id)
+            except InvalidRecord as bad:
+                if skipped is None:
+                    raise record_error(d.where, bad) from None
+                skipped[bad.kind] = skipped.get(bad.kind, 0) + 1
+        return self.assemble_many(ids, all_pieces)
+
+    def assemble_many(self, ids: list[str], all_pieces: list[list[tuple[str, int]]]) -> list[Example | None]:
+        """Tokenize the pieces of many dialogues and assemble them.
+
+        Tokenizing is most of the cost, and a dialogue cut at max_length needs only its head:
+        pieces are tokenized up to a generous guess of the characters that max_length tokens
+        cover, then, for the few dialogues that fell short of max_length, the rest. Exact either
+        way: a dialogue is assembled only from a prefix of pieces holding the cut.
+        """
+        guess = _GUESS_CHARS_PER_TOKEN * self.max_length
+        heads = []
+        for p in all_pieces:
+            k, chars = 0, 0
+            while k < len(p) and chars <= guess:
+                chars += len(p[k][0])
+                k += 1
+            heads.append(k)
+        tokens = self.tokenize([text for p, k in zip(all_pieces, heads) for text, _ in p[:k]])
+        done, at = [], 0
+        for p, k in zip(all_pieces, heads):
+            done.append(tokens[at:at + k])
+            at += k
+        short = [i for i, (p, k) in enumerate(zip(all_pieces, heads))
+                 if k < len(p) and sum(map(len, done[i])) < self.max_length]
+        rest = self.tokenize([text for i in short for text, _ in all_pieces[i][heads[i]:]])
+        at = 0
+        for i in short:
+            n = len(all_pieces[i]) - heads[i]
+            done[i] = done[i] + rest[at:at + n]
+            at += n
+        return [self.assemble(did, p[:len(t)], t) for did, p, t in zip(ids, all_pieces, done)]
+
+    def render(self, d: Dialogue) -> Example | None:
+        """None when max_length truncation leaves no trained token."""
+        return self.render_many([d])[0]

@@ -1,0 +1,85 @@
+"""This rank's micro-batches from prepared shards, assembled in background workers.
+
+Every rank (and every loader worker) walks the same global row stream
+(plan.py), materialises only its own rows from the memory-mapped shards and
+collates them. With data.num_workers > 0 the batches are built by that many
+processes (torch DataLoader, prefetching data.prefetch batches each) and
+the training loop only moves tensors; worker j builds micro-steps m with
+m % num_workers == j, and the DataLoader hands them out in order.
+Each batch carries `cursor`: the global position after its micro-step,
+which is what a checkpoint saves.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .collate import collate
+from .plan import Cursor, Plan
+from .shards import PreparedSource
+
+
+class Corpus:
+    """Several prepared sources as one index space (source order = data.train order)."""
+
+    def __init__(self, folders: list[str]):
+        self.sources = [PreparedSource(f) for f in folders]
+        self.offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.sources])]).astype(np.int64)
+
+    def lengths(self) -> list[np.ndarray]:
+        return [s.lengths for s in self.sources]
+
+    def row(self, i: int):
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return s, self.sources[s].row(int(i - self.offsets[s]))
+
+
+class RankBatches(torch.utils.data.IterableDataset):
+    """Infinite stream of this rank's collated micro-batches from `cursor` on."""
+
+    def __init__(self, folders: list[str], weights: list[float], seed: int, max_length: int, packing: bool,
+                 window: int, rank: int, world: int, micro_batch: int, pad_id: int, cursor: Cursor):
+        super().__init__()
+        self.folders, self.weights, self.seed = folders, weights, seed
+        self.max_length, self.packing, self.window = max_length, packing, window
+        self.rank, self.world, self.micro_batch, self.pad_id = rank, world, micro_batch, pad_id
+        self.cursor = cursor
+
+    def plan(self, corpus: Corpus) -> Plan:
+        return Plan(corpus.lengths(), self.weights, self.seed, self.max_length, self.packing, self.window)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        me, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        corpus = Corpus(self.folders)  # opened in the process that iterates: maps are per process
+        rows = self.plan(corpus).rows_from(self.cursor)
+        per_step = self.world * self.micro_batch
+        lo = self.rank * self.micro_batch
+        m = 0
+        while True:
+            step = [next(rows) for _ in range(per_step)]
+            if m % workers == me:
+                mine = [corpus_rows(corpus, r) for r, _ in step[lo:lo + self.micro_batch]]
+                batch = collate([[d for _, d in row] for row in mine], self.pad_id, self.packing,
+                                [[s for s, _ in row] for row in mine])
+                batch["cursor"] = step[-1][1].to_dict()
+                yield batch
+            m += 1
+
+
+def corpus_rows(corpus: Corpus, row: np.ndarray) -> list:
+    return [corpus.row(int(i)) for i in row]
+
+
+def make_loader(ds: RankBatches, num_workers: int, prefetch: int, pin_memory: bool):
+    """An iterator of batches; with workers, built ahead in background processes."""
+    if num_workers == 0:
+        return iter(ds)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch, pin_memory=pin_memory,
+        # spawn: a fresh interpreter maps the shards itself; no fork of a process holding
+        # communication threads
+        multiprocessing_context="spawn", persistent_workers=False)
+    return iter(loader)

@@ -1,0 +1,187 @@
+"""Prepared token shards: Arrow IPC files, memory-mapped for training.
+
+One shard per unit of input (see sources.py), record batches of up to 1,024
+dialogues, one row per dialogue:
+
+  dialogue_id  string
+  input_ids    list<int32>   the rendering's tokens, cut at max_length
+  turns        list<int32>   turn id (assistant message index) of each trained span
+  turn_starts  list<int32>   token offset where the span starts
+  turn_ends    list<int32>   ... and ends (exclusive)
+  last_partial bool          the last span was cut by max_length
+  length       int32         len(input_ids)
+
+beside a manifest.json (format, fingerprints, counts, shard list). Training
+maps the files and reads only the rows it trains on: a row is an offset
+lookup and a slice of the mapped buffer, whatever the corpus size.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import DataError
+from .render import Example
+from .sources import PREPARED_FORMAT, SourceSpec
+
+FORMAT_VERSION = 1
+BATCH_ROWS = 1024
+SCHEMA = pa.schema([
+    ("dialogue_id", pa.string()),
+    ("input_ids", pa.list_(pa.int32())),
+    ("turns", pa.list_(pa.int32())),
+    ("turn_starts", pa.list_(pa.int32())),
+    ("turn_ends", pa.list_(pa.int32())),
+    ("last_partial", pa.bool_()),
+    ("length", pa.int32()),
+])
+
+
+def spans(turn_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token turn ids (-1 untrained) -> (turn, start, end) of each contiguous trained span."""
+    idx = np.flatnonzero(turn_ids >= 0)
+    if not len(idx):
+        return (np.zeros(0, np.int32),) * 3
+    t = turn_ids[idx]
+    first = np.r_[True, (t[1:] != t[:-1]) | (idx[1:] != idx[:-1] + 1)]
+    last = np.r_[first[1:], True]
+    return t[first].astype(np.int32), idx[first].astype(np.int32), (idx[last] + 1).astype(np.int32)
+
+
+class ShardWriter:
+    """Appends Examples to one shard; the file appears complete (rename) on close()."""
+
+    def __init__(self, path: str):
+        self.path, self.tmp = path, path + ".tmp"
+        self.writer = pa.ipc.new_file(self.tmp, SCHEMA)
+        self.rows: list[Example] = []
+        self.dialogues = self.tokens = self.trained = self.partial = 0
+
+    def add(self, ex: Example) -> None:
+        self.rows.append(ex)
+        self.dialogues += 1
+        self.tokens += len(ex.input_ids)
+        self.trained += int((ex.turn_ids >= 0).sum())
+        self.partial += bool(ex.partial.any())
+        if len(self.rows) >= BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        sp = [spans(e.turn_ids) for e in self.rows]
+        cols = [
+            pa.array([e.dialogue_id for e in self.rows], pa.string()),
+            _list([e.input_ids for e in self.rows]),
+            _list([s[0] for s in sp]), _list([s[1] for s in sp]), _list([s[2] for s in sp]),
+            pa.array([bool(e.partial.any()) for e in self.rows], pa.bool_()),
+            pa.array([len(e.input_ids) for e in self.rows], pa.int32()),
+        ]
+        self.writer.write_batch(pa.record_batch(cols, schema=SCHEMA))
+        self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+
+def _list(arrays: list[np.ndarray]) -> pa.ListArray:
+    lens = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lens, out=offsets[1:])
+    values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+# -- manifest -------------------------------------------------------------------
+def write_manifest(folder: str, manifest: dict) -> None:
+    tmp = os.path.join(folder, f"manifest.json.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"format": PREPARED_FORMAT, "version": FORMAT_VERSION, **manifest}, f, indent=2)
+    os.replace(tmp, os.path.join(folder, "manifest.json"))
+
+
+def read_manifest(folder: str) -> dict:
+    path = os.path.join(folder, "manifest.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{folder}: no readable manifest.json ({e}); prepare the data again "
+                        "(python -m resure_ds.prepare RECIPE)") from None
+    if m.get("format") != PREPARED_FORMAT or m.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path}: not a resure-ds prepared folder of format version {FORMAT_VERSION}; "
+                        "prepare the data again (python -m resure_ds.prepare RECIPE)")
+    return m
+
+
+def manifest_source(folder: str) -> SourceSpec:
+    """The raw source a prepared folder was made from (to find turn texts for reports)."""
+    return SourceSpec(read_manifest(folder)["source"]["path"])
+
+
+# -- reading ---------------------------------------------------------------------------
+@dataclass
+class Row:
+    dialogue_id: str
+    input_ids: np.ndarray   # [n] int32 (a view of the mapped file)
+    turn_ids: np.ndarray    # [n] int32, -1 untrained
+    partial: np.ndarray     # [turns] bool
+
+
+class _Chunk:
+    """One record batch as zero-copy numpy views."""
+
+    def __init__(self, batch: pa.RecordBatch):
+        def lst(name):
+            col = batch.column(name)
+            return col.offsets.to_numpy(), col.values.to_numpy()
+
+        self.ids = batch.column("dialogue_id")
+        self.tok_off, self.tok = lst("input_ids")
+        self.span_off, self.turns = lst("turns")
+        _, self.starts = lst("turn_starts")
+        _, self.ends = lst("turn_ends")
+        self.last_partial = batch.column("last_partial").to_numpy(zero_copy_only=False)
+        self.length = batch.column("length").to_numpy()
+
+    def row(self, i: int) -> Row:
+        ids = self.tok[self.tok_off[i]:self.tok_off[i + 1]]
+        a, b = self.span_off[i], self.span_off[i + 1]
+        turns, starts, ends = self.turns[a:b], self.starts[a:b], self.ends[a:b]
+        turn_ids = np.full(len(ids), -1, dtype=np.int32)
+        for t, s, e in zip(turns.tolist(), starts.tolist(), ends.tolist()):
+            turn_ids[s:e] = t
+        n_turns = int(turns.max()) + 1 if len(turns) else 0
+        partial = np.zeros(n_turns, dtype=bool)
+        if self.last_partial[i] and n_turns:
+            partial[n_turns - 1] = True
+        return Row(self.ids[i].as_py(), ids, turn_ids, partial)
+
+
+class PreparedSource:
+    """Memory-mapped prepared folder: len(), lengths (int32 per dialogue) and row(i)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.manifest = read_manifest(folder)
+        self.chunks: list[_Chunk] = []
+        for shard in self.manifest["shards"]:
+            reader = pa.ipc.open_file(pa.memory_map(os.path.join(folder, shard["file"])))
+            self.chunks += [_Chunk(reader.get_batch(b)) for b in range(reader.num_record_batches)]
+        sizes = np.array([len(c.length) for c in self.chunks], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.lengths = (np.concatenate([c.length for c in self.chunks]) if self.chunks
+                        else np.zeros(0, np.int32))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def row(self, i: int) -> Row:
+        c = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.chunks[c].row(int(i - self.offsets[c]))

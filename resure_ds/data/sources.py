@@ -1,0 +1,324 @@
+"""Where the training data is: `data.train` -> sources -> units of work.
+
+A source is one of
+  a file            .jsonl, .jsonl.gz, .json or .parquet
+  a glob            /data/part-*.parquet (sorted)
+  a folder          of such files (searched recursively, sorted), or a folder
+                    saved by `datasets` (save_to_disk), or a prepared folder
+                    (written by `python -m resure_ds.prepare`)
+  chitchat          the embedded corpus
+and `data.train` is one source or a list of them, each optionally with a
+mixture weight: `[{path: a.jsonl, weight: 3}, {path: /b/*.parquet, weight: 1}]`.
+
+A *unit* is a slice of one input file that one prepare worker reads on its
+own: a byte range of a plain JSONL file (64 MiB, cut at line ends), a run of
+Parquet row groups, a range of rows of a datasets folder, or a whole
+.json / .jsonl.gz file. Every record has a location (`file line 12`) used in
+errors and, where the record has no `id`, as its dialogue id (`file:12`).
+"""
+from __future__ import annotations
+
+import glob as globlib
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from ..errors import DataError, InvalidRecord
+
+EMBEDDED = "chitchat"
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+UNIT_BYTES = 64 << 20   # plain JSONL files are split into units of about this size
+UNIT_ROWS = 65536       # Parquet and datasets folders: rows per unit (whole row groups)
+CHITCHAT_UNIT = 2048    # conversations per unit of the embedded corpus
+PREPARED_FORMAT = "resure-ds-prepared"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One entry of data.train as the user wrote it."""
+    path: str
+    weight: float = 1.0
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+
+def parse_train(value: Any) -> tuple[list[SourceSpec], list[str]]:
+    """data.train (a string, or a list of strings / {path, weight, name} mappings) -> specs, errors."""
+    items = value if isinstance(value, list) else [value]
+    specs, errors = [], []
+    if not items:
+        errors.append("data.train: the list of sources is empty")
+    for i, it in enumerate(items):
+        at = f"data.train[{i}]" if isinstance(value, list) else "data.train"
+        if isinstance(it, str) and it:
+            specs.append(SourceSpec(it))
+            continue
+        if not isinstance(it, dict) or not isinstance(it.get("path"), str) or not it["path"]:
+            errors.append(f"{at}: must be a path or {{path: ..., weight: ..., name: ...}}, got {it!r}")
+            continue
+        unknown = set(it) - {"path", "weight", "name"}
+        w = it.get("weight", 1.0)
+        if unknown:
+            errors.append(f"{at}: unknown key(s) {sorted(unknown)} (known: path, weight, name)")
+        elif isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+            errors.append(f"{at}: weight must be a number > 0, got {w!r}")
+        else:
+            specs.append(SourceSpec(it["path"], float(w), str(it.get("name") or "")))
+    labels = [s.label for s in specs]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        errors.append(f"data.train: sources listed twice: {dup} (give each a distinct name)")
+    return specs, errors
+
+
+@dataclass(frozen=True)
+class Unit:
+    fmt: str      # jsonl | jsonl.gz | json | parquet | hf | chitchat
+    path: str
+    start: int    # byte offset (jsonl), row group (parquet), row (hf, chitchat)
+    stop: int
+    base: int     # 1-based line (jsonl) or 0-based row/record number of the first record
+
+
+@dataclass
+class Source:
+    spec: SourceSpec
+    kind: str             # files | hf | chitchat | prepared
+    files: list[str]      # input files (fingerprinted); the folder for hf / prepared
+
+    def fingerprint(self) -> list:
+        return [file_fingerprint(f) for f in self.files]
+
+
+def file_fingerprint(path: str) -> list:
+    """(path, size, mtime_ns, hash of the first and last 64 KiB): changes when the file does,
+    without reading a large file whole."""
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 16))
+        if st.st_size > 2 << 16:
+            f.seek(-(1 << 16), os.SEEK_END)
+            h.update(f.read())
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns, h.hexdigest()[:16]]
+
+
+def _data_files(folder: str) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.join(root, f) for f in sorted(files) if f.endswith(SUFFIXES)]
+    return out
+
+
+def is_prepared(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+            return json.load(f).get("format") == PREPARED_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def resolve(spec: SourceSpec) -> Source:
+    """A spec -> the files behind it; a missing or empty source is a DataError naming it."""
+    p = spec.path
+    fix = ("Set data.train to a .jsonl/.jsonl.gz/.json/.parquet file, a glob, a folder of such files, "
+           "a saved datasets folder, a prepared folder, or 'chitchat'")
+    if p == EMBEDDED:
+        from .chitchat import chitchat_path
+
+        return Source(spec, "chitchat", [chitchat_path()])
+    if any(c in p for c in "*?["):
+        files = sorted(f for f in globlib.glob(p, recursive=True) if f.endswith(SUFFIXES) and os.path.isfile(f))
+        if not files:
+            raise DataError(f"{p}: the glob matches no {'/'.join(SUFFIXES)} file. {fix}")
+        return Source(spec, "files", files)
+    if os.path.isdir(p):
+        if is_prepared(p):
+            return Source(spec, "prepared", [p])
+        if any(os.path.exists(os.path.join(p, m)) for m in ("state.json", "dataset_info.json", "dataset_dict.json")):
+            if os.path.exists(os.path.join(p, "dataset_dict.json")):
+                splits = sorted(d for d in os.listdir(p) if os.path.isdir(os.path.join(p, d)))
+                raise DataError(f"{p}: holds splits {splits}; point data.train at one split's folder")
+            return Source(spec, "hf", [p])
+        files = _data_files(p)
+        if not files:
+            raise DataError(f"{p}: the folder holds no {'/'.join(SUFFIXES)} file. {fix}")
+        return Source(spec, "files", files)
+    if not os.path.exists(p):
+        raise DataError(f"{p}: no such file or folder. {fix}")
+    if not p.endswith(SUFFIXES):
+        raise DataError(f"{p}: unknown file type; use .jsonl, .jsonl.gz, .json or .parquet")
+    return Source(spec, "files", [p])
+
+
+def source_fingerprint(src: Source) -> list:
+    if src.kind == "hf":
+        folder = src.files[0]
+        return [file_fingerprint(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
+                if os.path.isfile(os.path.join(folder, f))]
+    return src.fingerprint()
+
+
+# -- units ----------------------------------------------------------------------
+def _jsonl_units(path: str) -> list[Unit]:
+    size = os.path.getsize(path)
+    if size <= UNIT_BYTES:
+        return [Unit("jsonl", path, 0, size, 1)]
+    cuts = [0]
+    with open(path, "rb") as f:
+        while cuts[-1] + UNIT_BYTES < size:
+            f.seek(cuts[-1] + UNIT_BYTES)
+            f.readline()  # to the next line end
+            if f.tell() >= size:
+                break
+            cuts.append(f.tell())
+        cuts.append(size)
+        units, line = [], 1
+        for a, b in zip(cuts, cuts[1:]):
+            units.append(Unit("jsonl", path, a, b, line))
+            f.seek(a)
+            left = b - a
+            while left:  # count this unit's lines: the next unit's first line number
+                buf = f.read(min(left, 16 << 20))
+                line += buf.count(b"\n")
+                left -= len(buf)
+    return units
+
+
+def units_of(src: Source) -> list[Unit]:
+    """The units of a source, in a fixed order (the prepared row order follows it)."""
+    if src.kind == "chitchat":
+        from .chitchat import chitchat_count
+
+        n = chitchat_count(src.files[0])
+        return [Unit("chitchat", src.files[0], a, min(a + CHITCHAT_UNIT, n), a) for a in range(0, n, CHITCHAT_UNIT)]
+    if src.kind == "hf":
+        n = len(_load_hf(src.files[0]))
+        return [Unit("hf", src.files[0], a, min(a + UNIT_ROWS, n), a) for a in range(0, n, UNIT_ROWS)]
+    units = []
+    for path in src.files:
+        if path.endswith(".jsonl"):
+            units += _jsonl_units(path)
+        elif path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            try:
+                meta = pq.ParquetFile(path).metadata
+            except Exception as e:
+                raise DataError(f"{path}: not a readable Parquet file ({e}). Fix or remove the file") from None
+            g, row = 0, 0
+            while g < meta.num_row_groups:
+                first, rows = g, 0
+                while g < meta.num_row_groups and (rows == 0 or rows + meta.row_group(g).num_rows <= UNIT_ROWS):
+                    rows += meta.row_group(g).num_rows
+                    g += 1
+                units.append(Unit("parquet", path, first, g, row))
+                row += rows
+        else:
+            units.append(Unit("jsonl.gz" if path.endswith(".gz") else "json", path, 0, 0, 0))
+    return units
+
+
+# -- reading a unit --------------------------------------------------------------
+def _parse_line(raw: bytes) -> Any:
+    """One JSONL line -> record, or an InvalidRecord saying what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return InvalidRecord("bad_encoding", f"invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at byte {e.start}")
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return InvalidRecord("malformed_json", f"malformed JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return InvalidRecord("malformed_json", "JSON nested too deeply")
+
+
+def _read_jsonl(u: Unit) -> Iterator[tuple[str, Any]]:
+    opener = gzip.open if u.fmt == "jsonl.gz" else open
+    with opener(u.path, "rb") as f:
+        if u.fmt == "jsonl":
+            f.seek(u.start)
+        pos, line = u.start, u.base
+        for raw in f:
+            if u.fmt == "jsonl" and pos >= u.stop:
+                break
+            pos += len(raw)
+            rec = _parse_line(raw)
+            if rec is not None:
+                yield f"line {line}", rec
+            line += 1
+
+
+def _read_json(u: Unit) -> Iterator[tuple[str, Any]]:
+    with open(u.path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{u.path}: not valid UTF-8 JSON ({e}). Fix the file, or store one record per "
+                        "line as .jsonl (then a bad line is reported or skipped on its own)") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{u.path}: a .json file must hold a list of records (or {{'data': [...]}})")
+    for i, rec in enumerate(data):
+        yield f"record {i}", rec
+
+
+def _read_parquet(u: Unit) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    row = u.base
+    for batch in pq.ParquetFile(u.path).iter_batches(batch_size=1024, row_groups=range(u.start, u.stop)):
+        for rec in batch.to_pylist():
+            yield f"row {row}", rec
+            row += 1
+
+
+def _load_hf(folder: str):
+    import datasets
+
+    try:
+        return datasets.load_from_disk(folder)
+    except Exception as e:  # datasets raises several types for a folder it cannot read
+        raise DataError(f"{folder}: not a dataset saved with datasets' save_to_disk ({e})") from None
+
+
+def _read_hf(u: Unit) -> Iterator[tuple[str, Any]]:
+    ds = _load_hf(u.path)
+    for i in range(u.start, u.stop, 1024):
+        for j, rec in enumerate(ds.select(range(i, min(i + 1024, u.stop)))):
+            yield f"row {i + j}", rec
+
+
+def _read_chitchat(u: Unit) -> Iterator[tuple[str, Any]]:
+    from .chitchat import chitchat_records
+
+    for key, rec in chitchat_records(u.path, u.start, u.stop):
+        yield f"conversation {key}", rec
+
+
+READERS = {"jsonl": _read_jsonl, "jsonl.gz": _read_jsonl, "json": _read_json, "parquet": _read_parquet,
+           "hf": _read_hf, "chitchat": _read_chitchat}
+
+
+def read_unit(u: Unit) -> Iterator[tuple[str, Any]]:
+    """(location within the file, record or InvalidRecord) for every record of the unit."""
+    return READERS[u.fmt](u)
+
+
+def default_id(u: Unit, where: str) -> str:
+    """The dialogue id of a record without its own: file name and line/row."""
+    if u.fmt == "chitchat":
+        return where.split(" ", 1)[1]
+    return f"{os.path.basename(u.path.rstrip('/'))}:{where.split()[-1]}"

@@ -1,0 +1,346 @@
+"""Prepare once: validate, render and tokenize every source of data.train into
+token shards (data/shards.py) with a manifest; training only maps and batches.
+
+    python -m resure_ds.prepare [RECIPE.yaml] [key=value ...] [--workers N]
+
+The same recipe and overrides as training. Each source lands in
+`<data.prepared_dir>/<name>-<key>/`, where the key hashes the source files'
+fingerprints (path, size, mtime, head and tail bytes), the tokenizer, the
+chat template, data.max_length and data.skip_invalid: running it again on
+unchanged inputs is a cache hit that reads no record. Every invalid record,
+template refusal and dialogue left with nothing to train is found here,
+before any training rank starts: one error naming file and record, or
+counts per kind under data.skip_invalid.
+
+On several machines, start one task per node (or per rank) over a shared
+filesystem: each task takes the units u with u % tasks == task, task 0
+waits for the others and writes the manifest. Tasks are found from
+RANK/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS, OMPI_COMM_WORLD_RANK/SIZE or
+PMI_RANK/PMI_SIZE when --tasks-from-env is given (launch/prepare.sh does):
+
+    srun --ntasks-per-node 1 bash launch/prepare.sh RECIPE.yaml data.train=/data/shards/
+
+A unit's shard is published (renamed) before its record, so an interrupted
+prepare resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+
+from .config import Config, ConfigError, load_config, split_recipe_args
+from .data.records import SkipCounter, unit_dialogues
+from .data.shards import ShardWriter, read_manifest, write_manifest
+from .data.sources import Source, SourceSpec, Unit, resolve, source_fingerprint, units_of
+from .errors import DataError
+
+RENDER_BATCH = 256  # dialogues tokenized per Rust call
+
+
+@dataclass
+class Prepared:
+    spec: SourceSpec
+    folder: str
+    manifest: dict
+    hit: bool  # found ready (cache hit or a prepared folder given as the source)
+
+
+def log(msg: str) -> None:
+    print(f"[resure_ds] {msg}", file=sys.stderr, flush=True)
+
+
+# -- keys -----------------------------------------------------------------------
+def tokenizer_fingerprints(tok) -> dict:
+    return {"tokenizer": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16],
+            "template": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16]}
+
+
+def _slug(text: str) -> str:
+    base = os.path.basename(text.rstrip("/*")) or text
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", base)[:40].strip("._") or "data"
+
+
+def prepared_root(cfg: Config) -> str:
+    from .models import cache_root
+
+    return cfg.data.prepared_dir or os.path.join(cache_root(), "prepared")
+
+
+def source_key(src: Source, fps: dict, cfg: Config) -> str:
+    from .data.shards import FORMAT_VERSION
+
+    blob = json.dumps({"version": FORMAT_VERSION, "kind": src.kind, "files": source_fingerprint(src), **fps,
+                       "max_length": cfg.data.max_length, "skip_invalid": cfg.data.skip_invalid}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -- one unit (in a worker process, or in this one) -----------------------------------
+_W: dict = {}
+
+
+def _init_worker(model_path: str, chat_template: str | None, max_length: int, skip_invalid: bool, queue) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; the pool is the parallelism
+    from .data.render import Renderer
+    from .models import load_tokenizer
+
+    _W.update(renderer=Renderer(load_tokenizer(model_path, chat_template), max_length),
+              skip=skip_invalid, tick=queue.put if queue is not None else None)
+
+
+def _unit_record(partial_dir: str, index: int) -> str:
+    return os.path.join(partial_dir, "units", f"{index:05d}.json")
+
+
+def prepare_unit(unit: Unit, index: int, partial_dir: str) -> dict:
+    """Render one unit into <partial_dir>/<index>.arrow; returns (and records) its counts."""
+    r, skip, tick = _W["renderer"], _W["skip"], _W["tick"]
+    skipped, t0 = SkipCounter(), time.perf_counter()
+    writer = ShardWriter(os.path.join(partial_dir, f"{index:05d}.arrow"))
+    no_trained = 0
+    dialogues = unit_dialogues(unit, skip, skipped)
+    while True:
+        batch = list(itertools.islice(dialogues, RENDER_BATCH))
+        if not batch:
+            break
+        # template refusals are invalid records like the others: an error, or counted
+        for ex in r.render_many(batch, skipped if skip else None):
+            if ex is None:
+                no_trained += 1
+            else:
+                writer.add(ex)
+        if tick is not None:
+            tick(len(batch))
+    writer.close()
+    stats = {"file": f"{index:05d}.arrow", "input": unit.path, "dialogues": writer.dialogues,
+             "tokens": writer.tokens, "trained_tokens": writer.trained, "cut_by_max_length": writer.partial,
+             "no_trained_token": no_trained, "skipped": dict(skipped), "seconds": time.perf_counter() - t0}
+    os.makedirs(os.path.dirname(_unit_record(partial_dir, index)), exist_ok=True)
+    tmp = _unit_record(partial_dir, index) + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(stats, f)
+    os.replace(tmp, _unit_record(partial_dir, index))
+    return stats
+
+
+def _prepare_unit_in_worker(args) -> dict:
+    return prepare_unit(*args)
+
+
+# -- running the units ----------------------------------------------------------------
+def _run_units(todo: list[tuple[Unit, int, str]], workers: int, model_path: str, cfg: Config, tokenizer,
+               progress: bool) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(desc="prepare", unit=" dlg", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            from .data.render import Renderer
+
+            _W.update(renderer=Renderer(tokenizer, cfg.data.max_length), skip=cfg.data.skip_invalid,
+                      tick=bar.update)
+            for job in todo:
+                prepare_unit(*job)
+            return
+        import multiprocessing as mp
+        from queue import Empty
+
+        ctx = mp.get_context("spawn")  # no fork of a process holding tokenizer threads
+        queue = ctx.Queue()
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
+                                 initargs=(model_path, cfg.model.chat_template, cfg.data.max_length,
+                                           cfg.data.skip_invalid, queue)) as pool:
+            pending = {pool.submit(_prepare_unit_in_worker, job) for job in todo}
+            try:
+                while pending:
+                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()  # a worker's DataError surfaces here, as it was raised
+                    try:
+                        while True:
+                            bar.update(queue.get_nowait())
+                    except Empty:
+                        pass
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+    finally:
+        bar.close()
+
+
+def _merge(partial_dir: str, n_units: int, meta: dict) -> dict:
+    units = []
+    for i in range(n_units):
+        with open(_unit_record(partial_dir, i), encoding="utf-8") as f:
+            units.append(json.load(f))
+    skipped = SkipCounter()
+    for u in units:
+        for k, v in u["skipped"].items():
+            skipped.add(k, v)
+    counts = {k: sum(u[k] for u in units) for k in ("dialogues", "tokens", "trained_tokens",
+                                                     "cut_by_max_length", "no_trained_token")}
+    counts["skipped"] = dict(sorted(skipped.items()))
+    counts["records"] = counts["dialogues"] + counts["no_trained_token"] + sum(skipped.values())
+    return {**meta, "counts": counts,
+            "shards": [{k: u[k] for k in ("file", "input", "dialogues", "tokens")} for u in units]}
+
+
+def task_of_env() -> tuple[int, int]:
+    """(task, tasks) of a multi-process prepare, from the launcher's environment."""
+    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
+                 ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE")):
+        if os.environ.get(r) is not None and os.environ.get(w) is not None:
+            return int(os.environ[r]), int(os.environ[w])
+    return 0, 1
+
+
+def _empty_error(spec: SourceSpec, m: dict) -> DataError:
+    c = m["counts"]
+    return DataError(f"{spec.label}: no trainable dialogue (records read: {c['records']}; invalid skipped: "
+                     f"{SkipCounter(c['skipped']).summary()}; left with no trained token by data.max_length="
+                     f"{m['max_length']}: {c['no_trained_token']}). Add data, fix the records or raise data.max_length")
+
+
+def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, workers: int,
+                   task: tuple[int, int] = (0, 1), progress: bool = True, wait_s: float = 86400) -> Prepared:
+    """Make sure one source is prepared; returns where. Task 0 of several publishes the manifest."""
+    from filelock import FileLock
+
+    src = resolve(spec)
+    fps = tokenizer_fingerprints(tokenizer)
+    if src.kind == "prepared":
+        m = read_manifest(src.files[0])
+        want = {**fps, "max_length": cfg.data.max_length}
+        have = {k: m.get(k) for k in want}
+        if have != want:
+            diff = ", ".join(k for k in want if have[k] != want[k])
+            raise DataError(f"{src.files[0]}: prepared with another {diff} than this recipe's; prepare the raw "
+                            "source again with this recipe (python -m resure_ds.prepare RECIPE)")
+        return Prepared(spec, src.files[0], m, True)
+    key = source_key(src, fps, cfg)
+    root = prepared_root(cfg)
+    folder = os.path.join(root, f"{_slug(spec.label)}-{key}")
+    os.makedirs(root, exist_ok=True)
+    t0 = time.perf_counter()
+    me, tasks = task
+    with FileLock(folder + ".lock") if tasks == 1 else _nolock():
+        if os.path.exists(os.path.join(folder, "manifest.json")):
+            m = read_manifest(folder)
+            if m["counts"]["dialogues"] == 0:
+                raise _empty_error(spec, m)
+            return Prepared(spec, folder, m, True)
+        units = units_of(src)
+        partial = folder + ".partial"
+        os.makedirs(partial, exist_ok=True)
+        todo = [(u, i, partial) for i, u in enumerate(units)
+                if i % tasks == me and not os.path.exists(_unit_record(partial, i))]
+        if progress:
+            log(f"preparing {spec.label}: {len(units)} unit(s), {len(todo)} for this task, "
+                f"{min(workers, max(len(todo), 1))} worker(s) -> {folder}")
+        try:
+            _run_units(todo, workers, model_path, cfg, tokenizer, progress)
+        except BaseException as e:
+            if tasks > 1:
+                with open(os.path.join(partial, f"failed-task{me}.txt"), "w", encoding="utf-8") as f:
+                    f.write(str(e))
+            raise
+        if me != 0:
+            return Prepared(spec, folder, {}, False)
+        _wait_for_units(partial, len(units), wait_s)
+        meta = {"source": {"path": spec.path, "kind": src.kind, "files": source_fingerprint(src)},
+                "name": spec.label, "key": key, **fps, "max_length": cfg.data.max_length,
+                "skip_invalid": cfg.data.skip_invalid, "workers": workers, "tasks": tasks,
+                "seconds": round(time.perf_counter() - t0, 2)}
+        m = _merge(partial, len(units), meta)
+        shutil.rmtree(os.path.join(partial, "units"))
+        write_manifest(partial, m)
+        os.replace(partial, folder)
+    c = m["counts"]
+    if progress:
+        dt = max(time.perf_counter() - t0, 1e-9)
+        log(f"prepared {spec.label}: {c['dialogues']:,} dialogues, {c['tokens']:,} tokens "
+            f"({c['trained_tokens']:,} trained) in {dt:.1f} s ({c['dialogues'] / dt:,.0f} dialogues/s, "
+            f"{c['tokens'] / dt:,.0f} tokens/s); skipped: {SkipCounter(c['skipped']).summary()}; "
+            f"last turn cut by max_length: {c['cut_by_max_length']:,}; no trained token left: {c['no_trained_token']:,}")
+    if c["dialogues"] == 0:
+        raise _empty_error(spec, m)
+    return Prepared(spec, folder, m, False)
+
+
+class _nolock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _wait_for_units(partial: str, n: int, wait_s: float) -> None:
+    """Task 0 of a multi-task prepare: wait until every unit is recorded, or a task failed."""
+    deadline = time.time() + wait_s
+    while True:
+        failed = sorted(f for f in os.listdir(partial) if f.startswith("failed-task"))
+        if failed:
+            with open(os.path.join(partial, failed[0]), encoding="utf-8") as f:
+                raise DataError(f"prepare {failed[0][7:-4]} failed: {f.read()}")
+        missing = [i for i in range(n) if not os.path.exists(_unit_record(partial, i))]
+        if not missing:
+            return
+        if time.time() > deadline:
+            raise DataError(f"{partial}: after {wait_s:.0f} s, {len(missing)} unit(s) are still not prepared "
+                            f"(first: {missing[0]}); is every prepare task running? Run prepare again to resume")
+        time.sleep(1.0)
+
+
+def default_workers(cfg: Config) -> int:
+    return cfg.data.prepare_workers or max(1, min(os.cpu_count() or 1, 16))
+
+
+def ensure_prepared(cfg: Config, tokenizer, model_path: str, workers: int | None = None,
+                    task: tuple[int, int] = (0, 1), progress: bool = True) -> list[Prepared]:
+    """Every source of data.train, prepared (or found prepared)."""
+    from .data.sources import parse_train
+
+    specs, errors = parse_train(cfg.data.train)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    workers = workers or default_workers(cfg)
+    return [prepare_source(s, cfg, tokenizer, model_path, workers, task, progress) for s in specs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("args", nargs="*", help="[RECIPE.yaml] then dotted key=value overrides")
+    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: data.prepare_workers)")
+    ap.add_argument("--tasks-from-env", action="store_true",
+                    help="one of several tasks (launch/prepare.sh under srun/mpirun): take a share of the units")
+    ap.add_argument("--wait", type=float, default=86400, help="task 0: seconds to wait for the other tasks")
+    a = ap.parse_args(argv)
+    from .models import load_tokenizer, resolve_model_path
+
+    try:
+        cfg = load_config(*split_recipe_args(a.args))
+        model_path = resolve_model_path(cfg.model.path)
+        tok = load_tokenizer(model_path, cfg.model.chat_template)
+        task = task_of_env() if a.tasks_from_env else (0, 1)
+        for p in ensure_prepared(cfg, tok, model_path, a.workers, task):
+            if p.hit:
+                log(f"{p.spec.label}: ready (cache hit) at {p.folder}")
+            print(p.folder)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"[resure_ds] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Prepare once: token shards equal the renderer's output, cache hits, rebuilds, every bad record
+found before training (located error or counted skip), several workers and several tasks."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from resure_ds.config import load_config
+from resure_ds.data.records import SkipCounter, read_dialogues
+from resure_ds.data.render import Renderer
+from resure_ds.data.shards import PreparedSource
+from resure_ds.errors import DataError
+from resure_ds.prepare import ensure_prepared
+from tests.conftest import ROOT
+from tests.data_fixtures import OPENAI, write_jsonl
+from tests.test_records import BAD
+
+
+def chitchat_jsonl(folder, n_files=3, per_file=80):
+    """Real chitchat dialogues as JSONL shards in a folder (one nested), OpenAI layout."""
+    ds = [d for _, d in zip(range(n_files * per_file), read_dialogues("chitchat", skip_invalid=True))]
+    paths = []
+    for i in range(n_files):
+        sub = folder / ("nested" if i == n_files - 1 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        paths.append(write_jsonl(sub / f"part-{i}.jsonl", [{"id": d.dialogue_id, "messages": d.messages}
+                                                             for d in ds[i * per_file:(i + 1) * per_file]]))
+    return paths
+
+
+def cfg(model, data, prepared, *extra):
+    train = data if isinstance(data, str) else json.dumps(data)
+    return load_config(None, [f"model.path={model}", f"data.train={train}", f"data.prepared_dir={prepared}",
+                              "data.max_length=96", *extra])
+
+
+def prepare(c, tokenizer, model, workers=1):
+    return ensure_prepared(c, tokenizer, model, workers=workers, progress=False)
+
+
+def rows(folder):
+    src = PreparedSource(folder)
+    return [src.row(i) for i in range(len(src))]
+
+
+def test_shards_hold_exactly_the_rendered_dialogues(tmp_path, tiny_model_path, tokenizer):
+    chitchat_jsonl(tmp_path / "data")
+    c = cfg(tiny_model_path, str(tmp_path / "data"), tmp_path / "prep")
+    [p] = prepare(c, tokenizer, tiny_model_path, workers=2)  # 3 units on 2 worker processes
+    assert not p.hit and p.manifest["counts"]["dialogues"] > 200
+    expected = [e for e in Renderer(tokenizer, 96).render_many(list(read_dialogues(str(tmp_path / "data"))))
+                if e is not None]
+    got = rows(p.folder)
+    assert [r.dialogue_id for r in got] == [e.dialogue_id for e in expected]  # unit order = file order
+    for r, e in zip(got, expected):
+        assert r.input_ids.tolist() == e.input_ids.tolist()
+        assert r.turn_ids.tolist() == e.turn_ids.tolist() and r.partial.tolist() == e.partial.tolist()
+    m = p.manifest
+    assert m["counts"]["tokens"] == sum(len(e.input_ids) for e in expected)
+    assert m["counts"]["trained_tokens"] == sum(int((e.turn_ids >= 0).sum()) for e in expected)
+    assert m["counts"]["cut_by_max_length"] == sum(bool(e.partial.any()) for e in expected) > 0
+    assert len(m["shards"]) == 3 and m["max_length"] == 96
+
+
+def test_cache_hit_and_rebuilds(tmp_path, tiny_model_path, tokenizer):
+    paths = chitchat_jsonl(tmp_path / "data", n_files=2, per_file=20)
+    c = cfg(tiny_model_path, str(tmp_path / "data"), tmp_path / "prep")
+    [first] = prepare(c, tokenizer, tiny_model_path)
+    stamp = os.path.getmtime(os.path.join(first.folder, "manifest.json"))
+    [again] = prepare(c, tokenizer, tiny_model_path)
+    assert again.hit and again.folder == first.folder
+    assert os.path.getmtime(os.path.join(first.folder, "manifest.json")) == stamp  # nothing rewritten
+    with open(paths[0], "a", encoding="utf-8") as f:  # a changed file: a new key, a rebuild
+        f.write(json.dumps(OPENAI[0]) + "\n")
+    [changed] = prepare(c, tokenizer, tiny_model_path)
+    assert not changed.hit and changed.folder != first.folder
+    assert changed.manifest["counts"]["dialogues"] == first.manifest["counts"]["dialogues"] + 1
+    import copy
+
+    tok = copy.deepcopy(tokenizer)  # another tokenizer (here: its template) is another key too
+    tok.chat_template = tok.chat_template.replace("You are a helpful", "You are a careful")
+    [other] = prepare(c, tok, tiny_model_path)
+    assert not other.hit and other.folder not in (first.folder, changed.folder)
+    longer = cfg(tiny_model_path, str(tmp_path / "data"), tmp_path / "prep", "data.max_length=128")
+    assert prepare(longer, tokenizer, tiny_model_path)[0].folder != changed.folder
+
+
+REFUSING = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('must open with a user') }}{% endif %}"
+            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+OPENS_WITH_ASSISTANT = json.dumps({"messages": [{"role": "assistant", "content": "Hi, I start."},
+                                                {"role": "user", "content": "ok"}]})
+
+
+def test_every_bad_record_is_counted_like_the_reader_and_template_refusals_too(tmp_path, tiny_model_path, tokenizer):
+    import copy
+
+    deep = '{"messages": [' + '[' * 100000 + ']' * 100000 + ']}'  # valid JSON, nested past the parser's limit
+    raw = [b[0] for b in BAD] + [OPENS_WITH_ASSISTANT, deep]
+    path = write_jsonl(tmp_path / "mix.jsonl", OPENAI, raw_lines=raw)
+    with open(path, "ab") as f:
+        f.write(b'{"messages": [{"role": "user", "content": "\\xff"}]}\n'.replace(b"\\xff", b"\xff"))
+        f.write(b'{"messages": [{"role": "user", "content": "a\\udc31"}, {"role": "assistant", "content": "b"}]}\n')
+    reader = SkipCounter()
+    n_valid = sum(1 for _ in read_dialogues(path, skip_invalid=True, skipped=reader))
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = REFUSING
+    c = cfg(tiny_model_path, path, tmp_path / "prep", "data.skip_invalid=true")
+    [p] = prepare(c, tok, tiny_model_path)
+    counts = p.manifest["counts"]
+    assert counts["skipped"] == {**reader, "template_refused": 1}
+    assert reader["bad_encoding"] == 1 and reader["malformed_json"] == 2 and reader["bad_text"] == 1
+    assert counts["dialogues"] == n_valid - 1 == len(OPENAI)
+    assert counts["records"] == len(OPENAI) + len(raw) + 2
+
+
+def test_template_refusal_is_an_error_at_prepare(tmp_path, tiny_model_path, tokenizer):
+    import copy
+
+    path = write_jsonl(tmp_path / "d.jsonl", OPENAI, raw_lines=[OPENS_WITH_ASSISTANT])
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = REFUSING
+    with pytest.raises(DataError) as e:
+        prepare(cfg(tiny_model_path, path, tmp_path / "prep"), tok, tiny_model_path)
+    msg = str(e.value)
+    assert "d.jsonl line 3" in msg and "must open with a user" in msg and "data.skip_invalid=true" in msg
+
+
+def test_empty_and_missing_sources_are_named(tmp_path, tiny_model_path, tokenizer):
+    (tmp_path / "empty").mkdir()
+    for spec, text in ((str(tmp_path / "nope.jsonl"), "nope.jsonl: no such file or folder"),
+                       (str(tmp_path / "empty"), "empty: the folder holds no"),
+                       (str(tmp_path / "*.parquet"), "the glob matches no")):
+        with pytest.raises(DataError, match=text):
+            prepare(cfg(tiny_model_path, spec, tmp_path / "prep"), tokenizer, tiny_model_path)
+    only_bad = write_jsonl(tmp_path / "bad.jsonl", [], raw_lines=[BAD[3][0]])
+    with pytest.raises(DataError, match="no trainable dialogue .*no_assistant_turn=1"):
+        prepare(cfg(tiny_model_path, only_bad, tmp_path / "prep", "data.skip_invalid=true"), tokenizer,
+                tiny_model_path)
+
+
+def test_sources_files_globs_gzip_parquet_datasets_and_mixtures(tmp_path, tiny_model_path, tokenizer):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = [{"id": f"r{i}", "messages": OPENAI[i % 2]["messages"]} for i in range(6)]
+    write_jsonl(tmp_path / "a.jsonl", recs[:2])
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps(r) for r in recs[2:4]) + "\n")
+    pq.write_table(pa.Table.from_pylist(recs[4:]), tmp_path / "c.parquet")
+    datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "hf"))
+    got = {}
+    for name, spec in (("glob", str(tmp_path / "*.*")), ("hf", str(tmp_path / "hf")),
+                       ("gz", str(tmp_path / "b.jsonl.gz"))):
+        [p] = prepare(cfg(tiny_model_path, spec, tmp_path / "prep"), tokenizer, tiny_model_path)
+        got[name] = [r.dialogue_id for r in rows(p.folder)]
+    assert got["glob"] == got["hf"] == [f"r{i}" for i in range(6)] and got["gz"] == ["r2", "r3"]
+    mix = [{"path": str(tmp_path / "a.jsonl"), "weight": 3}, {"path": str(tmp_path / "c.parquet"), "name": "pq"}]
+    ps = prepare(cfg(tiny_model_path, mix, tmp_path / "prep"), tokenizer, tiny_model_path)
+    assert [p.spec.weight for p in ps] == [3.0, 1.0] and [p.spec.label for p in ps][1] == "pq"
+    # the same mixture as YAML in a recipe file
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(f"data:\n  train:\n    - path: {tmp_path / 'a.jsonl'}\n      weight: 3\n"
+                      f"    - {{path: {tmp_path / 'c.parquet'}, name: pq}}\n")
+    assert load_config(str(recipe)).data.train == mix
+
+
+def test_large_jsonl_is_split_at_line_ends_with_true_line_numbers(tmp_path, monkeypatch):
+    from resure_ds.data import sources
+
+    recs = [{"messages": OPENAI[1]["messages"]} for _ in range(40)]
+    path = write_jsonl(tmp_path / "big.jsonl", recs, raw_lines=['{"messages": []}'])
+    monkeypatch.setattr(sources, "UNIT_BYTES", 500)
+    units = sources.units_of(sources.resolve(sources.SourceSpec(path)))
+    assert len(units) > 5 and units[0].start == 0 and units[-1].stop == os.path.getsize(path)
+    assert all(a.stop == b.start for a, b in zip(units, units[1:]))
+    ids = [d.dialogue_id for d in read_dialogues(path, skip_invalid=True)]
+    assert ids == [f"big.jsonl:{i}" for i in range(1, 41)]
+    with pytest.raises(DataError, match="big.jsonl line 41: the conversation is empty"):
+        list(read_dialogues(path))
+
+
+def test_several_tasks_share_the_units_and_task_0_publishes(tmp_path, tiny_model_path, tokenizer):
+    """Two prepare processes as two nodes would run them (RANK/WORLD_SIZE, launch/prepare.sh)."""
+    chitchat_jsonl(tmp_path / "data", n_files=4, per_file=15)
+    args = [f"model.path={tiny_model_path}", f"data.train={tmp_path / 'data'}", "data.max_length=96"]
+    env = {**os.environ, "WORLD_SIZE": "2", "PYTHON": sys.executable}
+    procs = [subprocess.Popen(["bash", os.path.join(ROOT, "launch", "prepare.sh"), *args,
+                               f"data.prepared_dir={tmp_path / 'multi'}", "data.prepare_workers=1"],
+                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (1, 0)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    folder = outs[1][0].strip().splitlines()[-1]
+    manifest = json.load(open(os.path.join(folder, "manifest.json")))
+    assert manifest["tasks"] == 2 and len(manifest["shards"]) == 4
+    [single] = prepare(load_config(None, [*args, f"data.prepared_dir={tmp_path / 'one'}"]), tokenizer,
+                       tiny_model_path)
+    a, b = rows(folder), rows(single.folder)
+    assert [r.dialogue_id for r in a] == [r.dialogue_id for r in b] and len(a) == manifest["counts"]["dialogues"] > 50
+    assert all(np.array_equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
