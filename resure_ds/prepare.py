@@ -26,6 +26,7 @@ prepare resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -232,7 +233,9 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
     os.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
     me, tasks = task
-    with FileLock(folder + ".lock") if tasks == 1 else _nolock():
+    # One process of this machine prepares, the others wait; tasks of a multi-task prepare
+    # split the units instead.
+    with FileLock(folder + ".lock") if tasks == 1 else contextlib.nullcontext():
         if os.path.exists(os.path.join(folder, "manifest.json")):
             m = read_manifest(folder)
             if m["counts"]["dialogues"] == 0:
@@ -241,6 +244,9 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         units = units_of(src)
         partial = folder + ".partial"
         os.makedirs(partial, exist_ok=True)
+        stale = os.path.join(partial, f"failed-task{me}.txt")  # from an earlier attempt of this task
+        if os.path.exists(stale):
+            os.remove(stale)
         todo = [(u, i, partial) for i, u in enumerate(units)
                 if i % tasks == me and not os.path.exists(_unit_record(partial, i))]
         if progress:
@@ -270,18 +276,11 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         log(f"prepared {spec.label}: {c['dialogues']:,} dialogues, {c['tokens']:,} tokens "
             f"({c['trained_tokens']:,} trained) in {dt:.1f} s ({c['dialogues'] / dt:,.0f} dialogues/s, "
             f"{c['tokens'] / dt:,.0f} tokens/s); skipped: {SkipCounter(c['skipped']).summary()}; "
-            f"last turn cut by max_length: {c['cut_by_max_length']:,}; no trained token left: {c['no_trained_token']:,}")
+            f"last turn cut by max_length: {c['cut_by_max_length']:,}; "
+            f"no trained token left: {c['no_trained_token']:,}")
     if c["dialogues"] == 0:
         raise _empty_error(spec, m)
     return Prepared(spec, folder, m, False)
-
-
-class _nolock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _wait_for_units(partial: str, n: int, wait_s: float) -> None:

@@ -146,3 +146,20 @@ def test_content_dependent_template_falls_back_to_prefixes(tokenizer):
     texts = [tok.decode(ex.input_ids[ex.turn_ids == t].tolist()) for t in range(2)]
     assert texts == ["[long] Hello! How can I help?<|im_end|>", "[long] Blue.<|im_end|>"] or \
         texts == ["Hello! How can I help?<|im_end|>", "Blue.<|im_end|>"]
+
+
+def test_direct_template_and_batched_tokenizer_equal_the_public_api(renderer):
+    """The two shortcuts of the fast path: the compiled template called directly gives
+    apply_chat_template's text, and the batched Rust call gives the tokenizer's own ids."""
+    from resure_ds.data.records import read_dialogues
+
+    tok = renderer.tok
+    assert renderer._render is not None  # the direct path is the one in use
+    ds = [d for _, d in zip(range(100), read_dialogues("chitchat", skip_invalid=True))] + dialogues()
+    pieces = []
+    for d in ds:
+        for gen in (False, True):
+            assert renderer._template(d.messages, gen) == tok.apply_chat_template(d.messages, tokenize=False,
+                                                                                   add_generation_prompt=gen)
+        pieces += [text for text, _ in renderer.pieces(d)]
+    assert renderer.tokenize(pieces) == [tok(p, add_special_tokens=False)["input_ids"] if p else [] for p in pieces]

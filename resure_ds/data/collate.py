@@ -31,7 +31,9 @@ class Dlg(Protocol):  # render.Example and shards.Row both qualify
     partial: np.ndarray
 
 
-def collate(rows: Sequence[Sequence[Dlg]], pad_id: int, packed: bool, sources: Sequence[Sequence[int]] | None = None) -> dict:
+def collate(rows: Sequence[Sequence[Dlg]], pad_id: int, packed: bool,
+            sources: Sequence[Sequence[int]] | None = None) -> dict:
+    """Rows of dialogues (and each dialogue's source index) -> the batch described above."""
     B = len(rows)
     S = max(sum(len(d.input_ids) for d in row) for row in rows)
     dlgs = [d for row in rows for d in row]

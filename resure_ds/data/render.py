@@ -37,7 +37,7 @@ from .records import Dialogue
 
 _PLACEHOLDER = "\ue000{}\ue001"  # private-use code points: never in real text, never trimmed
 _LAYOUT_CACHE_SIZE = 4096
-_GUESS_CHARS_PER_TOKEN = 8  # English BPE averages about 4
+_GUESS_CHARS_PER_TOKEN = 5  # English BPE averages about 4; later rounds fetch what a guess missed
 
 
 @dataclass
@@ -76,10 +76,39 @@ class Renderer:
         self.char_cap = max_length * longest
         self._layouts: dict[tuple, _Layout | None] = {}
         self._prefixes: dict[tuple, tuple[str, str] | None] = {}
+        self._render = self._direct_renderer()
 
     # -- template ---------------------------------------------------------
+    def _direct_renderer(self):
+        """The compiled template called directly, as apply_chat_template calls it for plain
+        {role, content} messages, minus its per-call copies of every message (a third of the
+        cost of a rendering). Used only where it gives apply_chat_template's text on probe
+        dialogues; otherwise, or on a transformers without it, apply_chat_template itself."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.tok.get_chat_template())
+            extra = dict(self.tok.special_tokens_map)
+
+            def render(messages, gen):
+                return compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=gen,
+                                       **extra)
+
+            probes = [[{"role": "user", "content": " hi "}, {"role": "assistant", "content": "Hello!\n"}],
+                      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                       {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]]
+            for m in probes:
+                for gen in (False, True):
+                    if render(m, gen) != self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=gen):
+                        return None
+            return render
+        except Exception:  # noqa: BLE001 - any failure here just means: use the public API
+            return None
+
     def _template(self, messages, gen: bool) -> str:
         try:
+            if self._render is not None:
+                return self._render(messages, gen)
             return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
         except Exception as e:  # jinja raises for roles or orders the template refuses
             raise InvalidRecord("template_refused", f"the chat template refused this dialogue ({e})") from None
@@ -217,9 +246,11 @@ class Renderer:
         return Example(dialogue_id, flat, turn, kept < counts[:n_turns])
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """One Rust call for many texts (empty texts cost nothing)."""
+        """One Rust call for many texts (empty texts cost nothing); the same ids as the tokenizer's
+        own __call__, without character offsets (encode_batch_fast: 1.4x faster here)."""
         nonempty = [t for t in texts if t]
-        enc = iter(self.backend.encode_batch(nonempty, add_special_tokens=False)) if nonempty else iter(())
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        enc = iter(encode(nonempty, add_special_tokens=False)) if nonempty else iter(())
         return [next(enc).ids if t else [] for t in texts]
 
     def render_many(self, dialogues: list[Dialogue], skipped: dict | None = None) -> list[Example | None]:
@@ -240,31 +271,30 @@ class Renderer:
         """Tokenize the pieces of many dialogues and assemble them.
 
         Tokenizing is most of the cost, and a dialogue cut at max_length needs only its head:
-        pieces are tokenized up to a generous guess of the characters that max_length tokens
-        cover, then, for the few dialogues that fell short of max_length, the rest. Exact either
-        way: a dialogue is assembled only from a prefix of pieces holding the cut.
+        pieces are tokenized, in rounds of one Rust call each, up to a guess of the characters
+        that max_length tokens cover (then half as much again per round) until each dialogue
+        has max_length tokens or no piece left. Exact either way: a dialogue is assembled from a
+        prefix of its pieces that holds the cut.
         """
-        guess = _GUESS_CHARS_PER_TOKEN * self.max_length
-        heads = []
-        for p in all_pieces:
-            k, chars = 0, 0
-            while k < len(p) and chars <= guess:
-                chars += len(p[k][0])
-                k += 1
-            heads.append(k)
-        tokens = self.tokenize([text for p, k in zip(all_pieces, heads) for text, _ in p[:k]])
-        done, at = [], 0
-        for p, k in zip(all_pieces, heads):
-            done.append(tokens[at:at + k])
-            at += k
-        short = [i for i, (p, k) in enumerate(zip(all_pieces, heads))
-                 if k < len(p) and sum(map(len, done[i])) < self.max_length]
-        rest = self.tokenize([text for i in short for text, _ in all_pieces[i][heads[i]:]])
-        at = 0
-        for i in short:
-            n = len(all_pieces[i]) - heads[i]
-            done[i] = done[i] + rest[at:at + n]
-            at += n
+        done: list[list[list[int]]] = [[] for _ in all_pieces]
+        have = [0] * len(all_pieces)  # tokens so far
+        todo = list(range(len(all_pieces)))
+        budget = _GUESS_CHARS_PER_TOKEN * self.max_length
+        while todo:
+            take = []
+            for i in todo:
+                p, k, chars = all_pieces[i], len(done[i]), 0
+                while k < len(p) and chars <= budget:
+                    chars += len(p[k][0])
+                    k += 1
+                take.append(k)
+            tokens = iter(self.tokenize([t for i, k in zip(todo, take) for t, _ in all_pieces[i][len(done[i]):k]]))
+            for i, k in zip(todo, take):
+                for _ in range(k - len(done[i])):
+                    done[i].append(next(tokens))
+                    have[i] += len(done[i][-1])
+            todo = [i for i in todo if len(done[i]) < len(all_pieces[i]) and have[i] < self.max_length]
+            budget = max(budget // 2, 1)
         return [self.assemble(did, p[:len(t)], t) for did, p, t in zip(ids, all_pieces, done)]
 
     def render(self, d: Dialogue) -> Example | None:
