@@ -80,8 +80,10 @@ def old_render(r, d):
     return np.asarray(ids[: r.max_length]), np.asarray(turn[: r.max_length])
 
 
-def part_render(res: dict) -> None:
+def part_render(res: dict, trials: int = 3) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core, as one prepare worker has
+    import statistics
+
     from resure_ds.data.render import Renderer
     from resure_ds.models import load_tokenizer, resolve_model_path
 
@@ -89,19 +91,23 @@ def part_render(res: dict) -> None:
     ds = base_dialogues()
     out = {}
     for L in (256, 1024):
-        r = Renderer(tok, L)
-        r.render_many(ds[:200])  # warm the layout cache once, as a worker does on its first batch
-        t = time.perf_counter()
-        n_old = sum(len(old_render(r, d)[0]) for d in ds[:1500])
-        t_old = time.perf_counter() - t
-        t = time.perf_counter()
-        exs = [e for i in range(0, len(ds), 256) for e in r.render_many(ds[i:i + 256]) if e is not None]
-        t_new = time.perf_counter() - t
-        n_new = sum(len(e.input_ids) for e in exs)
-        out[L] = {"before_tokens_per_s": n_old / t_old, "after_tokens_per_s": n_new / t_new,
-                  "after_dialogues_per_s": len(ds) / t_new, "speedup": (n_new / t_new) / (n_old / t_old)}
-        log(f"render max_length {L}: before {n_old / t_old:,.0f} tok/s, after {n_new / t_new:,.0f} tok/s "
-            f"({out[L]['speedup']:.1f}x)")
+        old, new = Renderer(tok, L), Renderer(tok, L)
+        old._render = None  # the previous release rendered through apply_chat_template
+        new.render_many(ds[:500])  # a worker's layout cache warms on its first batches
+        before, after = [], []
+        for _ in range(trials):  # interleaved, so both see the same machine
+            t = time.perf_counter()
+            n_old = sum(len(old_render(old, d)[0]) for d in ds[:1000])
+            before.append(n_old / (time.perf_counter() - t))
+            t = time.perf_counter()
+            exs = [e for i in range(0, len(ds), 256) for e in new.render_many(ds[i:i + 256]) if e is not None]
+            dt = time.perf_counter() - t
+            after.append(sum(len(e.input_ids) for e in exs) / dt)
+        b, a = statistics.median(before), statistics.median(after)
+        out[L] = {"before_tokens_per_s": before, "after_tokens_per_s": after, "after_dialogues_per_s": len(ds) / dt,
+                  "median_speedup": a / b}
+        log(f"render max_length {L}, one core, median of {trials}: before {b:,.0f} tok/s, after {a:,.0f} tok/s "
+            f"({a / b:.1f}x); trials before {[round(x) for x in before]}, after {[round(x) for x in after]}")
     res["render_one_core"] = out
 
 

@@ -174,7 +174,7 @@ class Engine:
         N is the trained-token count of the whole optimizer step over all
         micro-batches and ranks. DeepSpeed averages gradients over ranks, so
         we multiply by world size and skip its division by accumulation steps:
-        the summed gradient is exactly grad(sum_all w*l / N) (METHOD.md s.5).
+        the summed gradient is exactly grad(sum_all w*l / N) (docs/method.md s.5).
         """
         self.engine.backward(weighted_sum * (self.world / global_tokens), scale_wrt_gas=False)
 

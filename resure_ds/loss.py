@@ -114,7 +114,7 @@ def turn_losses(nll: torch.Tensor, tgt: Targets, num_docs: int, num_turns: int) 
 def weighted_loss_sum(turns: TurnLosses, weights: torch.Tensor) -> torch.Tensor:
     """sum over turns of w(d,t) * sum_i l_i; non-finite turns contribute nothing.
 
-    The caller divides by the global trained-token count N (METHOD.md s.5).
+    The caller divides by the global trained-token count N (docs/method.md s.5).
     """
     ok = (turns.count > 0) & torch.isfinite(turns.mean)
     w = weights.to(turns.sum.dtype)

@@ -42,7 +42,7 @@ def weight_fn(z: torch.Tensor, cfg: ResureConfig) -> torch.Tensor:
 
 def resure_weights(loss: torch.Tensor, present: torch.Tensor, stats: Welford,
                    cfg: ResureConfig, step: int) -> Weights:
-    """METHOD.md s.4: z -> weight_fn -> propagate -> level -> floor; warm-up gives 1."""
+    """docs/method.md s.4: z -> weight_fn -> propagate -> level -> floor; warm-up gives 1."""
     T = loss.shape[1]
     z = zscores(loss, stats, cfg.eps)
     nb = stats.n[stats.bucket(torch.arange(T))].to(loss.device)

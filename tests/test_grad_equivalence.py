@@ -1,4 +1,4 @@
-"""METHOD.md s.5 on real DeepSpeed ZeRO-3: the same gradient for world size 1 vs 2 and
+"""docs/method.md s.5 on real DeepSpeed ZeRO-3: the same gradient for world size 1 vs 2 and
 gradient accumulation 1 vs 2 over the same global batch with uneven token counts."""
 import pytest
 import torch

@@ -161,5 +161,5 @@ def test_direct_template_and_batched_tokenizer_equal_the_public_api(renderer):
         for gen in (False, True):
             assert renderer._template(d.messages, gen) == tok.apply_chat_template(d.messages, tokenize=False,
                                                                                    add_generation_prompt=gen)
-        pieces += [text for text, _ in renderer.pieces(d)]
+        pieces += [text for text, _ in renderer.pieces(d, head=False)[0]]
     assert renderer.tokenize(pieces) == [tok(p, add_special_tokens=False)["input_ids"] if p else [] for p in pieces]

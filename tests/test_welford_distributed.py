@@ -1,4 +1,4 @@
-"""Distributed Welford invariance on real gloo process groups (METHOD.md s.3)."""
+"""Distributed Welford invariance on real gloo process groups (docs/method.md s.3)."""
 import random
 
 import pytest

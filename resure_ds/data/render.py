@@ -16,7 +16,10 @@ around each message (its *layout*) is found once per role sequence by
 rendering placeholder contents, and cached; the real rendering is then
 checked to be exactly layout text + (content or content.strip()) + layout
 text + ..., which also gives every content's position. A template whose text
-depends on the contents fails that check and takes the prefix path.
+depends on the contents fails that check and takes the prefix path. A
+dialogue much longer than max_length tokens renders only its first messages
+(through an assistant message, so the text is that message's Q_j, a prefix of
+the whole rendering), and all of them if the cut does not fall inside.
 
 Tokens: the rendering is tokenized piece by piece (untrained text, trained
 span, untrained text, ...), exactly as at inference, where the prompt ends
@@ -169,26 +172,42 @@ class Renderer:
         self._layouts[roles] = layout
         return layout
 
-    def _fast_spans(self, d: Dialogue, full: str) -> list[tuple[int, int]] | None:
+    def _fast_spans(self, d: Dialogue, text: str, k: int) -> list[tuple[int, int]] | None:
+        """Spans of the first k messages, read off `text` (the rendering of messages[:k]) with the
+        layout of the whole dialogue; None where the text is not exactly that layout around the
+        contents. k < all: messages[:k] ends with an assistant message, so `text` is its Q_j."""
+        n = len(d.messages)
         layout = self._layout(tuple(m["role"] for m in d.messages))
         if layout is None:
             return None
         spans, pos = [], 0
-        for i, m in enumerate(d.messages):
-            if not full.startswith(layout.glue[i], pos):
+        for i in range(k):
+            m = d.messages[i]
+            if not text.startswith(layout.glue[i], pos):
                 return None
             pos += len(layout.glue[i])
-            nxt = layout.glue[i + 1]
+            nxt = layout.tails[i] if i == k - 1 < n - 1 else layout.glue[i + 1]
             for content in (m["content"], m["content"].strip()):
                 end = pos + len(content)
-                if full.startswith(content, pos) and full.startswith(nxt, end):
+                if text.startswith(content, pos) and text.startswith(nxt, end):
                     break
             else:
                 return None
             if m["role"] == "assistant":
                 spans.append((pos, end + self._end_of_turn(layout.tails[i])))
             pos = end
-        return spans if pos + len(layout.glue[-1]) == len(full) else None
+        last = layout.tails[k - 1] if k < n else layout.glue[-1]
+        return spans if pos + len(last) == len(text) else None
+
+    def _head(self, d: Dialogue) -> int:
+        """How many messages to render: through the first assistant message by which the contents
+        alone pass a guess of the characters max_length tokens cover; all when none does."""
+        budget, chars = _GUESS_CHARS_PER_TOKEN * self.max_length, 0
+        for i, m in enumerate(d.messages):
+            chars += len(m["content"].strip())
+            if chars > budget and m["role"] == "assistant":
+                return i + 1
+        return len(d.messages)
 
     def prefix_spans(self, d: Dialogue, full: str) -> Iterator[tuple[int, int]]:
         """The defining computation: render every prefix. Raises DataError for a template that is
@@ -213,23 +232,32 @@ class Renderer:
             yield len(p) + at, len(p) + c_end + self._end_of_turn(seg[c_end:])
 
     # -- pieces and tokens ------------------------------------------------------
-    def pieces(self, d: Dialogue) -> list[tuple[str, int]]:
-        """(text, turn id or -1) pieces of the rendering, up to what max_length can reach.
+    def pieces(self, d: Dialogue, head: bool = True) -> tuple[list[tuple[str, int]], bool]:
+        """(text, turn id or -1) pieces of the rendering, up to what max_length can reach, and
+        whether they reach the end of the dialogue. With `head`, a long dialogue whose template
+        layout is known renders only its first messages (rendering is a third of the cost):
+        exact as long as the cut falls inside them, which render_many checks.
         Raises InvalidRecord when the template refuses the dialogue."""
-        full = self._template(d.messages, False)
-        spans = self._fast_spans(d, full)
+        n = len(d.messages)
+        k = self._head(d) if head and self._layout(tuple(m["role"] for m in d.messages)) else n
+        text = self._template(d.messages[:k], False)
+        spans = self._fast_spans(d, text, k)
+        if spans is None and k < n:
+            k, text = n, self._template(d.messages, False)
+            spans = self._fast_spans(d, text, k)
         if spans is None:
-            spans = list(self.prefix_spans(d, full))
+            spans = list(self.prefix_spans(d, text))
         out, prev, chars = [], 0, 0
         for t, (s, e) in enumerate(spans):
-            for text, tid in ((full[prev:s], -1), (full[s:e], t)):
-                out.append((text, tid))
-                chars += len(text)
+            for piece, tid in ((text[prev:s], -1), (text[s:e], t)):
+                out.append((piece, tid))
+                chars += len(piece)
             prev = e
             if chars > self.char_cap:
-                return out  # the cut falls inside what is already here
-        out.append((full[prev:], -1))
-        return out
+                return out, True  # the cut falls inside what is already here
+        if k == n:
+            out.append((text[prev:], -1))
+        return out, k == n
 
     def assemble(self, dialogue_id: str, pieces: list[tuple[str, int]], ids: list[list[int]]) -> Example | None:
         """Tokenized pieces -> Example cut to max_length; None when no trained token is left."""
@@ -256,16 +284,28 @@ class Renderer:
     def render_many(self, dialogues: list[Dialogue], skipped: dict | None = None) -> list[Example | None]:
         """Render a batch (None: max_length left no trained token). A template refusal raises a
         DataError naming the record or, given a skip counter, is counted and left out."""
-        ids, all_pieces = [], []
+        kept, all_pieces, whole = [], [], []
         for d in dialogues:
             try:
-                all_pieces.append(self.pieces(d))
-                ids.append(d.dialogue_id)
+                p, complete = self.pieces(d)
             except InvalidRecord as bad:
                 if skipped is None:
                     raise record_error(d.where, bad) from None
                 skipped[bad.kind] = skipped.get(bad.kind, 0) + 1
-        return self.assemble_many(ids, all_pieces)
+                continue
+            kept.append(d)
+            all_pieces.append(p)
+            whole.append(complete)
+        out = self.assemble_many([d.dialogue_id for d in kept], all_pieces)
+        # a head that max_length tokens did not fill: render the whole dialogue after all
+        redo = [i for i, (ex, complete) in enumerate(zip(out, whole))
+                if not complete and (ex is None or len(ex.input_ids) < self.max_length)]
+        if redo:
+            again = self.assemble_many([kept[i].dialogue_id for i in redo],
+                                       [self.pieces(kept[i], head=False)[0] for i in redo])
+            for i, ex in zip(redo, again):
+                out[i] = ex
+        return out
 
     def assemble_many(self, ids: list[str], all_pieces: list[list[tuple[str, int]]]) -> list[Example | None]:
         """Tokenize the pieces of many dialogues and assemble them.
