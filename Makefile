@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test bench
+.PHONY: setup train test test-fast bench
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ train: setup
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
+
+test-fast: setup  # the edit-test loop: everything but the multi-process launches
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(BIN)/python benchmarks/loss_overhead.py

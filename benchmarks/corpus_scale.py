@@ -165,11 +165,13 @@ def part_prepare(res: dict) -> None:
 
 # -- 3. launch to first step, resume at 0% / 90% of an epoch ---------------------------------------
 def launch_until_step(args: list[str], run_dir: str, step: int) -> tuple[float, dict]:
-    """Seconds from `bash launch/train.sh` to the given step in metrics.jsonl, and that row."""
+    """Seconds from `bash launch/train.sh` to the given step in metrics.jsonl, and that row
+    (with the run's own startup split, parsed from its log, under 'startup')."""
     env = {**os.environ, "PATH": os.path.dirname(PY) + os.pathsep + os.environ["PATH"], "PYTHON": PY}
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    logf = open(run_dir + ".log", "w")
     t0 = time.perf_counter()
-    p = subprocess.Popen(["bash", "launch/train.sh", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(["bash", "launch/train.sh", *args], cwd=ROOT, env=env, stdout=logf, stderr=logf)
     path = os.path.join(run_dir, "metrics.jsonl")
     row = None
     while row is None:
@@ -181,6 +183,10 @@ def launch_until_step(args: list[str], run_dir: str, step: int) -> tuple[float, 
         time.sleep(0.05)
     dt = time.perf_counter() - t0
     p.wait()
+    logf.close()
+    line = next((x for x in open(run_dir + ".log") if "startup (s):" in x), "")
+    row["startup"] = {k: float(v) for k, v in (kv.split() for kv in line.split("startup (s):")[-1].split(";")[0]
+                                              .split(",") if kv.strip())}
     return dt, row
 
 
@@ -190,9 +196,9 @@ def part_resume(res: dict) -> None:
 
     data = os.path.join(WORK, "corpus-300k")
     prep = os.path.join(WORK, "prep-300k_2workers")
-    if not os.path.exists(prep):
-        build_corpus(data, 75)
-        run_prepare(data, prep, 2)
+    build_corpus(data, 75)
+    subprocess.run([PY, "-m", "resure_ds.prepare", "recipes/default.yaml", f"data.train={data}",
+                    f"data.prepared_dir={prep}"], cwd=ROOT, check=True, capture_output=True)  # not timed
     out_dir = os.path.join(WORK, "runs")
     shutil.rmtree(out_dir, ignore_errors=True)
     common = ["recipes/default.yaml", f"data.train={data}", f"data.prepared_dir={prep}", f"output.dir={out_dir}",
@@ -200,10 +206,13 @@ def part_resume(res: dict) -> None:
               "output.plot=false"]
     first, row = launch_until_step([*common, "output.name=launch", "train.stop_after=1"],
                                    os.path.join(out_dir, "launch"), 1)
-    out = {"launch_to_first_step_s": first, "first_step_time_s": row["step_time_s"]}
-    log(f"launch to first optimizer step: {first:.1f} s (the step itself {row['step_time_s']:.1f} s)")
+    out = {"launch_to_first_step_s": first, "first_step_time_s": row["step_time_s"], "startup": row["startup"],
+           "first_step_data_wait_s": row["data_wait_s"]}
+    log(f"launch to first optimizer step: {first:.1f} s (the step itself {row['step_time_s']:.1f} s, of which "
+        f"{row['data_wait_s']:.1f} s waiting for the first batch); rank 0 startup (s): {row['startup']}")
     # The data position of a checkpoint is a global cursor: move it to 90% of the epoch and resume.
-    folder = [f for f in os.listdir(prep) if not f.endswith(".lock")][0]
+    folder = json.load(open(os.path.join(out_dir, "launch", "checkpoints", "step0000001", "progress.json")))
+    folder = next(f for f in os.listdir(prep) if f.endswith(folder["data"][0]["key"]))
     plan = Plan([PreparedSource(os.path.join(prep, folder)).lengths], [1.0], 1234, 256, True, 8192)
     ckpt = os.path.join(out_dir, "launch", "checkpoints", "step0000001", "progress.json")
     progress = json.load(open(ckpt))
@@ -215,9 +224,11 @@ def part_resume(res: dict) -> None:
         dt, row = launch_until_step([*common, f"output.name={name}", "train.stop_after=2"],
                                     os.path.join(out_dir, name), 2)
         out[name] = {"launch_to_step_s": dt, "step_time_s": row["step_time_s"], "window": w,
-                     "windows_per_epoch": plan.windows_per_epoch, "rows_seen": row["rows_seen"]}
+                     "windows_per_epoch": plan.windows_per_epoch, "rows_seen": row["rows_seen"],
+                     "startup": row["startup"], "first_step_data_wait_s": row["data_wait_s"]}
         log(f"{name}: launch to the first resumed step {dt:.1f} s (the step itself {row['step_time_s']:.1f} s, "
-            f"window {w} of {plan.windows_per_epoch})")
+            f"{row['data_wait_s']:.1f} s of it waiting for the first batch; window {w} of {plan.windows_per_epoch}); "
+            f"rank 0 startup (s): {row['startup']}")
     # The data side alone, in process: first batch at a cursor, as a rank's loader does it.
     from resure_ds.data.loader import RankBatches
     from resure_ds.data.plan import Cursor

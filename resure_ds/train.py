@@ -65,6 +65,7 @@ class Run:
     cursor: Cursor = field(default_factory=Cursor)
     logger: MetricsLogger | None = None
     step: int = 0
+    startup: dict = field(default_factory=dict)  # seconds spent in each phase before the first step
 
     @property
     def source_names(self) -> list[str]:
@@ -79,6 +80,7 @@ def seed_all(seed: int) -> None:
 
 
 def setup(cfg: Config) -> Run:
+    t0 = time.perf_counter()
     rank, world = ds.init_distributed()
     run_dir = os.path.join(cfg.output.dir, cfg.output.name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -89,10 +91,19 @@ def setup(cfg: Config) -> Run:
     seed_all(cfg.train.seed + rank)
     model_path = resolve_model_path(cfg.model.path)  # file-locked: one rank converts, others wait
     tok = load_tokenizer(model_path, cfg.model.chat_template)
+    t1 = time.perf_counter()
     # A cache hit when launch/train.sh prepared the data before starting the ranks; otherwise one
     # rank prepares (file-locked) while the others wait, before any collective.
     prepared = ensure_prepared(cfg, tok, model_path, progress=rank == 0)
+    t2 = time.perf_counter()
     found = ckpt.find(ckpt_dir, cfg.checkpoint.resume)
+    if found is not None and found.progress["data"] != data_identity(prepared):
+        raise DataError(f"{found.path} trained on data {found.progress['data']}, this run's data is "
+                        f"{data_identity(prepared)}: the data position would mean nothing. Resume with the same "
+                        "data.train, or start afresh with checkpoint.resume=none")
+    cursor = Cursor(**found.progress["cursor"]) if found is not None else Cursor()
+    # The loader's workers start now, so their start-up overlaps the engine's.
+    batches = open_batches(cfg, prepared, rank, world, tok.pad_token_id, cursor)
     regrid = found is not None and found.progress["world_size"] != world and cfg.train.zero_stage > 0
     if regrid:  # ZeRO partitions depend on the world size: load through DeepSpeed's universal form
         if rank == 0:
@@ -107,18 +118,20 @@ def setup(cfg: Config) -> Run:
            f"(model.dtype={cfg.model.dtype}), method {cfg.train.method}, "
            f"{'packed' if cfg.data.packing else 'padded'} rows of {cfg.data.max_length} tokens", rank=rank)
     hist = LossHistogram() if cfg.train.method == "loss_truncation" else None
+    startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
     return Run(cfg, rank, world, run_dir, ckpt_dir, tok, engine, prepared,
                Welford(cfg.stats.num_buckets, cfg.stats.decay), hist,
-               Audit(run_dir, rank, cfg.output.audit_max_rows, cfg.train.seed), found)
+               Audit(run_dir, rank, cfg.output.audit_max_rows, cfg.train.seed), found, batches, cursor,
+               startup=startup)
 
 
-def open_batches(run: Run) -> None:
-    """This rank's batches from the run's global cursor on (background workers per data.num_workers)."""
-    d, t = run.cfg.data, run.cfg.train
-    ds_ = RankBatches([p.folder for p in run.prepared], [p.spec.weight for p in run.prepared], t.seed,
-                      d.max_length, d.packing, d.pack_window, run.rank, run.world, t.micro_batch_size,
-                      run.tokenizer.pad_token_id, run.cursor)
-    run.batches = make_loader(ds_, d.num_workers, d.prefetch, pin_memory=torch.cuda.is_available())
+def open_batches(cfg: Config, prepared: list[Prepared], rank: int, world: int, pad_id: int,
+                 cursor: Cursor) -> Iterator[dict]:
+    """This rank's batches from a global cursor on (background workers per data.num_workers)."""
+    d, t = cfg.data, cfg.train
+    ds_ = RankBatches([p.folder for p in prepared], [p.spec.weight for p in prepared], t.seed, d.max_length,
+                      d.packing, d.pack_window, rank, world, t.micro_batch_size, pad_id, cursor)
+    return make_loader(ds_, d.num_workers, d.prefetch, pin_memory=torch.cuda.is_available())
 
 
 # -- one optimizer step -------------------------------------------------------
@@ -182,6 +195,7 @@ def global_token_count(micro: list[dict]) -> int:
 def train_step(run: Run) -> dict:
     t0 = time.perf_counter()
     micro = [next(run.batches) for _ in range(run.cfg.train.grad_accum)]
+    waited = time.perf_counter() - t0  # ~0 when the loader workers keep ahead
     n_tokens = global_token_count(micro)
     acc = torch.zeros(8, dtype=torch.float64)
     for b in micro:
@@ -200,15 +214,15 @@ def train_step(run: Run) -> dict:
         "frac_w_lt_0.5": g[5].item() / nturn, "nonfinite_turns": int(g[6].item()),
         "bucket_n": run.stats.n.tolist(), "bucket_mean": run.stats.mean.tolist(),
         "bucket_std": run.stats.std.tolist(), "nonfinite_total": int(run.stats.nonfinite.sum().item()),
-        "rows_seen": run.cursor.rows_seen, "epoch": run.cursor.epoch,
+        "rows_seen": run.cursor.rows_seen, "epoch": run.cursor.epoch, "data_wait_s": waited,
     }
 
 
 # -- checkpoints ----------------------------------------------------------------
-def data_identity(run: Run) -> list[dict]:
+def data_identity(prepared: list[Prepared]) -> list[dict]:
     """What the data cursor points into: the prepared sources, their keys and weights."""
     return [{"name": p.spec.label, "key": p.manifest.get("key", os.path.basename(p.folder)),
-             "weight": p.spec.weight} for p in run.prepared]
+             "weight": p.spec.weight} for p in prepared]
 
 
 def save_checkpoint(run: Run) -> None:
@@ -219,7 +233,7 @@ def save_checkpoint(run: Run) -> None:
     run.engine.save(run.ckpt_dir, tag)
     progress = {"step": run.step, "cursor": run.cursor.to_dict(), "world_size": run.world,
                 "global_batch": run.world * run.cfg.train.micro_batch_size * run.cfg.train.grad_accum,
-                "data": data_identity(run),
+                "data": data_identity(run.prepared),
                 "welford": {**run.stats.state_dict(), "state": ckpt.tensor_to_json(run.stats.state)},
                 "hist": None if run.hist is None else {**run.hist.state_dict(),
                                                        "counts": ckpt.tensor_to_json(run.hist.counts)}}
@@ -235,13 +249,10 @@ def resume(run: Run) -> None:
     if found is None:
         return
     p = found.progress
-    if p["data"] != data_identity(run):
-        raise DataError(f"{found.path} trained on data {p['data']}, this run's data is {data_identity(run)}: "
-                        "the data position would mean nothing. Resume with the same data.train, or start "
-                        "afresh with checkpoint.resume=none")
+    t0 = time.perf_counter()
     if run.engine.load(found.ckpt_dir, found.ds_tag) is None:
         raise FileNotFoundError(f"checkpoint {found.path}: DeepSpeed found no checkpoint files there")
-    run.step, run.cursor = p["step"], Cursor(**p["cursor"])
+    run.step = p["step"]  # the cursor was read in setup, where the loader started from it
     run.stats.load_state_dict({**p["welford"], "state": torch.tensor(p["welford"]["state"], dtype=torch.float64)})
     if run.hist is not None and p.get("hist"):
         run.hist.load_state_dict({**p["hist"], "counts": torch.tensor(p["hist"]["counts"], dtype=torch.float64)})
@@ -253,6 +264,7 @@ def resume(run: Run) -> None:
         seed_all(run.cfg.train.seed + 1000003 * run.step + run.rank)
         if run.rank == 0:
             run.audit.drop_other_ranks(run.world)
+    run.startup["resume"] = time.perf_counter() - t0
     print0(f"resumed from {found.path} at step {run.step} (rows seen {run.cursor.rows_seen}, epoch "
            f"{run.cursor.epoch}; saved on {p['world_size']} rank(s), now {run.world})", rank=run.rank)
 
@@ -263,8 +275,8 @@ def train(run: Run) -> None:
     if run.rank == 0:
         run.logger = MetricsLogger(run.run_dir, cfg.train.max_steps, run.step, cfg.train.log_every,
                                    cfg.output.tensorboard)
-    open_batches(run)
     run.engine.train()
+    print0("startup (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.startup.items()), rank=run.rank)
     every, start = cfg.checkpoint.every, run.step
     end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
     while run.step < end:

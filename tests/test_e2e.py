@@ -13,8 +13,11 @@ import torch
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # real multi-process runs: minutes
+
+PREPARED = os.path.join(ROOT, "runs", ".test-prepared")  # one prepare serves the module's runs
 COMMON = ["train.max_steps=6", "data.max_length=128", "train.micro_batch_size=2", "resure.min_count=4",
-          "checkpoint.every=0", "output.tensorboard=true", f"data.prepared_dir={os.path.join(ROOT, 'runs', '.test-prepared')}"]
+          "checkpoint.every=0", "output.tensorboard=true", f"data.prepared_dir={PREPARED}"]
 
 
 def env():
@@ -71,47 +74,59 @@ def test_straight_run_outputs(straight):
     assert len(audit(straight)) == sum(r["turns"] for r in rows)
 
 
-def test_interrupted_and_resumed_run_matches_straight_run(straight, tiny_model_path):
-    out = os.path.dirname(straight)
-    args = ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, f"output.dir={out}",
-            "output.name=resumed"]
-    first = launch("train.sh", [*args, "train.stop_after=3"])
-    assert "stopped at step 3 of 6" in first.stderr
+@pytest.fixture(scope="module")
+def stopped(straight, tiny_model_path):
+    """Runs stopped after step 3 of 6 on 1 or 2 ranks (global batch 4), made once, copied by the tests."""
+    made = {}
+
+    def get(ranks: int, name: str) -> tuple[str, list[str]]:
+        out = os.path.dirname(straight)
+        if ranks not in made:
+            args = ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, f"output.dir={out}",
+                    f"train.micro_batch_size={4 // ranks}"]
+            first = launch("train.sh", [*args, f"output.name=stopped{ranks}", "train.stop_after=3"],
+                           extra_env={"NUM_PROCS": str(ranks)})
+            assert "stopped at step 3 of 6" in first.stderr
+            made[ranks] = os.path.join(out, f"stopped{ranks}")
+        shutil.copytree(made[ranks], os.path.join(out, name))
+        return os.path.join(out, name), ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON,
+                                         f"output.dir={out}", f"output.name={name}"]
+
+    return get
+
+
+def test_interrupted_and_resumed_run_matches_straight_run(straight, stopped):
+    run, args = stopped(2, "resumed")
     second = launch("train.sh", args)
     assert "at step 3" in second.stderr
-    a, b = metrics(straight), metrics(os.path.join(out, "resumed"))
+    a, b = metrics(straight), metrics(run)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a[3:], b[3:]):
         for k in ("loss", "weighted_loss", "mean_weight", "frac_w_lt_1", "bucket_n", "bucket_mean", "bucket_std"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-9, nan_ok=True), (ra["step"], k)
     wa = [(r["dialogue_id"], r["turn"], r["weight"], r["loss"]) for r in audit(straight) if r["step"] > 3]
-    wb = [(r["dialogue_id"], r["turn"], r["weight"], r["loss"]) for r in audit(os.path.join(out, "resumed"))
-          if r["step"] > 3]
+    wb = [(r["dialogue_id"], r["turn"], r["weight"], r["loss"]) for r in audit(run) if r["step"] > 3]
     assert wa and [x[:2] for x in wa] == [x[:2] for x in wb]  # the same turns, in the same steps
     for x, y in zip(wa, wb):
         assert x[2] == pytest.approx(y[2], rel=1e-9) and x[3] == pytest.approx(y[3], rel=1e-9)
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_resume_on_another_number_of_ranks(straight, tiny_model_path, before, after):
+def test_resume_on_another_number_of_ranks(straight, stopped, before, after):
     """Stopped on `before` ranks, resumed on `after` with the same global batch (4 rows): the same
     dialogues in the same steps from the stop point, the same statistics, the same losses."""
-    out = os.path.dirname(straight)
-    name = f"regrid{before}to{after}"
-    args = ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, f"output.dir={out}", f"output.name={name}"]
-    launch("train.sh", [*args, "train.stop_after=3", f"train.micro_batch_size={4 // before}"],
-           extra_env={"NUM_PROCS": str(before)})
+    run, args = stopped(before, f"regrid{before}to{after}")
     second = launch("train.sh", [*args, f"train.micro_batch_size={4 // after}"], extra_env={"NUM_PROCS": str(after)})
     assert f"saved on {before} rank(s), now {after}" in second.stderr
-    a, b = metrics(straight), metrics(os.path.join(out, name))
+    a, b = metrics(straight), metrics(run)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and [r["rows_seen"] for r in b] == [4, 8, 12, 16, 20, 24]
     for ra, rb in zip(a, b):
         assert ra["bucket_n"] == rb["bucket_n"], ra["step"]  # the same turns merged, step by step
         for k in ("loss", "weighted_loss", "mean_weight", "bucket_mean", "bucket_std", "lr"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, nan_ok=True), (ra["step"], k)
-    turns = lambda run: sorted((r["step"], r["dialogue_id"], r["turn"]) for r in audit(run) if r["step"] > 3)
-    assert turns(straight) and turns(straight) == turns(os.path.join(out, name))
-    assert len(os.listdir(os.path.join(out, name, "audit"))) == after
+    turns = lambda r: sorted((x["step"], x["dialogue_id"], x["turn"]) for x in audit(r) if x["step"] > 3)  # noqa: E731
+    assert turns(straight) and turns(straight) == turns(run)
+    assert len(os.listdir(os.path.join(run, "audit"))) == after
 
 
 def test_export_loads_with_plain_transformers(straight, tiny_model_path):

@@ -6,6 +6,8 @@ import torch
 from tests.data_fixtures import OPENAI, SHAREGPT
 from tests.dist import run_ranks
 
+pytestmark = pytest.mark.slow  # real multi-process runs: minutes
+
 GLOBAL = 4  # sequences in the global batch
 
 

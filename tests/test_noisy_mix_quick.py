@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # the study's pipeline: dozens of small runs
 
 
 def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):

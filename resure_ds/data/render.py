@@ -38,6 +38,7 @@ import numpy as np
 from ..errors import IGNORE, DataError, InvalidRecord, record_error
 from .records import Dialogue
 
+RENDER_VERSION = 1  # part of the prepared-data cache key: bump when the rendered tokens would change
 _PLACEHOLDER = "\ue000{}\ue001"  # private-use code points: never in real text, never trimmed
 _LAYOUT_CACHE_SIZE = 4096
 _GUESS_CHARS_PER_TOKEN = 5  # English BPE averages about 4; later rounds fetch what a guess missed
