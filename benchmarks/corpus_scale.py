@@ -275,7 +275,7 @@ def part_packing(res: dict) -> None:
 
 
 # -- 5. end to end: the default recipe, packed vs padded -----------------------------------------
-def part_end_to_end(res: dict, steps: int = 6) -> None:
+def part_end_to_end(res: dict, steps: int = 8) -> None:
     out_dir = os.path.join(WORK, "runs-e2e")
     shutil.rmtree(out_dir, ignore_errors=True)
     out = {}

@@ -36,6 +36,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from .config import Config, ConfigError, load_config, split_recipe_args
@@ -165,7 +166,12 @@ def _run_units(todo: list[tuple[Unit, int, str]], workers: int, model_path: str,
                 while pending:
                     done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     for f in done:
-                        f.result()  # a worker's DataError surfaces here, as it was raised
+                        try:
+                            f.result()  # a worker's DataError surfaces here, as it was raised
+                        except BrokenProcessPool:
+                            raise DataError("a prepare worker process died (killed, or out of memory?); run "
+                                            "prepare again: finished units are kept, the rest resume. Fewer "
+                                            "data.prepare_workers use less memory") from None
                     try:
                         while True:
                             bar.update(queue.get_nowait())

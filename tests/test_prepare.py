@@ -204,3 +204,32 @@ def test_several_tasks_share_the_units_and_task_0_publishes(tmp_path, tiny_model
     a, b = rows(folder), rows(single.folder)
     assert [r.dialogue_id for r in a] == [r.dialogue_id for r in b] and len(a) == manifest["counts"]["dialogues"] > 50
     assert all(np.array_equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_one_clear_error_and_prepare_resumes(tmp_path, tiny_model_path):
+    import glob
+    import signal
+    import time
+
+    import psutil
+
+    chitchat_jsonl(tmp_path / "data", n_files=8, per_file=40)
+    cmd = [sys.executable, "-m", "resure_ds.prepare", f"model.path={tiny_model_path}",
+           f"data.train={tmp_path / 'data'}", f"data.prepared_dir={tmp_path / 'prep'}", "data.prepare_workers=2",
+           "data.max_length=96"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / "prep" / "*.partial" / "units" / "*.json")) and time.time() < deadline:
+        time.sleep(0.05)  # until a first unit is done: the others are in flight
+    workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+    assert workers
+    os.kill(workers[0].pid, signal.SIGKILL)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "a prepare worker process died" in err and "Traceback" not in err
+    done = len(glob.glob(str(tmp_path / "prep" / "*.partial" / "units" / "*.json")))
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"8 unit(s), {8 - done} for this task" in again.stderr
+    m = json.load(open(os.path.join(again.stdout.strip().splitlines()[-1], "manifest.json")))
+    assert len(m["shards"]) == 8 and m["counts"]["records"] == 320
