@@ -96,9 +96,11 @@ class SkipCounter(dict):
         return ", ".join(f"{k}={v}" for k, v in sorted(self.items())) or "none"
 
 
-def unit_dialogues(unit: Unit, skip_invalid: bool, skipped: SkipCounter) -> Iterator[Dialogue]:
-    """Validated dialogues of one unit; bad records raise a located DataError or are counted."""
-    for where, rec in read_unit(unit):
+def unit_dialogues(unit: Unit, skip_invalid: bool, skipped: SkipCounter,
+                   records: Iterator[tuple[str, Any]] | None = None) -> Iterator[Dialogue]:
+    """Validated dialogues of one unit (or of `records` read elsewhere, located in `unit`); bad
+    records raise a located DataError or are counted."""
+    for where, rec in read_unit(unit) if records is None else records:
         try:
             yield to_dialogue(unit, where, rec)
         except InvalidRecord as bad:
@@ -120,14 +122,7 @@ def read_dialogues(spec: Any, skip_invalid: bool = False,
     skipped = SkipCounter() if skipped is None else skipped
     if not isinstance(spec, (str, SourceSpec)):
         name = str(getattr(getattr(spec, "info", None), "dataset_name", None) or type(spec).__name__)
-        unit = Unit("memory", name, 0, 0, 0)
-        for where, rec in _in_memory(spec):
-            try:
-                yield to_dialogue(unit, where, rec)
-            except InvalidRecord as bad:
-                if not skip_invalid:
-                    raise record_error(f"{name} {where}", bad) from None
-                skipped.add(bad.kind)
+        yield from unit_dialogues(Unit("memory", name, 0, 0, 0), skip_invalid, skipped, _in_memory(spec))
         return
     src = resolve(spec if isinstance(spec, SourceSpec) else SourceSpec(spec))
     if src.kind == "prepared":
