@@ -81,7 +81,8 @@ def source_key(src: Source, fps: dict, cfg: Config) -> str:
     from .data.render import RENDER_VERSION
     from .data.shards import FORMAT_VERSION
 
-    blob = json.dumps({"version": FORMAT_VERSION, "render": RENDER_VERSION, "kind": src.kind, "files": source_fingerprint(src), **fps,
+    blob = json.dumps({"version": FORMAT_VERSION, "render": RENDER_VERSION, "kind": src.kind,
+                       "files": source_fingerprint(src), **fps,
                        "max_length": cfg.data.max_length, "skip_invalid": cfg.data.skip_invalid}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

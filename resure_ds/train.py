@@ -96,20 +96,11 @@ def setup(cfg: Config) -> Run:
     # rank prepares (file-locked) while the others wait, before any collective.
     prepared = ensure_prepared(cfg, tok, model_path, progress=rank == 0)
     t2 = time.perf_counter()
-    found = ckpt.find(ckpt_dir, cfg.checkpoint.resume)
-    if found is not None and found.progress["data"] != data_identity(prepared):
-        raise DataError(f"{found.path} trained on data {found.progress['data']}, this run's data is "
-                        f"{data_identity(prepared)}: the data position would mean nothing. Resume with the same "
-                        "data.train, or start afresh with checkpoint.resume=none")
+    found = resume_point(cfg, ckpt_dir, prepared, rank, world)
     cursor = Cursor(**found.progress["cursor"]) if found is not None else Cursor()
     # The loader's workers start now, so their start-up overlaps the engine's.
     batches = open_batches(cfg, prepared, rank, world, tok.pad_token_id, cursor)
-    regrid = found is not None and found.progress["world_size"] != world and cfg.train.zero_stage > 0
-    if regrid:  # ZeRO partitions depend on the world size: load through DeepSpeed's universal form
-        if rank == 0:
-            ds.to_universal(found.path, found.path + ".universal")
-        found.universal = True
-    engine = ds.Engine(cfg, model_path, universal=regrid)
+    engine = ds.Engine(cfg, model_path, universal=found is not None and found.universal)
     if cfg.data.packing and engine.packing_leaks(len(tok)) > PACKING_TOLERANCE:
         raise ConfigError(f"{model_path}: this model does not confine attention to each dialogue of a packed "
                           "row (it ignores restarting position ids), so packed dialogues would see each other. "
@@ -123,6 +114,24 @@ def setup(cfg: Config) -> Run:
                Welford(cfg.stats.num_buckets, cfg.stats.decay), hist,
                Audit(run_dir, rank, cfg.output.audit_max_rows, cfg.train.seed), found, batches, cursor,
                startup=startup)
+
+
+def resume_point(cfg: Config, ckpt_dir: str, prepared: list[Prepared], rank: int, world: int) -> ckpt.Found | None:
+    """The checkpoint to resume from, checked against this run's data; on another world size, its
+    DeepSpeed part converted to the universal form (rank 0; the others meet it in the engine's
+    first collectives, before any of them loads)."""
+    found = ckpt.find(ckpt_dir, cfg.checkpoint.resume)
+    if found is None:
+        return None
+    if found.progress["data"] != data_identity(prepared):
+        raise DataError(f"{found.path} trained on data {found.progress['data']}, this run's data is "
+                        f"{data_identity(prepared)}: the data position would mean nothing. Resume with the same "
+                        "data.train, or start afresh with checkpoint.resume=none")
+    if found.progress["world_size"] != world and cfg.train.zero_stage > 0:  # ZeRO partitions follow the world
+        if rank == 0:
+            ds.to_universal(found.path, found.path + ".universal")
+        found.universal = True
+    return found
 
 
 def open_batches(cfg: Config, prepared: list[Prepared], rank: int, world: int, pad_id: int,
