@@ -11,6 +11,10 @@
 # Environment:
 #   NUM_PROCS     ranks per node (default: visible GPUs, or 2 on a CPU machine)
 #   HOSTFILE      DeepSpeed hostfile for multi-node runs (default: none)
+#   NODE_RANK     with HOSTFILE: run one launcher per node yourself (e.g. under
+#                 srun --ntasks-per-node=1, NODE_RANK=$SLURM_NODEID), each starting
+#                 only its node's ranks, no ssh; then MASTER_ADDR and MASTER_PORT
+#                 must be set, the same on every node
 #   MASTER_ADDR / MASTER_PORT   rendezvous (default: launcher's / a free port)
 #   PYTHON        interpreter (default: python3)
 #   LAUNCHER_ARGS extra deepspeed launcher flags
@@ -29,11 +33,19 @@ fi
 if [[ -z "${NUM_PROCS:-}" ]]; then
   NUM_PROCS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')
 fi
+if [[ -n "${NODE_RANK:-}" && -z "${MASTER_PORT:-}" ]]; then
+  echo "[resure_ds] error: NODE_RANK is set: set MASTER_PORT, the same on every node" >&2
+  exit 2
+fi
 MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}"
 launcher=(deepspeed --no_python --no_local_rank --master_port "$MASTER_PORT")
 if [[ -n "${HOSTFILE:-}" ]]; then
   launcher+=(--hostfile "$HOSTFILE")
   [[ -n "${MASTER_ADDR:-}" ]] && launcher+=(--master_addr "$MASTER_ADDR")
+  if [[ -n "${NODE_RANK:-}" ]]; then
+    : "${MASTER_ADDR:?NODE_RANK is set: set MASTER_ADDR (the first node) on every node}"
+    launcher+=(--no_ssh --node_rank "$NODE_RANK")
+  fi
 else
   launcher+=(--num_gpus "$NUM_PROCS")
 fi

@@ -1,14 +1,25 @@
 """Checkpoint layout, save and resume. Everything of ours is JSON (nothing executes on load).
 
     <run>/checkpoints/
-      latest                    DeepSpeed's pointer to the newest tag
+      latest                    the newest published tag (moved last)
       step0000012/              DeepSpeed's model, optimizer and scheduler files, plus
         rank_state_00000.json   this rank's audit reservoir and RNG states
         progress.json           step, data cursor, Welford and histogram state, world size,
-                                the prepared data it trained on; written last, by rank 0,
-                                after every rank's files: a tag without it is incomplete
+                                the prepared data it trained on, and the inventory of every
+                                file of the tag with its size
+      step0000012.saving/       a save in progress (never resumed from)
       step0000012.universal/    DeepSpeed universal form, made when resuming on another
                                 number of ranks (ZeRO 1-3 partitions depend on it)
+
+Publish, then rotate: every rank writes into <tag>.saving; after a barrier,
+rank 0 checks that every rank's files are there and not empty, writes
+progress.json with the inventory, renames the folder to <tag> (atomic on
+one filesystem), then moves `latest`, and only then deletes older tags. A
+job killed at any point of a save resumes from the previous published tag.
+On resume the inventory is checked first: a missing or truncated file is
+named, instead of failing deep inside a loader. (A checkpoint folder is
+assumed to be on a filesystem every node sees, as DeepSpeed also assumes
+for its universal conversion.)
 
 Nothing in progress.json depends on the number of ranks: the data position is
 a global cursor (data/plan.py), the statistics are identical on every rank.
@@ -42,8 +53,12 @@ def _read_json(path: str):
         return json.load(f)
 
 
+def rank_state_name(rank: int) -> str:
+    return f"rank_state_{rank:05d}.json"
+
+
 def rank_state_path(ckpt_dir: str, tag: str, rank: int) -> str:
-    return os.path.join(ckpt_dir, tag, f"rank_state_{rank:05d}.json")
+    return os.path.join(ckpt_dir, tag, rank_state_name(rank))
 
 
 # -- RNG states as JSON ------------------------------------------------------------
@@ -68,22 +83,77 @@ def tensor_to_json(t: torch.Tensor) -> list:
 
 
 # -- save -------------------------------------------------------------------------------
-def write_own(ckpt_dir: str, tag: str, rank: int, progress: dict, rank_state: dict, barrier) -> None:
-    """After DeepSpeed's save: every rank writes its state, then rank 0 completes the tag."""
-    _write_json(rank_state_path(ckpt_dir, tag, rank), rank_state)
-    barrier()
-    if rank == 0:
-        _write_json(os.path.join(ckpt_dir, tag, PROGRESS), progress)
-    barrier()
+SAVING = ".saving"
+
+
+def staging(tag: str) -> str:
+    return tag + SAVING
+
+
+def inventory(folder: str) -> dict[str, int]:
+    """Every file under a tag folder (relative path -> size), progress.json aside."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, folder)
+            if rel != PROGRESS:
+                out[rel] = os.path.getsize(full)
+    return out
+
+
+def write_rank_state(ckpt_dir: str, tag: str, rank: int, state: dict) -> None:
+    _write_json(rank_state_path(ckpt_dir, tag, rank), state)
+
+
+def check_staged(folder: str, world: int) -> list[str]:
+    """Problems of a staged save: a rank's state missing, or an empty file."""
+    have = inventory(folder)
+    problems = [f"{rank_state_name(k)} missing" for k in range(world) if rank_state_name(k) not in have]
+    problems += [f"{name} is empty" for name, size in have.items() if size == 0]
+    if not any(n.endswith(".pt") for n in have):
+        problems.append("no DeepSpeed model or optimizer file")
+    return problems
+
+
+def publish(ckpt_dir: str, tag: str, progress: dict, world: int) -> None:
+    """Rank 0, after every rank wrote into <tag>.saving: verify, complete, rename, move `latest`."""
+    tmp, final = os.path.join(ckpt_dir, staging(tag)), os.path.join(ckpt_dir, tag)
+    problems = check_staged(tmp, world)
+    if problems:
+        raise RuntimeError(f"checkpoint {tmp} is incomplete ({'; '.join(problems)}); it was not published, "
+                           "the previous checkpoint stays the one a resume uses")
+    _write_json(os.path.join(tmp, PROGRESS), {**progress, "files": inventory(tmp)})
+    if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    with open(os.path.join(ckpt_dir, "latest.tmp"), "w", encoding="utf-8") as f:
+        f.write(tag)
+    os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
+
+
+def clear_staging(ckpt_dir: str) -> None:
+    """Rank 0, before a save: remove what an interrupted save left."""
+    if os.path.isdir(ckpt_dir):
+        for name in os.listdir(ckpt_dir):
+            if name.endswith(SAVING):
+                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
 
 def rotate(ckpt_dir: str, keep_last: int) -> None:
-    """Rank 0: delete all but the newest keep_last complete tags (and their universal forms)."""
-    tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and "." not in t
-                  and os.path.exists(os.path.join(ckpt_dir, t, PROGRESS)))
-    for old in tags[:-keep_last]:
+    """Rank 0, after a publish: delete all but the newest keep_last published tags (and their
+    universal forms)."""
+    for old in published(ckpt_dir)[:-keep_last]:
         shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
         shutil.rmtree(os.path.join(ckpt_dir, old + ".universal"), ignore_errors=True)
+
+
+def published(ckpt_dir: str) -> list[str]:
+    """Published tags, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and "." not in t
+                  and os.path.exists(os.path.join(ckpt_dir, t, PROGRESS)))
 
 
 # -- resume -------------------------------------------------------------------------------
@@ -108,19 +178,38 @@ def find(ckpt_dir: str, spec: str) -> Found | None:
     if spec == "none":
         return None
     if spec == "auto":
-        if not os.path.isdir(ckpt_dir):
-            return None
-        tags = sorted((t for t in os.listdir(ckpt_dir) if t.startswith("step") and "." not in t), reverse=True)
-        for t in tags:
-            if os.path.exists(os.path.join(ckpt_dir, t, PROGRESS)):
-                return Found(ckpt_dir, t, _read_json(os.path.join(ckpt_dir, t, PROGRESS)))
-        return None
+        tags = published(ckpt_dir)
+        return verified(ckpt_dir, tags[-1]) if tags else None
     d, tag = os.path.dirname(spec.rstrip("/")), os.path.basename(spec.rstrip("/"))
-    p = os.path.join(d, tag, PROGRESS)
-    if not os.path.exists(p):
-        raise FileNotFoundError(f"checkpoint.resume={spec}: no complete checkpoint there (no {PROGRESS}); "
+    if not os.path.exists(os.path.join(d, tag, PROGRESS)):
+        raise FileNotFoundError(f"checkpoint.resume={spec}: no published checkpoint there (no {PROGRESS}); "
                                 "point it at a step folder under <run>/checkpoints/")
-    return Found(d, tag, _read_json(p))
+    return verified(d, tag)
+
+
+REQUIRED = ("step", "cursor", "world_size", "data", "welford", "files")
+
+
+def verified(ckpt_dir: str, tag: str) -> Found:
+    """The checkpoint at ckpt_dir/tag after checking its progress record and file inventory."""
+    folder = os.path.join(ckpt_dir, tag)
+    fix = (f"move {folder} aside to resume from the previous checkpoint, or start afresh with "
+           "checkpoint.resume=none")
+    try:
+        progress = _read_json(os.path.join(folder, PROGRESS))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{folder}/{PROGRESS} cannot be read ({e}); {fix}") from None
+    missing = [k for k in REQUIRED if k not in progress] if isinstance(progress, dict) else list(REQUIRED)
+    if missing:
+        raise FileNotFoundError(f"{folder}/{PROGRESS} lacks {missing} (not a checkpoint of this recipe "
+                                f"version?); {fix}")
+    have = inventory(folder)
+    bad = [f"{n} missing" if n not in have else f"{n} has {have[n]} bytes, {size} were written"
+           for n, size in progress["files"].items() if have.get(n) != size]
+    if bad:
+        raise FileNotFoundError(f"checkpoint {folder} is damaged: {'; '.join(bad[:5])}"
+                                f"{' ...' if len(bad) > 5 else ''}; {fix}")
+    return Found(ckpt_dir, tag, progress)
 
 
 def load_rank_state(found: Found, rank: int, world: int) -> tuple[dict | None, list[dict]]:

@@ -32,6 +32,9 @@ class ModelConfig:
     """Jinja chat template to use instead of the tokenizer's own (must be prefix-stable)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about 30% more compute."""
+    trust_remote_code: bool = False
+    """Let transformers run Python code that ships with the model folder (custom architectures).
+    Off by default: a model folder from elsewhere then only loads weights and configuration."""
 
 
 @dataclass
@@ -58,6 +61,9 @@ class DataConfig:
     """Background processes per rank that assemble batches; 0 = in the training loop."""
     prefetch: int = 4
     """Batches each loader worker builds ahead."""
+    eval: str | float | None = None
+    """Validation data: a source path (any form data.train takes, one source), or a fraction in (0, 0.5]
+    of every training source held out by a hash of the dialogue id (never trained on); none = no validation."""
 
 
 @dataclass
@@ -115,8 +121,11 @@ class TrainConfig:
     max_steps: int = 60
     """Optimizer steps (the budget; same for every method)."""
     stop_after: int = 0
-    """Stop after this many optimizer steps as if interrupted (checkpoint saved; the schedule
-    still spans max_steps), for time-limited jobs that resume later. 0 = run to max_steps."""
+    """Stop after this many optimizer steps of this invocation (counted from where it started or
+    resumed): checkpoint saved, exit status 75; the same command continues. 0 = run to max_steps."""
+    time_limit: str | float = ""
+    """Wall-clock budget of this invocation: seconds, or 90m, 4h, 1:30:00. The run stops at the last
+    step boundary that leaves time to save (checkpoint, exit status 75). Empty = none."""
     lr: float = 2e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -148,7 +157,29 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto: resume from the newest checkpoint in the run folder if any; none; or a checkpoint path."""
     export: bool = True
-    """Write a plain Hugging Face folder (16-bit weights, tokenizer, template) at the end."""
+    """Write a plain Hugging Face folder (weights, tokenizer, template) at the end."""
+    export_dtype: Literal["bf16", "fp32"] = "bf16"
+    """Weights of the exported folders (export/, best/): bf16 (half the size) or fp32 (the trained
+    weights exactly when training ran in fp32)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Validate on data.eval every N optimizer steps, and always at the end; 0 = only at the end."""
+    micro_batch_size: int = 8
+    """Validation dialogues per rank per forward (no gradients: can exceed train.micro_batch_size)."""
+    keep_best: bool = False
+    """Export the model with the lowest validation loss so far to <run>/best (a plain HF folder)."""
+
+
+@dataclass
+class DistConfig:
+    timeout: int = 1800
+    """Seconds a rank waits in any collective before giving up (a peer died or hangs): the job then
+    ends with an error instead of hanging. NCCL enforces it through its watchdog
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default), gloo on each call. Must exceed the slowest
+    step, checkpoint save and validation pass."""
 
 
 @dataclass
@@ -174,6 +205,8 @@ class Config:
     resure: ResureConfig = field(default_factory=ResureConfig)
     loss_truncation: LossTruncationConfig = field(default_factory=LossTruncationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -240,13 +273,15 @@ def _validate(c: Config) -> list[str]:
            ("data.prefetch", c.data.prefetch),
            ("stats.num_buckets", c.stats.num_buckets), ("train.micro_batch_size", c.train.micro_batch_size),
            ("train.grad_accum", c.train.grad_accum), ("train.max_steps", c.train.max_steps),
-           ("train.log_every", c.train.log_every),
+           ("train.log_every", c.train.log_every), ("eval.micro_batch_size", c.eval.micro_batch_size),
+           ("dist.timeout", c.dist.timeout),
            ("resure.s", c.resure.s), ("resure.eps", c.resure.eps), ("train.lr", c.train.lr)]
     e += [f"{k}: must be > 0, got {v}" for k, v in pos if v <= 0]
     nonneg = [("resure.lam", c.resure.lam), ("resure.min_count", c.resure.min_count),
               ("resure.warmup_steps", c.resure.warmup_steps), ("train.lr_warmup_steps", c.train.lr_warmup_steps),
               ("train.grad_clip", c.train.grad_clip), ("train.weight_decay", c.train.weight_decay),
               ("checkpoint.every", c.checkpoint.every), ("train.stop_after", c.train.stop_after),
+              ("eval.every", c.eval.every),
               ("checkpoint.keep_last", c.checkpoint.keep_last), ("output.audit_max_rows", c.output.audit_max_rows),
               ("loss_truncation.min_count", c.loss_truncation.min_count),
               ("data.prepare_workers", c.data.prepare_workers), ("data.num_workers", c.data.num_workers)]
@@ -261,9 +296,39 @@ def _validate(c: Config) -> list[str]:
         e.append(f"train.min_lr_ratio: must be in [0, 1], got {c.train.min_lr_ratio}")
     if c.train.zero_stage not in (0, 1, 2, 3):
         e.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {c.train.zero_stage}")
+    try:
+        parse_duration(c.train.time_limit)
+    except ValueError as err:
+        e.append(f"train.time_limit: {err}")
+    if isinstance(c.data.eval, float) and not 0.0 < c.data.eval <= 0.5:
+        e.append(f"data.eval: a held-out fraction must be in (0, 0.5], got {c.data.eval}")
+    if isinstance(c.data.eval, str) and not c.data.eval:
+        e.append("data.eval: must be a source path, a fraction in (0, 0.5], or null")
+    if (c.eval.every or c.eval.keep_best) and c.data.eval is None:
+        e.append("eval.every / eval.keep_best: set data.eval (a validation source or a held-out fraction)")
     if c.checkpoint.resume not in ("auto", "none") and not c.checkpoint.resume:
         e.append("checkpoint.resume: must be auto, none or a checkpoint path")
     return e
+
+
+def parse_duration(text: str) -> float:
+    """train.time_limit -> seconds (0 = none): '3600', '90s', '45m', '4h', '1:30:00', '30:00'."""
+    t = str(text).strip().lower()
+    if not t:
+        return 0.0
+    try:
+        if ":" in t:
+            parts = [float(x) for x in t.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            return sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
+        scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(t[-1])
+        value = float(t[:-1]) * scale if scale else float(t)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a duration (use seconds, 90m, 4h or 1:30:00)") from None
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {text!r}")
+    return value
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

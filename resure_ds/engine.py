@@ -19,10 +19,13 @@ from deepspeed.accelerator import get_accelerator
 from .config import Config
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group: launcher env vars, or MPI (mpirun) via mpi4py discovery."""
+def init_distributed(timeout_s: int) -> tuple[int, int]:
+    """Join the process group: launcher env vars, or MPI (mpirun) via mpi4py discovery.
+    timeout_s bounds every collective (dist.timeout): a dead peer ends the job, not hangs it."""
+    from datetime import timedelta
+
     port = int(os.environ.get("MASTER_PORT", "29500"))
-    deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port)
+    deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -51,17 +54,6 @@ def resolve_dtype(cfg: Config) -> str:
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
     return "bf16" if native_bf16() else "fp32"
-
-
-def barrier() -> None:
-    dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a sync point); returns a CPU tensor."""
-    t = t.to(device())
-    dist.all_reduce(t)
-    return t.cpu()
 
 
 def lr_lambda(cfg: Config):
@@ -130,7 +122,8 @@ class Engine:
         # The model's dtype follows the final DeepSpeed config (train.ds_config may override bf16).
         self.dtype = "bf16" if conf.get("bf16", {}).get("enabled") else "fp32"
         dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
+                                                     trust_remote_code=cfg.model.trust_remote_code)
         model.config.use_cache = False
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -198,26 +191,33 @@ class Engine:
 
     # -- checkpoints ------------------------------------------------------
     def save(self, ckpt_dir: str, tag: str) -> None:
-        """DeepSpeed's part of a checkpoint (collective: every rank calls); ours is checkpoint.py's."""
-        self.engine.save_checkpoint(ckpt_dir, tag=tag)
+        """DeepSpeed's part of a checkpoint (collective: every rank calls); ours, and the `latest`
+        pointer (moved only once the tag is complete), are checkpoint.py's."""
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
 
     def load(self, ckpt_dir: str, tag: str | None = None) -> str | None:
         path, _ = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         return path
 
 
-    def export_hf(self, out_dir: str, tokenizer) -> None:
-        """A plain Hugging Face folder with 16-bit weights gathered from the shards (rank 0 writes)."""
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights as the module holds them (fp32 or bf16); ZeRO-3 gathers them
+        layer by layer onto rank 0 (collective: every rank calls; None on the others)."""
         if self.cfg.train.zero_stage == 3:
-            sd = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls
-        else:
-            sd = {k: v.to(torch.bfloat16) for k, v in self.module.state_dict().items()}
+            return self.engine._zero3_consolidated_16bit_state_dict()  # "16bit": the module's dtype
+        return dict(self.module.state_dict())
+
+    def export_hf(self, out_dir: str, tokenizer) -> None:
+        """A plain Hugging Face folder with weights gathered from the shards (rank 0 writes), in
+        checkpoint.export_dtype."""
+        sd = self._full_state_dict()  # collective: every rank calls
+        dtype = torch.bfloat16 if self.cfg.checkpoint.export_dtype == "bf16" else torch.float32
         if dist.get_rank() == 0:
-            sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
             # The gathered dict holds tied weights (lm_head = embeddings) twice; keep one copy.
             for key in getattr(self.module, "all_tied_weights_keys", None) or {}:
                 sd.pop(key, None)
-            self.module.config.dtype = torch.bfloat16
+            self.module.config.dtype = dtype
             tmp = out_dir + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             self.module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)

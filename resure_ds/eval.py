@@ -1,9 +1,11 @@
 """Held-out evaluation: clean per-turn loss of a plain HF model folder, no DeepSpeed.
 
-    python -m resure_ds.eval MODEL_DIR DATA [--max-length 256] [--batch-size 8]
+    python -m resure_ds.eval MODEL_DIR DATA [--max-length 256] [--batch-size 8] [--holdout F]
 
 Reports the token-mean loss over all assistant tokens, the mean of per-turn
 losses, and both per turn depth (the same turn spans as training).
+--holdout F evaluates only the dialogues that data.eval=F holds out of DATA
+(the split training validated on, by the same hash of the dialogue id).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Iterator
 import torch
 
 from .data.collate import collate_examples
+from .data.holdout import held_out
 from .data.records import read_dialogues
 from .data.render import Renderer
 from .loss import shift_targets, token_nll, turn_losses
@@ -23,10 +26,13 @@ from .loss import shift_targets, token_nll, turn_losses
 
 @torch.no_grad()
 def turn_scores(model, tokenizer, source, max_length: int = 256, batch_size: int = 8,
-                skip_invalid: bool = True) -> Iterator[tuple[str, int, float, int]]:
-    """Yield (dialogue_id, turn, summed token NLL, trained tokens) for every turn of a source."""
+                skip_invalid: bool = True, holdout: float | None = None) -> Iterator[tuple[str, int, float, int]]:
+    """Yield (dialogue_id, turn, summed token NLL, trained tokens) for every turn of a source
+    (only its held-out split when holdout is a fraction)."""
     renderer = Renderer(tokenizer, max_length)
     dialogues = read_dialogues(source, skip_invalid)
+    if holdout:
+        dialogues = (d for d in dialogues if held_out([d.dialogue_id], holdout)[0])
     model.eval()
     dev = next(model.parameters()).device
     while True:
@@ -45,11 +51,11 @@ def turn_scores(model, tokenizer, source, max_length: int = 256, batch_size: int
 
 
 def evaluate(model, tokenizer, source, max_length: int = 256, batch_size: int = 8,
-             skip_invalid: bool = True) -> dict:
+             skip_invalid: bool = True, holdout: float | None = None) -> dict:
     depth_nll, depth_tok, depth_turns, depth_sum = (defaultdict(float), defaultdict(int),
                                                     defaultdict(int), defaultdict(float))
     dialogues = set()
-    for did, t, nll, count in turn_scores(model, tokenizer, source, max_length, batch_size, skip_invalid):
+    for did, t, nll, count in turn_scores(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout):
         dialogues.add(did)
         depth_nll[t] += nll
         depth_tok[t] += count
@@ -73,9 +79,10 @@ def load_model(model_dir: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), load_tokenizer(model_dir)
 
 
-def evaluate_folder(model_dir: str, source, max_length: int = 256, batch_size: int = 8) -> dict:
+def evaluate_folder(model_dir: str, source, max_length: int = 256, batch_size: int = 8,
+                    holdout: float | None = None) -> dict:
     model, tok = load_model(model_dir)
-    return evaluate(model, tok, source, max_length, batch_size)
+    return evaluate(model, tok, source, max_length, batch_size, holdout=holdout)
 
 
 def main() -> None:
@@ -84,8 +91,9 @@ def main() -> None:
     ap.add_argument("data")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--holdout", type=float, default=None, help="only the split data.eval=F holds out of DATA")
     a = ap.parse_args()
-    print(json.dumps(evaluate_folder(a.model_dir, a.data, a.max_length, a.batch_size), indent=2))
+    print(json.dumps(evaluate_folder(a.model_dir, a.data, a.max_length, a.batch_size, a.holdout), indent=2))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class MetricsLogger:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, step)
-                elif isinstance(v, list) and k.startswith("bucket_"):
+                elif isinstance(v, list) and k.startswith(("bucket_", "val_depth_")):
                     for b, x in enumerate(v):
                         if x == x:  # not NaN
                             self.tb.add_scalar(f"{k}/{b}", x, step)

@@ -324,6 +324,15 @@ def ensure_prepared(cfg: Config, tokenizer, model_path: str, workers: int | None
     return [prepare_source(s, cfg, tokenizer, model_path, workers, task, progress) for s in specs]
 
 
+def ensure_eval_prepared(cfg: Config, tokenizer, model_path: str, workers: int | None = None,
+                         task: tuple[int, int] = (0, 1), progress: bool = True) -> Prepared | None:
+    """data.eval when it names a source (a fraction is held out of the training sources instead)."""
+    if not isinstance(cfg.data.eval, str):
+        return None
+    spec = SourceSpec(cfg.data.eval, name="eval")
+    return prepare_source(spec, cfg, tokenizer, model_path, workers or default_workers(cfg), task, progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("args", nargs="*", help="[RECIPE.yaml] then dotted key=value overrides")
@@ -339,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         model_path = resolve_model_path(cfg.model.path)
         tok = load_tokenizer(model_path, cfg.model.chat_template)
         task = task_of_env() if a.tasks_from_env else (0, 1)
-        for p in ensure_prepared(cfg, tok, model_path, a.workers, task):
+        found = ensure_prepared(cfg, tok, model_path, a.workers, task)
+        found += [p for p in [ensure_eval_prepared(cfg, tok, model_path, a.workers, task)] if p is not None]
+        for p in found:
             if p.hit:
                 log(f"{p.spec.label}: ready (cache hit) at {p.folder}")
             print(p.folder)

@@ -27,13 +27,9 @@ class LossHistogram:
         return torch.bincount(idx, minlength=self.bins).double()
 
     def sync_update(self, values: torch.Tensor, device=None) -> None:
-        import torch.distributed as dist
+        from . import dist
 
-        c = self.local_counts(values)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = c.to(device or "cpu")
-            dist.all_reduce(t)
-            c = t.cpu()
+        c = dist.all_reduce_sum(self.local_counts(values), device)
         self.counts += c
 
     def quantile(self, q: float) -> float:

@@ -34,6 +34,9 @@ def plot(run_dir: str, metrics: list[dict], audit: list[dict]) -> str:
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     ax[0, 0].plot(steps, [m["loss"] for m in metrics], label="loss (token mean)")
     ax[0, 0].plot(steps, [m["weighted_loss"] for m in metrics], label="weighted loss (optimised)")
+    val = [m for m in metrics if "val_loss" in m]
+    if val:
+        ax[0, 0].plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-", label="validation loss (clean)")
     ax[0, 0].set_title("loss")
     ax[0, 0].legend()
     mean = np.array([m["bucket_mean"] for m in metrics], dtype=float)
@@ -79,6 +82,12 @@ def write_report(run_dir: str, data: dict | None = None, with_plot: bool = True)
         f"({down / max(len(audit), 1):.1%}), w < 0.5: {sum(r['weight'] < 0.5 for r in audit)}",
         f"non-finite turn losses skipped: {metrics[-1]['nonfinite_total']}",
     ]
+    val = [m for m in metrics if "val_loss" in m]
+    if val:
+        v = val[-1]
+        depth = ", ".join(f"{x:.4f}" for x in v["val_depth_loss"])
+        lines.append(f"validation loss at step {v['step']}: {v['val_loss']:.4f} (turn mean {v['val_turn_loss']:.4f}; "
+                     f"per turn depth: {depth}; {v['val_dialogues']} dialogues)")
     if data is not None:
         skipped = data["skipped"]
         lines.append(f"invalid records skipped: {', '.join(f'{k}={v}' for k, v in sorted(skipped.items())) or 'none'}")

@@ -25,16 +25,20 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import dist
 from . import engine as ds
-from .config import Config, load_config, split_recipe_args, to_dict
-from .data.loader import RankBatches, make_loader
+from .config import Config, load_config, parse_duration, split_recipe_args, to_dict
+from .data.loader import Corpus, RankBatches, make_loader
 from .data.plan import Cursor
+from .data.shards import PreparedSource
 from .errors import IGNORE, ConfigError, DataError
 from .loss import TurnLosses, shift_targets, token_nll, turn_losses, weighted_loss_sum
 from .metrics import Audit, MetricsLogger
 from .models import load_tokenizer, resolve_model_path
-from .prepare import Prepared, ensure_prepared
+from .prepare import Prepared, ensure_eval_prepared, ensure_prepared
 from .quantile import LossHistogram
+from .stop import EXIT_RESUME, StopPolicy
+from .validate import Validation
 from .weighting import Weights, resure_weights, sft_weights, truncation_weights
 from .welford import Welford
 
@@ -42,9 +46,7 @@ from .welford import Welford
 PACKING_TOLERANCE = 0.05  # bf16 noise is ~1e-2 of the logit scale; a leak changes logits by O(1)
 
 
-def print0(*args, rank: int = 0) -> None:
-    if rank == 0:
-        print("[resure_ds]", *args, file=sys.stderr, flush=True)
+print0 = dist.print0
 
 
 @dataclass
@@ -60,6 +62,9 @@ class Run:
     stats: Welford
     hist: LossHistogram | None
     audit: Audit
+    stop: StopPolicy
+    validation: Validation | None = None
+    best_val: float | None = None  # lowest validation loss so far (eval.keep_best)
     resume_from: ckpt.Found | None = None
     batches: Iterator[dict] | None = None
     cursor: Cursor = field(default_factory=Cursor)
@@ -81,7 +86,9 @@ def seed_all(seed: int) -> None:
 
 def setup(cfg: Config) -> Run:
     t0 = time.perf_counter()
-    rank, world = ds.init_distributed()
+    stop = StopPolicy(cfg.train.stop_after, parse_duration(cfg.train.time_limit))
+    stop.install()  # a SIGTERM/SIGUSR1 from here on stops at a step boundary with a checkpoint
+    rank, world = ds.init_distributed(cfg.dist.timeout)
     run_dir = os.path.join(cfg.output.dir, cfg.output.name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if rank == 0:
@@ -95,6 +102,7 @@ def setup(cfg: Config) -> Run:
     # A cache hit when launch/train.sh prepared the data before starting the ranks; otherwise one
     # rank prepares (file-locked) while the others wait, before any collective.
     prepared = ensure_prepared(cfg, tok, model_path, progress=rank == 0)
+    validation = open_validation(cfg, tok, model_path, prepared, rank)
     t2 = time.perf_counter()
     found = resume_point(cfg, ckpt_dir, prepared, rank, world)
     cursor = Cursor(**found.progress["cursor"]) if found is not None else Cursor()
@@ -107,13 +115,14 @@ def setup(cfg: Config) -> Run:
                           "Set data.packing=false, or use a model class with packed-sequence support")
     print0(f"model {model_path}, {world} rank(s), ZeRO-{cfg.train.zero_stage}, {engine.dtype} "
            f"(model.dtype={cfg.model.dtype}), method {cfg.train.method}, "
-           f"{'packed' if cfg.data.packing else 'padded'} rows of {cfg.data.max_length} tokens", rank=rank)
+           f"{'packed' if cfg.data.packing else 'padded'} rows of {cfg.data.max_length} tokens"
+           + (f", validation on {validation.dialogues:,} dialogues" if validation else ""))
     hist = LossHistogram() if cfg.train.method == "loss_truncation" else None
     startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
     return Run(cfg, rank, world, run_dir, ckpt_dir, tok, engine, prepared,
                Welford(cfg.stats.num_buckets, cfg.stats.decay), hist,
-               Audit(run_dir, rank, cfg.output.audit_max_rows, cfg.train.seed), found, batches, cursor,
-               startup=startup)
+               Audit(run_dir, rank, cfg.output.audit_max_rows, cfg.train.seed), stop, validation,
+               resume_from=found, batches=batches, cursor=cursor, startup=startup)
 
 
 def resume_point(cfg: Config, ckpt_dir: str, prepared: list[Prepared], rank: int, world: int) -> ckpt.Found | None:
@@ -123,10 +132,10 @@ def resume_point(cfg: Config, ckpt_dir: str, prepared: list[Prepared], rank: int
     found = ckpt.find(ckpt_dir, cfg.checkpoint.resume)
     if found is None:
         return None
-    if found.progress["data"] != data_identity(prepared):
+    if found.progress["data"] != data_identity(cfg, prepared):
         raise DataError(f"{found.path} trained on data {found.progress['data']}, this run's data is "
-                        f"{data_identity(prepared)}: the data position would mean nothing. Resume with the same "
-                        "data.train, or start afresh with checkpoint.resume=none")
+                        f"{data_identity(cfg, prepared)}: the data position would mean nothing. Resume with the "
+                        "same data.train and data.eval, or start afresh with checkpoint.resume=none")
     if found.progress["world_size"] != world and cfg.train.zero_stage > 0:  # ZeRO partitions follow the world
         if rank == 0:
             ds.to_universal(found.path, found.path + ".universal")
@@ -134,12 +143,30 @@ def resume_point(cfg: Config, ckpt_dir: str, prepared: list[Prepared], rank: int
     return found
 
 
+def open_validation(cfg: Config, tok, model_path: str, prepared: list[Prepared], rank: int) -> Validation | None:
+    """The validation rows: a prepared data.eval source, or the held-out fraction of the training
+    sources (in index order; every rank holds the same list and evaluates its share)."""
+    if cfg.data.eval is None:
+        return None
+    if isinstance(cfg.data.eval, str):
+        src = PreparedSource(ensure_eval_prepared(cfg, tok, model_path, progress=rank == 0).folder)
+        rows = [src.row(i) for i in range(len(src))]
+    else:
+        corpus = Corpus([p.folder for p in prepared])
+        rows = [corpus.row(int(i))[1] for i in corpus.split(cfg.data.eval)[1]]
+        if not rows:
+            raise DataError(f"data.eval={cfg.data.eval}: no dialogue of the training data falls in the held-out "
+                            "split; raise the fraction or give a validation source")
+    return Validation(rows, tok.pad_token_id, cfg.eval.micro_batch_size)
+
+
 def open_batches(cfg: Config, prepared: list[Prepared], rank: int, world: int, pad_id: int,
                  cursor: Cursor) -> Iterator[dict]:
     """This rank's batches from a global cursor on (background workers per data.num_workers)."""
     d, t = cfg.data, cfg.train
     ds_ = RankBatches([p.folder for p in prepared], [p.spec.weight for p in prepared], t.seed, d.max_length,
-                      d.packing, d.pack_window, rank, world, t.micro_batch_size, pad_id, cursor)
+                      d.packing, d.pack_window, rank, world, t.micro_batch_size, pad_id, cursor,
+                      holdout=d.eval if isinstance(d.eval, float) else None)
     return make_loader(ds_, d.num_workers, d.prefetch, pin_memory=torch.cuda.is_available())
 
 
@@ -153,9 +180,10 @@ def weigh(run: Run, turns: TurnLosses) -> Weights:
     return sft_weights(turns.mean, present, run.stats, cfg.resure.eps)
 
 
-def micro_backward(run: Run, batch: dict, global_tokens: int, acc: torch.Tensor) -> None:
+def micro_backward(run: Run, batch: dict, global_tokens: int, acc: dict) -> None:
     """Forward, weights, statistics merge and backward of one micro-batch (no optimizer step)."""
     logits = run.engine.forward(batch)
+    _fault_point("step", run.step + 1, run.rank)
     dev = logits.device
     tg = shift_targets(batch["labels"].to(dev), batch["turn_ids"].to(dev), batch["doc_ids"].to(dev))
     turns = turn_losses(token_nll(logits, tg.labels), tg, len(batch["dialogue_ids"]), batch["partial"].shape[1])
@@ -173,17 +201,18 @@ def micro_backward(run: Run, batch: dict, global_tokens: int, acc: torch.Tensor)
 
 
 def _account(run: Run, batch: dict, turns: TurnLosses, wts: Weights, loss_sum: torch.Tensor,
-             acc: torch.Tensor) -> None:
-    """Add this micro-batch to the step's metric sums and its turns (per dialogue) to the audit."""
+             acc: dict) -> None:
+    """Add this micro-batch to the step's metric sums (by name, on the device: no sync here) and
+    its turns (per dialogue) to the audit."""
     dev = turns.sum.device
     w_all, present, finite = wts.w.to(dev), turns.count > 0, torch.isfinite(turns.mean)
     ok = present & finite
     w = w_all[ok]
-    acc += torch.stack([
-        torch.where(ok, turns.sum.detach(), torch.zeros_like(turns.sum)).sum().double(),
-        loss_sum.detach().double(), ok.sum().double(), w.sum().double(), (w < 1).sum().double(),
-        (w < 0.5).sum().double(), (present & ~finite).sum().double(),
-        (batch["doc_ids"] >= 0).sum().double().to(dev)]).cpu()
+    for k, v in {"nll": torch.where(ok, turns.sum.detach(), torch.zeros_like(turns.sum)).sum(),
+                 "weighted_nll": loss_sum.detach(), "turns": ok.sum(), "weight_sum": w.sum(),
+                 "w_lt_1": (w < 1).sum(), "w_lt_half": (w < 0.5).sum(), "nonfinite": (present & ~finite).sum(),
+                 "real_tokens": (batch["doc_ids"] >= 0).sum()}.items():
+        acc[k] = acc.get(k, 0.0) + v.double().to(dev)
     rows = torch.nonzero(present, as_tuple=True)
     mean, z, wv = turns.mean[rows].tolist(), wts.z.to(dev)[rows].tolist(), w_all[rows].tolist()
     warm = wts.warm.to(dev)[rows].tolist()
@@ -198,7 +227,7 @@ def global_token_count(micro: list[dict]) -> int:
     """N: trained tokens of this optimizer step over all micro-batches and ranks (one all-reduce)."""
     local = sum(int((shift_targets(b["labels"], b["turn_ids"], b["doc_ids"]).labels != IGNORE).sum())
                 for b in micro)
-    return int(ds.all_reduce_sum(torch.tensor([local], dtype=torch.float64))[0])
+    return int(dist.all_reduce_sum(torch.tensor([local], dtype=torch.float64), ds.device())[0])
 
 
 def train_step(run: Run) -> dict:
@@ -206,21 +235,23 @@ def train_step(run: Run) -> dict:
     micro = [next(run.batches) for _ in range(run.cfg.train.grad_accum)]
     waited = time.perf_counter() - t0  # ~0 when the loader workers keep ahead
     n_tokens = global_token_count(micro)
-    acc = torch.zeros(8, dtype=torch.float64)
+    acc: dict = {}
     for b in micro:
         micro_backward(run, b, max(n_tokens, 1), acc)
         run.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
     run.step += 1
     run.cursor = Cursor(**micro[-1]["cursor"])  # global: the same on every rank
-    g = ds.all_reduce_sum(acc)  # step metrics over all ranks: one small all-reduce
+    # Step metrics over all ranks, and whether any rank must stop: one small all-reduce.
+    g = dist.all_reduce_dict({**acc, **run.stop.local_request()}, device=ds.device())
     dt = time.perf_counter() - t0
-    nturn = max(g[2].item(), 1.0)
+    nturn = max(g["turns"], 1.0)
     return {
-        "step": run.step, "loss": g[0].item() / max(n_tokens, 1), "weighted_loss": g[1].item() / max(n_tokens, 1),
+        "step": run.step, "loss": g["nll"] / max(n_tokens, 1), "weighted_loss": g["weighted_nll"] / max(n_tokens, 1),
         "lr": run.engine.lr(), "grad_norm": run.engine.grad_norm(), "trained_tokens": n_tokens,
-        "tokens_per_s": g[7].item() / dt, "step_time_s": dt, "turns": int(g[2].item()),
-        "mean_weight": g[3].item() / nturn, "frac_w_lt_1": g[4].item() / nturn,
-        "frac_w_lt_0.5": g[5].item() / nturn, "nonfinite_turns": int(g[6].item()),
+        "tokens_per_s": g["real_tokens"] / dt, "step_time_s": dt, "turns": int(g["turns"]),
+        "mean_weight": g["weight_sum"] / nturn, "frac_w_lt_1": g["w_lt_1"] / nturn,
+        "frac_w_lt_0.5": g["w_lt_half"] / nturn, "nonfinite_turns": int(g["nonfinite"]),
+        "stop_signal": g["stop_signal"] > 0, "stop_time": g["stop_time"] > 0,
         "bucket_n": run.stats.n.tolist(), "bucket_mean": run.stats.mean.tolist(),
         "bucket_std": run.stats.std.tolist(), "nonfinite_total": int(run.stats.nonfinite.sum().item()),
         "rows_seen": run.cursor.rows_seen, "epoch": run.cursor.epoch, "data_wait_s": waited,
@@ -228,29 +259,57 @@ def train_step(run: Run) -> dict:
 
 
 # -- checkpoints ----------------------------------------------------------------
-def data_identity(prepared: list[Prepared]) -> list[dict]:
-    """What the data cursor points into: the prepared sources, their keys and weights."""
+def data_identity(cfg: Config, prepared: list[Prepared]) -> list[dict]:
+    """What the data cursor points into: the prepared sources, their keys and weights, and the
+    held-out validation fraction (it changes which dialogues are drawn)."""
+    holdout = cfg.data.eval if isinstance(cfg.data.eval, float) else None
     return [{"name": p.spec.label, "key": p.manifest.get("key", os.path.basename(p.folder)),
-             "weight": p.spec.weight} for p in prepared]
+             "weight": p.spec.weight, **({"holdout": holdout} if holdout else {})} for p in prepared]
 
 
 def save_checkpoint(run: Run) -> None:
+    """Every rank writes into <tag>.saving; rank 0 verifies and publishes, then rotates (checkpoint.py)."""
+    t0 = time.perf_counter()
     run.audit.write()
     if run.cfg.checkpoint.keep_last == 0:
         return  # throwaway run (e.g. the noisy-mix study): metrics and audit only
     tag = f"step{run.step:07d}"
-    run.engine.save(run.ckpt_dir, tag)
-    progress = {"step": run.step, "cursor": run.cursor.to_dict(), "world_size": run.world,
-                "global_batch": run.world * run.cfg.train.micro_batch_size * run.cfg.train.grad_accum,
-                "data": data_identity(run.prepared),
-                "welford": {**run.stats.state_dict(), "state": ckpt.tensor_to_json(run.stats.state)},
-                "hist": None if run.hist is None else {**run.hist.state_dict(),
-                                                       "counts": ckpt.tensor_to_json(run.hist.counts)}}
-    ckpt.write_own(run.ckpt_dir, tag, run.rank, progress,
-                   {"audit": run.audit.state_dict(), "rng": ckpt.rng_state()}, ds.barrier)
     if run.rank == 0:
+        ckpt.clear_staging(run.ckpt_dir)
+    dist.barrier()
+    run.engine.save(run.ckpt_dir, ckpt.staging(tag))
+    ckpt.write_rank_state(run.ckpt_dir, ckpt.staging(tag), run.rank,
+                          {"audit": run.audit.state_dict(), "rng": ckpt.rng_state()})
+    _fault_point("save", run.step, run.rank)
+    dist.barrier()
+    if run.rank == 0:
+        ckpt.publish(run.ckpt_dir, tag, progress_record(run), run.world)
         ckpt.rotate(run.ckpt_dir, run.cfg.checkpoint.keep_last)
-    ds.barrier()
+    dist.barrier()
+    run.stop.slowest_save = max(run.stop.slowest_save, time.perf_counter() - t0)
+
+
+def progress_record(run: Run) -> dict:
+    """What a resume restores besides DeepSpeed's state: the same on every rank."""
+    return {"step": run.step, "cursor": run.cursor.to_dict(), "world_size": run.world,
+            "global_batch": run.world * run.cfg.train.micro_batch_size * run.cfg.train.grad_accum,
+            "data": data_identity(run.cfg, run.prepared), "best_val": run.best_val,
+            "welford": {**run.stats.state_dict(), "state": ckpt.tensor_to_json(run.stats.state)},
+            "hist": None if run.hist is None else {**run.hist.state_dict(),
+                                                   "counts": ckpt.tensor_to_json(run.hist.counts)}}
+
+
+def _fault_point(where: str, step: int, rank: int) -> None:
+    """Fault injection for the reliability tests (tests/test_faults.py): RESURE_FAULT=WHERE:STEP:RANK
+    kills that rank with SIGKILL at that point. step: in the middle of optimizer step STEP (after
+    its first forward); save: inside the save of step STEP (DeepSpeed's files written, not published)."""
+    spec = os.environ.get("RESURE_FAULT", "")
+    if spec and spec.split(":") == [where, str(step), str(rank)]:
+        import signal
+
+        print(f"[resure_ds] RESURE_FAULT: killing rank {rank} during the {where} of step {step}",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resume(run: Run) -> None:
@@ -262,6 +321,7 @@ def resume(run: Run) -> None:
     if run.engine.load(found.ckpt_dir, found.ds_tag) is None:
         raise FileNotFoundError(f"checkpoint {found.path}: DeepSpeed found no checkpoint files there")
     run.step = p["step"]  # the cursor was read in setup, where the loader started from it
+    run.best_val = p.get("best_val")
     run.stats.load_state_dict({**p["welford"], "state": torch.tensor(p["welford"]["state"], dtype=torch.float64)})
     if run.hist is not None and p.get("hist"):
         run.hist.load_state_dict({**p["hist"], "counts": torch.tensor(p["hist"]["counts"], dtype=torch.float64)})
@@ -275,27 +335,52 @@ def resume(run: Run) -> None:
             run.audit.drop_other_ranks(run.world)
     run.startup["resume"] = time.perf_counter() - t0
     print0(f"resumed from {found.path} at step {run.step} (rows seen {run.cursor.rows_seen}, epoch "
-           f"{run.cursor.epoch}; saved on {p['world_size']} rank(s), now {run.world})", rank=run.rank)
+           f"{run.cursor.epoch}; saved on {p['world_size']} rank(s), now {run.world})")
 
 
 # -- the loop ---------------------------------------------------------------------
-def train(run: Run) -> None:
+def train(run: Run) -> str | None:
+    """Steps until max_steps, or until a stop (returns its reason: the run is resumable)."""
     cfg = run.cfg
     if run.rank == 0:
         run.logger = MetricsLogger(run.run_dir, cfg.train.max_steps, run.step, cfg.train.log_every,
                                    cfg.output.tensorboard)
     run.engine.train()
-    print0("startup (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.startup.items()), rank=run.rank)
+    print0("startup (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.startup.items()))
     every, start = cfg.checkpoint.every, run.step
-    end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
-    while run.step < end:
+    end = run.stop.end_step(start, cfg.train.max_steps)
+    reason = None
+    while run.step < end and reason is None:
         row = train_step(run)
+        run.stop.slowest_step = max(run.stop.slowest_step, row["step_time_s"])
+        if run.validation is not None and (run.step == cfg.train.max_steps
+                                           or (cfg.eval.every and run.step % cfg.eval.every == 0)):
+            row.update(validate(run))
+        signalled, out_of_time = row.pop("stop_signal"), row.pop("stop_time")
         if run.logger is not None:
             run.logger.log(row)
-        if every and run.step % every == 0 and run.step < end:
+        if run.step < cfg.train.max_steps:
+            reason = ("a signal (SIGTERM/SIGUSR1)" if signalled else "train.time_limit" if out_of_time
+                      else "train.stop_after" if run.step >= end else None)
+        if every and run.step % every == 0 and run.step < end and reason is None:
             save_checkpoint(run)
     if run.step > start:
         save_checkpoint(run)
+    return reason
+
+
+def validate(run: Run) -> dict:
+    """Validation metrics for this step (every rank); a new best is exported when eval.keep_best."""
+    t0 = time.perf_counter()
+    res = run.validation.run(run.engine)
+    res["val_time_s"] = time.perf_counter() - t0
+    if run.cfg.eval.keep_best and (run.best_val is None or res["val_loss"] < run.best_val):
+        run.best_val = res["val_loss"]  # identical on every rank (all-reduced), so all export together
+        run.engine.export_hf(os.path.join(run.run_dir, "best"), run.tokenizer)
+        if run.rank == 0:
+            with open(os.path.join(run.run_dir, "best", "resure_best.json"), "w", encoding="utf-8") as f:
+                json.dump({"step": run.step, "val_loss": res["val_loss"]}, f)
+    return res
 
 
 def data_counts(prepared: list[Prepared]) -> dict:
@@ -322,16 +407,16 @@ def finish(run: Run) -> None:
 
 
 def run_recipe(cfg: Config) -> Run:
-    """One whole run in this process; the process group stays up for the next one."""
+    """One whole run (or, after a stop, one leg of it) in this process; the process group stays up."""
     run = setup(cfg)
     try:
         resume(run)
-        train(run)
+        reason = train(run)
         if run.step >= cfg.train.max_steps:
             finish(run)
         else:
-            print0(f"stopped at step {run.step} of {cfg.train.max_steps} (train.stop_after); "
-                   "run the same command to resume", rank=run.rank)
+            print0(f"stopped at step {run.step} of {cfg.train.max_steps} ({reason}); checkpoint saved, exit "
+                   f"status {EXIT_RESUME}: run the same command to continue")
     finally:
         run.batches = None  # stops the loader's worker processes
         if run.logger is not None:
@@ -352,13 +437,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     recipe, overrides = split_recipe_args(ap.parse_args(argv).args)
     try:
-        run_recipe(load_config(recipe, overrides))
+        cfg = load_config(recipe, overrides)
+        run = run_recipe(cfg)
     except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"[resure_ds] error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
+        print(f"[resure_ds] error{_on_rank()}: {e}", file=sys.stderr, flush=True)
+        return _fail(2)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        print(f"[resure_ds] error{_on_rank()}: the run failed (traceback above); the other ranks stop too",
+              file=sys.stderr, flush=True)
+        return _fail(1)
+    cleanup()
+    return 0 if run.step >= cfg.train.max_steps else EXIT_RESUME
+
+
+def _on_rank() -> str:
+    return f" on rank {dist.rank()}" if dist.world() > 1 else ""
+
+
+def _fail(code: int) -> int:
+    """Leave at once: the other ranks may be waiting in a collective that will never complete, so
+    no goodbye collective (destroy_process_group) and no waiting on loader workers. The launcher
+    sees the status and ends the other ranks; without one, they hit dist.timeout."""
+    if dist.world() == 1:
         cleanup()
-    return 0
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

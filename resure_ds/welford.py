@@ -53,13 +53,12 @@ def gather_merge(local: torch.Tensor, device: torch.device | str | None = None) 
     Without an initialised process group this is the identity. `device`
     is where the collective runs (CUDA for NCCL, CPU for gloo).
     """
-    import torch.distributed as dist
+    from . import dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if dist.world() == 1:
         return local
-    t = local.to(device or "cpu")
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
+    k = local.shape[0]
+    parts = dist.all_gather_cat(local, device).split(k)  # rank order: the same merge on every rank
     total = parts[0].cpu()
     for p in parts[1:]:
         total = merge(total, p.cpu())

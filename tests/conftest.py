@@ -37,3 +37,15 @@ def tiny_model_path(tmp_path_factory, smollm2_path, tokenizer) -> str:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory, tiny_model_path) -> str:
+    """The reference run of the end-to-end tests (tests/e2e_common.COMMON on 2 ranks, uninterrupted):
+    made once per session, compared against by test_e2e.py and test_faults.py."""
+    from tests.e2e_common import COMMON, launch
+
+    out = str(tmp_path_factory.mktemp("runs"))
+    launch("train.sh", ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON,
+                        f"output.dir={out}", "output.name=straight"])
+    return os.path.join(out, "straight")

@@ -1,7 +1,9 @@
 """The real recipe through the real launchers: 2 ranks on gloo, a tiny model,
-the embedded chitchat corpus (prepared once, packed rows). Straight run vs
-interrupted + resumed run, on the same and on another number of ranks,
-export reloaded with plain transformers, MPI launch."""
+the embedded chitchat corpus (prepared once, packed rows, 2% held out for
+validation). Straight run vs the same command stopped and repeated, vs
+resumes on another number of ranks; validation vs resure_ds.eval on the
+export; export reloaded with plain transformers; MPI and SLURM launches.
+Faults (killed ranks, killed saves, two nodes) are in test_faults.py."""
 import json
 import os
 import shutil
@@ -12,50 +14,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
+from tests.e2e_common import COMMON, EXIT_RESUME, assert_same_training, audit, env, launch, metrics
 
 pytestmark = pytest.mark.slow  # real multi-process runs: minutes
-
-PREPARED = os.path.join(ROOT, "runs", ".test-prepared")  # one prepare serves the module's runs
-COMMON = ["train.max_steps=6", "data.max_length=128", "train.micro_batch_size=2", "resure.min_count=4",
-          "checkpoint.every=0", "output.tensorboard=true", f"data.prepared_dir={PREPARED}"]
-
-
-def env():
-    e = dict(os.environ)
-    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
-    e["PYTHON"] = sys.executable
-    e["NUM_PROCS"] = "2"
-    e.pop("MASTER_PORT", None)
-    return e
-
-
-def launch(script, args, timeout=600, extra_env=None):
-    out = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], cwd=ROOT,
-                         env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    return out
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(ln) for ln in f]
-
-
-def audit(run_dir):
-    rows = []
-    for name in sorted(os.listdir(os.path.join(run_dir, "audit"))):
-        with open(os.path.join(run_dir, "audit", name), encoding="utf-8") as f:
-            rows += [json.loads(ln) for ln in f]
-    return sorted(rows, key=lambda r: (r["step"], r["dialogue_id"], r["turn"]))
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, tiny_model_path):
-    out = str(tmp_path_factory.mktemp("runs"))
-    launch("train.sh", ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON,
-                        f"output.dir={out}", "output.name=straight"])
-    return os.path.join(out, "straight")
-
 
 def test_straight_run_outputs(straight):
     rows = metrics(straight)
@@ -65,9 +26,10 @@ def test_straight_run_outputs(straight):
     assert fields <= set(rows[-1])
     assert min(r["mean_weight"] for r in rows) < 1.0  # weighting became active after warm-up
     assert rows[-1]["bucket_n"][0] > 0
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]  # eval.every=3, and the end
     with open(os.path.join(straight, "summary.txt"), encoding="utf-8") as f:
         summary = f.read()
-    assert "final loss" in summary and "no_assistant_turn=3150" in summary
+    assert "final loss" in summary and "no_assistant_turn=3150" in summary and "validation loss at step 6" in summary
     assert all(r["source"] == "chitchat" for r in audit(straight))
     assert os.path.getsize(os.path.join(straight, "training.png")) > 10000
     assert os.listdir(os.path.join(straight, "tensorboard"))
@@ -85,8 +47,8 @@ def stopped(straight, tiny_model_path):
             args = ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, f"output.dir={out}",
                     f"train.micro_batch_size={4 // ranks}"]
             first = launch("train.sh", [*args, f"output.name=stopped{ranks}", "train.stop_after=3"],
-                           extra_env={"NUM_PROCS": str(ranks)})
-            assert "stopped at step 3 of 6" in first.stderr
+                           extra_env={"NUM_PROCS": str(ranks)}, status=EXIT_RESUME)
+            assert "stopped at step 3 of 6 (train.stop_after)" in first.stderr
             made[ranks] = os.path.join(out, f"stopped{ranks}")
         shutil.copytree(made[ranks], os.path.join(out, name))
         return os.path.join(out, name), ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON,
@@ -95,20 +57,36 @@ def stopped(straight, tiny_model_path):
     return get
 
 
-def test_interrupted_and_resumed_run_matches_straight_run(straight, stopped):
-    run, args = stopped(2, "resumed")
-    second = launch("train.sh", args)
-    assert "at step 3" in second.stderr
-    a, b = metrics(straight), metrics(run)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    for ra, rb in zip(a[3:], b[3:]):
-        for k in ("loss", "weighted_loss", "mean_weight", "frac_w_lt_1", "bucket_n", "bucket_mean", "bucket_std"):
-            assert ra[k] == pytest.approx(rb[k], rel=1e-9, nan_ok=True), (ra["step"], k)
-    wa = [(r["dialogue_id"], r["turn"], r["weight"], r["loss"]) for r in audit(straight) if r["step"] > 3]
-    wb = [(r["dialogue_id"], r["turn"], r["weight"], r["loss"]) for r in audit(run) if r["step"] > 3]
-    assert wa and [x[:2] for x in wa] == [x[:2] for x in wb]  # the same turns, in the same steps
-    for x, y in zip(wa, wb):
-        assert x[2] == pytest.approx(y[2], rel=1e-9) and x[3] == pytest.approx(y[3], rel=1e-9)
+def test_same_command_three_times_finishes_like_a_straight_run(straight, tiny_model_path):
+    """A requeue loop: stop_after counts from where each invocation starts, so three runs of one
+    command (2 + 2 + 2 steps of 6) finish the job, with exit status 75, 75, 0."""
+    out = os.path.dirname(straight)
+    args = ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, f"output.dir={out}",
+            "output.name=thrice", "train.stop_after=2"]
+    legs = [launch("train.sh", args, status=s) for s in (EXIT_RESUME, EXIT_RESUME, 0)]
+    assert "stopped at step 2 of 6" in legs[0].stderr
+    assert "at step 2 (rows" in legs[1].stderr and "stopped at step 4 of 6" in legs[1].stderr
+    assert "at step 4 (rows" in legs[2].stderr and "final loss" in legs[2].stdout
+    assert_same_training(straight, os.path.join(out, "thrice"))
+
+
+def test_validation_equals_eval_of_the_export(straight):
+    """The last validation pass (all ranks, all-reduced) equals resure_ds.eval on the fp32 export
+    over the same held-out split, per turn depth, within 1e-4."""
+    row = [r for r in metrics(straight) if "val_loss" in r][-1]
+    out = subprocess.run([sys.executable, "-m", "resure_ds.eval", os.path.join(straight, "export"), "chitchat",
+                          "--max-length", "128", "--holdout", "0.02"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ref = json.loads(out.stdout)
+    assert ref["dialogues"] == row["val_dialogues"] and ref["turns"] == row["val_turns"]
+    assert ref["tokens"] == row["val_tokens"]
+    assert abs(ref["loss"] - row["val_loss"]) < 1e-4 and abs(ref["turn_loss"] - row["val_turn_loss"]) < 1e-4
+    depths = sorted(int(t) for t in ref["per_depth"])
+    assert depths == list(range(len(row["val_depth_loss"]))) and len(depths) > 1
+    for t in depths:
+        assert abs(ref["per_depth"][str(t)]["loss"] - row["val_depth_loss"][t]) < 1e-4, t
+        assert ref["per_depth"][str(t)]["turns"] == row["val_depth_turns"][t], t
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
@@ -122,8 +100,9 @@ def test_resume_on_another_number_of_ranks(straight, stopped, before, after):
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and [r["rows_seen"] for r in b] == [4, 8, 12, 16, 20, 24]
     for ra, rb in zip(a, b):
         assert ra["bucket_n"] == rb["bucket_n"], ra["step"]  # the same turns merged, step by step
-        for k in ("loss", "weighted_loss", "mean_weight", "bucket_mean", "bucket_std", "lr"):
-            assert ra[k] == pytest.approx(rb[k], rel=1e-5, nan_ok=True), (ra["step"], k)
+        for k in ("loss", "weighted_loss", "mean_weight", "bucket_mean", "bucket_std", "lr", "val_loss"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5, nan_ok=True), (ra["step"], k)
     turns = lambda r: sorted((x["step"], x["dialogue_id"], x["turn"]) for x in audit(r) if x["step"] > 3)  # noqa: E731
     assert turns(straight) and turns(straight) == turns(run)
     assert len(os.listdir(os.path.join(run, "audit"))) == after
@@ -144,8 +123,8 @@ def test_export_loads_with_plain_transformers(straight, tiny_model_path):
     new = load_file(os.path.join(straight, "export", "model.safetensors"))
     old = load_file(os.path.join(tiny_model_path, "model.safetensors"))
     key = "model.layers.0.mlp.down_proj.weight"
-    assert new[key].dtype == torch.bfloat16
-    assert not torch.equal(new[key].float(), old[key].bfloat16().float())  # training moved the weights
+    assert new[key].dtype == torch.float32  # checkpoint.export_dtype=fp32 (the mpirun test checks bf16)
+    assert not torch.equal(new[key], old[key])  # training moved the weights
 
 
 def test_report_lists_downweighted_turns_with_text(straight):
@@ -185,24 +164,40 @@ def test_mpirun_launch_zero2_loss_truncation(tmp_path, tiny_model_path):
     rows = metrics(os.path.join(tmp_path, "mpi"))
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["bucket_n"][0] > 0 for r in rows)
-    assert os.path.exists(os.path.join(tmp_path, "mpi", "export", "model.safetensors"))
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(tmp_path, "mpi", "export", "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}  # checkpoint.export_dtype default
 
 
-def test_slurm_script_single_node_zero0_sft(tmp_path, tiny_model_path):
-    """slurm.sbatch on a one-node allocation: a local launch, no ssh needed. (Multi-node needs a
-    second machine: the hostfile path is the DeepSpeed launcher's own.)"""
+def test_slurm_script_single_node_zero0_sft_requeues_on_stop(tmp_path, tiny_model_path):
+    """slurm.sbatch on a one-node allocation: a local launch, no ssh needed. A leg that stops early
+    (exit 75) requeues the job; the requeued job finishes it. (Multi-node needs a second machine:
+    the hostfile path is the DeepSpeed launcher's own; test_faults.py runs two launchers, one per
+    "node", on this machine.)"""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
+    calls = tmp_path / "scontrol.log"
+    (fake / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n'
+                                   '[[ "$1" == show ]] && echo localhost\nexit 0\n')
     (fake / "scontrol").chmod(0o755)
-    out = subprocess.run(
-        ["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "recipes/default.yaml",
-         f"model.path={tiny_model_path}", "train.max_steps=2", "train.zero_stage=0", "train.method=sft",
-         "data.max_length=96", "checkpoint.export=false", f"output.dir={tmp_path}", "output.name=slurm"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**env(), "PATH": f"{fake}{os.pathsep}{env()['PATH']}", "SLURM_JOB_NODELIST": "localhost",
-             "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "2"})
-    assert out.returncode == 0, out.stderr[-5000:]
-    assert "dist_world_size=2" in out.stdout + out.stderr  # the launcher logs to stdout
+
+    def job():
+        return subprocess.run(
+            ["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "recipes/default.yaml",
+             f"model.path={tiny_model_path}", "train.max_steps=2", "train.stop_after=1", "train.zero_stage=0",
+             "train.method=sft", "data.max_length=96", "checkpoint.export=false", f"output.dir={tmp_path}",
+             "output.name=slurm"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600,
+            env={**env(), "PATH": f"{fake}{os.pathsep}{env()['PATH']}", "SLURM_JOB_NODELIST": "localhost",
+                 "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "2"})
+
+    first = job()
+    assert first.returncode == EXIT_RESUME, first.stderr[-5000:]
+    assert "dist_world_size=2" in first.stdout + first.stderr  # the launcher logs to stdout
+    assert "requeue 42" in calls.read_text()
+    second = job()
+    assert second.returncode == 0, second.stderr[-5000:]
+    assert calls.read_text().count("requeue") == 1  # a finished job is not requeued
     rows = metrics(os.path.join(tmp_path, "slurm"))
     assert [r["step"] for r in rows] == [1, 2] and all(r["mean_weight"] == 1.0 for r in rows)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .collate import collate
+from .holdout import held_out
 from .plan import Cursor, Plan
 from .shards import PreparedSource
 
@@ -35,20 +36,31 @@ class Corpus:
         s = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return s, self.sources[s].row(int(i - self.offsets[s]))
 
+    def split(self, fraction: float) -> tuple[list[np.ndarray], np.ndarray]:
+        """(per source: local indices kept for training; global indices held out for validation)."""
+        keep, out = [], []
+        for s, src in enumerate(self.sources):
+            mask = held_out(src.dialogue_ids(), fraction)
+            keep.append(np.flatnonzero(~mask).astype(np.int64))
+            out.append(np.flatnonzero(mask).astype(np.int64) + self.offsets[s])
+        return keep, np.concatenate(out) if out else np.zeros(0, np.int64)
+
 
 class RankBatches(torch.utils.data.IterableDataset):
     """Infinite stream of this rank's collated micro-batches from `cursor` on."""
 
     def __init__(self, folders: list[str], weights: list[float], seed: int, max_length: int, packing: bool,
-                 window: int, rank: int, world: int, micro_batch: int, pad_id: int, cursor: Cursor):
+                 window: int, rank: int, world: int, micro_batch: int, pad_id: int, cursor: Cursor,
+                 holdout: float | None = None):
         super().__init__()
         self.folders, self.weights, self.seed = folders, weights, seed
         self.max_length, self.packing, self.window = max_length, packing, window
         self.rank, self.world, self.micro_batch, self.pad_id = rank, world, micro_batch, pad_id
-        self.cursor = cursor
+        self.cursor, self.holdout = cursor, holdout
 
     def plan(self, corpus: Corpus) -> Plan:
-        return Plan(corpus.lengths(), self.weights, self.seed, self.max_length, self.packing, self.window)
+        keep = corpus.split(self.holdout)[0] if self.holdout else None
+        return Plan(corpus.lengths(), self.weights, self.seed, self.max_length, self.packing, self.window, keep)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -73,6 +85,16 @@ def corpus_rows(corpus: Corpus, row: np.ndarray) -> list:
     return [corpus.row(int(i)) for i in row]
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """A scheduler's SIGTERM/SIGUSR1 reaches every process of the job; the training process turns
+    it into a checkpoint at the next step, and its loader workers must outlive that (they exit with
+    it, or when it dies)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_loader(ds: RankBatches, num_workers: int, prefetch: int, pin_memory: bool):
     """An iterator of batches; with workers, built ahead in background processes."""
     if num_workers == 0:
@@ -81,5 +103,5 @@ def make_loader(ds: RankBatches, num_workers: int, prefetch: int, pin_memory: bo
         ds, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch, pin_memory=pin_memory,
         # spawn: a fresh interpreter maps the shards itself; no fork of a process holding
         # communication threads
-        multiprocessing_context="spawn", persistent_workers=False)
+        multiprocessing_context="spawn", persistent_workers=False, worker_init_fn=_ignore_stop_signals)
     return iter(loader)

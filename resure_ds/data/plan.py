@@ -13,6 +13,9 @@ packing, each window's dialogues are packed into rows of at most
 max_length tokens (best-fit decreasing: dense rows), and the rows are
 shuffled within the window; without packing, every dialogue is its own row.
 
+A held-out validation split (data.eval as a fraction) enters as `keep`: the
+indices of each source that may be drawn; held-out dialogues never are.
+
 Cursor: (epoch, window, rows consumed in the window) and the rows consumed
 since the start. Restoring it computes one permutation and one window:
 O(1) in the position, no replay. A micro-step takes the next world x
@@ -78,13 +81,14 @@ def pack(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 class Plan:
     def __init__(self, lengths: list[np.ndarray], weights: list[float], seed: int, max_length: int,
-                 packing: bool, window: int):
-        self.sizes = [len(x) for x in lengths]
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+                 packing: bool, window: int, keep: list[np.ndarray] | None = None):
+        self.keep = keep if keep is not None else [np.arange(len(x), dtype=np.int64) for x in lengths]
+        self.sizes = [len(k) for k in self.keep]  # drawable dialogues per source
+        self.offsets = np.concatenate([[0], np.cumsum([len(x) for x in lengths])]).astype(np.int64)
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
         self.weights, self.seed = list(weights), seed
         self.max_length, self.packing, self.window = max_length, packing, window
-        self.total = int(self.offsets[-1])
+        self.total = sum(self.sizes)
         self.quota = quotas(self.sizes, self.weights)
         self.windows_per_epoch = -(-self.total // window)
         self._order: tuple[int, np.ndarray] | None = None
@@ -96,7 +100,7 @@ class Plan:
         while q > 0:
             cycle, off = divmod(start, n)
             take = min(q, n - off)
-            out.append(_rng(self.seed, _DRAW, src, cycle).permutation(n)[off:off + take])
+            out.append(self.keep[src][_rng(self.seed, _DRAW, src, cycle).permutation(n)[off:off + take]])
             start, q = start + take, q - take
         return np.concatenate(out) + self.offsets[src] if out else np.zeros(0, np.int64)
 

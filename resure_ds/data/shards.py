@@ -182,6 +182,9 @@ class PreparedSource:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def dialogue_ids(self) -> list[str]:
+        return [x for c in self.chunks for x in c.ids.to_pylist()]
+
     def row(self, i: int) -> Row:
         c = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return self.chunks[c].row(int(i - self.offsets[c]))

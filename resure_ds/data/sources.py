@@ -227,6 +227,13 @@ def units_of(src: Source) -> list[Unit]:
 
 
 # -- reading a unit --------------------------------------------------------------
+MAX_RECORD_BYTES = 64 << 20  # one JSONL line; far beyond any dialogue that fits a training row
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _parse_line(raw: bytes) -> Any:
     """One JSONL line -> record, or an InvalidRecord saying what is wrong with it."""
     try:
@@ -236,11 +243,30 @@ def _parse_line(raw: bytes) -> Any:
     if not text.strip():
         return None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         return InvalidRecord("malformed_json", f"malformed JSON ({e.msg} at column {e.colno})")
+    except ValueError as e:  # NaN / Infinity: Python's json reads them, no other JSON reader does
+        return InvalidRecord("malformed_json", f"malformed JSON ({e})")
     except RecursionError:
         return InvalidRecord("malformed_json", "JSON nested too deeply")
+
+
+def _lines(f) -> Iterator[tuple[bytes | None, int]]:
+    """(line, its length in bytes) of a binary file; None for a line over MAX_RECORD_BYTES, which
+    is skipped in bounded pieces instead of being held in memory."""
+    while True:
+        raw = f.readline(MAX_RECORD_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) <= MAX_RECORD_BYTES or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        n = len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(1 << 20)
+            n += len(raw)
+        yield None, n
 
 
 def _read_jsonl(u: Unit) -> Iterator[tuple[str, Any]]:
@@ -249,11 +275,12 @@ def _read_jsonl(u: Unit) -> Iterator[tuple[str, Any]]:
         if u.fmt == "jsonl":
             f.seek(u.start)
         pos, line = u.start, u.base
-        for raw in f:
+        for raw, n in _lines(f):
             if u.fmt == "jsonl" and pos >= u.stop:
                 break
-            pos += len(raw)
-            rec = _parse_line(raw)
+            pos += n
+            rec = _parse_line(raw) if raw is not None else InvalidRecord(
+                "huge_record", f"the line is {n:,} bytes, over the {MAX_RECORD_BYTES >> 20} MiB a record may take")
             if rec is not None:
                 yield f"line {line}", rec
             line += 1

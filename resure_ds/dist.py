@@ -1,0 +1,84 @@
+"""Every collective the recipe makes, in one small module that imports only torch.
+
+Statistics (welford.py), the loss histogram (quantile.py), the step's token
+count and metrics (train.py) and validation (validate.py) all go through
+here. Outside a process group (unit tests, one process) every call is the
+identity, so the core stays importable and testable without DeepSpeed.
+
+Collectives on the gloo backend (CPU) run on CPU tensors; on NCCL they need
+the accelerator's device, which the caller passes (``device``). The group's
+timeout (``dist.timeout``) bounds how long a rank waits in any collective
+for a peer that died: see README "Operating the recipe".
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def print0(*args) -> None:
+    """A line on stderr from rank 0 only."""
+    if rank() == 0:
+        print("[resure_ds]", *args, file=sys.stderr, flush=True)
+
+
+def barrier() -> None:
+    if active() and world() > 1:
+        dist.barrier()
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Sum over ranks (a sync point); returns a CPU tensor."""
+    if not active() or world() == 1:
+        return t.detach().cpu().clone()
+    t = t.detach().to(_device(device)).clone()
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+def all_reduce_dict(values: dict, op: str = "sum", device: torch.device | str | None = None) -> dict[str, float]:
+    """Reduce named scalars (numbers or 0-d tensors) over ranks in one collective, by name: every
+    rank passes the same keys, in any order. op: sum or max. One device-to-host copy at the end."""
+    keys = sorted(values)
+    dev = _device(device) if active() and world() > 1 else torch.device("cpu")
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(dev).reshape(()) for k in keys])
+    if active() and world() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+def all_gather_cat(t: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Every rank's tensor of one shape, concatenated along dim 0 in rank order (a CPU tensor)."""
+    if not active() or world() == 1:
+        return t.detach().cpu().clone()
+    t = t.detach().to(_device(device)).contiguous()
+    parts = [torch.empty_like(t) for _ in range(world())]
+    dist.all_gather(parts, t)
+    return torch.cat([p.cpu() for p in parts])
+
+
+def broadcast_object(obj, src: int = 0):
+    """rank src's picklable object on every rank."""
+    if not active() or world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,63 @@
+"""Helpers of the end-to-end tests: launch the real scripts, read a run's outputs, compare runs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+PREPARED = os.path.join(ROOT, "runs", ".test-prepared")  # one prepare serves the module's runs
+COMMON = ["train.max_steps=6", "data.max_length=128", "train.micro_batch_size=2", "resure.min_count=4",
+          "checkpoint.every=0", "output.tensorboard=true", f"data.prepared_dir={PREPARED}",
+          "data.eval=0.02", "eval.every=3", "eval.micro_batch_size=32", "checkpoint.export_dtype=fp32"]
+EXIT_RESUME = 75
+
+
+def env():
+    e = dict(os.environ)
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
+    e["PYTHON"] = sys.executable
+    e["NUM_PROCS"] = "2"
+    e.pop("MASTER_PORT", None)
+    return e
+
+
+def launch(script, args, timeout=600, extra_env=None, status=0):
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], cwd=ROOT,
+                         env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout)
+    if status is not None:  # None: any status (the caller checks)
+        assert out.returncode == status, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+def assert_same_training(a_dir, b_dir, from_step=0, rel=1e-9):
+    """Steps after from_step: the same losses, weights, statistics and validation; the same turns
+    with the same weights in the audit."""
+    a, b = metrics(a_dir), metrics(b_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a[from_step:], b[from_step:]):
+        assert set(ra) == set(rb), ra["step"]
+        for k in ("loss", "weighted_loss", "mean_weight", "frac_w_lt_1", "bucket_n", "bucket_mean", "bucket_std",
+                  "lr", "val_loss", "val_depth_loss"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=rel, nan_ok=True), (ra["step"], k)
+    wa = [(r["dialogue_id"], r["turn"], r["weight"], r["loss"]) for r in audit(a_dir) if r["step"] > from_step]
+    wb = [(r["dialogue_id"], r["turn"], r["weight"], r["loss"]) for r in audit(b_dir) if r["step"] > from_step]
+    assert wa and [x[:2] for x in wa] == [x[:2] for x in wb]  # the same turns, in the same steps
+    for x, y in zip(wa, wb):
+        assert x[2] == pytest.approx(y[2], rel=rel) and x[3] == pytest.approx(y[3], rel=rel)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(ln) for ln in f]
+
+
+def audit(run_dir):
+    rows = []
+    for name in sorted(os.listdir(os.path.join(run_dir, "audit"))):
+        with open(os.path.join(run_dir, "audit", name), encoding="utf-8") as f:
+            rows += [json.loads(ln) for ln in f]
+    return sorted(rows, key=lambda r: (r["step"], r["dialogue_id"], r["turn"]))

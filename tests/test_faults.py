@@ -1,0 +1,130 @@
+"""Faults under the real launchers (2 ranks on gloo, the tiny model, the e2e recipe): a rank killed
+mid-step, a rank killed inside a checkpoint save, a stop signal, and a two-"node" run (two
+launchers on this machine, one rank each, over loopback). Each job ends within a bounded time, and
+the same command then resumes and trains exactly as the straight run did."""
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e_common import COMMON, EXIT_RESUME, assert_same_training, env, launch, metrics
+
+pytestmark = pytest.mark.slow  # real multi-process runs: minutes
+
+
+def args_for(tiny_model_path, out, name, *extra):
+    return ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, f"output.dir={out}",
+            f"output.name={name}", *extra]
+
+
+def test_rank_killed_mid_step_ends_the_job_and_the_same_command_resumes(straight, tiny_model_path, tmp_path):
+    """RESURE_FAULT kills rank 1 with SIGKILL in the middle of step 5 (after its forward): the job
+    exits non-zero well within dist.timeout; the repeated command resumes from step 4."""
+    args = args_for(tiny_model_path, tmp_path, "killed", "checkpoint.every=2", "dist.timeout=60")
+    t0 = time.monotonic()
+    first = launch("train.sh", args, extra_env={"RESURE_FAULT": "step:5:1"}, status=None)
+    elapsed = time.monotonic() - t0
+    assert first.returncode != 0 and "killing rank 1 during the step of step 5" in first.stderr
+    assert elapsed < 240, elapsed  # start-up (about a minute here) + the launcher's 30 s grace at most
+    run = os.path.join(tmp_path, "killed")
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    second = launch("train.sh", args)
+    assert "resumed from" in second.stderr and "step0000004 at step 4" in second.stderr
+    assert_same_training(straight, run)
+
+
+def test_rank_killed_during_a_save_resumes_from_the_previous_checkpoint(straight, tiny_model_path, tmp_path):
+    """Rank 1 dies inside the save of step 4 (after DeepSpeed wrote its files, before the publish):
+    step 4 stays unpublished (.saving), `latest` still names step 2, and a resume starts there."""
+    args = args_for(tiny_model_path, tmp_path, "torn", "checkpoint.every=2", "dist.timeout=60")
+    first = launch("train.sh", args, extra_env={"RESURE_FAULT": "save:4:1"}, status=None)
+    assert first.returncode != 0
+    ckpts = os.path.join(tmp_path, "torn", "checkpoints")
+    assert {"step0000002", "step0000004.saving"} <= set(os.listdir(ckpts))
+    assert "step0000004" not in os.listdir(ckpts)
+    with open(os.path.join(ckpts, "latest"), encoding="utf-8") as f:
+        assert f.read() == "step0000002"
+    second = launch("train.sh", args)
+    assert "step0000002 at step 2" in second.stderr
+    assert not any(n.endswith(".saving") for n in os.listdir(ckpts))  # the torn save was cleared
+    assert_same_training(straight, os.path.join(tmp_path, "torn"))
+
+
+def test_damaged_checkpoint_is_named_on_resume(straight, tiny_model_path, tmp_path):
+    """A published checkpoint whose file was truncated afterwards: resume refuses it by name."""
+    src = os.path.join(os.path.dirname(straight), "straight", "checkpoints")
+    run = tmp_path / "damaged"
+    shutil.copytree(src, run / "checkpoints")
+    tag = sorted(n for n in os.listdir(run / "checkpoints") if n.startswith("step"))[-1]
+    victim = run / "checkpoints" / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(victim, "r+b") as f:
+        f.truncate(100)
+    out = launch("train.sh", args_for(tiny_model_path, tmp_path, "damaged"), status=2)
+    assert f"checkpoint {run / 'checkpoints' / tag} is damaged" in out.stderr
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt has 100 bytes" in out.stderr
+
+
+def test_stop_signal_saves_and_exits_75(straight, tiny_model_path, tmp_path):
+    """SIGUSR1 to one rank (what slurm.sbatch forwards): every rank stops at the next step
+    boundary with a checkpoint and status 75; the same command finishes like the straight run."""
+    args = args_for(tiny_model_path, tmp_path, "signalled")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "train.sh"), *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_path = os.path.join(tmp_path, "signalled", "metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while not (os.path.exists(metrics_path) and open(metrics_path, encoding="utf-8").read().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+        time.sleep(0.05)
+    os.kill(rank_pid(1, "output.name=signalled"), signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_RESUME, err[-4000:]
+    assert "(a signal (SIGTERM/SIGUSR1)); checkpoint saved" in err
+    done = [r["step"] for r in metrics(os.path.join(tmp_path, "signalled"))]
+    assert 1 <= len(done) < 6
+    launch("train.sh", args)
+    assert_same_training(straight, os.path.join(tmp_path, "signalled"))
+
+
+def rank_pid(rank: int, marker: str) -> int:
+    """The training process of a rank, found by its command line and RANK in its environment."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if "resure_ds.train" in cmd and marker in cmd and f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no process of rank {rank} with {marker}")
+
+
+def test_two_nodes_over_loopback_train_save_and_resume(straight, tiny_model_path, tmp_path):
+    """Two launchers (NODE_RANK 0 and 1, a two-host hostfile, no ssh), one rank each: the same
+    global run as 2 local ranks. Stopped after 3 steps, then the same pair of commands finishes."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    args = args_for(tiny_model_path, tmp_path, "twonode", "train.stop_after=3")
+    from tests.dist import free_port
+
+    def pair():
+        port = str(free_port())
+        procs = [subprocess.Popen(["bash", os.path.join(ROOT, "launch", "train.sh"), *args], cwd=ROOT,
+                                  env={**env(), "HOSTFILE": str(hostfile), "NODE_RANK": str(n),
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        return [p.returncode for p in procs], outs
+
+    codes, outs = pair()
+    assert codes == [EXIT_RESUME, EXIT_RESUME], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in outs[1][0] + outs[1][1]
+    codes, outs = pair()
+    assert codes == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "at step 3 (rows" in outs[0][1]
+    assert_same_training(straight, os.path.join(tmp_path, "twonode"))
