@@ -36,6 +36,12 @@ def print0(*args) -> None:
         print("[resure_ds]", *args, file=sys.stderr, flush=True)
 
 
+def destroy() -> None:
+    """Leave the process group (a clean exit; after a failure, leave without it: see train._fail)."""
+    if active():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if active() and world() > 1:
         dist.barrier()

@@ -13,9 +13,9 @@ import shutil
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from . import dist
 from .config import Config
 
 
@@ -26,7 +26,7 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
 
     port = int(os.environ.get("MASTER_PORT", "29500"))
     deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, timeout=timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size()
+    return dist.rank(), dist.world()
 
 
 def device() -> torch.device:
@@ -130,7 +130,7 @@ class Engine:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=conf,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-        self.world = dist.get_world_size()
+        self.world = dist.world()
 
     @property
     def module(self):
@@ -212,7 +212,7 @@ class Engine:
         checkpoint.export_dtype."""
         sd = self._full_state_dict()  # collective: every rank calls
         dtype = torch.bfloat16 if self.cfg.checkpoint.export_dtype == "bf16" else torch.float32
-        if dist.get_rank() == 0:
+        if dist.rank() == 0:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
             # The gathered dict holds tied weights (lm_head = embeddings) twice; keep one copy.
             for key in getattr(self.module, "all_tied_weights_keys", None) or {}:

@@ -73,11 +73,12 @@ def resolve_model_path(path: str) -> str:
     return out
 
 
-def load_tokenizer(model_path: str, chat_template: str | None = None):
-    """The model's tokenizer, with an optional template override and eos as pad where none is set."""
+def load_tokenizer(model_path: str, chat_template: str | None = None, trust_remote_code: bool = False):
+    """The model's tokenizer, with an optional template override and eos as pad where none is set.
+    Code shipped in the model folder runs only with trust_remote_code (model.trust_remote_code)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if chat_template:
         tok.chat_template = chat_template
     if tok.pad_token_id is None:

@@ -91,12 +91,13 @@ def source_key(src: Source, fps: dict, cfg: Config) -> str:
 _W: dict = {}
 
 
-def _init_worker(model_path: str, chat_template: str | None, max_length: int, skip_invalid: bool, queue) -> None:
+def _init_worker(model_path: str, chat_template: str | None, trust_remote_code: bool, max_length: int,
+                 skip_invalid: bool, queue) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; the pool is the parallelism
     from .data.render import Renderer
     from .models import load_tokenizer
 
-    _W.update(renderer=Renderer(load_tokenizer(model_path, chat_template), max_length),
+    _W.update(renderer=Renderer(load_tokenizer(model_path, chat_template, trust_remote_code), max_length),
               skip=skip_invalid, tick=queue.put if queue is not None else None)
 
 
@@ -160,8 +161,8 @@ def _run_units(todo: list[tuple[Unit, int, str]], workers: int, model_path: str,
         ctx = mp.get_context("spawn")  # no fork of a process holding tokenizer threads
         queue = ctx.Queue()
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                 initargs=(model_path, cfg.model.chat_template, cfg.data.max_length,
-                                           cfg.data.skip_invalid, queue)) as pool:
+                                 initargs=(model_path, cfg.model.chat_template, cfg.model.trust_remote_code,
+                                           cfg.data.max_length, cfg.data.skip_invalid, queue)) as pool:
             pending = {pool.submit(_prepare_unit_in_worker, job) for job in todo}
             try:
                 while pending:
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(*split_recipe_args(a.args))
         model_path = resolve_model_path(cfg.model.path)
-        tok = load_tokenizer(model_path, cfg.model.chat_template)
+        tok = load_tokenizer(model_path, cfg.model.chat_template, cfg.model.trust_remote_code)
         task = task_of_env() if a.tasks_from_env else (0, 1)
         found = ensure_prepared(cfg, tok, model_path, a.workers, task)
         found += [p for p in [ensure_eval_prepared(cfg, tok, model_path, a.workers, task)] if p is not None]

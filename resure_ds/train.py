@@ -97,7 +97,7 @@ def setup(cfg: Config) -> Run:
             json.dump(to_dict(cfg), f, indent=2)
     seed_all(cfg.train.seed + rank)
     model_path = resolve_model_path(cfg.model.path)  # file-locked: one rank converts, others wait
-    tok = load_tokenizer(model_path, cfg.model.chat_template)
+    tok = load_tokenizer(model_path, cfg.model.chat_template, cfg.model.trust_remote_code)
     t1 = time.perf_counter()
     # A cache hit when launch/train.sh prepared the data before starting the ranks; otherwise one
     # rank prepares (file-locked) while the others wait, before any collective.
@@ -425,10 +425,7 @@ def run_recipe(cfg: Config) -> Run:
 
 
 def cleanup() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,7 +102,8 @@ def test_resume_on_another_number_of_ranks(straight, stopped, before, after):
         assert ra["bucket_n"] == rb["bucket_n"], ra["step"]  # the same turns merged, step by step
         for k in ("loss", "weighted_loss", "mean_weight", "bucket_mean", "bucket_std", "lr", "val_loss"):
             if k in ra:
-                assert ra[k] == pytest.approx(rb[k], rel=1e-5, nan_ok=True), (ra["step"], k)
+                # fp32 rounding of other batch shapes (1 rank x 4 rows vs 2 x 2) before the stop
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6, nan_ok=True), (ra["step"], k)
     turns = lambda r: sorted((x["step"], x["dialogue_id"], x["turn"]) for x in audit(r) if x["step"] > 3)  # noqa: E731
     assert turns(straight) and turns(straight) == turns(run)
     assert len(os.listdir(os.path.join(run, "audit"))) == after
@@ -170,34 +171,49 @@ def test_mpirun_launch_zero2_loss_truncation(tmp_path, tiny_model_path):
     assert {v.dtype for v in weights.values()} == {torch.bfloat16}  # checkpoint.export_dtype default
 
 
-def test_slurm_script_single_node_zero0_sft_requeues_on_stop(tmp_path, tiny_model_path):
-    """slurm.sbatch on a one-node allocation: a local launch, no ssh needed. A leg that stops early
-    (exit 75) requeues the job; the requeued job finishes it. (Multi-node needs a second machine:
-    the hostfile path is the DeepSpeed launcher's own; test_faults.py runs two launchers, one per
+def test_slurm_script_single_node_zero0_sft_forwards_the_warning_and_requeues(tmp_path, tiny_model_path):
+    """slurm.sbatch on a one-node allocation: a local launch, no ssh needed. SIGUSR1 to the batch
+    script (what --signal=B:USR1@300 sends) reaches the ranks, which save and exit 75; the script
+    requeues the job, and the requeued job finishes it. (Multi-node needs a second machine: the
+    hostfile path is the DeepSpeed launcher's own; test_faults.py runs two launchers, one per
     "node", on this machine.)"""
+    import signal
+    import time
+
     fake = tmp_path / "bin"
     fake.mkdir()
     calls = tmp_path / "scontrol.log"
     (fake / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n'
                                    '[[ "$1" == show ]] && echo localhost\nexit 0\n')
     (fake / "scontrol").chmod(0o755)
+    run = os.path.join(tmp_path, "slurm")
 
     def job():
-        return subprocess.run(
+        return subprocess.Popen(
             ["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "recipes/default.yaml",
-             f"model.path={tiny_model_path}", "train.max_steps=2", "train.stop_after=1", "train.zero_stage=0",
-             "train.method=sft", "data.max_length=96", "checkpoint.export=false", f"output.dir={tmp_path}",
+             f"model.path={tiny_model_path}", "train.max_steps=20", "train.zero_stage=0", "train.method=sft",
+             "data.max_length=96", "checkpoint.export=false", "checkpoint.every=0", f"output.dir={tmp_path}",
              "output.name=slurm"],
-            cwd=ROOT, capture_output=True, text=True, timeout=600,
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**env(), "PATH": f"{fake}{os.pathsep}{env()['PATH']}", "SLURM_JOB_NODELIST": "localhost",
                  "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "2"})
 
     first = job()
-    assert first.returncode == EXIT_RESUME, first.stderr[-5000:]
-    assert "dist_world_size=2" in first.stdout + first.stderr  # the launcher logs to stdout
-    assert "requeue 42" in calls.read_text()
+    path = os.path.join(run, "metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while not (os.path.exists(path) and os.path.getsize(path) > 0):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-5000:]
+        time.sleep(0.02)
+    first.send_signal(signal.SIGUSR1)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == EXIT_RESUME, err[-5000:]
+    assert "dist_world_size=2" in out + err  # the launcher logs to stdout
+    assert "requeue 42" in calls.read_text() and "(a signal (SIGTERM/SIGUSR1))" in err
+    stopped_at = len(metrics(run))
+    assert 1 <= stopped_at < 20
     second = job()
-    assert second.returncode == 0, second.stderr[-5000:]
+    out, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err[-5000:]
     assert calls.read_text().count("requeue") == 1  # a finished job is not requeued
-    rows = metrics(os.path.join(tmp_path, "slurm"))
-    assert [r["step"] for r in rows] == [1, 2] and all(r["mean_weight"] == 1.0 for r in rows)
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 21)) and all(r["mean_weight"] == 1.0 for r in rows)

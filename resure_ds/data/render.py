@@ -62,6 +62,9 @@ class _Layout:
     tails: dict[int, str]           # assistant j -> text Q_j writes after its content
 
 
+_DROPPED = object()  # a dialogue skipped while re-rendering in full
+
+
 class Renderer:
     def __init__(self, tokenizer, max_length: int):
         if not getattr(tokenizer, "is_fast", False):
@@ -211,15 +214,18 @@ class Renderer:
         return len(d.messages)
 
     def prefix_spans(self, d: Dialogue, full: str) -> Iterator[tuple[int, int]]:
-        """The defining computation: render every prefix. Raises DataError for a template that is
-        not prefix-stable or rewrites an assistant message."""
+        """The defining computation: render every prefix. Raises InvalidRecord where the template
+        is not prefix-stable for this dialogue or rewrites an assistant message (a template may do
+        that only for some shapes, e.g. one that injects a default system prompt before a dialogue
+        that opens with an assistant message): a located error, or a counted skip."""
         for j, m in enumerate(d.messages):
             if m["role"] != "assistant":
                 continue
             p, q = self._template(d.messages[:j], True), self._template(d.messages[:j + 1], False)
             if not (q.startswith(p) and full.startswith(q)):
-                raise DataError(f"{d.where}: the chat template is not prefix-stable at message {j}, so "
-                                "assistant spans cannot be located; use a prefix-stable template")
+                raise InvalidRecord("template_unstable", f"the chat template is not prefix-stable at message {j} "
+                                    "of this dialogue, so its assistant spans cannot be located (does it open "
+                                    "with an assistant message?); or use a prefix-stable model.chat_template")
             seg = q[len(p):]
             content = m["content"]
             at = seg.find(content)
@@ -227,8 +233,8 @@ class Renderer:
                 content = content.strip()
                 at = seg.find(content)
             if at < 0:
-                raise DataError(f"{d.where}: the chat template rewrites assistant message {j}; "
-                                "its text is not in the rendering")
+                raise InvalidRecord("template_rewrites", f"the chat template rewrites assistant message {j}; "
+                                    "its text is not in the rendering")
             c_end = at + len(content)
             yield len(p) + at, len(p) + c_end + self._end_of_turn(seg[c_end:])
 
@@ -302,10 +308,19 @@ class Renderer:
         redo = [i for i, (ex, complete) in enumerate(zip(out, whole))
                 if not complete and (ex is None or len(ex.input_ids) < self.max_length)]
         if redo:
-            again = self.assemble_many([kept[i].dialogue_id for i in redo],
-                                       [self.pieces(kept[i], head=False)[0] for i in redo])
-            for i, ex in zip(redo, again):
+            pieces, ok = [], []
+            for i in redo:
+                try:
+                    pieces.append(self.pieces(kept[i], head=False)[0])
+                    ok.append(i)
+                except InvalidRecord as bad:
+                    if skipped is None:
+                        raise record_error(kept[i].where, bad) from None
+                    skipped[bad.kind] = skipped.get(bad.kind, 0) + 1
+                    out[i] = _DROPPED
+            for i, ex in zip(ok, self.assemble_many([kept[i].dialogue_id for i in ok], pieces)):
                 out[i] = ex
+            out = [ex for ex in out if ex is not _DROPPED]
         return out
 
     def assemble_many(self, ids: list[str], all_pieces: list[list[tuple[str, int]]]) -> list[Example | None]:

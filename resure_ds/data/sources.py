@@ -234,14 +234,17 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+BLANK = object()  # a blank line: not a record (a JSON `null` line is one, and is invalid)
+
+
 def _parse_line(raw: bytes) -> Any:
-    """One JSONL line -> record, or an InvalidRecord saying what is wrong with it."""
+    """One JSONL line -> record, BLANK, or an InvalidRecord saying what is wrong with it."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return InvalidRecord("bad_encoding", f"invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at byte {e.start}")
     if not text.strip():
-        return None
+        return BLANK
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
@@ -281,7 +284,7 @@ def _read_jsonl(u: Unit) -> Iterator[tuple[str, Any]]:
             pos += n
             rec = _parse_line(raw) if raw is not None else InvalidRecord(
                 "huge_record", f"the line is {n:,} bytes, over the {MAX_RECORD_BYTES >> 20} MiB a record may take")
-            if rec is not None:
+            if rec is not BLANK:
                 yield f"line {line}", rec
             line += 1
 

@@ -1,0 +1,78 @@
+"""Publish-then-rotate and the checks on resume, on real folders (DeepSpeed's files stood in for
+by files of the same names: the protocol looks only at names and sizes)."""
+import json
+import os
+
+import pytest
+
+from resure_ds import checkpoint as ckpt
+
+PROGRESS = {"step": 0, "cursor": {}, "world_size": 2, "data": [], "welford": {}}
+
+
+def stage(ckpt_dir, step, world=2, skip_rank=None):
+    tag = f"step{step:07d}"
+    folder = os.path.join(ckpt_dir, ckpt.staging(tag))
+    os.makedirs(folder, exist_ok=True)
+    for r in range(world):
+        with open(os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), "wb") as f:
+            f.write(b"x" * (100 + r))
+        if r != skip_rank:
+            ckpt.write_rank_state(ckpt_dir, ckpt.staging(tag), r, {"audit": {}, "rng": None})
+    return tag
+
+
+def test_publish_verify_rotate(tmp_path):
+    d = str(tmp_path)
+    for step in (2, 4, 6):
+        tag = stage(d, step)
+        assert ckpt.find(d, "auto") is None or ckpt.find(d, "auto").tag != tag  # staged: never resumed
+        ckpt.publish(d, tag, {**PROGRESS, "step": step}, world=2)
+        ckpt.rotate(d, keep_last=2)
+    assert sorted(os.listdir(d)) == ["latest", "step0000004", "step0000006"]
+    found = ckpt.find(d, "auto")
+    assert found.tag == "step0000006" and found.progress["step"] == 6
+    assert found.progress["files"]["zero_pp_rank_1_mp_rank_00_optim_states.pt"] == 101
+    with open(os.path.join(d, "latest"), encoding="utf-8") as f:
+        assert f.read() == "step0000006"
+
+
+def test_incomplete_stage_is_not_published(tmp_path):
+    d = str(tmp_path)
+    ckpt.publish(d, stage(d, 2), PROGRESS, world=2)
+    tag = stage(d, 4, skip_rank=1)
+    with pytest.raises(RuntimeError, match="rank_state_00001.json missing"):
+        ckpt.publish(d, tag, PROGRESS, world=2)
+    assert ckpt.find(d, "auto").tag == "step0000002"
+    ckpt.clear_staging(d)
+    assert sorted(os.listdir(d)) == ["latest", "step0000002"]
+
+
+def test_damaged_or_foreign_checkpoints_are_named(tmp_path):
+    d = str(tmp_path)
+    ckpt.publish(d, stage(d, 2), PROGRESS, world=2)
+    victim = os.path.join(d, "step0000002", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with open(victim, "wb") as f:
+        f.write(b"x")
+    with pytest.raises(FileNotFoundError, match="is damaged: zero_pp_rank_0_mp_rank_00_optim_states.pt has 1 "
+                                                "bytes, 100 were written"):
+        ckpt.find(d, "auto")
+    os.remove(victim)
+    with pytest.raises(FileNotFoundError, match="optim_states.pt missing"):
+        ckpt.find(d, os.path.join(d, "step0000002"))
+    with open(os.path.join(d, "step0000002", "progress.json"), "w", encoding="utf-8") as f:
+        json.dump({"step": 2}, f)
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        ckpt.find(d, "auto")
+    with open(os.path.join(d, "step0000002", "progress.json"), "w", encoding="utf-8") as f:
+        f.write("{not json")
+    with pytest.raises(FileNotFoundError, match="cannot be read"):
+        ckpt.find(d, "auto")
+
+
+def test_resume_state_is_json_only(tmp_path):
+    """Nothing of ours is a pickle: a checkpoint folder from elsewhere cannot run code through it."""
+    import inspect
+
+    src = inspect.getsource(ckpt)
+    assert "torch.load" not in src and "pickle" not in src
