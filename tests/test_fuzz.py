@@ -9,6 +9,7 @@ import pytest
 
 from resure_ds.data import sources
 from resure_ds.errors import DataError
+from tests.data_fixtures import OPENAI, SHAREGPT, write_jsonl
 from tests.e2e_common import launch, metrics
 from tests.test_prepare import cfg, prepare
 
@@ -106,13 +107,21 @@ def test_each_broken_kind_is_one_located_error(tmp_path, tiny_model_path, tokeni
 
 @pytest.mark.slow
 def test_training_over_the_fuzzed_corpus_completes(tmp_path, tiny_model_path):
+    """Also a validation source given as a path (data.eval), validated every step, the best kept."""
     path = tmp_path / "fuzz.jsonl"
     corpus(path, huge=False)
+    val = write_jsonl(tmp_path / "val.jsonl", OPENAI + SHAREGPT)
     launch("train.sh", ["recipes/default.yaml", f"model.path={tiny_model_path}", f"data.train={path}",
                         "data.skip_invalid=true", "train.max_steps=3", "data.max_length=96",
                         "train.micro_batch_size=2", "checkpoint.export=false", f"output.dir={tmp_path}",
-                        "output.name=fuzz"])
-    assert [r["step"] for r in metrics(os.path.join(tmp_path, "fuzz"))] == [1, 2, 3]
+                        "output.name=fuzz", f"data.eval={val}", "eval.every=1", "eval.keep_best=true"])
+    rows = metrics(os.path.join(tmp_path, "fuzz"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["val_dialogues"] == 3 and r["val_turns"] == 5 for r in rows)
+    with open(os.path.join(tmp_path, "fuzz", "best", "resure_best.json"), encoding="utf-8") as f:
+        best = json.load(f)
+    assert best["val_loss"] == min(r["val_loss"] for r in rows)
+    assert best["step"] == min(rows, key=lambda r: r["val_loss"])["step"]
     with open(os.path.join(tmp_path, "fuzz", "summary.txt"), encoding="utf-8") as f:
         summary = f.read()
-    assert "malformed_json=" in summary and "bad_encoding=" in summary
+    assert "malformed_json=" in summary and "bad_encoding=" in summary and "template_unstable=" in summary
