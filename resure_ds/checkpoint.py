@@ -41,11 +41,15 @@ import torch
 PROGRESS = "progress.json"
 
 
-def _write_json(path: str, obj) -> None:
+def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    _write_atomic(path, json.dumps(obj))
 
 
 def _read_json(path: str):
@@ -106,9 +110,8 @@ def write_rank_state(ckpt_dir: str, tag: str, rank: int, state: dict) -> None:
     _write_json(rank_state_path(ckpt_dir, tag, rank), state)
 
 
-def check_staged(folder: str, world: int) -> list[str]:
-    """Problems of a staged save: a rank's state missing, or an empty file."""
-    have = inventory(folder)
+def check_staged(have: dict[str, int], world: int) -> list[str]:
+    """Problems of a staged save (its inventory): a rank's state missing, or an empty file."""
     problems = [f"{rank_state_name(k)} missing" for k in range(world) if rank_state_name(k) not in have]
     problems += [f"{name} is empty" for name, size in have.items() if size == 0]
     if not any(n.endswith(".pt") for n in have):
@@ -119,17 +122,16 @@ def check_staged(folder: str, world: int) -> list[str]:
 def publish(ckpt_dir: str, tag: str, progress: dict, world: int) -> None:
     """Rank 0, after every rank wrote into <tag>.saving: verify, complete, rename, move `latest`."""
     tmp, final = os.path.join(ckpt_dir, staging(tag)), os.path.join(ckpt_dir, tag)
-    problems = check_staged(tmp, world)
+    have = inventory(tmp)
+    problems = check_staged(have, world)
     if problems:
         raise RuntimeError(f"checkpoint {tmp} is incomplete ({'; '.join(problems)}); it was not published, "
                            "the previous checkpoint stays the one a resume uses")
-    _write_json(os.path.join(tmp, PROGRESS), {**progress, "files": inventory(tmp)})
+    _write_json(os.path.join(tmp, PROGRESS), {**progress, "files": have})
     if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    with open(os.path.join(ckpt_dir, "latest.tmp"), "w", encoding="utf-8") as f:
-        f.write(tag)
-    os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
+    _write_atomic(os.path.join(ckpt_dir, "latest"), tag)
 
 
 def clear_staging(ckpt_dir: str) -> None:

@@ -79,12 +79,3 @@ def all_gather_cat(t: torch.Tensor, device: torch.device | str | None = None) ->
     parts = [torch.empty_like(t) for _ in range(world())]
     dist.all_gather(parts, t)
     return torch.cat([p.cpu() for p in parts])
-
-
-def broadcast_object(obj, src: int = 0):
-    """rank src's picklable object on every rank."""
-    if not active() or world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

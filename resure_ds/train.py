@@ -102,12 +102,16 @@ def setup(cfg: Config) -> Run:
     # A cache hit when launch/train.sh prepared the data before starting the ranks; otherwise one
     # rank prepares (file-locked) while the others wait, before any collective.
     prepared = ensure_prepared(cfg, tok, model_path, progress=rank == 0)
-    validation = open_validation(cfg, tok, model_path, prepared, rank)
+    # data.eval as a fraction: split once here (a hash of every dialogue id); the loader gets the
+    # indices training may draw, validation the rows held out.
+    corpus = Corpus([p.folder for p in prepared]) if holdout(cfg) else None
+    keep, held = corpus.split(holdout(cfg)) if corpus is not None else (None, None)
+    validation = open_validation(cfg, tok, model_path, corpus, held, rank)
     t2 = time.perf_counter()
     found = resume_point(cfg, ckpt_dir, prepared, rank, world)
     cursor = Cursor(**found.progress["cursor"]) if found is not None else Cursor()
     # The loader's workers start now, so their start-up overlaps the engine's.
-    batches = open_batches(cfg, prepared, rank, world, tok.pad_token_id, cursor)
+    batches = open_batches(cfg, prepared, rank, world, tok.pad_token_id, cursor, keep)
     engine = ds.Engine(cfg, model_path, universal=found is not None and found.universal)
     if cfg.data.packing and engine.packing_leaks(len(tok)) > PACKING_TOLERANCE:
         raise ConfigError(f"{model_path}: this model does not confine attention to each dialogue of a packed "
@@ -143,17 +147,22 @@ def resume_point(cfg: Config, ckpt_dir: str, prepared: list[Prepared], rank: int
     return found
 
 
-def open_validation(cfg: Config, tok, model_path: str, prepared: list[Prepared], rank: int) -> Validation | None:
-    """The validation rows: a prepared data.eval source, or the held-out fraction of the training
-    sources (in index order; every rank holds the same list and evaluates its share)."""
+def holdout(cfg: Config) -> float | None:
+    """data.eval as a held-out fraction of the training sources, else None."""
+    return cfg.data.eval if isinstance(cfg.data.eval, float) else None
+
+
+def open_validation(cfg: Config, tok, model_path: str, corpus: Corpus | None, held: np.ndarray | None,
+                    rank: int) -> Validation | None:
+    """The validation rows: a prepared data.eval source, or the held-out rows of the training
+    corpus (in index order; every rank holds the same list and evaluates its share)."""
     if cfg.data.eval is None:
         return None
-    if isinstance(cfg.data.eval, str):
+    if corpus is None:
         src = PreparedSource(ensure_eval_prepared(cfg, tok, model_path, progress=rank == 0).folder)
         rows = [src.row(i) for i in range(len(src))]
     else:
-        corpus = Corpus([p.folder for p in prepared])
-        rows = [corpus.row(int(i))[1] for i in corpus.split(cfg.data.eval)[1]]
+        rows = [corpus.row(int(i))[1] for i in held]
         if not rows:
             raise DataError(f"data.eval={cfg.data.eval}: no dialogue of the training data falls in the held-out "
                             "split; raise the fraction or give a validation source")
@@ -161,12 +170,12 @@ def open_validation(cfg: Config, tok, model_path: str, prepared: list[Prepared],
 
 
 def open_batches(cfg: Config, prepared: list[Prepared], rank: int, world: int, pad_id: int,
-                 cursor: Cursor) -> Iterator[dict]:
+                 cursor: Cursor, keep: list[np.ndarray] | None) -> Iterator[dict]:
     """This rank's batches from a global cursor on (background workers per data.num_workers)."""
     d, t = cfg.data, cfg.train
     ds_ = RankBatches([p.folder for p in prepared], [p.spec.weight for p in prepared], t.seed, d.max_length,
                       d.packing, d.pack_window, rank, world, t.micro_batch_size, pad_id, cursor,
-                      holdout=d.eval if isinstance(d.eval, float) else None)
+                      keep=keep)
     return make_loader(ds_, d.num_workers, d.prefetch, pin_memory=torch.cuda.is_available())
 
 
@@ -262,9 +271,9 @@ def train_step(run: Run) -> dict:
 def data_identity(cfg: Config, prepared: list[Prepared]) -> list[dict]:
     """What the data cursor points into: the prepared sources, their keys and weights, and the
     held-out validation fraction (it changes which dialogues are drawn)."""
-    holdout = cfg.data.eval if isinstance(cfg.data.eval, float) else None
+    frac = holdout(cfg)
     return [{"name": p.spec.label, "key": p.manifest.get("key", os.path.basename(p.folder)),
-             "weight": p.spec.weight, **({"holdout": holdout} if holdout else {})} for p in prepared]
+             "weight": p.spec.weight, **({"holdout": frac} if frac else {})} for p in prepared]
 
 
 def save_checkpoint(run: Run) -> None:
@@ -372,7 +381,7 @@ def train(run: Run) -> str | None:
 def validate(run: Run) -> dict:
     """Validation metrics for this step (every rank); a new best is exported when eval.keep_best."""
     t0 = time.perf_counter()
-    res = run.validation.run(run.engine)
+    res = run.validation.run(run.engine, ds.device())
     res["val_time_s"] = time.perf_counter() - t0
     if run.cfg.eval.keep_best and (run.best_val is None or res["val_loss"] < run.best_val):
         run.best_val = res["val_loss"]  # identical on every rank (all-reduced), so all export together

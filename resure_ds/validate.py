@@ -28,7 +28,8 @@ class Validation:
         self.dialogues = len(rows)
 
     @torch.no_grad()
-    def run(self, engine) -> dict:
+    def run(self, engine, device) -> dict:
+        """engine: train's ds.Engine; device: where the all-reduce runs (the accelerator's)."""
         rank, world, mb = dist.rank(), dist.world(), self.micro_batch
         per = world * mb
         sums = torch.zeros(self.depth, 4, dtype=torch.float64)
@@ -52,12 +53,8 @@ class Validation:
                     sums[:n, TURN_MEANS] += torch.where(t.count > 0, t.mean.double(), 0.0).sum(0).cpu()
         finally:
             engine.train(True)
-        total = dist.all_reduce_sum(sums.flatten(), device=engine_device(engine)).view(self.depth, 4).numpy()
+        total = dist.all_reduce_sum(sums.flatten(), device).view(self.depth, 4).numpy()
         return summarize(total, self.dialogues)
-
-
-def engine_device(engine):
-    return engine.engine.device if hasattr(engine, "engine") else None
 
 
 def summarize(total: np.ndarray, dialogues: int) -> dict:

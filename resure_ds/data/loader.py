@@ -51,16 +51,16 @@ class RankBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, folders: list[str], weights: list[float], seed: int, max_length: int, packing: bool,
                  window: int, rank: int, world: int, micro_batch: int, pad_id: int, cursor: Cursor,
-                 holdout: float | None = None):
+                 keep: list[np.ndarray] | None = None):
         super().__init__()
         self.folders, self.weights, self.seed = folders, weights, seed
         self.max_length, self.packing, self.window = max_length, packing, window
         self.rank, self.world, self.micro_batch, self.pad_id = rank, world, micro_batch, pad_id
-        self.cursor, self.holdout = cursor, holdout
+        self.cursor, self.keep = cursor, keep  # keep: per source, the indices training may draw
 
     def plan(self, corpus: Corpus) -> Plan:
-        keep = corpus.split(self.holdout)[0] if self.holdout else None
-        return Plan(corpus.lengths(), self.weights, self.seed, self.max_length, self.packing, self.window, keep)
+        return Plan(corpus.lengths(), self.weights, self.seed, self.max_length, self.packing, self.window,
+                    self.keep)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -91,7 +91,9 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     it, or when it dies)."""
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    from ..stop import SIGNALS
+
+    for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -288,21 +288,27 @@ class Renderer:
         enc = iter(encode(nonempty, add_special_tokens=False)) if nonempty else iter(())
         return [next(enc).ids if t else [] for t in texts]
 
+    def _pieces_or_skip(self, d: Dialogue, skipped: dict | None, head: bool = True):
+        """pieces(d), or None after counting a template refusal in `skipped` (raised as a DataError
+        naming the record when there is no counter)."""
+        try:
+            return self.pieces(d, head)
+        except InvalidRecord as bad:
+            if skipped is None:
+                raise record_error(d.where, bad) from None
+            skipped[bad.kind] = skipped.get(bad.kind, 0) + 1
+            return None
+
     def render_many(self, dialogues: list[Dialogue], skipped: dict | None = None) -> list[Example | None]:
         """Render a batch (None: max_length left no trained token). A template refusal raises a
         DataError naming the record or, given a skip counter, is counted and left out."""
         kept, all_pieces, whole = [], [], []
         for d in dialogues:
-            try:
-                p, complete = self.pieces(d)
-            except InvalidRecord as bad:
-                if skipped is None:
-                    raise record_error(d.where, bad) from None
-                skipped[bad.kind] = skipped.get(bad.kind, 0) + 1
-                continue
-            kept.append(d)
-            all_pieces.append(p)
-            whole.append(complete)
+            got = self._pieces_or_skip(d, skipped)
+            if got is not None:
+                kept.append(d)
+                all_pieces.append(got[0])
+                whole.append(got[1])
         out = self.assemble_many([d.dialogue_id for d in kept], all_pieces)
         # a head that max_length tokens did not fill: render the whole dialogue after all
         redo = [i for i, (ex, complete) in enumerate(zip(out, whole))
@@ -310,14 +316,12 @@ class Renderer:
         if redo:
             pieces, ok = [], []
             for i in redo:
-                try:
-                    pieces.append(self.pieces(kept[i], head=False)[0])
-                    ok.append(i)
-                except InvalidRecord as bad:
-                    if skipped is None:
-                        raise record_error(kept[i].where, bad) from None
-                    skipped[bad.kind] = skipped.get(bad.kind, 0) + 1
+                got = self._pieces_or_skip(kept[i], skipped, head=False)
+                if got is None:
                     out[i] = _DROPPED
+                else:
+                    pieces.append(got[0])
+                    ok.append(i)
             for i, ex in zip(ok, self.assemble_many([kept[i].dialogue_id for i in ok], pieces)):
                 out[i] = ex
             out = [ex for ex in out if ex is not _DROPPED]
