@@ -35,6 +35,15 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Let transformers run Python code that ships with the model folder (custom architectures).
     Off by default: a model folder from elsewhere then only loads weights and configuration."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernels: sdpa (torch's scaled-dot-product attention, any device), eager (plain
+    matmuls), flash_attention_2 (CUDA, needs the flash-attn package). Packing works with each: the
+    start-up check refuses a model that lets packed dialogues see each other."""
+    fused_loss: Literal["auto", "true", "false"] = "auto"
+    """LM head and per-token loss fused, a chunk of trained tokens at a time: the [tokens, vocab]
+    logits are never held whole (resure_ds/fused.py). auto: where the model has a plain Linear head
+    and the start-up check finds the same losses as its own logits, else the logits path; true:
+    stop if it cannot; false: the logits path."""
 
 
 @dataclass
@@ -214,6 +223,8 @@ def _check_type(value: Any, tp: Any) -> Any:
     """Return value coerced to tp, or raise TypeError/ValueError."""
     origin = typing.get_origin(tp)
     if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() in typing.get_args(tp):
+            value = str(value).lower()  # YAML reads true/false as booleans: auto|true|false options
         if value not in typing.get_args(tp):
             raise ValueError(f"must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value

@@ -71,11 +71,13 @@ def all_reduce_dict(values: dict, op: str = "sum", device: torch.device | str | 
     return dict(zip(keys, t.cpu().tolist()))
 
 
-def all_gather_cat(t: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Every rank's tensor of one shape, concatenated along dim 0 in rank order (a CPU tensor)."""
+def all_gather_cat(t: torch.Tensor, device: torch.device | str | None = None, to_cpu: bool = True) -> torch.Tensor:
+    """Every rank's tensor of one shape, concatenated along dim 0 in rank order: a CPU tensor, or
+    (to_cpu=False) one on the device the collective ran on (no device-to-host copy, no sync)."""
     if not active() or world() == 1:
-        return t.detach().cpu().clone()
+        return t.detach().cpu().clone() if to_cpu else t.detach().clone()
     t = t.detach().to(_device(device)).contiguous()
     parts = [torch.empty_like(t) for _ in range(world())]
     dist.all_gather(parts, t)
-    return torch.cat([p.cpu() for p in parts])
+    out = torch.cat(parts)
+    return out.cpu() if to_cpu else out

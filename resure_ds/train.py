@@ -26,13 +26,14 @@ import torch
 
 from . import checkpoint as ckpt
 from . import dist
+from .clock import Clock
 from . import engine as ds
 from .config import Config, load_config, parse_duration, split_recipe_args, to_dict
 from .data.loader import Corpus, RankBatches, make_loader
 from .data.plan import Cursor
 from .data.shards import PreparedSource
 from .errors import IGNORE, ConfigError, DataError
-from .loss import TurnLosses, shift_targets, token_nll, turn_losses, weighted_loss_sum
+from .loss import TurnLosses, shift_targets, turn_losses, weighted_loss_sum
 from .metrics import Audit, MetricsLogger
 from .models import load_tokenizer, resolve_model_path
 from .prepare import Prepared, ensure_eval_prepared, ensure_prepared
@@ -71,6 +72,7 @@ class Run:
     logger: MetricsLogger | None = None
     step: int = 0
     startup: dict = field(default_factory=dict)  # seconds spent in each phase before the first step
+    clock: Clock = field(default_factory=lambda: Clock(torch.device("cpu")))  # the step's time split
 
     @property
     def source_names(self) -> list[str]:
@@ -119,14 +121,15 @@ def setup(cfg: Config) -> Run:
                           "Set data.packing=false, or use a model class with packed-sequence support")
     print0(f"model {model_path}, {world} rank(s), ZeRO-{cfg.train.zero_stage}, {engine.dtype} "
            f"(model.dtype={cfg.model.dtype}), method {cfg.train.method}, "
-           f"{'packed' if cfg.data.packing else 'padded'} rows of {cfg.data.max_length} tokens"
+           f"{'packed' if cfg.data.packing else 'padded'} rows of {cfg.data.max_length} tokens, "
+           f"{cfg.model.attn_implementation} attention, {'fused LM head and loss' if engine.fused else 'logits path'}"
            + (f", validation on {validation.dialogues:,} dialogues" if validation else ""))
     hist = LossHistogram() if cfg.train.method == "loss_truncation" else None
     startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
     return Run(cfg, rank, world, run_dir, ckpt_dir, tok, engine, prepared,
                Welford(cfg.stats.num_buckets, cfg.stats.decay), hist,
                Audit(run_dir, rank, cfg.output.audit_max_rows, cfg.train.seed), stop, validation,
-               resume_from=found, batches=batches, cursor=cursor, startup=startup)
+               resume_from=found, batches=batches, cursor=cursor, startup=startup, clock=Clock(engine.device))
 
 
 def resume_point(cfg: Config, ckpt_dir: str, prepared: list[Prepared], rank: int, world: int) -> ckpt.Found | None:
@@ -189,30 +192,35 @@ def weigh(run: Run, turns: TurnLosses) -> Weights:
     return sft_weights(turns.mean, present, run.stats, cfg.resure.eps)
 
 
-def micro_backward(run: Run, batch: dict, global_tokens: int, acc: dict) -> None:
-    """Forward, weights, statistics merge and backward of one micro-batch (no optimizer step)."""
-    logits = run.engine.forward(batch)
-    _fault_point("step", run.step + 1, run.rank)
-    dev = logits.device
+def micro_backward(run: Run, batch: dict, global_tokens: int, acc: dict) -> tuple[TurnLosses, Weights]:
+    """Forward, weights, statistics merge and backward of one micro-batch (no optimizer step).
+    Returns its turn losses and weights for the audit, which the step writes after the optimizer
+    (reading them to the host here would stall a GPU before its backward)."""
+    clock, dev = run.clock, run.engine.device
     tg = shift_targets(batch["labels"].to(dev), batch["turn_ids"].to(dev), batch["doc_ids"].to(dev))
-    turns = turn_losses(token_nll(logits, tg.labels), tg, len(batch["dialogue_ids"]), batch["partial"].shape[1])
-    del logits
+    nll = run.engine.token_nll(batch, tg.labels)
+    clock.mark("forward")
+    _fault_point("step", run.step + 1, run.rank)
+    turns = turn_losses(nll, tg, len(batch["dialogue_ids"]), batch["partial"].shape[1])
     wts = weigh(run, turns)  # statistics as they stood before this micro-step
+    loss_sum = weighted_loss_sum(turns, wts.w.to(dev))
+    clock.mark("resure")
     complete = (turns.count > 0) & ~batch["partial"].to(dev)
     depth = torch.nonzero(complete, as_tuple=True)[1]
     # All ranks merge every micro-step (non-finite losses are counted there, not merged).
     run.stats.sync_update(turns.mean[complete], depth, dev)
     if run.hist is not None:
         run.hist.sync_update(turns.mean[complete & torch.isfinite(turns.mean)], dev)
-    loss_sum = weighted_loss_sum(turns, wts.w.to(dev))
+    clock.mark("collectives")
     run.engine.backward(loss_sum, global_tokens)
-    _account(run, batch, turns, wts, loss_sum, acc)
+    clock.mark("backward")
+    _accumulate(batch, turns, wts, loss_sum, acc)
+    clock.mark("bookkeeping")
+    return turns, wts
 
 
-def _account(run: Run, batch: dict, turns: TurnLosses, wts: Weights, loss_sum: torch.Tensor,
-             acc: dict) -> None:
-    """Add this micro-batch to the step's metric sums (by name, on the device: no sync here) and
-    its turns (per dialogue) to the audit."""
+def _accumulate(batch: dict, turns: TurnLosses, wts: Weights, loss_sum: torch.Tensor, acc: dict) -> None:
+    """Add this micro-batch to the step's metric sums (by name, on the device: no sync here)."""
     dev = turns.sum.device
     w_all, present, finite = wts.w.to(dev), turns.count > 0, torch.isfinite(turns.mean)
     ok = present & finite
@@ -222,13 +230,20 @@ def _account(run: Run, batch: dict, turns: TurnLosses, wts: Weights, loss_sum: t
                  "w_lt_1": (w < 1).sum(), "w_lt_half": (w < 0.5).sum(), "nonfinite": (present & ~finite).sum(),
                  "real_tokens": (batch["doc_ids"] >= 0).sum()}.items():
         acc[k] = acc.get(k, 0.0) + v.double().to(dev)
+
+
+def _audit(run: Run, step: int, batch: dict, turns: TurnLosses, wts: Weights) -> None:
+    """This micro-batch's turns (per dialogue), trained in optimizer step `step`, into the audit:
+    reads them to the host."""
+    dev = turns.sum.device
+    w_all, present = wts.w.to(dev), turns.count > 0
     rows = torch.nonzero(present, as_tuple=True)
     mean, z, wv = turns.mean[rows].tolist(), wts.z.to(dev)[rows].tolist(), w_all[rows].tolist()
     warm = wts.warm.to(dev)[rows].tolist()
     part = batch["partial"][rows[0].cpu(), rows[1].cpu()].tolist()
     names, src = run.source_names, batch["sources"]
     run.audit.add([{"dialogue_id": batch["dialogue_ids"][d], "source": names[src[d]], "turn": t, "loss": m,
-                    "z": None if zz != zz else zz, "weight": ww, "warm": wm, "step": run.step + 1, "partial": p}
+                    "z": None if zz != zz else zz, "weight": ww, "warm": wm, "step": step, "partial": p}
                    for d, t, m, zz, ww, wm, p in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, warm, part)])
 
 
@@ -240,18 +255,27 @@ def global_token_count(micro: list[dict]) -> int:
 
 
 def train_step(run: Run) -> dict:
-    t0 = time.perf_counter()
+    t0, clock = time.perf_counter(), run.clock
+    clock.start()
     micro = [next(run.batches) for _ in range(run.cfg.train.grad_accum)]
     waited = time.perf_counter() - t0  # ~0 when the loader workers keep ahead
+    clock.mark("data")
     n_tokens = global_token_count(micro)
+    clock.mark("collectives")
     acc: dict = {}
+    audit = []
     for b in micro:
-        micro_backward(run, b, max(n_tokens, 1), acc)
+        audit.append((b, *micro_backward(run, b, max(n_tokens, 1), acc)))
         run.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
+        clock.mark("optimizer")
     run.step += 1
     run.cursor = Cursor(**micro[-1]["cursor"])  # global: the same on every rank
     # Step metrics over all ranks, and whether any rank must stop: one small all-reduce.
     g = dist.all_reduce_dict({**acc, **run.stop.local_request()}, device=ds.device())
+    clock.mark("collectives")
+    for b, turns, wts in audit:
+        _audit(run, run.step, b, turns, wts)
+    clock.mark("bookkeeping")
     dt = time.perf_counter() - t0
     nturn = max(g["turns"], 1.0)
     return {
@@ -264,6 +288,7 @@ def train_step(run: Run) -> dict:
         "bucket_n": run.stats.n.tolist(), "bucket_mean": run.stats.mean.tolist(),
         "bucket_std": run.stats.std.tolist(), "nonfinite_total": int(run.stats.nonfinite.sum().item()),
         "rows_seen": run.cursor.rows_seen, "epoch": run.cursor.epoch, "data_wait_s": waited,
+        **clock.split(),
     }
 
 

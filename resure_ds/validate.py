@@ -14,7 +14,7 @@ import torch
 
 from . import dist
 from .data.collate import collate
-from .loss import shift_targets, token_nll, turn_losses
+from .loss import shift_targets, turn_losses
 
 NLL, TOKENS, TURNS, TURN_MEANS = range(4)
 
@@ -39,10 +39,9 @@ class Validation:
                 mine = self.rows[start + rank * mb:start + (rank + 1) * mb]
                 real = bool(mine)
                 batch = collate([[r] for r in (mine or self.rows[:1])], self.pad_id, packed=False)
-                logits = engine.forward(batch)
-                dev = logits.device
+                dev = engine.device
                 tg = shift_targets(batch["labels"].to(dev), batch["turn_ids"].to(dev), batch["doc_ids"].to(dev))
-                t = turn_losses(token_nll(logits, tg.labels), tg, len(batch["dialogue_ids"]),
+                t = turn_losses(engine.token_nll(batch, tg.labels), tg, len(batch["dialogue_ids"]),
                                 batch["partial"].shape[1])
                 if real:
                     present = (t.count > 0).double()

@@ -24,7 +24,7 @@ class Weights(NamedTuple):
 def zscores(loss: torch.Tensor, stats: Welford, eps: float) -> torch.Tensor:
     """z = (L - mean_b) / (std_b + eps), b = min(turn, K-1); NaN where n_b < 2."""
     T = loss.shape[1]
-    b = stats.bucket(torch.arange(T))
+    b = stats.bucket(torch.arange(T, device=stats.state.device))
     mean = stats.mean[b].to(loss.device)
     std = stats.std[b].to(loss.device)
     return (loss.double() - mean) / (std + eps)
@@ -45,7 +45,7 @@ def resure_weights(loss: torch.Tensor, present: torch.Tensor, stats: Welford,
     """docs/method.md s.4: z -> weight_fn -> propagate -> level -> floor; warm-up gives 1."""
     T = loss.shape[1]
     z = zscores(loss, stats, cfg.eps)
-    nb = stats.n[stats.bucket(torch.arange(T))].to(loss.device)
+    nb = stats.n[stats.bucket(torch.arange(T, device=stats.state.device))].to(loss.device)
     warm = (nb >= max(cfg.min_count, 2)) & (step >= cfg.warmup_steps)
     w = torch.where(warm & torch.isfinite(z), weight_fn(z, cfg), torch.ones_like(z))
     w = torch.where(present, w, torch.ones_like(w))

@@ -8,7 +8,9 @@ sent also by ranks with nothing in a bucket, so no rank can hang), and
 every rank merges the gathered rows in rank order with Chan et al.'s
 parallel formula. Same inputs, same order of operations: the statistics are
 bit-identical on every rank.
-Cost: one all-gather of K*4 doubles and one device->host copy per micro-step.
+Cost: one all-gather of K*4 doubles per micro-step. The summaries, the
+gather and the merge stay on the device the losses are on (the state moves
+there at the first update): on a GPU nothing here waits for the host.
 """
 from __future__ import annotations
 
@@ -18,17 +20,17 @@ N, MEAN, M2, NONFINITE = range(4)
 
 
 def summarize(values: torch.Tensor, buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """1-D losses and bucket ids -> [K, 4] float64 (n, mean, M2, non-finite count), on CPU."""
-    values = values.detach().double().reshape(-1).cpu()
-    buckets = buckets.reshape(-1).cpu().long()
+    """1-D losses and bucket ids -> [K, 4] float64 (n, mean, M2, non-finite count), on their device."""
+    values = values.detach().double().reshape(-1)
+    buckets = buckets.reshape(-1).to(values.device).long()
     finite = torch.isfinite(values)
-    out = torch.zeros(num_buckets, 4, dtype=torch.float64)
+    out = torch.zeros(num_buckets, 4, dtype=torch.float64, device=values.device)
     out[:, NONFINITE] = torch.bincount(buckets[~finite], minlength=num_buckets).double()
     v, b = values[finite], buckets[finite]
     n = torch.bincount(b, minlength=num_buckets).double()
-    s = torch.zeros(num_buckets, dtype=torch.float64).index_add(0, b, v)
+    s = torch.zeros_like(n).index_add(0, b, v)
     mean = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
-    m2 = torch.zeros(num_buckets, dtype=torch.float64).index_add(0, b, (v - mean[b]) ** 2)
+    m2 = torch.zeros_like(n).index_add(0, b, (v - mean[b]) ** 2)
     out[:, N], out[:, MEAN], out[:, M2] = n, mean, m2
     return out
 
@@ -58,10 +60,10 @@ def gather_merge(local: torch.Tensor, device: torch.device | str | None = None) 
     if dist.world() == 1:
         return local
     k = local.shape[0]
-    parts = dist.all_gather_cat(local, device).split(k)  # rank order: the same merge on every rank
-    total = parts[0].cpu()
+    parts = dist.all_gather_cat(local, device, to_cpu=False).split(k)  # rank order: the same merge everywhere
+    total = parts[0]
     for p in parts[1:]:
-        total = merge(total, p.cpu())
+        total = merge(total, p)
     return total
 
 
@@ -101,7 +103,7 @@ class Welford:
         if self.decay != 1.0:
             self.state[:, N] *= self.decay
             self.state[:, M2] *= self.decay
-        self.state = merge(self.state, summary.to(torch.float64).cpu())
+        self.state = merge(self.state.to(summary.device), summary.to(torch.float64))
 
     def sync_update(self, values: torch.Tensor, turns: torch.Tensor,
                     device: torch.device | str | None = None) -> torch.Tensor:
@@ -111,7 +113,7 @@ class Welford:
         return batch
 
     def state_dict(self) -> dict:
-        return {"num_buckets": self.num_buckets, "decay": self.decay, "state": self.state.clone()}
+        return {"num_buckets": self.num_buckets, "decay": self.decay, "state": self.state.cpu().clone()}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["num_buckets"] != self.num_buckets:

@@ -1,4 +1,4 @@
-"""Run a function on N real processes joined by a gloo process group."""
+"""Run a function on N real processes joined by a process group (gloo; nccl for the GPU tests)."""
 from __future__ import annotations
 
 import os
@@ -15,11 +15,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn, args, out_dir):
+def _entry(rank, world, port, fn, args, out_dir, backend="gloo"):
     # what a launcher sets (DeepSpeed's zero.Init reads LOCAL_RANK)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -27,7 +29,7 @@ def _entry(rank, world, port, fn, args, out_dir):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, args: tuple, out_dir: str) -> list:
+def run_ranks(fn, world: int, args: tuple, out_dir: str, backend: str = "gloo") -> list:
     """fn(rank, world, *args) on `world` processes -> list of per-rank results."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args, out_dir), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, free_port(), fn, args, out_dir, backend), nprocs=world, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]

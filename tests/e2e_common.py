@@ -50,6 +50,11 @@ def assert_same_training(a_dir, b_dir, from_step=0, rel=1e-9):
         assert x[2] == pytest.approx(y[2], rel=rel) and x[3] == pytest.approx(y[3], rel=rel)
 
 
+def shm_buffers() -> set:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm (memory): a run must leave none behind."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"deepspeed_allreduce_buffer_{os.getuid()}_")}
+
+
 def metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(ln) for ln in f]

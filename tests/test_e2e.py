@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.e2e_common import COMMON, EXIT_RESUME, assert_same_training, audit, env, launch, metrics
+from tests.e2e_common import COMMON, EXIT_RESUME, assert_same_training, audit, env, launch, metrics, shm_buffers
 
 pytestmark = pytest.mark.slow  # real multi-process runs: minutes
 
@@ -34,6 +34,23 @@ def test_straight_run_outputs(straight):
     assert os.path.getsize(os.path.join(straight, "training.png")) > 10000
     assert os.listdir(os.path.join(straight, "tensorboard"))
     assert len(audit(straight)) == sum(r["turns"] for r in rows)
+    for r in rows:  # the step's time split covers the step
+        split = {k: v for k, v in r.items() if k.startswith("time_")}
+        assert set(split) == {f"time_{p}_s" for p in ("data", "collectives", "forward", "resure", "backward",
+                                                        "optimizer", "bookkeeping")}
+        assert min(split.values()) >= 0 and split["time_forward_s"] > 0 and split["time_backward_s"] > 0
+        assert sum(split.values()) == pytest.approx(r["step_time_s"], rel=0.02, abs=0.01)
+
+
+def test_logits_path_and_eager_attention_train_like_the_fused_path(straight, tiny_model_path):
+    """model.fused_loss=false (the model's [tokens, vocab] logits, then the NLL) and eager attention:
+    the same turns, weights, statistics and losses as the straight run (fused head and loss, sdpa)."""
+    out, shm = os.path.dirname(straight), shm_buffers()
+    res = launch("train.sh", ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, f"output.dir={out}",
+                              "output.name=logits-eager", "model.fused_loss=false", "model.attn_implementation=eager"])
+    assert "eager attention, logits path" in res.stderr
+    assert shm_buffers() <= shm  # DeepSpeed's /dev/shm all-reduce buffers are unlinked once mapped
+    assert_same_training(straight, os.path.join(out, "logits-eager"), rel=1e-4)
 
 
 @pytest.fixture(scope="module")

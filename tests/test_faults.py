@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT
-from tests.e2e_common import COMMON, EXIT_RESUME, assert_same_training, env, launch, metrics
+from tests.e2e_common import COMMON, EXIT_RESUME, assert_same_training, env, launch, metrics, shm_buffers
 
 pytestmark = pytest.mark.slow  # real multi-process runs: minutes
 
@@ -25,10 +25,11 @@ def test_rank_killed_mid_step_ends_the_job_and_the_same_command_resumes(straight
     """RESURE_FAULT kills rank 1 with SIGKILL in the middle of step 5 (after its forward): the job
     exits non-zero well within dist.timeout; the repeated command resumes from step 4."""
     args = args_for(tiny_model_path, tmp_path, "killed", "checkpoint.every=2", "dist.timeout=60")
-    t0 = time.monotonic()
+    t0, shm = time.monotonic(), shm_buffers()
     first = launch("train.sh", args, extra_env={"RESURE_FAULT": "step:5:1"}, status=None)
     elapsed = time.monotonic() - t0
     assert first.returncode != 0 and "killing rank 1 during the step of step 5" in first.stderr
+    assert shm_buffers() <= shm  # killed ranks leave no shared-memory buffer (memory) behind
     assert elapsed < 240, elapsed  # start-up (about a minute here) + the launcher's 30 s grace at most
     run = os.path.join(tmp_path, "killed")
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]

@@ -1,5 +1,6 @@
-"""Packing on a real model (fp32): the same dialogues give the same per-turn losses and the same
-gradient packed or padded, and no dialogue sees another one of its row."""
+"""Packing on a real model (fp32), with each attention backend that runs on CPU (model.attn_implementation):
+the same dialogues give the same per-turn losses and the same gradient packed or padded, and no
+dialogue sees another one of its row."""
 import pytest
 import torch
 
@@ -9,12 +10,14 @@ from resure_ds.data.render import Renderer
 from resure_ds.loss import shift_targets, token_nll, turn_losses, weighted_loss_sum
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_model_path, tokenizer):
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def setup(request, tiny_model_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32,
+                                                 attn_implementation=request.param)
+    assert model.config._attn_implementation == request.param
     ds = [d for _, d in zip(range(12), read_dialogues("chitchat", skip_invalid=True))]
     exs = [e for e in Renderer(tokenizer, 160).render_many(ds) if e is not None][:9]
     return model, exs

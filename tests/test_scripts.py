@@ -11,7 +11,8 @@ import pytest
 from tests.conftest import ROOT
 
 BIN = os.path.dirname(sys.executable)
-SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*"))) + [os.path.join(ROOT, ".ci", "run")]
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*"))) + [os.path.join(ROOT, ".ci", "run"),
+                                                                   os.path.join(ROOT, "benchmarks", "gpu", "run.sh")]
 DOCKERFILES = sorted(glob.glob(os.path.join(ROOT, "docker", "Dockerfile.*")))
 
 
