@@ -1,4 +1,7 @@
-"""Cost of ReSURE's per-turn loss + weights vs plain token-mean cross-entropy.
+"""Cost of ReSURE's per-turn loss + weights vs plain token-mean cross-entropy, on given logits.
+
+This is the logits path (model.fused_loss=false); benchmarks/loss_memory.py
+measures the fused head and loss, which never makes the logits.
 
 The baseline is the loss a Hugging Face causal LM computes itself
 (transformers' ForCausalLMLoss: upcast the logits to fp32, shift, token-mean
@@ -47,14 +50,14 @@ def plain(logits, labels, turn_ids, backward):
 
 
 def resure(logits, labels, turn_ids, backward, stats, cfg):
-    tgt, tt = shift_targets(labels, turn_ids)
+    tg = shift_targets(labels, turn_ids)
     T = int(turn_ids.max()) + 1
-    turns = turn_losses(token_nll(logits, tgt), tt, T)
+    turns = turn_losses(token_nll(logits, tg.labels), tg, logits.shape[0], T)
     present = turns.count > 0
     w = resure_weights(turns.mean, present, stats, cfg, step=10 ** 6).w
     complete = present & torch.isfinite(turns.mean)
     summarize(turns.mean[complete], stats.bucket(torch.nonzero(complete)[:, 1]), stats.num_buckets)
-    loss = weighted_loss_sum(turns, w) / (tgt != IGNORE).sum()
+    loss = weighted_loss_sum(turns, w) / (tg.labels != IGNORE).sum()
     if backward:
         loss.backward()
     return loss

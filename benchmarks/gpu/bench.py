@@ -1,0 +1,104 @@
+"""On a lent GPU: the recipe at ZeRO-3 bf16 with packing against a plain bf16 torch loop, same tokens.
+
+A Llama of SmolLM2-360M's shape (960 hidden, 32 layers, 15 heads, 5 KV heads,
+2560 MLP, tied embeddings), initialised at random here from SmolLM2's
+config (.gpu/smollm2, benchmarks/gpu/prepare.py): no weights travel.
+chitchat packed into rows of --length tokens, --rows rows per step:
+
+  recipe   launch/train.sh, 1 rank, ZeRO-3, bf16, DeepSpeed's fused Adam,
+           train.method=resure, the fused head and loss; --steps steps
+  plain    the model's own loss, torch's fused AdamW, clipping, on the recipe's
+           own packed batches (the same rows, so the same tokens)
+
+Prints real tokens/s of each (first --warmup steps not timed), their ratio,
+model FLOP utilisation (6 x parameters x tokens/s over the card's dense bf16
+peak; attention FLOPs left out, so it is a lower bound), and the recipe's
+time split per step. Writes bench.json under --out.
+
+    python benchmarks/gpu/bench.py [--steps 50] [--length 2048] [--rows 8] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+
+from benchmarks.throughput import SEED, plain  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def make_model(out_dir: str, tiny: bool) -> tuple[str, int]:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    src = os.environ.get("RESURE_GPU_TOKENIZER", os.path.join(ROOT, ".gpu", "smollm2"))
+    cfg = AutoConfig.from_pretrained(src)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = (64, 128, 2) if tiny else (960, 2560, 32)
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = (4, 2, 16) if tiny else (15, 5, 64)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    path = os.path.join(out_dir, "llama-360m-random")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(src).save_pretrained(path)
+    return path, sum(p.numel() for p in model.parameters())
+
+
+def recipe(path: str, a, run_dir: str) -> list[dict]:
+    env = {**os.environ, "NUM_PROCS": "1"}
+    args = ["recipes/default.yaml", f"model.path={path}", f"model.dtype={a.dtype}", "train.zero_stage=3",
+            "data.packing=true", f"data.max_length={a.length}", f"train.micro_batch_size={a.rows}",
+            f"train.max_steps={a.steps}", f"train.seed={SEED}", "checkpoint.every=0", "checkpoint.keep_last=0",
+            "checkpoint.export=false", "output.plot=false", f"output.dir={run_dir}", "output.name=gpu-resure"]
+    subprocess.run(["bash", "launch/train.sh", *args], cwd=ROOT, env=env, check=True)
+    with open(os.path.join(run_dir, "gpu-resure", "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(ln) for ln in f]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--plain-steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--out", default=os.path.join(HERE, "out"))
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model: a dry run of the script (CPU or GPU)")
+    a = ap.parse_args()
+    import torch
+
+    os.makedirs(a.out, exist_ok=True)
+    work = os.path.join(ROOT, "benchmarks", "work", "gpu")
+    os.makedirs(work, exist_ok=True)
+    path, n_params = make_model(work, a.tiny)
+    rows = recipe(path, a, work)[a.warmup:]
+    r_tok = sum(r["tokens_per_s"] * r["step_time_s"] for r in rows) / sum(r["step_time_s"] for r in rows)
+    split = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in rows[0] if k.startswith("time_")}
+    p = plain(a.length, a.rows, a.plain_steps + a.warmup, model_path=path, overrides=(f"model.dtype={a.dtype}",))
+    t, n = p["times"][a.warmup:], p["tokens"][a.warmup:]
+    p_tok = sum(n) / sum(t)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    res = {"gpu": name, "params": n_params, "length": a.length, "rows": a.rows, "recipe_tokens_per_s": r_tok,
+           "plain_tokens_per_s": p_tok, "plain_over_recipe": p_tok / r_tok,
+           "recipe_step_s": statistics.median(r["step_time_s"] for r in rows), "plain_step_s": statistics.median(t),
+           "recipe_mfu": 6 * n_params * r_tok / peak if peak else None,
+           "plain_mfu": 6 * n_params * p_tok / peak if peak else None, "recipe_split_s": split}
+    print(json.dumps(res, indent=1))
+    print(f"{name}: recipe {r_tok:,.0f} real tokens/s, plain {a.dtype} loop {p_tok:,.0f}; plain / recipe "
+          f"{p_tok / r_tok:.2f}x" + (f"; MFU recipe {res['recipe_mfu']:.1%}, plain {res['plain_mfu']:.1%}" if peak else ""))
+    with open(os.path.join(a.out, "bench.json"), "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

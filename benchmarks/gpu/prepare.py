@@ -1,0 +1,79 @@
+"""Prepare, on a machine with package registries, what the GPU check needs on a GPU machine that has none.
+
+Writes .gpu/ at the repository root (git-ignored; carry it to the GPU machine):
+  .gpu/wheels/     wheels of the packages the GPU image lacks (DeepSpeed built here as a pure
+                   Python wheel: its CUDA ops are compiled just in time there; datasets; the
+                   chitchat corpus; their small dependencies), for CPython --python (3.12)
+  .gpu/smollm2/    SmolLM2's tokenizer and config (no weights: benchmarks/gpu/bench.py
+                   initialises a larger Llama of the same family at random there)
+Everything must stay under the 64 MiB that travels; the script checks.
+
+    python benchmarks/gpu/prepare.py [--python 3.12]
+then on the GPU machine (from the repository root, .gpu carried):
+    bash benchmarks/gpu/run.sh
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OUT = os.path.join(ROOT, ".gpu")
+LIMIT = 60 * 2 ** 20  # of the 64 MiB that travel; the repository itself takes the rest
+# What the recipe needs beyond a PyTorch/transformers GPU image (torch, transformers, accelerate,
+# pyarrow, mpi4py, pyyaml, filelock, tqdm, tensorboard, matplotlib, safetensors, numpy, psutil,
+# ninja, py-cpuinfo, msgpack, einops, nvidia-ml-py are there). Pure Python unless listed in BINARY.
+# Versions: those of this environment (the ones the suite passes with here).
+PURE = ["datasets", "dill", "hjson", "pydantic", "annotated-types", "typing-inspection", "chitchat-dataset"]
+BINARY = ["pydantic-core", "multiprocess"]
+
+
+def pinned(names: list[str]) -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{n}=={version(n)}" for n in names]
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--python", default="3.12", help="the GPU image's CPython version")
+    a = ap.parse_args()
+    wheels = os.path.join(OUT, "wheels")
+    shutil.rmtree(OUT, ignore_errors=True)
+    os.makedirs(wheels)
+    pip("download", "-q", "--no-deps", "-d", wheels, *pinned(PURE))
+    plat = ["--only-binary=:all:", "--python-version", a.python, "--implementation", "cp"]
+    for p in ("manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_28_x86_64"):
+        plat += ["--platform", p]
+    pip("download", "-q", "--no-deps", "-d", wheels, *plat, *pinned(BINARY))
+    with tempfile.TemporaryDirectory() as tmp:  # DeepSpeed ships as source: a wheel with no ops prebuilt
+        pip("download", "-q", "--no-deps", "--no-binary=:all:", "-d", tmp, *pinned(["deepspeed"]))
+        env = {**os.environ, "DS_BUILD_OPS": "0"}
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels,
+                        *glob.glob(os.path.join(tmp, "deepspeed-*"))], check=True, env=env)
+
+    from resure_ds.models import EMBEDDED, resolve_model_path
+    from transformers import AutoConfig, AutoTokenizer
+
+    src = resolve_model_path(EMBEDDED)
+    AutoTokenizer.from_pretrained(src).save_pretrained(os.path.join(OUT, "smollm2"))
+    AutoConfig.from_pretrained(src).save_pretrained(os.path.join(OUT, "smollm2"))
+    size = sum(os.path.getsize(p) for p in glob.glob(os.path.join(OUT, "**"), recursive=True) if os.path.isfile(p))
+    for p in sorted(os.listdir(wheels)):
+        print(f"  {os.path.getsize(os.path.join(wheels, p)) / 2 ** 20:6.1f} MiB  {p}")
+    print(f".gpu/: {size / 2 ** 20:.1f} MiB")
+    if size > LIMIT:
+        sys.exit(f".gpu/ is {size / 2 ** 20:.1f} MiB, over the {LIMIT / 2 ** 20:.0f} MiB that may travel")
+
+
+if __name__ == "__main__":
+    main()

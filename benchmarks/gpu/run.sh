@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU check, run on a lent GPU machine (no network) from the repository root, with .gpu/
+# (made here by `python benchmarks/gpu/prepare.py`) carried along:
+#
+#   bash benchmarks/gpu/run.sh
+#
+# Installs the carried wheels, runs the suite's GPU tests (bf16 fused loss, NCCL, DeepSpeed's
+# fused Adam), then benchmarks/gpu/bench.py: 50 steps of the recipe at ZeRO-3 bf16 with packing on
+# a 360M Llama against a plain bf16 loop. Results under $OUT (else benchmarks/gpu/out): gpu.txt,
+# tests.txt, bench.txt, bench.json. Each part runs even if an earlier one failed; the status is
+# the first failure's.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
+OUT="${OUT:-benchmarks/gpu/out}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+if [[ ! -d .gpu/wheels ]]; then
+  echo "[resure_ds] .gpu/wheels is missing: run python benchmarks/gpu/prepare.py where pip works, and carry .gpu" >&2
+  exit 2
+fi
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH" PYTHON="$PY" \
+  RESURE_GPU_TOKENIZER="$PWD/.gpu/smollm2" PYTHONUNBUFFERED=1
+status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+"$PY" -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+"$PY" benchmarks/gpu/bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
+[[ ${PIPESTATUS[0]} -eq 0 || $status -ne 0 ]] || status=1
+exit "$status"

@@ -1,0 +1,216 @@
+"""Training throughput side by side: resure-ds, TRL's SFTTrainer and a plain torch loop.
+
+One run, the same model (the embedded SmolLM2-135M-Instruct), the same
+chitchat dialogues, rows of the same max_length, the same rows per step and
+the same number of timed steps, one process each, one after another:
+
+  resure packed / padded   the recipe (launch/train.sh, 1 rank, ZeRO-0), train.method=resure
+  sft packed / padded      the same with train.method=sft
+  trl packed / padded      trl.SFTTrainer: packing=True (best-fit decreasing, padding-free,
+                           position ids) and packing=False (padded batches)
+  plain                    a plain torch loop on the recipe's own packed batches: the model's
+                           own loss (labels), AdamW, gradient clipping; nothing else
+
+Real tokens are non-padding tokens. The first --warmup steps of each are not
+timed. Ratios printed at the end: resure packed against TRL's best, against
+the plain loop (the same batches, so the same tokens) and against sft.
+Extra dependencies: benchmarks/requirements.txt (trl). Dtype: what the
+recipe's model.dtype=auto picks here (fp32 on an AVX2-only CPU).
+
+    python benchmarks/throughput.py [--lengths 256 1024] [--tokens 1024] [--steps 5] [--warmup 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORK = os.path.join(ROOT, "benchmarks", "work", "throughput")
+CONFIGS = ["resure-packed", "resure-padded", "sft-packed", "sft-padded", "trl-packed", "trl-padded", "plain"]
+SEED = 1234
+
+
+def recipe(name: str, length: int, mb: int, steps: int) -> dict:
+    """The recipe as a user runs it, one rank; timing from its metrics.jsonl."""
+    method, layout = name.split("-")
+    env = {**os.environ, "NUM_PROCS": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    args = ["recipes/default.yaml", f"train.method={method}", f"data.packing={layout == 'packed'}".lower(),
+            f"data.max_length={length}", f"train.micro_batch_size={mb}", "train.zero_stage=0",
+            f"train.max_steps={steps}", f"train.seed={SEED}", "checkpoint.every=0", "checkpoint.keep_last=0",
+            "checkpoint.export=false", "output.plot=false", "output.tensorboard=false", f"output.dir={WORK}",
+            f"output.name={name}-{length}"]
+    subprocess.run(["bash", "launch/train.sh", *args], cwd=ROOT, env=env, check=True, capture_output=True)
+    with open(os.path.join(WORK, f"{name}-{length}", "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(ln) for ln in f]
+    return {"times": [r["step_time_s"] for r in rows], "tokens": [r["tokens_per_s"] * r["step_time_s"] for r in rows],
+            "split": [{k: v for k, v in r.items() if k.startswith("time_")} for r in rows]}
+
+
+def _setup(length: int, model_path: str | None = None, overrides: tuple = ()):
+    """The recipe's config at this max_length, its model (the embedded one unless model_path),
+    tokenizer and resolved dtype."""
+    from resure_ds.config import load_config
+    from resure_ds.engine import resolve_dtype
+    from resure_ds.models import load_tokenizer, resolve_model_path
+
+    extra = [f"model.path={model_path}"] if model_path else []
+    cfg = load_config(os.path.join(ROOT, "recipes", "default.yaml"), [f"data.max_length={length}", *extra, *overrides])
+    path = resolve_model_path(cfg.model.path)
+    tok = load_tokenizer(path)
+    return cfg, path, tok, resolve_dtype(cfg)
+
+
+def plain(length: int, mb: int, steps: int, model_path: str | None = None, overrides: tuple = ()) -> dict:
+    """A plain loop on the recipe's packed batches (the same rows resure-packed trains on): the
+    model's own loss, AdamW (fused on CUDA), clipping. On CUDA, timed between synchronisations."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from resure_ds.data.loader import RankBatches
+    from resure_ds.data.plan import Cursor
+    from resure_ds.prepare import ensure_prepared
+
+    cfg, path, tok, dtype = _setup(length, model_path, overrides)
+    prepared = ensure_prepared(cfg, tok, path, progress=False)
+    batches = iter(RankBatches([p.folder for p in prepared], [p.spec.weight for p in prepared], SEED, length, True,
+                               cfg.data.pack_window, 0, 1, mb, tok.pad_token_id, Cursor()))
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+                                                 attn_implementation=cfg.model.attn_implementation).to(dev)
+    model.config.use_cache = False
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
+    times, tokens = [], []
+    for _ in range(steps):
+        b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        t0 = time.perf_counter()
+        loss = model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"], use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        tokens.append(int((b["doc_ids"] >= 0).sum()))
+    return {"times": times, "tokens": tokens}
+
+
+def trl(packing: bool, length: int, mb: int, steps: int) -> dict:
+    """TRL's SFTTrainer on the same conversations (those with a reply), its defaults otherwise."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from resure_ds.data.chitchat import chitchat_records
+
+    _, path, tok, dtype = _setup(length)
+    convs = [r["messages"] for _, r in chitchat_records(stop=3000)
+             if any(m["role"] == "assistant" for m in r["messages"])]
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    args = SFTConfig(output_dir=os.path.join(WORK, "trl"), per_device_train_batch_size=mb, max_length=length,
+                     packing=packing, max_steps=steps, learning_rate=5e-5, adam_beta2=0.95, max_grad_norm=1.0,
+                     lr_scheduler_type="constant", logging_steps=10 ** 6, save_strategy="no", report_to=[],
+                     use_cpu=not torch.cuda.is_available(), bf16=dtype == "bf16", seed=SEED,
+                     dataloader_num_workers=0, dataset_num_proc=1, disable_tqdm=True)
+    times, tokens, cur = [], [], {}
+
+    def count(_module, _args, kwargs):  # real tokens of every forward, credited to the current step
+        mask = kwargs.get("attention_mask")
+        cur["tokens"] = cur.get("tokens", 0) + int(mask.sum() if mask is not None else kwargs["input_ids"].numel())
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            cur.clear()
+            cur["t0"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - cur["t0"])
+            tokens.append(cur.get("tokens", 0))
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"messages": convs}),
+                         processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    return {"times": times, "tokens": tokens}
+
+
+def measure(name: str, length: int, mb: int, steps: int) -> dict:
+    if name == "plain":
+        return plain(length, mb, steps)
+    if name.startswith("trl"):
+        return trl(name == "trl-packed", length, mb, steps)
+    return recipe(name, length, mb, steps)
+
+
+def summarize(res: dict, warmup: int) -> dict:
+    t, n = res["times"][warmup:], res["tokens"][warmup:]
+    out = {"tokens_per_s": sum(n) / sum(t), "step_s": statistics.median(t), "steps": len(t)}
+    if res.get("split"):
+        split = res["split"][warmup:]
+        out["split"] = {k: statistics.median(s.get(k, 0.0) for s in split) for k in split[0]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--tokens", type=int, default=1024, help="row tokens per step: rows = tokens / length")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--only", nargs="+", choices=CONFIGS, default=CONFIGS)
+    ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "throughput.json"))
+    ap.add_argument("--worker", nargs=2, metavar=("NAME", "LENGTH"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        name, length = a.worker[0], int(a.worker[1])
+        print("RESULT " + json.dumps(measure(name, length, max(1, a.tokens // length), a.steps + a.warmup)))
+        return
+    os.makedirs(WORK, exist_ok=True)
+    table: dict = {}
+    for length in a.lengths:
+        for name in a.only:
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--worker", name, str(length), f"--tokens={a.tokens}",
+                                  f"--steps={a.steps}", f"--warmup={a.warmup}"], cwd=ROOT, capture_output=True,
+                                 text=True, env={**os.environ, "PYTHONPATH": ROOT})
+            if out.returncode != 0:
+                sys.exit(f"{name} at {length} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+            line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+            table[f"{name}@{length}"] = summarize(json.loads(line[7:]), a.warmup)
+            r = table[f"{name}@{length}"]
+            print(f"{name:14s} max_length {length:5d}: {r['tokens_per_s']:7.1f} real tokens/s, "
+                  f"{r['step_s']:6.2f} s/step  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"\nratios (real tokens/s; steps of {a.tokens} row tokens, {a.steps} timed after {a.warmup}):")
+    ratios = {}
+    for length in a.lengths:
+        g = lambda n: table.get(f"{n}@{length}")  # noqa: E731
+        r = g("resure-packed")
+        if r is None:
+            continue
+        trl_best = max((g(n) for n in ("trl-packed", "trl-padded") if g(n)), key=lambda x: x["tokens_per_s"],
+                       default=None)
+        if trl_best:
+            ratios[f"resure/trl_best@{length}"] = r["tokens_per_s"] / trl_best["tokens_per_s"]
+        if g("plain"):
+            ratios[f"resure_step/plain_step@{length}"] = r["step_s"] / g("plain")["step_s"]
+        if g("sft-packed"):
+            ratios[f"resure_step/sft_step@{length}"] = r["step_s"] / g("sft-packed")["step_s"]
+    for k, v in ratios.items():
+        print(f"  {k:28s} {v:.2f}x")
+    os.makedirs(os.path.dirname(os.path.abspath(a.results)), exist_ok=True)
+    with open(a.results, "w", encoding="utf-8") as f:
+        json.dump({"args": vars(a), "table": table, "ratios": ratios}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
