@@ -24,18 +24,12 @@ def tokenizer(smollm2_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory, smollm2_path, tokenizer) -> str:
+def tiny_model_path(tmp_path_factory, smollm2_path) -> str:
     """A 2-layer Llama with SmolLM2's tokenizer and template: real code paths, seconds per step."""
-    import torch
-    from transformers import AutoConfig, LlamaForCausalLM
+    from resure_ds.models import random_llama
 
     out = str(tmp_path_factory.mktemp("tiny-llama"))
-    cfg = AutoConfig.from_pretrained(smollm2_path)
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 64, 128, 2
-    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, 2, 16
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    random_llama(smollm2_path, out)
     return out
 
 

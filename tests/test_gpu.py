@@ -17,20 +17,11 @@ pytestmark = [pytest.mark.gpu,
 def gpu_model_path(tmp_path_factory):
     """A small Llama with SmolLM2's tokenizer: from the GPU bundle's folder (RESURE_GPU_TOKENIZER,
     see benchmarks/gpu/prepare.py) or the embedded model's."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from resure_ds.models import EMBEDDED, random_llama, resolve_model_path
 
-    src = os.environ.get("RESURE_GPU_TOKENIZER")
-    if src is None:
-        from resure_ds.models import EMBEDDED, resolve_model_path
-
-        src = resolve_model_path(EMBEDDED)
+    src = os.environ.get("RESURE_GPU_TOKENIZER") or resolve_model_path(EMBEDDED)
     out = str(tmp_path_factory.mktemp("gpu-llama"))
-    cfg = AutoConfig.from_pretrained(src)
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 256, 512, 2
-    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, 2, 64
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    random_llama(src, out, shape=(256, 512, 2, 4, 2, 64))
     return out
 
 

@@ -36,20 +36,14 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4
 
 
 def make_model(out_dir: str, tiny: bool) -> tuple[str, int]:
+    """SmolLM2-360M's shape (SmolLM2's config: tied embeddings), random weights, saved in bf16."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from resure_ds.models import SMOLLM2_360M, TINY, random_llama
 
     src = os.environ.get("RESURE_GPU_TOKENIZER", os.path.join(ROOT, ".gpu", "smollm2"))
-    cfg = AutoConfig.from_pretrained(src)
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = (64, 128, 2) if tiny else (960, 2560, 32)
-    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = (4, 2, 16) if tiny else (15, 5, 64)
-    cfg.tie_word_embeddings = True
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    path = os.path.join(out_dir, "llama-360m-random")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(src).save_pretrained(path)
-    return path, sum(p.numel() for p in model.parameters())
+    path = os.path.join(out_dir, "llama-tiny-random" if tiny else "llama-360m-random")
+    return path, random_llama(src, path, TINY if tiny else SMOLLM2_360M, torch.bfloat16, SEED)
 
 
 def recipe(path: str, a, run_dir: str) -> list[dict]:

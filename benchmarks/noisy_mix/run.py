@@ -62,18 +62,9 @@ def tiny_model(out: str) -> str:
     """2-layer Llama with SmolLM2's tokenizer (the quick profile's model)."""
     if os.path.exists(os.path.join(out, "config.json")):
         return out
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from resure_ds.models import EMBEDDED, random_llama, resolve_model_path
 
-    from resure_ds.models import EMBEDDED, resolve_model_path
-
-    src = resolve_model_path(EMBEDDED)
-    cfg = AutoConfig.from_pretrained(src)
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 64, 128, 2
-    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, 2, 16
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    random_llama(resolve_model_path(EMBEDDED), out)
     return out
 
 
