@@ -37,9 +37,8 @@ class _LinearNLL(torch.autograd.Function):
     """hidden [N, H], weight [V, H], bias [V] | None, targets [N] -> NLL [N] float32 (0 where -100)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):
+    def forward(ctx, hidden, weight, bias, targets, rows, idx):
         N = hidden.shape[0]
-        idx = torch.nonzero(targets != IGNORE).squeeze(1)
         h, t = hidden.index_select(0, idx), targets.index_select(0, idx)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=hidden.device)
         picked = torch.empty_like(lse)
@@ -80,16 +79,24 @@ class _LinearNLL(torch.autograd.Function):
         if need_h:
             grad_hidden = torch.zeros((ctx.n, h.shape[1]), dtype=h.dtype, device=h.device).index_copy_(0, idx, grad_h)
         return (grad_hidden, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def trained_rows(targets: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions with a target. A sync point on a GPU (its size is data), so
+    the fused forward takes it before the model runs, while the device has little queued."""
+    return torch.nonzero(targets.reshape(-1) != IGNORE).squeeze(1)
 
 
 def linear_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               targets: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+               targets: torch.Tensor, rows: int | None = None, idx: torch.Tensor | None = None) -> torch.Tensor:
     """[B, S, H] hidden states, [V, H] head weight, [B, S] targets -> [B, S] float32 NLL of each
-    target under softmax(hidden @ weight.T + bias); 0 where the target is -100."""
+    target under softmax(hidden @ weight.T + bias); 0 where the target is -100.
+    idx: trained_rows(targets), if already taken."""
     B, S, H = hidden.shape
     rows = rows or chunk_rows(weight.shape[0])
-    return _LinearNLL.apply(hidden.reshape(B * S, H), weight, bias, targets.reshape(B * S), rows).view(B, S)
+    idx = trained_rows(targets) if idx is None else idx
+    return _LinearNLL.apply(hidden.reshape(B * S, H), weight, bias, targets.reshape(B * S), rows, idx).view(B, S)
 
 
 class FusedHead(nn.Module):
@@ -103,10 +110,11 @@ class FusedHead(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None,
+                idx: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return F.linear(hidden, self.weight, self.bias)
-        return linear_nll(hidden, self.weight, self.bias, targets)
+        return linear_nll(hidden, self.weight, self.bias, targets, idx=idx)
 
 
 def fusable(model: nn.Module) -> str | None:
@@ -131,7 +139,8 @@ def install(model: nn.Module) -> None:
     def forward(self, *args, targets: torch.Tensor | None = None, **kwargs):
         if targets is None:
             return own_forward(*args, **kwargs)
+        idx = trained_rows(targets)  # before the model's kernels are queued: no wait on them
         hidden = self.base_model(*args, **kwargs).last_hidden_state
-        return self.get_output_embeddings()(hidden, targets)
+        return self.get_output_embeddings()(hidden, targets, idx)
 
     model.forward = types.MethodType(forward, model)

@@ -45,10 +45,13 @@ def worker(rank, world, model_path, grad_accum, run_dir):
                              "train.grad_clip=0", "train.zero_stage=3"])
     torch.manual_seed(0)
     engine = ds.Engine(cfg, model_path)
-    # zero.Init: every parameter is a ZeRO-3 partition; outside forward no rank holds its full data
+    # zero.Init: every parameter is a ZeRO-3 partition; outside forward no rank holds the full data of
+    # any but the small ones DeepSpeed keeps gathered once fetched (ds_persist; the engine's start-up
+    # check of the fused loss has run a forward)
     params = list(engine.module.parameters())
-    partitioned = all(hasattr(p, "ds_numel") and p.numel() == 0 and p.ds_tensor.numel() <= -(-p.ds_numel // world)
-                      for p in params)
+    partitioned = all(hasattr(p, "ds_numel") and (p.numel() == 0 or p.ds_persist)
+                      and p.ds_tensor.numel() <= -(-p.ds_numel // world) for p in params)
+    partitioned = partitioned and any(p.numel() == 0 for p in params)
     tok = AutoTokenizer.from_pretrained(model_path)
     exs = [Renderer(tok, 96).render(d) for d in dialogues()]
     mine = exs[rank * per_rank:(rank + 1) * per_rank]
