@@ -35,16 +35,17 @@ CONFIGS = ["resure-packed", "resure-padded", "sft-packed", "sft-padded", "trl-pa
 SEED = 1234
 
 
-def recipe(name: str, length: int, mb: int, steps: int) -> dict:
-    """The recipe as a user runs it, one rank; timing from its metrics.jsonl."""
+def recipe(name: str, length: int, mb: int, steps: int, overrides: tuple = (), quiet: bool = True) -> dict:
+    """The recipe as a user runs it, one rank (ZeRO-0 unless overrides say otherwise; later
+    overrides win); timing from its metrics.jsonl. quiet: keep the run's output."""
     method, layout = name.split("-")
     env = {**os.environ, "NUM_PROCS": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     args = ["recipes/default.yaml", f"train.method={method}", f"data.packing={layout == 'packed'}".lower(),
             f"data.max_length={length}", f"train.micro_batch_size={mb}", "train.zero_stage=0",
             f"train.max_steps={steps}", f"train.seed={SEED}", "checkpoint.every=0", "checkpoint.keep_last=0",
             "checkpoint.export=false", "output.plot=false", "output.tensorboard=false", f"output.dir={WORK}",
-            f"output.name={name}-{length}"]
-    subprocess.run(["bash", "launch/train.sh", *args], cwd=ROOT, env=env, check=True, capture_output=True)
+            f"output.name={name}-{length}", *overrides]
+    subprocess.run(["bash", "launch/train.sh", *args], cwd=ROOT, env=env, check=True, capture_output=quiet)
     with open(os.path.join(WORK, f"{name}-{length}", "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(ln) for ln in f]
     return {"times": [r["step_time_s"] for r in rows], "tokens": [r["tokens_per_s"] * r["step_time_s"] for r in rows],

@@ -406,7 +406,7 @@ def train(run: Run) -> str | None:
 def validate(run: Run) -> dict:
     """Validation metrics for this step (every rank); a new best is exported when eval.keep_best."""
     t0 = time.perf_counter()
-    res = run.validation.run(run.engine, ds.device())
+    res = run.validation.run(run.engine)
     res["val_time_s"] = time.perf_counter() - t0
     if run.cfg.eval.keep_best and (run.best_val is None or res["val_loss"] < run.best_val):
         run.best_val = res["val_loss"]  # identical on every rank (all-reduced), so all export together

@@ -28,9 +28,9 @@ class Validation:
         self.dialogues = len(rows)
 
     @torch.no_grad()
-    def run(self, engine, device) -> dict:
-        """engine: train's ds.Engine; device: where the all-reduce runs (the accelerator's)."""
-        rank, world, mb = dist.rank(), dist.world(), self.micro_batch
+    def run(self, engine) -> dict:
+        """engine: train's ds.Engine (its device is where the forwards and the all-reduce run)."""
+        rank, world, mb, dev = dist.rank(), dist.world(), self.micro_batch, engine.device
         per = world * mb
         sums = torch.zeros(self.depth, 4, dtype=torch.float64)
         engine.train(False)
@@ -39,7 +39,6 @@ class Validation:
                 mine = self.rows[start + rank * mb:start + (rank + 1) * mb]
                 real = bool(mine)
                 batch = collate([[r] for r in (mine or self.rows[:1])], self.pad_id, packed=False)
-                dev = engine.device
                 tg = shift_targets(batch["labels"].to(dev), batch["turn_ids"].to(dev), batch["doc_ids"].to(dev))
                 t = turn_losses(engine.token_nll(batch, tg.labels), tg, len(batch["dialogue_ids"]),
                                 batch["partial"].shape[1])
@@ -52,7 +51,7 @@ class Validation:
                     sums[:n, TURN_MEANS] += torch.where(t.count > 0, t.mean.double(), 0.0).sum(0).cpu()
         finally:
             engine.train(True)
-        total = dist.all_reduce_sum(sums.flatten(), device).view(self.depth, 4).numpy()
+        total = dist.all_reduce_sum(sums.flatten(), dev).view(self.depth, 4).numpy()
         return summarize(total, self.dialogues)
 
 

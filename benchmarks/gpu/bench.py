@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
-from benchmarks.throughput import SEED, plain  # noqa: E402
+from benchmarks.throughput import SEED, plain, recipe, summarize  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -44,17 +42,6 @@ def make_model(out_dir: str, tiny: bool) -> tuple[str, int]:
     src = os.environ.get("RESURE_GPU_TOKENIZER", os.path.join(ROOT, ".gpu", "smollm2"))
     path = os.path.join(out_dir, "llama-tiny-random" if tiny else "llama-360m-random")
     return path, random_llama(src, path, TINY if tiny else SMOLLM2_360M, torch.bfloat16, SEED)
-
-
-def recipe(path: str, a, run_dir: str) -> list[dict]:
-    env = {**os.environ, "NUM_PROCS": "1"}
-    args = ["recipes/default.yaml", f"model.path={path}", f"model.dtype={a.dtype}", "train.zero_stage=3",
-            "data.packing=true", f"data.max_length={a.length}", f"train.micro_batch_size={a.rows}",
-            f"train.max_steps={a.steps}", f"train.seed={SEED}", "checkpoint.every=0", "checkpoint.keep_last=0",
-            "checkpoint.export=false", "output.plot=false", f"output.dir={run_dir}", "output.name=gpu-resure"]
-    subprocess.run(["bash", "launch/train.sh", *args], cwd=ROOT, env=env, check=True)
-    with open(os.path.join(run_dir, "gpu-resure", "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(ln) for ln in f]
 
 
 def main() -> None:
@@ -74,19 +61,18 @@ def main() -> None:
     work = os.path.join(ROOT, "benchmarks", "work", "gpu")
     os.makedirs(work, exist_ok=True)
     path, n_params = make_model(work, a.tiny)
-    rows = recipe(path, a, work)[a.warmup:]
-    r_tok = sum(r["tokens_per_s"] * r["step_time_s"] for r in rows) / sum(r["step_time_s"] for r in rows)
-    split = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in rows[0] if k.startswith("time_")}
-    p = plain(a.length, a.rows, a.plain_steps + a.warmup, model_path=path, overrides=(f"model.dtype={a.dtype}",))
-    t, n = p["times"][a.warmup:], p["tokens"][a.warmup:]
-    p_tok = sum(n) / sum(t)
+    r = summarize(recipe("resure-packed", a.length, a.rows, a.steps, quiet=False,
+                         overrides=(f"model.path={path}", f"model.dtype={a.dtype}", "train.zero_stage=3")), a.warmup)
+    p = summarize(plain(a.length, a.rows, a.plain_steps + a.warmup, model_path=path,
+                        overrides=(f"model.dtype={a.dtype}",)), a.warmup)
+    r_tok, p_tok = r["tokens_per_s"], p["tokens_per_s"]
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     res = {"gpu": name, "params": n_params, "length": a.length, "rows": a.rows, "recipe_tokens_per_s": r_tok,
            "plain_tokens_per_s": p_tok, "plain_over_recipe": p_tok / r_tok,
-           "recipe_step_s": statistics.median(r["step_time_s"] for r in rows), "plain_step_s": statistics.median(t),
+           "recipe_step_s": r["step_s"], "plain_step_s": p["step_s"],
            "recipe_mfu": 6 * n_params * r_tok / peak if peak else None,
-           "plain_mfu": 6 * n_params * p_tok / peak if peak else None, "recipe_split_s": split}
+           "plain_mfu": 6 * n_params * p_tok / peak if peak else None, "recipe_split_s": r["split"]}
     print(json.dumps(res, indent=1))
     print(f"{name}: recipe {r_tok:,.0f} real tokens/s, plain {a.dtype} loop {p_tok:,.0f}; plain / recipe "
           f"{p_tok / r_tok:.2f}x" + (f"; MFU recipe {res['recipe_mfu']:.1%}, plain {res['plain_mfu']:.1%}" if peak else ""))
