@@ -203,7 +203,7 @@ def part_resume(res: dict) -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
     common = ["recipes/default.yaml", f"data.train={data}", f"data.prepared_dir={prep}", f"output.dir={out_dir}",
               "train.max_steps=3", "checkpoint.every=1", "checkpoint.keep_last=1", "checkpoint.export=false",
-              "output.plot=false"]
+              "output.plot=false", "output.report=false"]
     first, row = launch_until_step([*common, "output.name=launch", "train.stop_after=1"],
                                    os.path.join(out_dir, "launch"), 1)
     out = {"launch_to_first_step_s": first, "first_step_time_s": row["step_time_s"], "startup": row["startup"],
@@ -282,7 +282,7 @@ def part_end_to_end(res: dict, steps: int = 8) -> None:
     for name, packing in (("padded", "false"), ("packed", "true")):
         args = ["recipes/default.yaml", "data.max_length=1024", f"data.packing={packing}",
                 f"data.prepared_dir={WORK}/prep-chitchat", f"train.max_steps={steps}", "checkpoint.keep_last=0",
-                "checkpoint.export=false", "output.plot=false", f"output.dir={out_dir}", f"output.name={name}"]
+                "checkpoint.export=false", "output.plot=false", "output.report=false", f"output.dir={out_dir}", f"output.name={name}"]
         launch_until_step(args, os.path.join(out_dir, name), steps)
         rows = [json.loads(x) for x in open(os.path.join(out_dir, name, "metrics.jsonl"))][1:]  # skip warm-up step
         real = sum(r["tokens_per_s"] * r["step_time_s"] for r in rows)

@@ -3,7 +3,7 @@
     <run>/checkpoints/
       latest                    the newest published tag (moved last)
       step0000012/              DeepSpeed's model, optimizer and scheduler files, plus
-        rank_state_00000.json   this rank's audit reservoir and RNG states
+        rank_state_00000.json   this rank's RNG states
         progress.json           step, data cursor, Welford and histogram state, world size,
                                 the prepared data it trained on, and the inventory of every
                                 file of the tag with its size
@@ -24,8 +24,9 @@ for its universal conversion.)
 Nothing in progress.json depends on the number of ranks: the data position is
 a global cursor (data/plan.py), the statistics are identical on every rank.
 Resuming on another world size continues from the same global position; the
-per-rank audit reservoirs are merged (old rank k -> new rank k % world) and
-the RNG streams are reseeded, so only the same world size continues bit-exact.
+RNG streams are reseeded, so only the same world size continues bit-exact.
+(The turn audit is not in the checkpoint: it is a log on disk, cut back to the
+resumed step; audit.py.)
 """
 from __future__ import annotations
 
@@ -214,10 +215,8 @@ def verified(ckpt_dir: str, tag: str) -> Found:
     return Found(ckpt_dir, tag, progress)
 
 
-def load_rank_state(found: Found, rank: int, world: int) -> tuple[dict | None, list[dict]]:
-    """(this rank's RNG state if the world size is unchanged, else None; the audit states it takes over)."""
-    old_world = found.progress["world_size"]
-    mine = [k for k in range(old_world) if k % world == rank]
-    states = [_read_json(rank_state_path(found.ckpt_dir, found.tag, k)) for k in mine]
-    rng = states[0]["rng"] if old_world == world and states else None
-    return rng, [s["audit"] for s in states]
+def load_rank_rng(found: Found, rank: int, world: int) -> dict | None:
+    """This rank's RNG state if the world size is unchanged, else None (the caller reseeds)."""
+    if found.progress["world_size"] != world:
+        return None
+    return _read_json(rank_state_path(found.ckpt_dir, found.tag, rank))["rng"]

@@ -197,12 +197,14 @@ class OutputConfig:
     """Parent folder of run folders."""
     name: str = "resure-default"
     """Run folder name: outputs go to <dir>/<name>/."""
-    audit_max_rows: int = 200000
-    """Per-turn audit rows kept (a reservoir sample past this bound)."""
     tensorboard: bool = True
     """Also log every step to TensorBoard."""
     plot: bool = True
     """Write training.png at the end (about 1.5 s; off for sweeps of many small runs)."""
+    report: bool = True
+    """Write report.html at the end: the data-quality report (one self-contained page; its plots follow output.plot)."""
+    report_top: int = 50
+    """Most down-weighted turns the report lists with their text."""
 
 
 @dataclass
@@ -293,7 +295,7 @@ def _validate(c: Config) -> list[str]:
               ("train.grad_clip", c.train.grad_clip), ("train.weight_decay", c.train.weight_decay),
               ("checkpoint.every", c.checkpoint.every), ("train.stop_after", c.train.stop_after),
               ("eval.every", c.eval.every),
-              ("checkpoint.keep_last", c.checkpoint.keep_last), ("output.audit_max_rows", c.output.audit_max_rows),
+              ("checkpoint.keep_last", c.checkpoint.keep_last), ("output.report_top", c.output.report_top),
               ("loss_truncation.min_count", c.loss_truncation.min_count),
               ("data.prepare_workers", c.data.prepare_workers), ("data.num_workers", c.data.num_workers)]
     e += [f"{k}: must be >= 0, got {v}" for k, v in nonneg if v < 0]

@@ -1,10 +1,9 @@
-"""Rank-0 step metrics (metrics.jsonl, TensorBoard, progress bar) and the
-per-rank turn audit (a bounded reservoir sample, written at checkpoints)."""
+"""Rank-0 step metrics: metrics.jsonl, TensorBoard, progress bar. (The per-turn
+audit is audit.py.)"""
 from __future__ import annotations
 
 import json
 import os
-import random
 
 
 class MetricsLogger:
@@ -55,57 +54,3 @@ class MetricsLogger:
         self.f.close()
         if self.tb is not None:
             self.tb.close()
-
-
-class Audit:
-    """Every trained turn's (dialogue_id, turn, loss, z, weight, warm, step, partial),
-    kept as a uniform reservoir sample of at most max_rows per rank."""
-
-    def __init__(self, run_dir: str, rank: int, max_rows: int, seed: int):
-        self.dir = os.path.join(run_dir, "audit")
-        self.path = os.path.join(self.dir, f"rank{rank:05d}.jsonl")
-        self.max_rows, self.rows, self.seen = max_rows, [], 0
-        self.rng = random.Random(seed * 7919 + rank)
-
-    def add(self, rows: list[dict]) -> None:
-        for r in rows:
-            self.seen += 1
-            if len(self.rows) < self.max_rows:
-                self.rows.append(r)
-            else:
-                j = self.rng.randrange(self.seen)
-                if j < self.max_rows:
-                    self.rows[j] = r
-
-    def write(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in self.rows:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
-
-    def drop_other_ranks(self, world: int) -> None:
-        """After a resume on fewer ranks: the files of ranks that no longer exist (their rows
-        were taken over by the remaining ranks) would be read twice."""
-        if os.path.isdir(self.dir):
-            for name in os.listdir(self.dir):
-                if name.startswith("rank") and name.endswith(".jsonl") and int(name[4:9]) >= world:
-                    os.remove(os.path.join(self.dir, name))
-
-    def state_dict(self) -> dict:
-        """JSON: the reservoir itself rides in the checkpoint, so a resumed run keeps the same sample."""
-        v, st, g = self.rng.getstate()
-        return {"seen": self.seen, "rng": [v, list(st), g], "rows": list(self.rows)}
-
-    def load_state_dicts(self, sds: list[dict]) -> None:
-        """One state (same world size: exact), or several reservoirs taken over after a resume on
-        fewer ranks (merged: rows pooled, subsampled to max_rows, counts added)."""
-        if not sds:
-            return
-        v, st, g = sds[0]["rng"]
-        self.rng.setstate((v, tuple(st), g))
-        self.seen = sum(sd["seen"] for sd in sds)
-        self.rows = [r for sd in sds for r in sd["rows"]]
-        if len(self.rows) > self.max_rows:
-            self.rows = self.rng.sample(self.rows, self.max_rows)

@@ -34,7 +34,9 @@ from .data.plan import Cursor
 from .data.shards import PreparedSource
 from .errors import IGNORE, ConfigError, DataError
 from .loss import TurnLosses, shift_targets, turn_losses, weighted_loss_sum
-from .metrics import Audit, MetricsLogger
+from . import audit as auditlog
+from .audit import AuditLog
+from .metrics import MetricsLogger
 from .models import load_tokenizer, resolve_model_path
 from .prepare import Prepared, ensure_eval_prepared, ensure_prepared
 from .quantile import LossHistogram
@@ -62,7 +64,7 @@ class Run:
     prepared: list[Prepared]
     stats: Welford
     hist: LossHistogram | None
-    audit: Audit
+    audit: AuditLog
     stop: StopPolicy
     validation: Validation | None = None
     best_val: float | None = None  # lowest validation loss so far (eval.keep_best)
@@ -128,7 +130,7 @@ def setup(cfg: Config) -> Run:
     startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
     return Run(cfg, rank, world, run_dir, ckpt_dir, tok, engine, prepared,
                Welford(cfg.stats.num_buckets, cfg.stats.decay), hist,
-               Audit(run_dir, rank, cfg.output.audit_max_rows, cfg.train.seed), stop, validation,
+               AuditLog(run_dir, rank), stop, validation,
                resume_from=found, batches=batches, cursor=cursor, startup=startup, clock=Clock(engine.device))
 
 
@@ -304,7 +306,7 @@ def data_identity(cfg: Config, prepared: list[Prepared]) -> list[dict]:
 def save_checkpoint(run: Run) -> None:
     """Every rank writes into <tag>.saving; rank 0 verifies and publishes, then rotates (checkpoint.py)."""
     t0 = time.perf_counter()
-    run.audit.write()
+    run.audit.flush()
     if run.cfg.checkpoint.keep_last == 0:
         return  # throwaway run (e.g. the noisy-mix study): metrics and audit only
     tag = f"step{run.step:07d}"
@@ -313,7 +315,7 @@ def save_checkpoint(run: Run) -> None:
     dist.barrier()
     run.engine.save(run.ckpt_dir, ckpt.staging(tag))
     ckpt.write_rank_state(run.ckpt_dir, ckpt.staging(tag), run.rank,
-                          {"audit": run.audit.state_dict(), "rng": ckpt.rng_state()})
+                          {"rng": ckpt.rng_state()})
     _fault_point("save", run.step, run.rank)
     dist.barrier()
     if run.rank == 0:
@@ -347,8 +349,11 @@ def _fault_point(where: str, step: int, rank: int) -> None:
 
 
 def resume(run: Run) -> None:
+    """Restore the state of the checkpoint found in setup; without one, a fresh start (which drops
+    an earlier run's audit rows from a reused run folder)."""
     found = run.resume_from
     if found is None:
+        _truncate_audit(run, 0)
         return
     p = found.progress
     t0 = time.perf_counter()
@@ -359,14 +364,12 @@ def resume(run: Run) -> None:
     run.stats.load_state_dict({**p["welford"], "state": torch.tensor(p["welford"]["state"], dtype=torch.float64)})
     if run.hist is not None and p.get("hist"):
         run.hist.load_state_dict({**p["hist"], "counts": torch.tensor(p["hist"]["counts"], dtype=torch.float64)})
-    rng, audits = ckpt.load_rank_state(found, run.rank, run.world)
-    run.audit.load_state_dicts(audits)
+    rng = ckpt.load_rank_rng(found, run.rank, run.world)
     if rng is not None:
         ckpt.set_rng_state(rng)
     else:  # another world size: fresh per-rank streams, still a function of seed, rank and step
         seed_all(run.cfg.train.seed + 1000003 * run.step + run.rank)
-        if run.rank == 0:
-            run.audit.drop_other_ranks(run.world)
+    _truncate_audit(run, run.step)
     run.startup["resume"] = time.perf_counter() - t0
     print0(f"resumed from {found.path} at step {run.step} (rows seen {run.cursor.rows_seen}, epoch "
            f"{run.cursor.epoch}; saved on {p['world_size']} rank(s), now {run.world})")
@@ -429,6 +432,16 @@ def data_counts(prepared: list[Prepared]) -> dict:
     return {"skipped": skipped, "cut_by_max_length": cut, "no_trained_token": no_token}
 
 
+def _truncate_audit(run: Run, step: int) -> None:
+    """The audit rows of steps after `step` belong to training that is being redone (rank 0 edits,
+    the others wait: nobody writes before the barrier)."""
+    if run.rank == 0:
+        dropped = auditlog.truncate(run.run_dir, step)
+        if dropped:
+            print0(f"audit: dropped {dropped:,} rows of steps after {step} (training redone from there)")
+    dist.barrier()
+
+
 def finish(run: Run) -> None:
     """Export and the end-of-run summary and plot (rank 0)."""
     if run.cfg.checkpoint.export:
@@ -436,7 +449,9 @@ def finish(run: Run) -> None:
     if run.rank == 0:
         from .report import write_report
 
-        summary = write_report(run.run_dir, data=data_counts(run.prepared), with_plot=run.cfg.output.plot)
+        out = run.cfg.output
+        summary = write_report(run.run_dir, data=data_counts(run.prepared), with_plot=out.plot, html=out.report,
+                               top=out.report_top)
         print(summary, flush=True)
 
 

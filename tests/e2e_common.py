@@ -61,8 +61,6 @@ def metrics(run_dir):
 
 
 def audit(run_dir):
-    rows = []
-    for name in sorted(os.listdir(os.path.join(run_dir, "audit"))):
-        with open(os.path.join(run_dir, "audit", name), encoding="utf-8") as f:
-            rows += [json.loads(ln) for ln in f]
-    return sorted(rows, key=lambda r: (r["step"], r["dialogue_id"], r["turn"]))
+    from resure_ds.audit import read_audit
+
+    return sorted(read_audit(run_dir).to_pylist(), key=lambda r: (r["step"], r["dialogue_id"], r["turn"]))

@@ -18,7 +18,7 @@ def stage(ckpt_dir, step, world=2, skip_rank=None):
         with open(os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), "wb") as f:
             f.write(b"x" * (100 + r))
         if r != skip_rank:
-            ckpt.write_rank_state(ckpt_dir, ckpt.staging(tag), r, {"audit": {}, "rng": None})
+            ckpt.write_rank_state(ckpt_dir, ckpt.staging(tag), r, {"rng": None})
     return tag
 
 

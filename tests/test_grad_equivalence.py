@@ -33,7 +33,7 @@ def worker(rank, world, model_path, grad_accum, run_dir):
     from resure_ds.data.sources import SourceSpec
     from resure_ds.prepare import Prepared
     from resure_ds.data.render import Renderer
-    from resure_ds.metrics import Audit
+    from resure_ds.audit import AuditLog
     from resure_ds.stop import StopPolicy
     from resure_ds.train import Run, global_token_count, micro_backward
     from resure_ds.welford import Welford
@@ -57,7 +57,7 @@ def worker(rank, world, model_path, grad_accum, run_dir):
     mine = exs[rank * per_rank:(rank + 1) * per_rank]
     micro = [collate_examples(mine[i * mb:(i + 1) * mb], tok.pad_token_id) for i in range(grad_accum)]
     run = Run(cfg, rank, world, run_dir, run_dir, tok, engine, [Prepared(SourceSpec('test'), '', {}, True)],
-              Welford(8), None, Audit(run_dir, rank, 100, 0), StopPolicy(0, 0))
+              Welford(8), None, AuditLog(run_dir, rank), StopPolicy(0, 0))
     n = global_token_count(micro)
     acc = {}
     for i, b in enumerate(micro):

@@ -91,7 +91,7 @@ def train_one(name: str, data_path: str, model_path: str, p: dict, method: str, 
             f"train.max_steps={steps}", f"train.lr={p['lr']}", "train.lr_warmup_steps=0",
             "train.schedule=constant", f"train.seed={seed}", "train.zero_stage=0", "checkpoint.keep_last=0",
             "checkpoint.resume=none", f"resure.min_count={p['min_count']}",
-            f"loss_truncation.min_count={p['min_count']}", "output.tensorboard=false", "output.plot=false",
+            f"loss_truncation.min_count={p['min_count']}", "output.tensorboard=false", "output.plot=false", "output.report=false",
             "data.num_workers=0",  # dozens of short runs in one process: no loader process to start each time
             f"output.dir={out}", f"output.name={name}"]
     over += [f"{k}={v}" for k, v in extra.items()]
@@ -102,9 +102,9 @@ def train_one(name: str, data_path: str, model_path: str, p: dict, method: str, 
 def detection(run_dir: str, labels: list[dict]) -> dict:
     """Weights vs injected labels on complete turns seen after the method's warm-up; AUROC of z
     where the method has one (not loss truncation)."""
-    from resure_ds.report import read_audit
+    from resure_ds.audit import read_audit
 
-    rows = [r for r in read_audit(run_dir) if r["warm"] and not r["partial"]]
+    rows = [r for r in read_audit(run_dir).to_pylist() if r["warm"] and not r["partial"]]
     kinds = {(x["dialogue_id"], x["turn"]): x["kind"] for x in labels}
     y = [(r["dialogue_id"], r["turn"]) in kinds for r in rows]
     w = [r["weight"] for r in rows]

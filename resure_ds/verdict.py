@@ -1,0 +1,230 @@
+"""ReSURE's verdict on the corpus, from a run's audit: per turn, per source, per depth; exported
+as Parquet, or applied to the corpus as a filter.
+
+    python -m resure_ds.report RUN --export verdict.parquet
+    python -m resure_ds.report RUN --filter OUT --min-weight 0.5 [--unit dialogue|turn]
+
+A turn's verdict is its *last-seen* row: the weight and z it had the last time it was trained.
+Weights are relative to the model at the time it saw the turn (a turn that looked unreliable at
+step 10 might not at step 10,000), so a filter built from one run is a judgement of that run's
+model, not an absolute score of the data.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .audit import read_audit
+
+KEY = ["source", "dialogue_id", "turn"]
+
+
+def last_seen(audit: pa.Table) -> pa.Table:
+    """One row per (source, dialogue_id, turn): the weight, z and loss of its latest step, and how
+    many times it was trained."""
+    t = audit.sort_by([("step", "ascending")])
+    g = t.group_by(KEY, use_threads=False).aggregate(
+        [("weight", "last"), ("z", "last"), ("loss", "last"), ("step", "last"), ("warm", "last"),
+         ("partial", "last"), ("step", "count")])
+    names = {f"{c}_last": c for c in ("weight", "z", "loss", "step", "warm", "partial")}
+    g = g.rename_columns([names.get(c, "times_seen" if c == "step_count" else c) for c in g.column_names])
+    return g.select([*KEY, "weight", "z", "loss", "step", "warm", "partial", "times_seen"]).sort_by(
+        [("source", "ascending"), ("dialogue_id", "ascending"), ("turn", "ascending")])
+
+
+def export(run_dir: str, path: str) -> int:
+    """Write the last-seen verdict of every trained turn as Parquet; returns the number of turns."""
+    v = last_seen(read_audit(run_dir))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(v, path, compression="zstd")
+    return v.num_rows
+
+
+def group_stats(v: pa.Table, by: str) -> list[dict]:
+    """Per value of `by` (source, or turn): turns, dialogues, mean weight, fractions below 1 and
+    0.5, and the z quantiles of its warm turns."""
+    out = []
+    col = v.column(by).to_numpy(zero_copy_only=False)
+    w, z = v.column("weight").to_numpy(), v.column("z").to_numpy(zero_copy_only=False)
+    warm = v.column("warm").to_numpy(zero_copy_only=False)
+    dids = v.column("dialogue_id").to_numpy(zero_copy_only=False)
+    for key in sorted(set(col.tolist())):
+        m = col == key
+        zz = np.asarray(z[m & warm], dtype=float)
+        zz = zz[np.isfinite(zz)]
+        q = np.quantile(zz, [0.1, 0.5, 0.9]).tolist() if len(zz) else [None] * 3
+        out.append({by: key, "turns": int(m.sum()), "dialogues": len(set(dids[m].tolist())),
+                    "mean_weight": float(w[m].mean()), "frac_w_lt_1": float((w[m] < 1).mean()),
+                    "frac_w_lt_0.5": float((w[m] < 0.5).mean()), "warm_turns": int(len(zz)),
+                    "z_p10": q[0], "z_p50": q[1], "z_p90": q[2]})
+    return out
+
+
+# -- applying the verdict to the corpus ------------------------------------------------------------
+def _low_turns(run_dir: str, min_weight: float) -> dict[tuple[str, str], int]:
+    """(source, dialogue_id) -> its first turn whose last-seen weight is below min_weight."""
+    v = last_seen(read_audit(run_dir, columns=["source", "dialogue_id", "turn", "weight", "step", "z", "loss",
+                                               "warm", "partial"]))
+    low = v.filter(pc.less(v.column("weight"), min_weight))
+    first: dict[tuple[str, str], int] = {}
+    for s, d, t in zip(*(low.column(c).to_pylist() for c in KEY)):
+        first[(s, d)] = min(t, first.get((s, d), t))
+    return first
+
+
+def _trained(run_dir: str) -> set[tuple[str, str]]:
+    a = read_audit(run_dir, columns=["source", "dialogue_id"])
+    return set(zip(a.column("source").to_pylist(), a.column("dialogue_id").to_pylist()))
+
+
+def _cut(record: dict, turn: int) -> dict | None:
+    """The record up to its last assistant message before turn `turn` (the user message that asked
+    for turn `turn` goes too); None if no assistant turn is left."""
+    from .data.records import normalise
+
+    messages, _ = normalise(record)
+    idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if turn == 0:
+        return None
+    key = "messages" if "messages" in record else "conversations"
+    return {**record, key: record[key][:idx[turn - 1] + 1]}
+
+
+class _Writer:
+    """Records out, streamed, in the layout of the file they came from (.jsonl, .jsonl.gz, .json,
+    .parquet); a `datasets` folder as a `datasets` folder (the kept rows selected from it)."""
+
+    def __init__(self, path: str, like: str, kind: str):
+        self.path, self.like, self.kind, self.n = path, like, kind, 0
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.rows, self.f, self.pq = [], None, None
+        if kind == "hf":
+            self.keep, self.replace = [], {}
+        elif like.endswith(".parquet"):
+            self.schema = pq.read_schema(like)
+            self.pq = pq.ParquetWriter(path, self.schema)
+        elif not like.endswith(".json"):
+            self.f = (gzip.open if path.endswith(".gz") else open)(path, "wt", encoding="utf-8")
+
+    def add(self, rec, index: int, changed: bool) -> None:
+        self.n += 1
+        if self.kind == "hf":
+            self.keep.append(index)
+            if changed:
+                self.replace[index] = rec
+        elif self.f is not None:
+            self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        else:
+            self.rows.append(rec)
+            if self.pq is not None and len(self.rows) >= 1024:
+                self._flush_parquet()
+
+    def _flush_parquet(self) -> None:
+        if self.rows:
+            self.pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def close(self) -> None:
+        if self.kind == "hf":
+            from .data.sources import _load_hf
+
+            ds = _load_hf(self.like)
+            if self.replace:
+                ds = ds.map(lambda r, i: self.replace.get(i, r), with_indices=True)
+            ds.select(self.keep).save_to_disk(self.path)
+        elif self.pq is not None:
+            self._flush_parquet()
+            self.pq.close()
+        elif self.f is not None:
+            self.f.close()
+        else:
+            with open(self.path, "w", encoding="utf-8") as f:
+                json.dump(self.rows, f, ensure_ascii=False)
+
+
+def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "dialogue") -> dict:
+    """Write the run's training corpus without the dialogues (unit=dialogue) holding a turn whose
+    last-seen weight is below min_weight, or (unit=turn) with each such dialogue cut before its
+    first such turn (the later turns were trained on it as context); a cut dialogue with no
+    assistant turn left is dropped. Records the run never trained, or that were invalid, are kept
+    as they are. One output per input file, in its format; the embedded corpus as OpenAI-layout
+    JSONL. Returns the counts (also written to OUT/filter_counts.json)."""
+    from .data.records import InvalidRecord, normalise
+    from .data.sources import default_id, parse_train, read_unit, resolve, units_of
+    from .data.shards import manifest_source
+
+    if unit not in ("dialogue", "turn"):
+        raise ValueError(f"--unit must be 'dialogue' or 'turn', got {unit!r}")
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    low, trained = _low_turns(run_dir, min_weight), _trained(run_dir)
+    counts = {"min_weight": min_weight, "unit": unit, "records": 0, "kept": 0, "dropped": 0, "cut": 0,
+              "turns_removed": 0, "not_trained_kept": 0, "invalid_kept": 0,
+              "unreadable_dropped": 0, "outputs": []}
+    for i, spec in enumerate(parse_train(cfg["data"]["train"])[0]):
+        src = resolve(spec)
+        if src.kind == "prepared":
+            src = resolve(manifest_source(src.files[0]))
+        folder = os.path.join(out_dir, f"{i:02d}-{_slug(spec.label)}")
+        writers: dict[str, _Writer] = {}
+        for u in units_of(src):
+            out_path = _out_path(src, u.path, folder)
+            if u.path not in writers:
+                writers[u.path] = _Writer(out_path, u.path if src.kind != "chitchat" else "x.jsonl", src.kind)
+            w = writers[u.path]
+            for index, (where, rec) in enumerate(read_unit(u), start=u.start if src.kind == "hf" else 0):
+                counts["records"] += 1
+                try:
+                    messages, own = normalise(rec)
+                except InvalidRecord:
+                    if isinstance(rec, InvalidRecord):  # a line that is not JSON cannot be written back
+                        counts["unreadable_dropped"] += 1
+                    else:
+                        counts["invalid_kept"] += 1
+                        w.add(rec, index, False)
+                    continue
+                did = str(own) if own is not None else default_id(u, where)
+                key = (spec.label, did)
+                if key not in trained:
+                    counts["not_trained_kept"] += 1
+                    w.add(rec, index, False)
+                    continue
+                t = low.get(key)
+                n_turns = sum(m["role"] == "assistant" for m in messages)
+                if t is None:
+                    counts["kept"] += 1
+                    w.add(rec, index, False)
+                    continue
+                kept = _cut(rec, t) if unit == "turn" else None
+                counts["turns_removed"] += n_turns - (t if kept is not None else 0)
+                if kept is None:
+                    counts["dropped"] += 1
+                else:
+                    counts["cut"] += 1
+                    w.add(kept, index, True)
+        for w in writers.values():
+            w.close()
+            counts["outputs"].append(w.path)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "filter_counts.json"), "w", encoding="utf-8") as f:
+        json.dump(counts, f, indent=1)
+    return counts
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label.strip("/"))[-60:] or "source"
+
+
+def _out_path(src, path: str, folder: str) -> str:
+    if src.kind == "chitchat":
+        return os.path.join(folder, "chitchat.jsonl")
+    if src.kind == "hf":
+        return os.path.join(folder, os.path.basename(path.rstrip("/")))
+    base = os.path.commonpath(src.files) if len(src.files) > 1 else os.path.dirname(src.files[0])
+    return os.path.join(folder, os.path.relpath(path, base))

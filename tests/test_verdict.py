@@ -1,0 +1,101 @@
+"""The verdict: last-seen weight per turn, per-group reliability, Parquet export, corpus filter."""
+import gzip
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from resure_ds.audit import AuditLog
+from resure_ds.verdict import export, filter_corpus, group_stats, last_seen
+
+
+def row(src, did, turn, w, step, z=0.0, warm=True):
+    return {"source": src, "dialogue_id": did, "turn": turn, "loss": 2.0, "z": z, "weight": w, "warm": warm,
+            "step": step, "partial": False}
+
+
+def write_run(run_dir, train, audit_rows):
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"data": {"train": train}}, f)
+    log = AuditLog(str(run_dir), 0)
+    log.add(audit_rows)
+    log.flush()
+
+
+def dialog(did, n_turns, layout="openai"):
+    if layout == "openai":
+        msgs = []
+        for t in range(n_turns):
+            msgs += [{"role": "user", "content": f"q{t}"}, {"role": "assistant", "content": f"a{t}"}]
+        return {"id": did, "messages": [{"role": "system", "content": "sys"}, *msgs]}
+    conv = []
+    for t in range(n_turns):
+        conv += [{"from": "human", "value": f"q{t}"}, {"from": "gpt", "value": f"a{t}"}]
+    return {"id": did, "conversations": conv}
+
+
+def test_last_seen_takes_the_latest_step_and_counts_visits():
+    log_rows = [row("s", "a", 0, 0.2, 1), row("s", "a", 0, 0.9, 5), row("s", "a", 1, 1.0, 1), row("t", "a", 0, 0.4, 2)]
+    v = last_seen(pa.Table.from_pylist(log_rows[::-1])).to_pylist()
+    assert [(r["source"], r["dialogue_id"], r["turn"], r["weight"], r["step"], r["times_seen"]) for r in v] == [
+        ("s", "a", 0, 0.9, 5, 2), ("s", "a", 1, 1.0, 1, 1), ("t", "a", 0, 0.4, 2, 1)]
+
+
+def test_group_stats_per_source():
+    rows = [row("s", "a", 0, 1.0, 1, z=-1.0), row("s", "b", 0, 0.4, 1, z=3.0), row("s", "b", 1, 0.8, 1, z=2.0),
+            row("s", "c", 0, 1.0, 1, z=None, warm=False), row("t", "x", 0, 1.0, 1, z=0.0)]
+    s, t = group_stats(last_seen(pa.Table.from_pylist(rows)), "source")
+    assert s["source"] == "s" and s["turns"] == 4 and s["dialogues"] == 3 and s["warm_turns"] == 3
+    assert s["mean_weight"] == pytest.approx(0.8) and s["frac_w_lt_1"] == 0.5 and s["frac_w_lt_0.5"] == 0.25
+    assert s["z_p50"] == pytest.approx(2.0)
+    assert t["turns"] == 1 and t["frac_w_lt_1"] == 0.0
+    by_turn = group_stats(last_seen(pa.Table.from_pylist(rows)), "turn")
+    assert [(r["turn"], r["turns"]) for r in by_turn] == [(0, 4), (1, 1)]
+
+
+def test_export_writes_one_row_per_turn(tmp_path):
+    write_run(tmp_path / "run", "x.jsonl", [row("s", "a", 0, 0.3, 1), row("s", "a", 0, 0.6, 2), row("s", "b", 1, 1.0, 2)])
+    assert export(str(tmp_path / "run"), str(tmp_path / "out" / "v.parquet")) == 2
+    t = pq.read_table(tmp_path / "out" / "v.parquet").to_pylist()
+    assert [(r["dialogue_id"], r["turn"], r["weight"], r["times_seen"]) for r in t] == [("a", 0, 0.6, 2), ("b", 1, 1.0, 1)]
+
+
+@pytest.mark.parametrize("unit", ["dialogue", "turn"])
+def test_filter_writes_each_source_in_its_own_format(tmp_path, unit):
+    jl, js, pqf = tmp_path / "a.jsonl.gz", tmp_path / "b.json", tmp_path / "c.parquet"
+    with gzip.open(jl, "wt") as f:
+        for r in [dialog("a1", 3), dialog("a2", 2), dialog("a3", 1), {"messages": []}]:
+            f.write(json.dumps(r) + "\n")
+        f.write("{not json\n")
+    with open(js, "w") as f:
+        json.dump({"data": [dialog("b1", 2, "sharegpt"), dialog("b2", 2, "sharegpt")]}, f)
+    pq.write_table(pa.Table.from_pylist([dialog("c1", 2), dialog("c2", 2)]), pqf)
+    train = [{"path": str(jl), "name": "A"}, {"path": str(js), "name": "B"}, str(pqf)]
+    write_run(tmp_path / "run", train, [
+        row("A", "a1", 0, 1.0, 1), row("A", "a1", 1, 0.3, 1), row("A", "a1", 2, 1.0, 1),  # a1: turn 1 low
+        row("A", "a2", 0, 0.1, 1), row("A", "a2", 1, 1.0, 1),                             # a2: turn 0 low
+        row("B", "b1", 0, 0.2, 1), row("B", "b1", 0, 0.9, 2), row("B", "b2", 1, 0.4, 2),  # b1 recovered; b2 low
+        row(str(pqf), "c1", 0, 1.0, 1), row(str(pqf), "c1", 1, 0.5, 1)])                    # c1: 0.5 is kept; c2 unseen
+    c = filter_corpus(str(tmp_path / "run"), str(tmp_path / "out"), 0.5, unit)
+    assert c["records"] == 9 and c["kept"] == 2 and c["not_trained_kept"] == 2  # b1, c1; a3, c2
+    assert c["invalid_kept"] == 1 and c["unreadable_dropped"] == 1
+    out = {os.path.basename(p): p for p in c["outputs"]}
+    with gzip.open(out["a.jsonl.gz"], "rt") as f:
+        a = [json.loads(ln) for ln in f]
+    with open(out["b.json"]) as f:
+        b = json.load(f)
+    cc = pq.read_table(out["c.parquet"]).to_pylist()
+    assert [r["id"] for r in cc] == ["c1", "c2"] and cc[0] == dialog("c1", 2)
+    if unit == "dialogue":
+        assert c["dropped"] == 3 and c["cut"] == 0 and c["turns_removed"] == 3 + 2 + 2
+        assert [r.get("id") for r in a] == ["a3", None] and [r["id"] for r in b] == ["b1"]
+    else:  # a1 keeps turn 0 and its context; a2 has nothing left; b2 keeps turn 0
+        assert c["dropped"] == 1 and c["cut"] == 2 and c["turns_removed"] == 2 + 2 + 1
+        assert [r.get("id") for r in a] == ["a1", "a3", None]
+        assert [m["content"] for m in a[0]["messages"]] == ["sys", "q0", "a0"]
+        assert [r["id"] for r in b] == ["b1", "b2"] and [m["value"] for m in b[1]["conversations"]] == ["q0", "a0"]
+    with open(tmp_path / "out" / "filter_counts.json") as f:
+        assert json.load(f)["records"] == 9
