@@ -199,7 +199,8 @@ def build_report(run_dir: str, data: dict | None, with_plot: bool, html: bool, t
         verdict = last_seen(audit)
         rows = top_downweighted(run_dir, top, verdict, cfg)
         page = render(run_dir, cfg, metrics, audit, verdict, lines,
-                      group_stats(verdict, "source"), group_stats(verdict, "turn"), rows, with_plot)
+                      group_stats(verdict, "source"),
+                      group_stats(verdict, "turn", cap=cfg["stats"]["num_buckets"] - 1), rows, with_plot)
         out = os.path.join(run_dir, "report.html")
         with open(out + ".tmp", "w", encoding="utf-8") as f:
             f.write(page)

@@ -22,7 +22,7 @@ body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1180px;color
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border:1px solid #ddd;padding:3px 7px;
 vertical-align:top;text-align:right}th{background:#f4f4f4}td.t{text-align:left;white-space:pre-wrap;
-max-width:420px;overflow-wrap:anywhere}.figs img{max-width:49%;border:1px solid #eee}
+max-width:420px;min-width:4em;overflow-wrap:break-word}.figs img{max-width:49%;border:1px solid #eee}
 .note{color:#555;font-size:13px}pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}
 .low{background:#fde8e8}
 """

@@ -46,11 +46,14 @@ def export(run_dir: str, path: str) -> int:
     return v.num_rows
 
 
-def group_stats(v: pa.Table, by: str) -> list[dict]:
+def group_stats(v: pa.Table, by: str, cap: int | None = None) -> list[dict]:
     """Per value of `by` (source, or turn): turns, dialogues, mean weight, fractions below 1 and
-    0.5, and the z quantiles of its warm turns."""
+    0.5, and the z quantiles of its warm turns. cap: values above it join it (turn depths beyond
+    the last statistics bucket share that bucket)."""
     out = []
     col = v.column(by).to_numpy(zero_copy_only=False)
+    if cap is not None:
+        col = np.minimum(col, cap)
     w, z = v.column("weight").to_numpy(), v.column("z").to_numpy(zero_copy_only=False)
     warm = v.column("warm").to_numpy(zero_copy_only=False)
     dids = v.column("dialogue_id").to_numpy(zero_copy_only=False)

@@ -54,6 +54,9 @@ def test_group_stats_per_source():
     assert t["turns"] == 1 and t["frac_w_lt_1"] == 0.0
     by_turn = group_stats(last_seen(pa.Table.from_pylist(rows)), "turn")
     assert [(r["turn"], r["turns"]) for r in by_turn] == [(0, 4), (1, 1)]
+    rows.append(row("s", "b", 5, 0.2, 1))
+    capped = group_stats(last_seen(pa.Table.from_pylist(rows)), "turn", cap=1)  # depth 5 joins bucket 1+
+    assert [(r["turn"], r["turns"], r["frac_w_lt_0.5"]) for r in capped] == [(0, 4, 0.25), (1, 2, 0.5)]
 
 
 def test_export_writes_one_row_per_turn(tmp_path):
