@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .audit import read_audit
+from .audit import read_audit, segments
 from .verdict import export, filter_corpus, group_stats, last_seen
 
 DATA_COUNTS = "data_counts.json"
@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="filter whole dialogues (default), or cut each dialogue before its first low turn")
     a = ap.parse_args(argv)
     need = [n for n in ("config.json", "metrics.jsonl") if not os.path.exists(os.path.join(a.run_dir, n))]
+    if not need and os.path.isdir(os.path.join(a.run_dir, "audit")) and not segments(a.run_dir):
+        raise SystemExit(f"{a.run_dir}/audit holds no Parquet segments (a run of an older version wrote "
+                         "rank*.jsonl, a sample): train it again with this version to get its report")
     if need or not read_metrics(a.run_dir):
         raise SystemExit(f"{a.run_dir}: not a run folder with a logged step ({', '.join(need) or 'metrics.jsonl is empty'}"
                          "); give runs/<output.name> of a run that has trained at least one step")

@@ -45,3 +45,15 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path, smollm2_path):
     res = json.loads((tmp_path / "bench.json").read_text())
     assert res["recipe_tokens_per_s"] > 0 and res["plain_tokens_per_s"] > 0
     assert res["recipe_split_s"]["time_forward_s"] > 0
+
+
+@pytest.mark.slow
+def test_report_scale_measures_a_run(tmp_path, straight):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir, ignore=shutil.ignore_patterns("checkpoints", "export", "best"))
+    res = json.loads(run("benchmarks/report_scale.py", f"--run={run_dir}", f"--work={tmp_path}"))
+    assert res["audited_rows"] == sum(r["turns"] for r in map(json.loads, open(run_dir / "metrics.jsonl")))
+    assert 0 < res["distinct_turns"] <= res["audited_rows"] and res["report_bytes"] > 10_000
+    assert res["filter_records"] == 7168  # the whole embedded corpus, read and written back
