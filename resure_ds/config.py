@@ -52,6 +52,13 @@ class DataConfig:
     """Training data: a .jsonl/.jsonl.gz/.json/.parquet file, a glob, a folder of such files, a saved
     `datasets` folder, a prepared folder, 'chitchat' (embedded), or a list of these, a mixture:
     [{path: a.jsonl, weight: 3}, {path: /data/b/, weight: 1}] (weight = share of the draws)."""
+    format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    """Record layout of every source (a data.train entry's own `format` wins); auto = detected per record
+    from its fields: messages (OpenAI), conversations (ShareGPT), instruction+output (Alpaca), prompt+completion."""
+    columns: dict = field(default_factory=dict)
+    """Your field names for ours, e.g. {messages: dialog, role: speaker, content: text} or {instruction: question,
+    output: answer}; ours: messages role content conversations from value instruction input output system prompt
+    completion id. A data.train entry's own `columns` add to these."""
     max_length: int = 256
     """Tokens per row; a longer dialogue is cut and its last turn flagged partial."""
     skip_invalid: bool = False
@@ -243,6 +250,8 @@ def _check_type(value: Any, tp: Any) -> Any:
         return _check_type(value, options[-1])
     if tp is list and isinstance(value, list):
         return value
+    if tp is dict and isinstance(value, dict):
+        return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -279,9 +288,10 @@ def _build(cls, data: dict, prefix: str, errors: list[str]):
 
 def _validate(c: Config) -> list[str]:
     e: list[str] = []
-    from .data.sources import parse_train
+    from .data.sources import parse_layout, parse_train
 
-    e += parse_train(c.data.train)[1]
+    layout, errs = parse_layout(c.data.format, c.data.columns, "data.")
+    e += errs + parse_train(c.data.train, layout)[1]
     pos = [("data.max_length", c.data.max_length), ("data.pack_window", c.data.pack_window),
            ("data.prefetch", c.data.prefetch),
            ("stats.num_buckets", c.stats.num_buckets), ("train.micro_batch_size", c.train.micro_batch_size),

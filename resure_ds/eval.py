@@ -92,8 +92,18 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--holdout", type=float, default=None, help="only the split data.eval=F holds out of DATA")
+    ap.add_argument("--format", default=None, help="record layout, as data.format (default: detected)")
+    ap.add_argument("--columns", default=None, help="field names, as data.columns, e.g. '{messages: dialog}'")
     a = ap.parse_args()
-    print(json.dumps(evaluate_folder(a.model_dir, a.data, a.max_length, a.batch_size, a.holdout), indent=2))
+    import yaml
+
+    from .data.sources import SourceSpec, parse_layout
+
+    layout, errors = parse_layout(a.format, yaml.safe_load(a.columns) if a.columns else None, "--")
+    if errors:
+        ap.error("; ".join(errors))
+    source = SourceSpec(a.data, layout=layout)
+    print(json.dumps(evaluate_folder(a.model_dir, source, a.max_length, a.batch_size, a.holdout), indent=2))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from .config import Config, ConfigError, load_config, split_recipe_args
 from .data.records import SkipCounter, unit_dialogues
 from .data.shards import ShardWriter, read_manifest, write_manifest
-from .data.sources import Source, SourceSpec, Unit, resolve, source_fingerprint, units_of
+from .data.sources import Layout, Source, SourceSpec, Unit, resolve, source_fingerprint, units_of
 from .errors import DataError
 
 RENDER_BATCH = 256  # dialogues tokenized per Rust call
@@ -83,7 +83,10 @@ def source_key(src: Source, fps: dict, cfg: Config) -> str:
 
     blob = json.dumps({"version": FORMAT_VERSION, "render": RENDER_VERSION, "kind": src.kind,
                        "files": source_fingerprint(src), **fps,
-                       "max_length": cfg.data.max_length, "skip_invalid": cfg.data.skip_invalid}, sort_keys=True)
+                       "max_length": cfg.data.max_length, "skip_invalid": cfg.data.skip_invalid,
+                       # the default layout adds nothing, so caches made before layouts existed still hit
+                       **({"layout": src.spec.layout.to_dict()} if src.spec.layout != Layout() else {})},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -271,7 +274,8 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         if me != 0:
             return Prepared(spec, folder, {}, False)
         _wait_for_units(partial, len(units), wait_s)
-        meta = {"source": {"path": spec.path, "kind": src.kind, "files": source_fingerprint(src)},
+        meta = {"source": {"path": spec.path, "kind": src.kind, "files": source_fingerprint(src),
+                           "layout": spec.layout.to_dict()},
                 "name": spec.label, "key": key, **fps, "max_length": cfg.data.max_length,
                 "skip_invalid": cfg.data.skip_invalid, "workers": workers, "tasks": tasks,
                 "seconds": round(time.perf_counter() - t0, 2)}
@@ -316,9 +320,9 @@ def default_workers(cfg: Config) -> int:
 def ensure_prepared(cfg: Config, tokenizer, model_path: str, workers: int | None = None,
                     task: tuple[int, int] = (0, 1), progress: bool = True) -> list[Prepared]:
     """Every source of data.train, prepared (or found prepared)."""
-    from .data.sources import parse_train
+    from .data.sources import config_layout, parse_train
 
-    specs, errors = parse_train(cfg.data.train)
+    specs, errors = parse_train(cfg.data.train, config_layout(cfg.data))
     if errors:
         raise ConfigError("; ".join(errors))
     workers = workers or default_workers(cfg)
@@ -330,7 +334,9 @@ def ensure_eval_prepared(cfg: Config, tokenizer, model_path: str, workers: int |
     """data.eval when it names a source (a fraction is held out of the training sources instead)."""
     if not isinstance(cfg.data.eval, str):
         return None
-    spec = SourceSpec(cfg.data.eval, name="eval")
+    from .data.sources import config_layout
+
+    spec = SourceSpec(cfg.data.eval, name="eval", layout=config_layout(cfg.data))
     return prepare_source(spec, cfg, tokenizer, model_path, workers or default_workers(cfg), task, progress)
 
 

@@ -142,7 +142,7 @@ def top_downweighted(run_dir: str, k: int, verdict: pa.Table | None = None, cfg:
     reply and the message before it, read back from the training data (a scan that stops once all
     are found)."""
     from .data.records import read_dialogues
-    from .data.sources import parse_train
+    from .data.sources import config_layout, parse_train
 
     v = last_seen(read_audit(run_dir)) if verdict is None else verdict
     cfg = read_config(run_dir) if cfg is None else cfg
@@ -153,7 +153,7 @@ def top_downweighted(run_dir: str, k: int, verdict: pa.Table | None = None, cfg:
     for r in rows:
         want.setdefault(r["source"], set()).add(r["dialogue_id"])
     found: dict[tuple[str, str], list[dict]] = {}
-    for spec in parse_train(cfg["data"]["train"])[0]:
+    for spec in parse_train(cfg["data"]["train"], config_layout(cfg["data"]))[0]:
         ids = want.get(spec.label, set())
         for d in read_dialogues(spec, skip_invalid=True) if ids else ():
             if d.dialogue_id in ids:

@@ -86,16 +86,19 @@ def _trained(run_dir: str) -> set[tuple[str, str]]:
     return set(zip(a.column("source").to_pylist(), a.column("dialogue_id").to_pylist()))
 
 
-def _cut(record: dict, turn: int) -> dict | None:
+def _cut(record: dict, turn: int, layout) -> dict | None:
     """The record up to its last assistant message before turn `turn` (the user message that asked
     for turn `turn` goes too); None if no assistant turn is left."""
     from .data.records import normalise
 
-    messages, _ = normalise(record)
+    from .data.records import detect
+
+    messages, _ = normalise(record, layout)
     idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if turn == 0:
-        return None
-    key = "messages" if "messages" in record else "conversations"
+    fmt = layout.format if layout.format != "auto" else detect(record, layout)
+    if turn == 0 or fmt not in ("openai", "sharegpt"):
+        return None  # (Alpaca and prompt-completion records: one reply, or no list to cut)
+    key = layout.col("messages" if fmt == "openai" else "conversations")
     return {**record, key: record[key][:idx[turn - 1] + 1]}
 
 
@@ -159,7 +162,7 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
     as they are. One output per input file, in its format; the embedded corpus as OpenAI-layout
     JSONL. Returns the counts (also written to OUT/filter_counts.json)."""
     from .data.records import InvalidRecord, normalise
-    from .data.sources import default_id, parse_train, read_unit, resolve, units_of
+    from .data.sources import config_layout, default_id, parse_train, read_unit, resolve, units_of
     from .data.shards import manifest_source
 
     if unit not in ("dialogue", "turn"):
@@ -170,7 +173,7 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
     counts = {"min_weight": min_weight, "unit": unit, "records": 0, "kept": 0, "dropped": 0, "cut": 0,
               "turns_removed": 0, "not_trained_kept": 0, "invalid_kept": 0,
               "unreadable_dropped": 0, "outputs": []}
-    for i, spec in enumerate(parse_train(cfg["data"]["train"])[0]):
+    for i, spec in enumerate(parse_train(cfg["data"]["train"], config_layout(cfg["data"]))[0]):
         src = resolve(spec)
         if src.kind == "prepared":
             src = resolve(manifest_source(src.files[0]))
@@ -184,7 +187,7 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
             for index, (where, rec) in enumerate(read_unit(u), start=u.start if src.kind == "hf" else 0):
                 counts["records"] += 1
                 try:
-                    messages, own = normalise(rec)
+                    messages, own = normalise(rec, u.layout)
                 except InvalidRecord:
                     if isinstance(rec, InvalidRecord):  # a line that is not JSON cannot be written back
                         counts["unreadable_dropped"] += 1
@@ -204,7 +207,7 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
                     counts["kept"] += 1
                     w.add(rec, index, False)
                     continue
-                kept = _cut(rec, t) if unit == "turn" else None
+                kept = _cut(rec, t, u.layout) if unit == "turn" else None
                 counts["turns_removed"] += n_turns - (t if kept is not None else 0)
                 if kept is None:
                     counts["dropped"] += 1

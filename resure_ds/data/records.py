@@ -4,9 +4,12 @@ A *dialogue* is `Dialogue(dialogue_id, messages, where)` with
 `messages = [{"role": "system"|"user"|"assistant"|"tool", "content": str}]`
 and `where` a human-readable location ("data.jsonl line 12") used in errors.
 
-Two layouts are accepted per record:
-  OpenAI    {"messages": [{"role": ..., "content": ...}, ...]}
-  ShareGPT  {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}
+Four layouts are accepted, detected per record from its fields (data.format=auto) or set per
+source (data.format, or a data.train entry's format), under the field names of data.columns:
+  openai             {"messages": [{"role": ..., "content": ...}, ...]}
+  sharegpt           {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}
+  alpaca             {"instruction": ..., "input": ... (optional), "output": ..., "system": ... (optional)}
+  prompt_completion  {"prompt": str | messages, "completion": str | messages}
 
 A bad record raises InvalidRecord with a short kind (the skip counter's
 key); readers turn it into one DataError naming the record and the fix, or
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from ..errors import InvalidRecord, record_error
-from .sources import SourceSpec, Unit, default_id, read_unit, resolve, units_of
+from .sources import Layout, SourceSpec, Unit, default_id, read_unit, resolve, units_of
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -45,18 +48,57 @@ def _check_text(text: str, i: int, role: str) -> None:
                             f"at character {e.start}") from None
 
 
-def normalise(record: Any) -> tuple[list[dict], Any]:
-    """Record -> (messages, own id or None). Raises InvalidRecord."""
+def normalise(record: Any, layout: Layout = Layout()) -> tuple[list[dict], Any]:
+    """Record -> (messages, own id or None), read in the source's layout. Raises InvalidRecord."""
     if isinstance(record, InvalidRecord):
         raise record
     if not isinstance(record, dict):
         raise InvalidRecord("not_an_object", f"record is a {type(record).__name__}, not an object")
-    if "messages" in record:
-        raw, role_key, text_key, role_map = record["messages"], "role", "content", None
-    elif "conversations" in record:
-        raw, role_key, text_key, role_map = record["conversations"], "from", "value", SHAREGPT_ROLES
+    c = layout.col
+    fmt = layout.format if layout.format != "auto" else detect(record, layout)
+    if fmt is None:
+        raise InvalidRecord("unknown_layout", f"record has none of the fields of a known layout: "
+                            f"{c('messages')!r} (OpenAI), {c('conversations')!r} (ShareGPT), {c('instruction')!r} "
+                            f"+ {c('output')!r} (Alpaca), {c('prompt')!r} + {c('completion')!r}; name yours with "
+                            "data.columns, or set data.format")
+    if fmt == "openai":
+        messages = _turns(_field(record, c("messages"), fmt), c("role"), c("content"), None)
+    elif fmt == "sharegpt":
+        messages = _turns(_field(record, c("conversations"), fmt), c("from"), c("value"), SHAREGPT_ROLES)
+    elif fmt == "alpaca":
+        messages = _alpaca(record, c)
     else:
-        raise InvalidRecord("unknown_layout", "record has neither a 'messages' nor a 'conversations' list")
+        messages = (_side(_field(record, c("prompt"), fmt), "user", c)
+                    + _side(_field(record, c("completion"), fmt), "assistant", c))
+    for i, m in enumerate(messages):
+        _check_text(m["content"], i, m["role"])
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InvalidRecord("no_assistant_turn", "the conversation has no assistant message to train on")
+    return messages, record.get(c("id"))
+
+
+def detect(record: dict, layout: Layout = Layout()) -> str | None:
+    """The layout of a record with data.format=auto, from the fields it has."""
+    c = layout.col
+    if c("messages") in record:
+        return "openai"
+    if c("conversations") in record:
+        return "sharegpt"
+    if c("instruction") in record and c("output") in record:
+        return "alpaca"
+    if c("prompt") in record and c("completion") in record:
+        return "prompt_completion"
+    return None
+
+
+def _field(record: dict, name: str, fmt: str) -> Any:
+    if name not in record:
+        raise InvalidRecord("missing_field", f"record has no {name!r} field (data.format={fmt}; map another name "
+                            "with data.columns)")
+    return record[name]
+
+
+def _turns(raw: Any, role_key: str, text_key: str, role_map: dict | None) -> list[dict]:
     if not isinstance(raw, list) or not raw:
         raise InvalidRecord("empty_conversation", "the conversation is empty")
     messages = []
@@ -72,16 +114,40 @@ def normalise(record: Any) -> tuple[list[dict], Any]:
         if not isinstance(content, str):
             raise InvalidRecord("non_string_content",
                                 f"message {i} ({role}) has {text_key!r} of type {type(content).__name__}, not a string")
-        _check_text(content, i, role)
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise InvalidRecord("no_assistant_turn", "the conversation has no assistant message to train on")
-    return messages, record.get("id")
+    return messages
+
+
+def _text(record: dict, name: str, optional: bool = False) -> str:
+    v = record.get(name) if optional else _field(record, name, "alpaca")
+    if v is None and optional:
+        return ""
+    if not isinstance(v, str):
+        raise InvalidRecord("non_string_content", f"field {name!r} is {type(v).__name__}, not a string")
+    return v
+
+
+def _alpaca(record: dict, c) -> list[dict]:
+    """instruction (+ a blank line and input, when there is one) -> user; output -> assistant;
+    system, when there is one, first."""
+    system, instruction = _text(record, c("system"), True), _text(record, c("instruction"))
+    extra, output = _text(record, c("input"), True), _text(record, c("output"))
+    user = instruction + ("\n\n" + extra if extra else "")
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _side(value: Any, role: str, c) -> list[dict]:
+    """A prompt or completion: a string (one message of `role`) or a list of messages (TRL's
+    conversational prompt-completion)."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return _turns(value, c("role"), c("content"), None)
 
 
 def to_dialogue(unit: Unit, where: str, record: Any) -> Dialogue:
     """Validate one record read from a unit. Raises InvalidRecord."""
-    messages, own_id = normalise(record)
+    messages, own_id = normalise(record, unit.layout)
     did = str(own_id) if own_id is not None else default_id(unit, where)
     return Dialogue(did, messages, f"{unit.path} {where}")
 

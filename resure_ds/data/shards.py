@@ -122,7 +122,11 @@ def read_manifest(folder: str) -> dict:
 
 def manifest_source(folder: str) -> SourceSpec:
     """The raw source a prepared folder was made from (to find turn texts for reports)."""
-    return SourceSpec(read_manifest(folder)["source"]["path"])
+    from .sources import parse_layout
+
+    src = read_manifest(folder)["source"]
+    lay = src.get("layout") or {}
+    return SourceSpec(src["path"], layout=parse_layout(lay.get("format"), lay.get("columns"), "")[0])
 
 
 # -- reading ---------------------------------------------------------------------------
