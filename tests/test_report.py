@@ -98,8 +98,9 @@ def test_report_in_headless_chromium(run, tmp_path):
 
 def test_export_and_filter_from_the_command_line(run, tmp_path):
     exp = tmp_path / "verdict.parquet"
-    out = subprocess.run([sys.executable, "-m", "resure_ds.report", run, "--export", str(exp)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    from tests.test_cli import cli
+
+    out = cli("report", run, "--export", str(exp))  # the installed command
     assert out.returncode == 0, out.stderr[-2000:]
     v = pq.read_table(exp)
     assert set(v.column("source").to_pylist()) == {"clean", "web <b>x</b>"}
