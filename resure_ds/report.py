@@ -137,15 +137,14 @@ def summary_lines(run_dir: str, metrics: list[dict], audit: pa.Table, data: dict
     return lines
 
 
-def top_downweighted(run_dir: str, k: int, verdict: pa.Table | None = None, cfg: dict | None = None) -> list[dict]:
+def top_downweighted(verdict: pa.Table, cfg: dict, k: int) -> list[dict]:
     """The k turns with the lowest last-seen weight (highest z first among equals), each with its
     reply and the message before it, read back from the training data (a scan that stops once all
     are found)."""
     from .data.records import read_dialogues
     from .data.sources import config_layout, parse_train
 
-    v = last_seen(read_audit(run_dir)) if verdict is None else verdict
-    cfg = read_config(run_dir) if cfg is None else cfg
+    v = verdict
     z = np.nan_to_num(np.asarray(v.column("z").to_numpy(zero_copy_only=False), dtype=float), nan=-np.inf)
     order = np.lexsort((-z, v.column("weight").to_numpy()))[:k]
     rows = v.take(pa.array(order, pa.int64())).to_pylist() if len(order) else []
@@ -197,8 +196,8 @@ def build_report(run_dir: str, data: dict | None, with_plot: bool, html: bool, t
 
         cfg = read_config(run_dir)
         verdict = last_seen(audit)
-        rows = top_downweighted(run_dir, top, verdict, cfg)
-        page = render(run_dir, cfg, metrics, audit, verdict, lines,
+        rows = top_downweighted(verdict, cfg, top)
+        page = render(run_dir, cfg, metrics, audit, lines,
                       group_stats(verdict, "source"),
                       group_stats(verdict, "turn", cap=cfg["stats"]["num_buckets"] - 1), rows, with_plot)
         out = os.path.join(run_dir, "report.html")

@@ -72,7 +72,7 @@ GROUP_COLS = [("turns", "turns", "{:,}"), ("dialogues", "dialogues", "{:,}"), ("
               ("z_p90", "z p90", "{:.2f}")]
 
 
-def render(run_dir: str, cfg: dict, metrics: list[dict], audit: pa.Table, verdict: pa.Table,
+def render(run_dir: str, cfg: dict, metrics: list[dict], audit: pa.Table,
            summary: list[str], by_source: list[dict], by_depth: list[dict], top: list[dict], plots: bool) -> str:
     from .report import (plot_buckets, plot_loss, plot_lr, plot_weight_hist, plot_weights_over_steps,
                          plot_z_by_source)

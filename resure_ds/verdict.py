@@ -70,32 +70,26 @@ def group_stats(v: pa.Table, by: str, cap: int | None = None) -> list[dict]:
 
 
 # -- applying the verdict to the corpus ------------------------------------------------------------
-def _low_turns(run_dir: str, min_weight: float) -> dict[tuple[str, str], int]:
-    """(source, dialogue_id) -> its first turn whose last-seen weight is below min_weight."""
-    v = last_seen(read_audit(run_dir, columns=["source", "dialogue_id", "turn", "weight", "step", "z", "loss",
-                                               "warm", "partial"]))
+def _verdict_by_dialogue(run_dir: str, min_weight: float) -> tuple[set, dict[tuple[str, str], int]]:
+    """From one read of the audit: the (source, dialogue_id) pairs trained, and for those with a turn
+    whose last-seen weight is below min_weight, the first such turn."""
+    v = last_seen(read_audit(run_dir))
+    trained = set(zip(v.column("source").to_pylist(), v.column("dialogue_id").to_pylist()))
     low = v.filter(pc.less(v.column("weight"), min_weight))
     first: dict[tuple[str, str], int] = {}
     for s, d, t in zip(*(low.column(c).to_pylist() for c in KEY)):
         first[(s, d)] = min(t, first.get((s, d), t))
-    return first
+    return trained, first
 
 
-def _trained(run_dir: str) -> set[tuple[str, str]]:
-    a = read_audit(run_dir, columns=["source", "dialogue_id"])
-    return set(zip(a.column("source").to_pylist(), a.column("dialogue_id").to_pylist()))
+def _cut(record: dict, messages: list[dict], turn: int, layout) -> dict | None:
+    """The record (whose normalised `messages` these are) up to its last assistant message before
+    turn `turn` (the user message that asked for turn `turn` goes too); None if no assistant turn
+    is left."""
+    from .data.records import record_format
 
-
-def _cut(record: dict, turn: int, layout) -> dict | None:
-    """The record up to its last assistant message before turn `turn` (the user message that asked
-    for turn `turn` goes too); None if no assistant turn is left."""
-    from .data.records import normalise
-
-    from .data.records import detect
-
-    messages, _ = normalise(record, layout)
     idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    fmt = layout.format if layout.format != "auto" else detect(record, layout)
+    fmt = record_format(record, layout)
     if turn == 0 or fmt not in ("openai", "sharegpt"):
         return None  # (Alpaca and prompt-completion records: one reply, or no list to cut)
     key = layout.col("messages" if fmt == "openai" else "conversations")
@@ -107,7 +101,7 @@ class _Writer:
     .parquet); a `datasets` folder as a `datasets` folder (the kept rows selected from it)."""
 
     def __init__(self, path: str, like: str, kind: str):
-        self.path, self.like, self.kind, self.n = path, like, kind, 0
+        self.path, self.like, self.kind = path, like, kind
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.rows, self.f, self.pq = [], None, None
         if kind == "hf":
@@ -119,7 +113,6 @@ class _Writer:
             self.f = (gzip.open if path.endswith(".gz") else open)(path, "wt", encoding="utf-8")
 
     def add(self, rec, index: int, changed: bool) -> None:
-        self.n += 1
         if self.kind == "hf":
             self.keep.append(index)
             if changed:
@@ -161,15 +154,15 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
     assistant turn left is dropped. Records the run never trained, or that were invalid, are kept
     as they are. One output per input file, in its format; the embedded corpus as OpenAI-layout
     JSONL. Returns the counts (also written to OUT/filter_counts.json)."""
-    from .data.records import InvalidRecord, normalise
-    from .data.sources import config_layout, default_id, parse_train, read_unit, resolve, units_of
+    from .data.records import InvalidRecord, to_dialogue
     from .data.shards import manifest_source
+    from .data.sources import config_layout, parse_train, read_unit, resolve, units_of
+    from .report import read_config
 
     if unit not in ("dialogue", "turn"):
         raise ValueError(f"--unit must be 'dialogue' or 'turn', got {unit!r}")
-    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
-    low, trained = _low_turns(run_dir, min_weight), _trained(run_dir)
+    cfg = read_config(run_dir)
+    trained, low = _verdict_by_dialogue(run_dir, min_weight)
     counts = {"min_weight": min_weight, "unit": unit, "records": 0, "kept": 0, "dropped": 0, "cut": 0,
               "turns_removed": 0, "not_trained_kept": 0, "invalid_kept": 0,
               "unreadable_dropped": 0, "outputs": []}
@@ -187,7 +180,7 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
             for index, (where, rec) in enumerate(read_unit(u), start=u.start if src.kind == "hf" else 0):
                 counts["records"] += 1
                 try:
-                    messages, own = normalise(rec, u.layout)
+                    d = to_dialogue(u, where, rec)
                 except InvalidRecord:
                     if isinstance(rec, InvalidRecord):  # a line that is not JSON cannot be written back
                         counts["unreadable_dropped"] += 1
@@ -195,19 +188,18 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
                         counts["invalid_kept"] += 1
                         w.add(rec, index, False)
                     continue
-                did = str(own) if own is not None else default_id(u, where)
-                key = (spec.label, did)
+                key = (spec.label, d.dialogue_id)
                 if key not in trained:
                     counts["not_trained_kept"] += 1
                     w.add(rec, index, False)
                     continue
                 t = low.get(key)
-                n_turns = sum(m["role"] == "assistant" for m in messages)
+                n_turns = sum(m["role"] == "assistant" for m in d.messages)
                 if t is None:
                     counts["kept"] += 1
                     w.add(rec, index, False)
                     continue
-                kept = _cut(rec, t, u.layout) if unit == "turn" else None
+                kept = _cut(rec, d.messages, t, u.layout) if unit == "turn" else None
                 counts["turns_removed"] += n_turns - (t if kept is not None else 0)
                 if kept is None:
                     counts["dropped"] += 1

@@ -55,7 +55,7 @@ def normalise(record: Any, layout: Layout = Layout()) -> tuple[list[dict], Any]:
     if not isinstance(record, dict):
         raise InvalidRecord("not_an_object", f"record is a {type(record).__name__}, not an object")
     c = layout.col
-    fmt = layout.format if layout.format != "auto" else detect(record, layout)
+    fmt = record_format(record, layout)
     if fmt is None:
         raise InvalidRecord("unknown_layout", f"record has none of the fields of a known layout: "
                             f"{c('messages')!r} (OpenAI), {c('conversations')!r} (ShareGPT), {c('instruction')!r} "
@@ -77,8 +77,10 @@ def normalise(record: Any, layout: Layout = Layout()) -> tuple[list[dict], Any]:
     return messages, record.get(c("id"))
 
 
-def detect(record: dict, layout: Layout = Layout()) -> str | None:
-    """The layout of a record with data.format=auto, from the fields it has."""
+def record_format(record: dict, layout: Layout = Layout()) -> str | None:
+    """The source's format, or with data.format=auto the one the record's fields show (None: none)."""
+    if layout.format != "auto":
+        return layout.format
     c = layout.col
     if c("messages") in record:
         return "openai"
