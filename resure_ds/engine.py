@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 
 import deepspeed
@@ -128,6 +129,17 @@ def _merge(base: dict, extra: dict) -> None:
             base[k] = v
 
 
+def jit_arch_list(value: str | None) -> str | None:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's JIT op builder can read it, or None where it already
+    can. Images often name arch-specific targets (`9.0a`, `10.0f`); DeepSpeed 0.19 parses each
+    entry's parts as integers and stops with `invalid literal for int() with base 10: '0a'` before
+    building its fused Adam. The suffix only adds arch-specific instructions the op does not use."""
+    if not value:
+        return None
+    fixed = ";".join(re.sub(r"^(\d+)\.(\d+)[a-z]+", r"\1.\2", p) for p in value.replace(" ", ";").split(";") if p)
+    return None if fixed == value else fixed
+
+
 class Engine:
     """A Hugging Face causal LM under DeepSpeed (ZeRO 0-3), AdamW and a warm-up schedule."""
 
@@ -157,6 +169,12 @@ class Engine:
             raise ConfigError(f"model.fused_loss=true, but {model_path} cannot use the fused LM head and loss: "
                               f"{why_not}. Set model.fused_loss=auto (or false)")
         self.fused = why_not is None
+        arch = jit_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST")) if not is_cpu() else None
+        if arch is not None:
+            if dist.rank() == 0:
+                print(f"[resure_ds] TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} read as {arch} "
+                      "for DeepSpeed's op builds (it cannot parse arch suffixes)", flush=True)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=conf,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))

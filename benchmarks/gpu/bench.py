@@ -10,6 +10,9 @@ chitchat packed into rows of --length tokens, --rows rows per step:
   plain    the model's own loss, torch's fused AdamW, clipping, on the recipe's
            own packed batches (the same rows, so the same tokens)
 
+--zero 3 0 also times the recipe at ZeRO-0 (one GPU has nothing to shard, so the
+difference is what ZeRO-3's gather/release hooks cost), and so on for each stage named.
+
 Prints real tokens/s of each (first --warmup steps not timed), their ratio,
 model FLOP utilisation (6 x parameters x tokens/s over the card's dense bf16
 peak; attention FLOPs left out, so it is a lower bound), and the recipe's
@@ -52,6 +55,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--zero", type=int, nargs="+", default=[3], choices=[0, 1, 2, 3],
+                    help="ZeRO stages to time the recipe at; the first is compared with the plain loop")
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model: a dry run of the script (CPU or GPU)")
     a = ap.parse_args()
@@ -61,8 +66,10 @@ def main() -> None:
     work = os.path.join(ROOT, "benchmarks", "work", "gpu")
     os.makedirs(work, exist_ok=True)
     path, n_params = make_model(work, a.tiny)
-    r = summarize(recipe("resure-packed", a.length, a.rows, a.steps, quiet=False,
-                         overrides=(f"model.path={path}", f"model.dtype={a.dtype}", "train.zero_stage=3")), a.warmup)
+    stages = {z: summarize(recipe("resure-packed", a.length, a.rows, a.steps, quiet=False,
+                                  overrides=(f"model.path={path}", f"model.dtype={a.dtype}", f"train.zero_stage={z}")),
+                           a.warmup) for z in a.zero}
+    r = stages[a.zero[0]]
     p = summarize(plain(a.length, a.rows, a.plain_steps + a.warmup, model_path=path,
                         overrides=(f"model.dtype={a.dtype}",)), a.warmup)
     r_tok, p_tok = r["tokens_per_s"], p["tokens_per_s"]
@@ -72,10 +79,14 @@ def main() -> None:
            "plain_tokens_per_s": p_tok, "plain_over_recipe": p_tok / r_tok,
            "recipe_step_s": r["step_s"], "plain_step_s": p["step_s"],
            "recipe_mfu": 6 * n_params * r_tok / peak if peak else None,
-           "plain_mfu": 6 * n_params * p_tok / peak if peak else None, "recipe_split_s": r["split"]}
+           "plain_mfu": 6 * n_params * p_tok / peak if peak else None, "recipe_split_s": r["split"],
+           "zero_stage": a.zero[0], "by_zero_stage": {str(z): {"tokens_per_s": v["tokens_per_s"], "step_s": v["step_s"],
+                                                               "split_s": v["split"]} for z, v in stages.items()}}
     print(json.dumps(res, indent=1))
     print(f"{name}: recipe {r_tok:,.0f} real tokens/s, plain {a.dtype} loop {p_tok:,.0f}; plain / recipe "
           f"{p_tok / r_tok:.2f}x" + (f"; MFU recipe {res['recipe_mfu']:.1%}, plain {res['plain_mfu']:.1%}" if peak else ""))
+    for z, v in stages.items():
+        print(f"recipe at ZeRO-{z}: {v['tokens_per_s']:,.0f} real tokens/s, {v['step_s']:.3f} s a step")
     with open(os.path.join(a.out, "bench.json"), "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1)
 

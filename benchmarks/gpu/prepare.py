@@ -25,11 +25,11 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, ".gpu")
 LIMIT = 60 * 2 ** 20  # of the 64 MiB that travel; the repository itself takes the rest
-# What the recipe needs beyond a PyTorch/transformers GPU image (torch, transformers, accelerate,
+# What the recipe needs beyond a PyTorch GPU image (torch, accelerate,
 # pyarrow, mpi4py, pyyaml, filelock, tqdm, tensorboard, matplotlib, safetensors, numpy, psutil,
 # ninja, py-cpuinfo, msgpack, einops, nvidia-ml-py are there). Pure Python unless listed in BINARY.
 # Versions: those of this environment (the ones the suite passes with here).
-PURE = ["datasets", "dill", "hjson", "pydantic", "annotated-types", "typing-inspection", "chitchat-dataset"]
+PURE = ["transformers", "datasets", "dill", "hjson", "pydantic", "annotated-types", "typing-inspection", "chitchat-dataset"]
 BINARY = ["pydantic-core", "multiprocess"]
 
 

@@ -6,7 +6,7 @@
 #
 # Installs the carried wheels, runs the suite's GPU tests (bf16 fused loss, NCCL, DeepSpeed's
 # fused Adam), then benchmarks/gpu/bench.py: 50 steps of the recipe at ZeRO-3 bf16 with packing on
-# a 360M Llama against a plain bf16 loop. Results under $OUT (else benchmarks/gpu/out): gpu.txt,
+# a 360M Llama against a plain bf16 loop, and the recipe again at ZeRO-0. Results under $OUT (else benchmarks/gpu/out): gpu.txt,
 # tests.txt, bench.txt, bench.json. Each part runs even if an earlier one failed; the status is
 # the first failure's.
 set -uo pipefail
@@ -22,9 +22,14 @@ fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH" PYTHON="$PY" \
   RESURE_GPU_TOKENIZER="$PWD/.gpu/smollm2" PYTHONUNBUFFERED=1
 status=0
+# DeepSpeed JIT-builds its fused Adam and parses TORCH_CUDA_ARCH_LIST as digits: an image's "9.0a"
+# stops it (ValueError: '0a'). Build for the card in hand.
+TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)" \
+  && export TORCH_CUDA_ARCH_LIST
+echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 "$PY" -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
-"$PY" benchmarks/gpu/bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
+"$PY" benchmarks/gpu/bench.py --zero 3 0 --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
 [[ ${PIPESTATUS[0]} -eq 0 || $status -ne 0 ]] || status=1
 exit "$status"
