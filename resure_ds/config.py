@@ -29,7 +29,7 @@ class ModelConfig:
     slower than fp32 here, benchmarks/matmul_dtype.py).
     fp16 is not offered: unsupported on CPU and brittle for LM fine-tuning."""
     chat_template: str | None = None
-    """Jinja chat template to use instead of the tokenizer's own (must be prefix-stable)."""
+    """Chat template to use instead of the tokenizer's own: Jinja text, or the path of a .jinja file. Any template works; one that rewrites history is located in one rendering (docs/method.md)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about 30% more compute."""
     trust_remote_code: bool = False

@@ -74,12 +74,16 @@ def resolve_model_path(path: str) -> str:
 
 
 def load_tokenizer(model_path: str, chat_template: str | None = None, trust_remote_code: bool = False):
-    """The model's tokenizer, with an optional template override and eos as pad where none is set.
-    Code shipped in the model folder runs only with trust_remote_code (model.trust_remote_code)."""
+    """The model's tokenizer, with an optional template override (Jinja text, or the path of a file
+    holding it, e.g. a `.jinja` file) and eos as pad where none is set. Code shipped in the model
+    folder runs only with trust_remote_code (model.trust_remote_code)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if chat_template:
+        if "{" not in chat_template and os.path.isfile(chat_template):
+            with open(chat_template, encoding="utf-8") as f:
+                chat_template = f.read()
         tok.chat_template = chat_template
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -164,9 +164,15 @@ def top_downweighted(verdict: pa.Table, cfg: dict, k: int) -> list[dict]:
         msgs = found.get((r["source"], r["dialogue_id"]), [])
         at = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         i = at[r["turn"]] if r["turn"] < len(at) else None
-        r["text"] = msgs[i]["content"] if i is not None else None
+        r["text"] = _reply_text(msgs[i]) if i is not None else None
         r["before"] = (msgs[i - 1]["role"], msgs[i - 1]["content"]) if i else None
     return rows
+
+
+def _reply_text(m: dict) -> str:
+    """An assistant message as the report shows it: its content, then its tool calls as JSON."""
+    calls = [json.dumps(c["function"], ensure_ascii=False) for c in m.get("tool_calls", ())]
+    return "\n".join(x for x in (m["content"], *calls) if x)
 
 
 # -- the whole report -------------------------------------------------------------------------------

@@ -124,4 +124,7 @@ def test_training_over_the_fuzzed_corpus_completes(tmp_path, tiny_model_path):
     assert best["step"] == min(rows, key=lambda r: r["val_loss"])["step"]
     with open(os.path.join(tmp_path, "fuzz", "summary.txt"), encoding="utf-8") as f:
         summary = f.read()
-    assert "malformed_json=" in summary and "bad_encoding=" in summary and "template_unstable=" in summary
+    assert "malformed_json=" in summary and "bad_encoding=" in summary
+    # a dialogue that opens with an assistant message (the template adds its default system prompt
+    # before it, so it is not prefix-stable) is located in its one rendering and trained, not skipped
+    assert "template_unstable" not in summary and "template_rewrites" not in summary

@@ -1,8 +1,13 @@
 """Records -> validated dialogues.
 
-A *dialogue* is `Dialogue(dialogue_id, messages, where)` with
+A *dialogue* is `Dialogue(dialogue_id, messages, where, tools)` with
 `messages = [{"role": "system"|"user"|"assistant"|"tool", "content": str}]`
 and `where` a human-readable location ("data.jsonl line 12") used in errors.
+Tool use, as transformers' chat templates take it: an assistant message may carry
+`tool_calls` ([{"type": "function", "function": {"name": str, "arguments": dict}, "id": ...}];
+its content may then be empty), a tool message keeps its `tool_call_id` and `name`, and the
+record's `tools` list (JSON schemas) becomes `Dialogue.tools`, passed to the template. The keys
+exist only where the record has them: templates test for them (`'tool_calls' in message`).
 
 Four layouts are accepted, detected per record from its fields (data.format=auto) or set per
 source (data.format, or a data.train entry's format), under the field names of data.columns:
@@ -17,6 +22,7 @@ count it under data.skip_invalid.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -31,6 +37,9 @@ SHAREGPT_ROLES = {
     "tool": "tool", "function": "tool", "function_call": "assistant",
     "observation": "tool",
 }
+TOOL_KEYS = ("tool_call_id", "name")  # kept on tool messages where present
+
+
 
 
 @dataclass
@@ -38,6 +47,13 @@ class Dialogue:
     dialogue_id: str
     messages: list[dict]
     where: str
+    tools: list | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Only {role, content} messages and no tools: the template's layout is the same for
+        every dialogue of these roles (render.py caches it)."""
+        return not self.tools and all(len(m) == 2 for m in self.messages)
 
 
 def _check_text(text: str, i: int, role: str) -> None:
@@ -62,9 +78,9 @@ def normalise(record: Any, layout: Layout = Layout()) -> tuple[list[dict], Any]:
                             f"+ {c('output')!r} (Alpaca), {c('prompt')!r} + {c('completion')!r}; name yours with "
                             "data.columns, or set data.format")
     if fmt == "openai":
-        messages = _turns(_field(record, c("messages"), fmt), c("role"), c("content"), None)
+        messages = _turns(_field(record, c("messages"), fmt), c("role"), c("content"), None, c("tool_calls"))
     elif fmt == "sharegpt":
-        messages = _turns(_field(record, c("conversations"), fmt), c("from"), c("value"), SHAREGPT_ROLES)
+        messages = _turns(_field(record, c("conversations"), fmt), c("from"), c("value"), SHAREGPT_ROLES, None)
     elif fmt == "alpaca":
         messages = _alpaca(record, c)
     else:
@@ -100,24 +116,94 @@ def _field(record: dict, name: str, fmt: str) -> Any:
     return record[name]
 
 
-def _turns(raw: Any, role_key: str, text_key: str, role_map: dict | None) -> list[dict]:
+def _turns(raw: Any, role_key: str, text_key: str, role_map: dict | None, calls_key: str | None) -> list[dict]:
+    """A list of messages -> normalised messages. calls_key: where OpenAI-style records keep an
+    assistant's tool calls; ShareGPT (calls_key None) writes a call as a `function_call` turn
+    whose value is the call's JSON."""
     if not isinstance(raw, list) or not raw:
         raise InvalidRecord("empty_conversation", "the conversation is empty")
     messages = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise InvalidRecord("bad_message", f"message {i} is a {type(m).__name__}, not an object")
-        role = m.get(role_key)
-        role = role_map.get(role) if role_map is not None and isinstance(role, str) else role
+        raw_role = m.get(role_key)
+        role = role_map.get(raw_role) if role_map is not None and isinstance(raw_role, str) else raw_role
         if role not in ROLES:
             raise InvalidRecord("unknown_role", f"message {i} has unknown role {m.get(role_key)!r} "
                                 f"(expected one of {sorted(role_map) if role_map else list(ROLES)})")
         content = m.get(text_key)
-        if not isinstance(content, str):
+        calls = m.get(calls_key) if calls_key else None
+        if role_map is not None and raw_role == "function_call":
+            calls, content = [_sharegpt_call(content, i)], ""
+        if calls is not None and role == "assistant":
+            msg = {"role": role, "content": "" if content is None else content, "tool_calls": _tool_calls(calls, i)}
+        else:
+            msg = {"role": role, "content": content}
+        if not isinstance(msg["content"], str):
             raise InvalidRecord("non_string_content",
                                 f"message {i} ({role}) has {text_key!r} of type {type(content).__name__}, not a string")
-        messages.append({"role": role, "content": content})
+        if role == "tool":
+            msg.update({k: m[k] for k in TOOL_KEYS if isinstance(m.get(k), str)})
+        messages.append(msg)
     return messages
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict]:
+    """OpenAI-style tool calls, checked; arguments given as a JSON string become the object
+    (transformers' documented form, which every template can render)."""
+    if not isinstance(calls, list) or not calls:
+        raise InvalidRecord("bad_tool_call", f"message {i} has tool_calls that are not a non-empty list")
+    out = []
+    for k, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidRecord("bad_tool_call", f"message {i} tool call {k} has no function name "
+                                "(expected {\"type\": \"function\", \"function\": {\"name\": ..., \"arguments\": {...}}})")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                raise InvalidRecord("bad_tool_call", f"message {i} tool call {k} ({fn['name']}) has arguments "
+                                    "that are not JSON") from None
+        if not isinstance(args, dict):
+            raise InvalidRecord("bad_tool_call", f"message {i} tool call {k} ({fn['name']}) has arguments of type "
+                                f"{type(args).__name__}, not an object")
+        call_out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call, dict) and isinstance(call.get("id"), str):
+            call_out["id"] = call["id"]
+        out.append(call_out)
+    return out
+
+
+def _sharegpt_call(value: Any, i: int) -> dict:
+    """A ShareGPT `function_call` turn's value: {"name": ..., "arguments": ...} as JSON."""
+    try:
+        call = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        call = None
+    if not isinstance(call, dict):
+        raise InvalidRecord("bad_tool_call", f"message {i} (function_call) is not a JSON object "
+                            "{\"name\": ..., \"arguments\": {...}}")
+    return call
+
+
+def record_tools(record: dict, layout: Layout = Layout()) -> list | None:
+    """The record's `tools` (a list of JSON schemas, or that list as a JSON string, as ShareGPT
+    files keep it), or None. Raises InvalidRecord."""
+    tools = record.get(layout.col("tools"))
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise InvalidRecord("bad_tools", "the record's tools field is a string that is not JSON") from None
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise InvalidRecord("bad_tools", "the record's tools field must be a list of JSON schemas (objects)")
+    return tools
 
 
 def _text(record: dict, name: str, optional: bool = False) -> str:
@@ -144,14 +230,14 @@ def _side(value: Any, role: str, c) -> list[dict]:
     conversational prompt-completion)."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    return _turns(value, c("role"), c("content"), None)
+    return _turns(value, c("role"), c("content"), None, c("tool_calls"))
 
 
 def to_dialogue(unit: Unit, where: str, record: Any) -> Dialogue:
     """Validate one record read from a unit. Raises InvalidRecord."""
     messages, own_id = normalise(record, unit.layout)
     did = str(own_id) if own_id is not None else default_id(unit, where)
-    return Dialogue(did, messages, f"{unit.path} {where}")
+    return Dialogue(did, messages, f"{unit.path} {where}", record_tools(record, unit.layout))
 
 
 class SkipCounter(dict):

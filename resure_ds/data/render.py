@@ -21,6 +21,17 @@ dialogue much longer than max_length tokens renders only its first messages
 (through an assistant message, so the text is that message's Q_j, a prefix of
 the whole rendering), and all of them if the cut does not fall inside.
 
+Templates that are not prefix-stable (Qwen3 renders `<think></think>` only after the last user
+query; Mistral v0.3 moves the system message into the last user turn), and dialogues with tool
+calls or tools, take the located path instead: ONE rendering of the whole dialogue (what the
+model sees at inference for it), and for each assistant message j a probe rendering with that
+message replaced by a placeholder. What differs between the two (their common prefix and suffix
+cut away) is message j's own text there: its content, or its tool-call text as the template
+writes it, and nothing of the template's own text around it. The span is that text plus the
+end-of-turn token that follows it. Checked: the probe's differing text holds the placeholder,
+the spans come in order, and the content (or, where the template keeps only the reply after a
+`</think>`, that reply) is in its span; else the dialogue is refused (template_rewrites).
+
 Tokens: the rendering is tokenized piece by piece (untrained text, trained
 span, untrained text, ...), exactly as at inference, where the prompt ends
 with the generation prompt and the model produces the reply's tokens, so a
@@ -38,7 +49,7 @@ import numpy as np
 from ..errors import IGNORE, DataError, InvalidRecord, record_error
 from .records import Dialogue
 
-RENDER_VERSION = 1  # part of the prepared-data cache key: bump when the rendered tokens would change
+RENDER_VERSION = 2  # part of the prepared-data cache key: bump when the rendered tokens would change
 _PLACEHOLDER = "\ue000{}\ue001"  # private-use code points: never in real text, never trimmed
 _LAYOUT_CACHE_SIZE = 4096
 _GUESS_CHARS_PER_TOKEN = 5  # English BPE averages about 4; later rounds fetch what a guess missed
@@ -83,6 +94,7 @@ class Renderer:
         self.char_cap = max_length * longest
         self._layouts: dict[tuple, _Layout | None] = {}
         self._prefixes: dict[tuple, tuple[str, str] | None] = {}
+        self._unstable: set[tuple] = set()  # role sequences whose placeholder rendering is not prefix-stable
         self._render = self._direct_renderer()
 
     # -- template ---------------------------------------------------------
@@ -112,11 +124,13 @@ class Renderer:
         except Exception:  # noqa: BLE001 - any failure here just means: use the public API
             return None
 
-    def _template(self, messages, gen: bool) -> str:
+    def _template(self, messages, gen: bool, tools: list | None = None, plain: bool = True) -> str:
+        """The template's text. plain: {role, content} messages and no tools (the direct
+        renderer was checked on those); anything else goes through apply_chat_template."""
         try:
-            if self._render is not None:
+            if self._render is not None and plain and not tools:
                 return self._render(messages, gen)
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            return self.tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
         except Exception as e:  # jinja raises for roles or orders the template refuses
             raise InvalidRecord("template_refused", f"the chat template refused this dialogue ({e})") from None
 
@@ -151,6 +165,7 @@ class Renderer:
         if len(self._layouts) >= _LAYOUT_CACHE_SIZE:
             self._layouts.clear()
             self._prefixes.clear()
+            self._unstable.clear()
         msgs = self._placeholders(roles)
         layout = None
         try:
@@ -168,6 +183,7 @@ class Renderer:
                 if r == "assistant":
                     info = self._prefix_tail(roles[:j + 1])
                     if info is None or not full.startswith(info[0]):
+                        self._unstable.add(roles)
                         raise ValueError
                     tails[j] = info[1]
             layout = _Layout(glue, tails)
@@ -221,12 +237,16 @@ class Renderer:
         for j, m in enumerate(d.messages):
             if m["role"] != "assistant":
                 continue
-            p, q = self._template(d.messages[:j], True), self._template(d.messages[:j + 1], False)
+            p = self._template(d.messages[:j], True, d.tools, d.plain)
+            q = self._template(d.messages[:j + 1], False, d.tools, d.plain)
             if not (q.startswith(p) and full.startswith(q)):
                 raise InvalidRecord("template_unstable", f"the chat template is not prefix-stable at message {j} "
                                     "of this dialogue, so its assistant spans cannot be located (does it open "
                                     "with an assistant message?); or use a prefix-stable model.chat_template")
             seg = q[len(p):]
+            if m.get("tool_calls"):  # the call's text as the template writes it, through the end of turn
+                yield len(p) + len(seg) - len(seg.lstrip()), len(p) + len(seg.rstrip())
+                continue
             content = m["content"]
             at = seg.find(content)
             if at < 0:
@@ -238,6 +258,44 @@ class Renderer:
             c_end = at + len(content)
             yield len(p) + at, len(p) + c_end + self._end_of_turn(seg[c_end:])
 
+    def located_spans(self, d: Dialogue, full: str) -> list[tuple[int, int]]:
+        """Spans read off `full` (the rendering of the whole dialogue) by one probe rendering per
+        assistant message (module docstring). Raises InvalidRecord where they cannot be located."""
+        spans, floor = [], 0
+        for j, m in enumerate(d.messages):
+            if m["role"] != "assistant":
+                continue
+            mark = _PLACEHOLDER.format(j)
+            probe = [*d.messages[:j], {"role": "assistant", "content": mark}, *d.messages[j + 1:]]
+            try:
+                other = self._template(probe, False, d.tools, plain=False)
+            except InvalidRecord:
+                raise InvalidRecord("template_rewrites", f"the chat template renders this dialogue but refuses it with "
+                                    f"assistant message {j} as plain text (a template that checks role order with "
+                                    "tool calls left out), so that message cannot be located; set "
+                                    "model.chat_template to one that renders it") from None
+            a = _common_prefix(full, other)
+            b = _common_suffix(full, other, min(len(full), len(other)) - a)
+            s, e = a, len(full) - b
+            if mark not in other[a:len(other) - b] or s < floor or not _shows(m, full[s:e]):
+                raise InvalidRecord("template_rewrites", f"assistant message {j} could not be located in the rendering "
+                                    "of this dialogue: the chat template rewrites it, or changes other messages "
+                                    "with it; set model.chat_template to a template that renders it as given")
+            e += self._end_of_turn_after(full, e)
+            spans.append((s, e))
+            floor = e
+        return spans
+
+    def _end_of_turn_after(self, text: str, at: int) -> int:
+        """Characters after `at` that are trained as the end of turn: the first special token when
+        only white space comes before it, else none."""
+        rest = text[at:]
+        lead = len(rest) - len(rest.lstrip())
+        for s in self.specials:  # longest first
+            if rest.startswith(s, lead):
+                return lead + len(s)
+        return 0
+
     # -- pieces and tokens ------------------------------------------------------
     def pieces(self, d: Dialogue, head: bool = True) -> tuple[list[tuple[str, int]], bool]:
         """(text, turn id or -1) pieces of the rendering, up to what max_length can reach, and
@@ -245,15 +303,32 @@ class Renderer:
         layout is known renders only its first messages (rendering is a third of the cost):
         exact as long as the cut falls inside them, which render_many checks.
         Raises InvalidRecord when the template refuses the dialogue."""
-        n = len(d.messages)
-        k = self._head(d) if head and self._layout(tuple(m["role"] for m in d.messages)) else n
-        text = self._template(d.messages[:k], False)
-        spans = self._fast_spans(d, text, k)
-        if spans is None and k < n:
-            k, text = n, self._template(d.messages, False)
+        n, spans = len(d.messages), None
+        roles = tuple(m["role"] for m in d.messages)
+        if d.plain and (self._layout(roles) is not None or roles not in self._unstable):
+            k = self._head(d) if head and self._layout(roles) else n
+            text = self._template(d.messages[:k], False)
             spans = self._fast_spans(d, text, k)
+            if spans is None and k < n:
+                k, text = n, self._template(d.messages, False)
+                spans = self._fast_spans(d, text, k)
+            if spans is None:
+                try:
+                    spans = list(self.prefix_spans(d, text))
+                except InvalidRecord as bad:
+                    if bad.kind not in ("template_unstable", "template_rewrites"):
+                        raise
         if spans is None:
-            spans = list(self.prefix_spans(d, text))
+            k, text = n, self._template(d.messages, False, d.tools, d.plain)
+            try:
+                spans = self.located_spans(d, text)
+            except InvalidRecord as bad:
+                if d.plain:
+                    raise
+                try:  # a template that refuses the probe may still be prefix-stable for this dialogue
+                    spans = list(self.prefix_spans(d, text))
+                except InvalidRecord:
+                    raise bad from None
         out, prev, chars = [], 0, 0
         for t, (s, e) in enumerate(spans):
             for piece, tid in ((text[prev:s], -1), (text[s:e], t)):
@@ -360,3 +435,36 @@ class Renderer:
     def render(self, d: Dialogue) -> Example | None:
         """None when max_length truncation leaves no trained token."""
         return self.render_many([d])[0]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search over slice comparisons, done in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    """Length of the longest common suffix, at most `limit`."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid:] == b[len(b) - mid:]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _shows(m: dict, span: str) -> bool:
+    """The located text holds the message: its content (or what a reasoning template keeps of
+    it, the reply after the last `</think>`); a tool-call message with no content, any text."""
+    content = m["content"].strip()
+    if "</think>" in content and content.rsplit("</think>", 1)[1].strip() in span:
+        return True
+    return content in span if content else bool(span.strip())

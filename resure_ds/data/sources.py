@@ -38,7 +38,7 @@ PREPARED_FORMAT = "resure-ds-prepared"
 
 FORMATS = ("auto", "openai", "sharegpt", "alpaca", "prompt_completion")
 FIELDS = ("messages", "role", "content", "conversations", "from", "value", "instruction", "input", "output",
-          "system", "prompt", "completion", "id")
+          "system", "prompt", "completion", "id", "tools", "tool_calls")
 
 
 @dataclass(frozen=True)
