@@ -62,7 +62,7 @@ def main() -> None:
         sys.exit("py-spy is not installed: pip install -r benchmarks/requirements.txt")
     args = ["recipes/default.yaml", "train.zero_stage=0", "train.micro_batch_size=4", f"train.max_steps={a.steps}",
             "checkpoint.every=0", "checkpoint.keep_last=0", "checkpoint.export=false", "output.plot=false", "output.report=false",
-            "output.tensorboard=false", "output.name=profile", *a.overrides]
+            "output.report_to=none", "output.name=profile", *a.overrides]
     # One rank started the way the launcher starts it (launch/train.sh in rank mode execs this very
     # command): py-spy then samples the training process itself.
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",

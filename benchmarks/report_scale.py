@@ -30,7 +30,7 @@ def train(out_dir: str, steps: int) -> str:
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     subprocess.run(["bash", os.path.join(ROOT, "launch", "train.sh"), "recipes/default.yaml", f"model.path={model}",
                     f"train.max_steps={steps}", "data.max_length=512", "train.micro_batch_size=16",
-                    "checkpoint.every=0", "checkpoint.export=false", "output.tensorboard=false",
+                    "checkpoint.every=0", "checkpoint.export=false", "output.report_to=none",
                     f"output.dir={out_dir}", "output.name=report-scale"], cwd=ROOT, env=env, check=True)
     return os.path.join(out_dir, "report-scale")
 

@@ -43,7 +43,7 @@ def recipe(name: str, length: int, mb: int, steps: int, overrides: tuple = (), q
     args = ["recipes/default.yaml", f"train.method={method}", f"data.packing={layout == 'packed'}".lower(),
             f"data.max_length={length}", f"train.micro_batch_size={mb}", "train.zero_stage=0",
             f"train.max_steps={steps}", f"train.seed={SEED}", "checkpoint.every=0", "checkpoint.keep_last=0",
-            "checkpoint.export=false", "output.plot=false", "output.report=false", "output.tensorboard=false", f"output.dir={WORK}",
+            "checkpoint.export=false", "output.plot=false", "output.report=false", "output.report_to=none", f"output.dir={WORK}",
             f"output.name={name}-{length}", *overrides]
     subprocess.run(["bash", "launch/train.sh", *args], cwd=ROOT, env=env, check=True, capture_output=quiet)
     with open(os.path.join(WORK, f"{name}-{length}", "metrics.jsonl"), encoding="utf-8") as f:

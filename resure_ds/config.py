@@ -20,6 +20,20 @@ __all__ = ["Config", "ConfigError", "load_config", "split_recipe_args", "to_dict
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank r. 0: full fine-tuning. > 0: rank-r adapters (PEFT) on model.lora.targets are trained and the model's own weights stay frozen; ReSURE and ZeRO work unchanged."""
+    alpha: float = 16.0
+    """Adapter scale numerator: the update is (alpha / rank) * B A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input, in [0, 1)."""
+    targets: str | list = "all-linear"
+    """Modules given adapters: all-linear (every Linear layer but the output head) or a list of module names, e.g. [q_proj, k_proj, v_proj, o_proj]."""
+    export: Literal["merged", "adapter", "both"] = "merged"
+    """What checkpoint.export writes with LoRA: merged (adapters folded into the weights: a plain model that plain transformers loads), adapter (PEFT's adapter folder alone: adapter_config.json + adapter_model.safetensors), or both (the adapter in export/adapter)."""
+
+
+@dataclass
 class ModelConfig:
     path: str = "smollm2"
     """HF model folder or hub id; 'smollm2' = the embedded SmolLM2-135M-Instruct (converted once, cached)."""
@@ -44,6 +58,7 @@ class ModelConfig:
     logits are never held whole (resure_ds/fused.py). auto: where the model has a plain Linear head
     and the start-up check finds the same losses as its own logits, else the logits path; true:
     stop if it cannot; false: the logits path."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -161,7 +176,7 @@ class TrainConfig:
     seed: int = 1234
     """Seeds data order, model-side RNG and everything else."""
     log_every: int = 1
-    """Progress-bar refresh and TensorBoard interval (metrics.jsonl gets every step)."""
+    """Progress-bar refresh and tracker interval (output.report_to; metrics.jsonl gets every step)."""
 
 
 @dataclass
@@ -204,8 +219,10 @@ class OutputConfig:
     """Parent folder of run folders."""
     name: str = "resure-default"
     """Run folder name: outputs go to <dir>/<name>/."""
-    tensorboard: bool = True
-    """Also log every step to TensorBoard."""
+    report_to: str | list = "tensorboard"
+    """Trackers for the step metrics (every train.log_every steps): tensorboard, wandb, mlflow, a list of them, or none. wandb and mlflow are optional packages, offline/local by default (resure_ds/trackers.py): wandb under <run>/wandb unless WANDB_MODE=online, mlflow to MLFLOW_TRACKING_URI or sqlite:///<run>/mlflow.db."""
+    project: str = "resure-ds"
+    """wandb project / mlflow experiment that runs log to (the run is named output.name)."""
     plot: bool = True
     """Write training.png at the end (about 1.5 s; off for sweeps of many small runs)."""
     report: bool = True
@@ -317,6 +334,26 @@ def _validate(c: Config) -> list[str]:
         e.append(f"loss_truncation.drop_fraction: must be in (0, 1), got {c.loss_truncation.drop_fraction}")
     if not 0.0 <= c.train.min_lr_ratio <= 1.0:
         e.append(f"train.min_lr_ratio: must be in [0, 1], got {c.train.min_lr_ratio}")
+    lora = c.model.lora
+    if lora.rank < 0:
+        e.append(f"model.lora.rank: must be >= 0 (0 = full fine-tuning), got {lora.rank}")
+    if lora.alpha <= 0:
+        e.append(f"model.lora.alpha: must be > 0, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        e.append(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
+    if isinstance(lora.targets, str) and lora.targets != "all-linear" or isinstance(lora.targets, list) and (
+            not lora.targets or not all(isinstance(t, str) and t for t in lora.targets)):
+        e.append(f"model.lora.targets: all-linear or a list of module names (e.g. [q_proj, v_proj]), "
+                 f"got {lora.targets!r}")
+    from importlib.util import find_spec
+
+    from .trackers import TRACKERS, names
+
+    for t in names(c.output.report_to) if isinstance(c.output.report_to, (str, list)) else []:
+        if t not in TRACKERS:
+            e.append(f"output.report_to: unknown tracker {t!r} (known: {', '.join(TRACKERS)}, none)")
+        elif t != "tensorboard" and find_spec(t) is None:
+            e.append(f"output.report_to: {t} is not installed (pip install {t}), or drop it from output.report_to")
     if c.train.zero_stage not in (0, 1, 2, 3):
         e.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {c.train.zero_stage}")
     try:
@@ -408,18 +445,22 @@ def option_table() -> list[tuple[str, str, str]]:
     import ast
     import inspect
 
-    rows = []
-    for section in dataclasses.fields(Config):
-        cls = section.type if isinstance(section.type, type) else typing.get_type_hints(Config)[section.name]
+    def section(cls, prefix: str) -> list[tuple[str, str, str]]:
         body = ast.parse(inspect.getsource(cls)).body[0].body
         docs = {}
         for a, b in zip(body, body[1:]):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
                 docs[a.target.id] = " ".join(b.value.value.split())
-        default = cls()
+        default, hints, rows = cls(), typing.get_type_hints(cls), []
         for f in dataclasses.fields(cls):
-            rows.append((f"{section.name}.{f.name}", repr(getattr(default, f.name)), docs.get(f.name, "")))
-    return rows
+            if dataclasses.is_dataclass(hints[f.name]):  # a subsection (model.lora): its options, in place
+                rows += section(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                rows.append((f"{prefix}{f.name}", repr(getattr(default, f.name)), docs.get(f.name, "")))
+        return rows
+
+    hints = typing.get_type_hints(Config)
+    return [row for s in dataclasses.fields(Config) for row in section(hints[s.name], f"{s.name}.")]
 
 
 def markdown_table() -> str:

@@ -159,8 +159,18 @@ class Engine:
                                                      trust_remote_code=cfg.model.trust_remote_code,
                                                      attn_implementation=cfg.model.attn_implementation)
         model.config.use_cache = False
+        self.lora_params = None
+        if cfg.model.lora.rank:
+            from . import lora
+
+            self.lora_params = lora.attach(model, cfg.model.lora)
+            dist.print0(f"LoRA rank {cfg.model.lora.rank} on {cfg.model.lora.targets}: "
+                        f"{self.lora_params[0]:,} trainable of {self.lora_params[1]:,} parameters "
+                        f"({self.lora_params[0] / self.lora_params[1]:.2%})")
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            if cfg.model.lora.rank:
+                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
         # The fused head goes in before DeepSpeed wraps the model (its ZeRO-3 hooks must see it).
         why_not = fused.fusable(model) if cfg.model.fused_loss != "false" else "model.fused_loss=false"
         if why_not is None:
@@ -296,18 +306,27 @@ class Engine:
 
     def export_hf(self, out_dir: str, tokenizer) -> None:
         """A plain Hugging Face folder with weights gathered from the shards (rank 0 writes), in
-        checkpoint.export_dtype."""
+        checkpoint.export_dtype. With LoRA (model.lora.export): the adapters merged into the
+        weights, PEFT's adapter folder alone, or both (the adapter in out_dir/adapter)."""
         sd = self._full_state_dict()  # collective: every rank calls
         dtype = torch.bfloat16 if self.cfg.checkpoint.export_dtype == "bf16" else torch.float32
+        lc = self.cfg.model.lora
         if dist.rank() == 0:
-            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-            # The gathered dict holds tied weights (lm_head = embeddings) twice; keep one copy.
-            for key in getattr(self.module, "all_tied_weights_keys", None) or {}:
-                sd.pop(key, None)
-            self.module.config.dtype = dtype
+            from . import lora
+
             tmp = out_dir + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            if lc.rank and lc.export != "merged":
+                lora.save_adapter({k: v.to(dtype) for k, v in sd.items() if ".lora_" in k}, lc,
+                                  tmp if lc.export == "adapter" else os.path.join(tmp, "adapter"), self.cfg.model.path)
+            if not (lc.rank and lc.export == "adapter"):
+                sd = lora.merged_state_dict(sd, lc) if lc.rank else sd
+                sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+                # The gathered dict holds tied weights (lm_head = embeddings) twice; keep one copy.
+                for key in getattr(self.module, "all_tied_weights_keys", None) or {}:
+                    sd.pop(key, None)
+                self.module.config.dtype = dtype
+                self.module.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)

@@ -1,27 +1,25 @@
-"""Rank-0 step metrics: metrics.jsonl, TensorBoard, progress bar. (The per-turn
-audit is audit.py.)"""
+"""Rank-0 step metrics: metrics.jsonl, the trackers of output.report_to (trackers.py), progress
+bar. (The per-turn audit is audit.py.)"""
 from __future__ import annotations
 
 import json
 import os
 
+from .trackers import scalars
+
 
 class MetricsLogger:
     """Rank 0 only: every step to metrics.jsonl (appended; truncated to the
-    resumed step on resume), every log_every steps to TensorBoard."""
+    resumed step on resume), every log_every steps to the trackers (output.report_to)."""
 
-    def __init__(self, run_dir: str, total_steps: int, start_step: int, log_every: int, tensorboard: bool):
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, log_every: int, trackers: list):
         from tqdm import tqdm
 
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._truncate(start_step)
         self.f = open(self.path, "a", encoding="utf-8")
         self.log_every = log_every
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1)
+        self.trackers = trackers
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def _truncate(self, start_step: int) -> None:
@@ -36,14 +34,10 @@ class MetricsLogger:
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
         step = row["step"]
-        if self.tb is not None and step % self.log_every == 0:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, step)
-                elif isinstance(v, list) and k.startswith(("bucket_", "val_depth_")):
-                    for b, x in enumerate(v):
-                        if x == x:  # not NaN
-                            self.tb.add_scalar(f"{k}/{b}", x, step)
+        if self.trackers and step % self.log_every == 0:
+            values = scalars(row)
+            for t in self.trackers:
+                t.log(values, step)
         self.bar.update(1)
         if step % self.log_every == 0:
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", w=f"{row['mean_weight']:.3f}",
@@ -52,5 +46,5 @@ class MetricsLogger:
     def close(self) -> None:
         self.bar.close()
         self.f.close()
-        if self.tb is not None:
-            self.tb.close()
+        for t in self.trackers:
+            t.close()

@@ -380,8 +380,12 @@ def train(run: Run) -> str | None:
     """Steps until max_steps, or until a stop (returns its reason: the run is resumable)."""
     cfg = run.cfg
     if run.rank == 0:
-        run.logger = MetricsLogger(run.run_dir, cfg.train.max_steps, run.step, cfg.train.log_every,
-                                   cfg.output.tensorboard)
+        from .config import to_dict
+        from .trackers import open_trackers
+
+        trackers = open_trackers(cfg.output.report_to, run.run_dir, run.step, to_dict(cfg), cfg.output.project,
+                                 cfg.output.name)
+        run.logger = MetricsLogger(run.run_dir, cfg.train.max_steps, run.step, cfg.train.log_every, trackers)
     run.engine.train()
     print0("startup (s): " + ", ".join(f"{k} {v:.1f}" for k, v in run.startup.items()))
     every, start = cfg.checkpoint.every, run.step

@@ -91,7 +91,7 @@ def train_one(name: str, data_path: str, model_path: str, p: dict, method: str, 
             f"train.max_steps={steps}", f"train.lr={p['lr']}", "train.lr_warmup_steps=0",
             "train.schedule=constant", f"train.seed={seed}", "train.zero_stage=0", "checkpoint.keep_last=0",
             "checkpoint.resume=none", f"resure.min_count={p['min_count']}",
-            f"loss_truncation.min_count={p['min_count']}", "output.tensorboard=false", "output.plot=false", "output.report=false",
+            f"loss_truncation.min_count={p['min_count']}", "output.report_to=none", "output.plot=false", "output.report=false",
             "data.num_workers=0",  # dozens of short runs in one process: no loader process to start each time
             f"output.dir={out}", f"output.name={name}"]
     over += [f"{k}={v}" for k, v in extra.items()]

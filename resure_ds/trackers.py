@@ -1,0 +1,130 @@
+"""Experiment trackers for the rank-0 step metrics (output.report_to).
+
+tensorboard (the default) writes <run>/tensorboard. wandb and mlflow are optional packages,
+imported only when named. Both keep one tracker run per run folder: its id is stored in the
+run folder, so a resumed run goes on logging into the same tracker run. Offline by default
+where the tracker allows it:
+  wandb   the run is written under <run>/wandb; WANDB_MODE decides (offline unless you set it
+          to online; `wandb sync <run>/wandb/offline-run-*` uploads it later).
+  mlflow  MLFLOW_TRACKING_URI where set, else a SQLite store in the run folder
+          (sqlite:///<run>/mlflow.db; view with `mlflow ui --backend-store-uri sqlite:///...`).
+Each gets the run's scalars every train.log_every steps (per-depth lists as name/depth) and,
+at the start, the flattened config.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+from .errors import ConfigError
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def names(report_to) -> list[str]:
+    """output.report_to as written (a name, none, or a list) -> tracker names."""
+    items = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    return [n for n in items if n != "none"]
+
+
+def scalars(row: dict) -> dict[str, float]:
+    """The numbers of a metrics row: scalars as they are, per-depth lists as name/depth (NaN dropped)."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, bool) or k == "step":
+            continue
+        if isinstance(v, (int, float)):
+            out[k] = float(v)
+        elif isinstance(v, list) and k.startswith(("bucket_", "val_depth_")):
+            out.update({f"{k}/{b}": float(x) for b, x in enumerate(v) if isinstance(x, (int, float)) and x == x})
+    return out
+
+
+def _run_id(run_dir: str, name: str, start_step: int) -> str:
+    """This run's id in tracker `name`: made at a fresh start, kept in the run folder, reused on
+    resume (start_step > 0)."""
+    path = os.path.join(run_dir, f".{name}_run_id")
+    if start_step > 0 and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    rid = uuid.uuid4().hex
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(rid)
+    return rid
+
+
+def _need(module: str, tracker: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"output.report_to names {tracker}, but the {tracker} package is not installed: "
+                          f"pip install {tracker} (or drop it from output.report_to)") from None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)[:500]  # mlflow caps a parameter's value
+    return out
+
+
+class TensorBoard:
+    def __init__(self, run_dir: str, start_step: int, **_):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.w.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class Wandb:
+    def __init__(self, run_dir: str, start_step: int, config: dict, project: str, name: str):
+        wandb = _need("wandb", "wandb")
+        os.environ.setdefault("WANDB_MODE", "offline")
+        self.run = wandb.init(project=project, name=name, dir=run_dir, config=config,
+                              id=_run_id(run_dir, "wandb", start_step), resume="allow")
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Mlflow:
+    def __init__(self, run_dir: str, start_step: int, config: dict, project: str, name: str):
+        mlflow = _need("mlflow", "mlflow")
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI")
+                                or f"sqlite:///{os.path.abspath(os.path.join(run_dir, 'mlflow.db'))}")
+        mlflow.set_experiment(project)
+        path = os.path.join(run_dir, ".mlflow_run_id")
+        if start_step > 0 and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                self.run = mlflow.start_run(run_id=f.read().strip())
+        else:
+            self.run = mlflow.start_run(run_name=name)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(self.run.info.run_id)
+            mlflow.log_params(_flat(config))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics({k.replace("/", "."): v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def open_trackers(report_to, run_dir: str, start_step: int, config: dict, project: str, name: str) -> list:
+    kinds = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": Mlflow}
+    return [kinds[n](run_dir, start_step, config=config, project=project, name=name) for n in names(report_to)]
