@@ -103,6 +103,8 @@ class StatsConfig:
     """K: turn depths >= K-1 share the last bucket."""
     decay: float = 1.0
     """Scale of running n and M2 before each merge; 1 = cumulative Welford (the paper)."""
+    length_scaled: bool = False
+    """Length-aware z (beyond the paper): a turn's loss is a mean over its c trained tokens, so a short reply's varies far more than a long one's. On: statistics weighted by c estimate a per-token spread sigma, and z = (L - mean) / (sigma / sqrt(c) + eps), so short replies are not flagged first for being short. Off: the paper's z (docs/method.md s.3-4)."""
 
 
 @dataclass

@@ -129,7 +129,7 @@ def setup(cfg: Config) -> Run:
     hist = LossHistogram() if cfg.train.method == "loss_truncation" else None
     startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
     return Run(cfg, rank, world, run_dir, ckpt_dir, tok, engine, prepared,
-               Welford(cfg.stats.num_buckets, cfg.stats.decay), hist,
+               Welford(cfg.stats.num_buckets, cfg.stats.decay, cfg.stats.length_scaled), hist,
                AuditLog(run_dir, rank), stop, validation,
                resume_from=found, batches=batches, cursor=cursor, startup=startup, clock=Clock(engine.device))
 
@@ -188,10 +188,10 @@ def open_batches(cfg: Config, prepared: list[Prepared], rank: int, world: int, p
 def weigh(run: Run, turns: TurnLosses) -> Weights:
     cfg, present = run.cfg, turns.count > 0
     if cfg.train.method == "resure":
-        return resure_weights(turns.mean, present, run.stats, cfg.resure, run.step)
+        return resure_weights(turns.mean, present, run.stats, cfg.resure, run.step, turns.count)
     if cfg.train.method == "loss_truncation":
         return truncation_weights(turns.mean, present, run.hist, cfg.loss_truncation)
-    return sft_weights(turns.mean, present, run.stats, cfg.resure.eps)
+    return sft_weights(turns.mean, present, run.stats, cfg.resure.eps, turns.count)
 
 
 def micro_backward(run: Run, batch: dict, global_tokens: int, acc: dict) -> tuple[TurnLosses, Weights]:
@@ -210,7 +210,7 @@ def micro_backward(run: Run, batch: dict, global_tokens: int, acc: dict) -> tupl
     complete = (turns.count > 0) & ~batch["partial"].to(dev)
     depth = torch.nonzero(complete, as_tuple=True)[1]
     # All ranks merge every micro-step (non-finite losses are counted there, not merged).
-    run.stats.sync_update(turns.mean[complete], depth, dev)
+    run.stats.sync_update(turns.mean[complete], depth, dev, turns.count[complete])
     if run.hist is not None:
         run.hist.sync_update(turns.mean[complete & torch.isfinite(turns.mean)], dev)
     clock.mark("collectives")

@@ -21,12 +21,16 @@ class Weights(NamedTuple):
     warm: torch.Tensor  # [B, T] bool: the method's weighting was active (past its warm-up)
 
 
-def zscores(loss: torch.Tensor, stats: Welford, eps: float) -> torch.Tensor:
-    """z = (L - mean_b) / (std_b + eps), b = min(turn, K-1); NaN where n_b < 2."""
+def zscores(loss: torch.Tensor, stats: Welford, eps: float, count: torch.Tensor | None = None) -> torch.Tensor:
+    """z = (L - mean_b) / (std_b + eps), b = min(turn, K-1); NaN where n_b < 2. With
+    stats.length_scaled, std_b is a per-token std and a turn of c trained tokens is compared with
+    std_b / sqrt(c): z = (L - mean_b) / (std_b / sqrt(c) + eps) (welford.py)."""
     T = loss.shape[1]
     b = stats.bucket(torch.arange(T, device=stats.state.device))
     mean = stats.mean[b].to(loss.device)
     std = stats.std[b].to(loss.device)
+    if stats.length_scaled:
+        std = std / count.double().clamp(min=1).sqrt()
     return (loss.double() - mean) / (std + eps)
 
 
@@ -41,10 +45,11 @@ def weight_fn(z: torch.Tensor, cfg: ResureConfig) -> torch.Tensor:
 
 
 def resure_weights(loss: torch.Tensor, present: torch.Tensor, stats: Welford,
-                   cfg: ResureConfig, step: int) -> Weights:
-    """docs/method.md s.4: z -> weight_fn -> propagate -> level -> floor; warm-up gives 1."""
+                   cfg: ResureConfig, step: int, count: torch.Tensor | None = None) -> Weights:
+    """docs/method.md s.4: z -> weight_fn -> propagate -> level -> floor; warm-up gives 1.
+    count: trained tokens per turn (needed where stats.length_scaled)."""
     T = loss.shape[1]
-    z = zscores(loss, stats, cfg.eps)
+    z = zscores(loss, stats, cfg.eps, count)
     nb = stats.n[stats.bucket(torch.arange(T, device=stats.state.device))].to(loss.device)
     warm = (nb >= max(cfg.min_count, 2)) & (step >= cfg.warmup_steps)
     w = torch.where(warm & torch.isfinite(z), weight_fn(z, cfg), torch.ones_like(z))
@@ -73,8 +78,9 @@ def truncation_weights(loss: torch.Tensor, present: torch.Tensor, hist: LossHist
     return Weights(w.float(), z, torch.full_like(present, warm))
 
 
-def sft_weights(loss: torch.Tensor, present: torch.Tensor, stats: Welford, eps: float) -> Weights:
+def sft_weights(loss: torch.Tensor, present: torch.Tensor, stats: Welford, eps: float,
+                count: torch.Tensor | None = None) -> Weights:
     """All ones (non-finite turns 0); z still reported for logging and the audit."""
     w = torch.where(present & ~torch.isfinite(loss), torch.zeros_like(loss), torch.ones_like(loss))
-    z = zscores(loss, stats, eps)
+    z = zscores(loss, stats, eps, count)
     return Weights(w.float(), z, torch.isfinite(z))  # no weighting; "warm" = z defined

@@ -2,13 +2,19 @@
 across ranks.
 
 Bucket of a turn: b = min(turn, K-1). Every micro-step each rank summarises
-its finite, complete turn losses as a [K, 4] float64 tensor
-(n, mean, M2, non-finite count), all ranks all-gather it (a fixed shape,
+its finite, complete turn losses as a [K, 5] float64 tensor
+(n, mean, M2, non-finite count, W), all ranks all-gather it (a fixed shape,
 sent also by ranks with nothing in a bucket, so no rank can hang), and
 every rank merges the gathered rows in rank order with Chan et al.'s
 parallel formula. Same inputs, same order of operations: the statistics are
 bit-identical on every rank.
-Cost: one all-gather of K*4 doubles per micro-step. The summaries, the
+Weights. W is the sum of the turns' weights: 1 each (W = n, the plain Welford of the paper), or,
+with stats.length_scaled, each turn's trained-token count c. Mean and M2 are then the weighted
+ones (mean = sum c L / W, M2 = sum c (L - mean)^2), merged by the same Chan formula with W in
+place of n; under the model Var(L | c) = sigma^2 / c (a turn's loss is a mean over c tokens),
+M2 / (n - 1) estimates the per-token sigma^2 without bias, and a turn's z divides by
+sigma / sqrt(c) (weighting.zscores).
+Cost: one all-gather of K*5 doubles per micro-step. The summaries, the
 gather and the merge stay on the device the losses are on (the state moves
 there at the first update): on a GPU nothing here waits for the host.
 """
@@ -16,41 +22,52 @@ from __future__ import annotations
 
 import torch
 
-N, MEAN, M2, NONFINITE = range(4)
+N, MEAN, M2, NONFINITE, W = range(5)
+COLUMNS = 5
 
 
-def summarize(values: torch.Tensor, buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """1-D losses and bucket ids -> [K, 4] float64 (n, mean, M2, non-finite count), on their device."""
+def summarize(values: torch.Tensor, buckets: torch.Tensor, num_buckets: int,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """1-D losses, bucket ids and optional weights (default 1) -> [K, 5] float64 (n, mean, M2,
+    non-finite count, W), on their device."""
     values = values.detach().double().reshape(-1)
     buckets = buckets.reshape(-1).to(values.device).long()
     finite = torch.isfinite(values)
-    out = torch.zeros(num_buckets, 4, dtype=torch.float64, device=values.device)
+    out = torch.zeros(num_buckets, COLUMNS, dtype=torch.float64, device=values.device)
     out[:, NONFINITE] = torch.bincount(buckets[~finite], minlength=num_buckets).double()
     v, b = values[finite], buckets[finite]
     n = torch.bincount(b, minlength=num_buckets).double()
-    s = torch.zeros_like(n).index_add(0, b, v)
-    mean = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
-    m2 = torch.zeros_like(n).index_add(0, b, (v - mean[b]) ** 2)
-    out[:, N], out[:, MEAN], out[:, M2] = n, mean, m2
+    if weights is None:
+        wsum, s = n, torch.zeros_like(n).index_add(0, b, v)
+        mean = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
+        m2 = torch.zeros_like(n).index_add(0, b, (v - mean[b]) ** 2)
+    else:
+        c = weights.detach().double().reshape(-1).to(values.device)[finite]
+        wsum = torch.zeros_like(n).index_add(0, b, c)
+        s = torch.zeros_like(n).index_add(0, b, c * v)
+        mean = torch.where(wsum > 0, s / wsum.clamp(min=1e-300), torch.zeros_like(s))
+        m2 = torch.zeros_like(n).index_add(0, b, c * (v - mean[b]) ** 2)
+    out[:, N], out[:, MEAN], out[:, M2], out[:, W] = n, mean, m2, wsum
     return out
 
 
 def merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Chan et al. exact merge of two [K, >=3] summaries (non-finite counts add)."""
+    """Chan et al. exact merge of two [K, 5] summaries, weighted by W (= n for unit weights);
+    counts and non-finite counts add."""
     out = a.clone()
-    n = a[:, N] + b[:, N]
+    w = a[:, W] + b[:, W]
     delta = b[:, MEAN] - a[:, MEAN]
-    safe = n.clamp(min=1e-300)
-    out[:, N] = n
-    out[:, MEAN] = torch.where(n > 0, a[:, MEAN] + delta * b[:, N] / safe, a[:, MEAN])
-    out[:, M2] = torch.where(n > 0, a[:, M2] + b[:, M2] + delta ** 2 * a[:, N] * b[:, N] / safe, a[:, M2])
-    if a.shape[1] > NONFINITE:
-        out[:, NONFINITE] = a[:, NONFINITE] + b[:, NONFINITE]
+    safe = w.clamp(min=1e-300)
+    out[:, N] = a[:, N] + b[:, N]
+    out[:, W] = w
+    out[:, MEAN] = torch.where(w > 0, a[:, MEAN] + delta * b[:, W] / safe, a[:, MEAN])
+    out[:, M2] = torch.where(w > 0, a[:, M2] + b[:, M2] + delta ** 2 * a[:, W] * b[:, W] / safe, a[:, M2])
+    out[:, NONFINITE] = a[:, NONFINITE] + b[:, NONFINITE]
     return out
 
 
 def gather_merge(local: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Combine every rank's [K, 4] summary; identical result on every rank.
+    """Combine every rank's [K, 5] summary; identical result on every rank.
 
     Without an initialised process group this is the identity. `device`
     is where the collective runs (CUDA for NCCL, CPU for gloo).
@@ -68,13 +85,14 @@ def gather_merge(local: torch.Tensor, device: torch.device | str | None = None) 
 
 
 class Welford:
-    """Running per-bucket statistics; `decay` < 1 scales n and M2 before each merge."""
+    """Running per-bucket statistics; `decay` < 1 scales n, W and M2 before each merge;
+    `length_scaled`: turns weighted by their trained-token count (module docstring)."""
 
-    def __init__(self, num_buckets: int = 8, decay: float = 1.0):
+    def __init__(self, num_buckets: int = 8, decay: float = 1.0, length_scaled: bool = False):
         if num_buckets < 1 or not 0.0 < decay <= 1.0:
             raise ValueError("num_buckets >= 1 and 0 < decay <= 1 are required")
-        self.num_buckets, self.decay = num_buckets, decay
-        self.state = torch.zeros(num_buckets, 4, dtype=torch.float64)
+        self.num_buckets, self.decay, self.length_scaled = num_buckets, decay, length_scaled
+        self.state = torch.zeros(num_buckets, COLUMNS, dtype=torch.float64)
 
     def bucket(self, turn: torch.Tensor) -> torch.Tensor:
         return turn.clamp(max=self.num_buckets - 1)
@@ -102,21 +120,31 @@ class Welford:
         """Merge an already combined [K, 4] batch summary."""
         if self.decay != 1.0:
             self.state[:, N] *= self.decay
+            self.state[:, W] *= self.decay
             self.state[:, M2] *= self.decay
         self.state = merge(self.state.to(summary.device), summary.to(torch.float64))
 
     def sync_update(self, values: torch.Tensor, turns: torch.Tensor,
-                    device: torch.device | str | None = None) -> torch.Tensor:
-        """Summarise this rank's turn losses, combine over ranks, merge. Returns the batch summary."""
-        batch = gather_merge(summarize(values, self.bucket(turns), self.num_buckets), device)
+                    device: torch.device | str | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Summarise this rank's turn losses (with their trained-token counts where length_scaled),
+        combine over ranks, merge. Returns the batch summary."""
+        weights = counts if self.length_scaled else None
+        batch = gather_merge(summarize(values, self.bucket(turns), self.num_buckets, weights), device)
         self.update(batch)
         return batch
 
     def state_dict(self) -> dict:
-        return {"num_buckets": self.num_buckets, "decay": self.decay, "state": self.state.cpu().clone()}
+        return {"num_buckets": self.num_buckets, "decay": self.decay, "length_scaled": self.length_scaled,
+                "state": self.state.cpu().clone()}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["num_buckets"] != self.num_buckets:
             raise ValueError(f"checkpoint has {sd['num_buckets']} Welford buckets, config says "
                              f"{self.num_buckets}; resume with stats.num_buckets={sd['num_buckets']}")
-        self.state = sd["state"].clone().to(torch.float64)
+        if sd.get("length_scaled", False) != self.length_scaled:
+            raise ValueError(f"checkpoint's statistics have stats.length_scaled={sd.get('length_scaled', False)}, "
+                             f"config says {self.length_scaled}; resume with the checkpoint's setting")
+        state = sd["state"].clone().to(torch.float64)
+        if state.shape[1] == 4:  # written before W existed: unit weights, so W = n
+            state = torch.cat([state, state[:, N:N + 1]], 1)
+        self.state = state

@@ -35,7 +35,12 @@ def test_straight_run_outputs(straight):
     with open(os.path.join(straight, "report.html"), encoding="utf-8") as f:
         page = f.read()
     assert "Reliability per source" in page and "<td class=\"t\">chitchat</td>" in page
-    assert os.listdir(os.path.join(straight, "tensorboard"))
+    from tests.test_trackers import read_trackers
+
+    logged, wandb = read_trackers(straight, [r["step"] for r in rows])
+    for name, losses in logged.items():  # the same losses in every tracker
+        assert losses == pytest.approx([r["loss"] for r in rows], rel=1e-6), name
+    assert all(json.dumps(r["loss"]).encode() in wandb for r in rows)
     assert len(audit(straight)) == sum(r["turns"] for r in rows)
     for r in rows:  # the step's time split covers the step
         split = {k: v for k, v in r.items() if k.startswith("time_")}

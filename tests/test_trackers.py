@@ -1,5 +1,5 @@
 """output.report_to: TensorBoard, wandb (offline) and MLflow (a local SQLite store), each read
-back after a real run and its resume."""
+back: here for the trackers themselves across a resume, in tests/test_e2e.py for a real run."""
 import glob
 import json
 import os
@@ -7,8 +7,31 @@ import os
 import pytest
 
 from resure_ds.config import ConfigError, load_config
-from resure_ds.trackers import names, scalars
-from tests.e2e_common import launch, metrics
+from resure_ds.trackers import names, open_trackers, scalars
+
+
+def read_trackers(run: str, steps: list[int]) -> tuple[dict[str, list[float]], bytes]:
+    """The loss TensorBoard and MLflow hold for `steps` of the run in `run` (its event files; its
+    MLflow store, by the run folder's run id), and the bytes of wandb's offline run files."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(os.path.join(run, "tensorboard"))
+    ev.Reload()
+    tb = {e.step: e.value for e in ev.Scalars("loss")}
+    assert sorted(tb) == steps
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run}/mlflow.db")
+    with open(os.path.join(run, ".mlflow_run_id"), encoding="utf-8") as f:
+        rid = f.read().strip()
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
+    assert [s for s, _ in hist] == steps  # one MLflow run, also across a resume
+    with open(os.path.join(run, ".wandb_run_id"), encoding="utf-8") as f:
+        wid = f.read().strip()
+    files = glob.glob(os.path.join(run, "wandb", f"offline-run-*-{wid}", f"run-{wid}.wandb"))
+    assert files  # one offline run folder per start, all under the same run id
+    raw = b"".join(open(p, "rb").read() for p in files)
+    assert b"mean_weight" in raw and b"bucket_mean/0" in raw
+    return {"tensorboard": [tb[s] for s in steps], "mlflow": [v for _, v in hist]}, raw
 
 
 def test_scalars_flatten_depth_lists_and_drop_nan():
@@ -29,43 +52,35 @@ def test_unknown_or_missing_tracker_is_a_config_error(monkeypatch):
         load_config(None, ["output.report_to=wandb"])
 
 
-@pytest.mark.slow
-def test_every_tracker_logs_the_run_and_its_resume(tmp_path, tiny_model_path):
+def test_every_tracker_logs_a_run_and_its_resume_into_one_tracker_run(tmp_path, monkeypatch):
+    """What MetricsLogger does at a start (step 0) and at a resume (step 2): the same tracker run
+    goes on, and each holds every step's values once."""
     import mlflow
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    args = ["recipes/default.yaml", f"model.path={tiny_model_path}", "output.report_to=[tensorboard,wandb,mlflow]",
-            "output.project=trk", "data.max_length=64", "train.micro_batch_size=2", "train.log_every=1",
-            "checkpoint.every=2", "checkpoint.export=false", "output.report=false", "output.plot=false",
-            f"output.dir={tmp_path}", "output.name=t"]
-    env = {"NUM_PROCS": "1", "WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": ""}
-    launch("train.sh", [*args, "train.max_steps=2"], extra_env=env)
-    launch("train.sh", [*args, "train.max_steps=4"], extra_env=env)  # resumes at step 2
-    run = os.path.join(tmp_path, "t")
-    rows = metrics(run)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    losses = [r["loss"] for r in rows]
+    from resure_ds.config import Config, to_dict
 
-    ev = EventAccumulator(os.path.join(run, "tensorboard"))
-    ev.Reload()
-    tb = {e.step: e.value for e in ev.Scalars("loss")}
-    assert sorted(tb) == [1, 2, 3, 4] and [tb[s] for s in (1, 2, 3, 4)] == pytest.approx(losses, rel=1e-6)
-
-    mlflow.set_tracking_uri(f"sqlite:///{run}/mlflow.db")
-    client = mlflow.tracking.MlflowClient()
-    with open(os.path.join(run, ".mlflow_run_id"), encoding="utf-8") as f:
-        rid = f.read().strip()
-    hist = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
-    assert [s for s, _ in hist] == [1, 2, 3, 4]  # one MLflow run across the resume
-    assert [v for _, v in hist] == pytest.approx(losses, rel=1e-6)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run, config = str(tmp_path), to_dict(Config())
+    rows = [{"step": s, "loss": 3.0 / s + 0.0123456789, "mean_weight": 0.9, "bucket_mean": [1.0 + s, float("nan")]}
+            for s in (1, 2, 3, 4)]
+    for start, part in ((0, rows[:2]), (2, rows[2:])):
+        trackers = open_trackers(["tensorboard", "wandb", "mlflow"], run, start, config, "trk", "t")
+        for r in part:
+            for t in trackers:
+                t.log(scalars(r), r["step"])
+        for t in trackers:
+            t.close()
+    got, raw = read_trackers(run, [1, 2, 3, 4])
+    assert got["tensorboard"] == pytest.approx([r["loss"] for r in rows])
+    assert got["mlflow"] == pytest.approx([r["loss"] for r in rows])
+    # wandb's offline files are its binary protocol: every logged value is in them as its JSON text
+    assert all(json.dumps(r["loss"]).encode() in raw for r in rows)
+    assert len(glob.glob(os.path.join(run, "wandb", "offline-run-*"))) == 2  # the start and the resume
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run}/mlflow.db")
+    rid = open(os.path.join(run, ".mlflow_run_id"), encoding="utf-8").read().strip()
     assert client.get_run(rid).data.params["model.lora.rank"] == "0"
     assert client.get_experiment(client.get_run(rid).info.experiment_id).name == "trk"
-
-    with open(os.path.join(run, ".wandb_run_id"), encoding="utf-8") as f:
-        wid = f.read().strip()
-    files = glob.glob(os.path.join(run, "wandb", f"offline-run-*-{wid}", f"run-{wid}.wandb"))
-    assert len(files) == 2  # the first start and the resume, both under the same run id
-    logged = b"".join(open(p, "rb").read() for p in files)
-    for r in rows:  # every step's loss, as wandb writes history values (JSON text)
-        assert json.dumps(r["loss"]).encode() in logged
-    assert b"mean_weight" in logged and b"bucket_mean/0" in logged
+    # a fresh start in the same folder is a new tracker run
+    open_trackers(["mlflow"], run, 0, config, "trk", "t")[0].close()
+    assert open(os.path.join(run, ".mlflow_run_id"), encoding="utf-8").read().strip() != rid

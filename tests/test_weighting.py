@@ -98,3 +98,16 @@ def test_sft_weights_are_ones_with_z_logged():
     loss = L([2.0, 9.0])
     out = sft_weights(loss, torch.ones_like(loss, dtype=torch.bool), st, 0.0)
     assert out.w.tolist() == [[1, 1]] and out.z[0, 1].item() == 14.0
+
+
+def test_length_scaled_z_compares_a_turn_with_the_spread_of_its_length():
+    """The same mean-loss excess is unremarkable in a 2-token reply and an outlier in a 200-token one."""
+    st = stats_with(mean=2.0, std=4.0)  # per-token spread
+    st.length_scaled = True
+    loss, present, count = L([3.0, 3.0]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([[2, 200]])
+    r = resure_weights(loss, present, st, cfg(tau=1.5), 0, count)
+    assert r.z[0, 0].item() == pytest.approx(1.0 / (4.0 / math.sqrt(2)))
+    assert r.z[0, 1].item() == pytest.approx(1.0 / (4.0 / math.sqrt(200)))
+    assert r.w.tolist() == [[1.0, 0.0]]
+    st.length_scaled = False  # the paper's z: both turns alike
+    assert resure_weights(loss, present, st, cfg(tau=1.5), 0, count).z[0].tolist() == [0.25, 0.25]

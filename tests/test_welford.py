@@ -72,3 +72,45 @@ def test_state_dict_roundtrip_and_bucket_mismatch():
     with pytest.raises(ValueError, match="stats.num_buckets=4"):
         Welford(8).load_state_dict(w.state_dict())
     assert w.std[0].isnan()  # n = 1: undefined
+
+
+def test_length_scaled_statistics_equal_a_weighted_single_pass():
+    """stats.length_scaled: every turn weighted by its token count; the stepwise, merged state equals
+    a one-at-a-time weighted Welford pass, and W = n exactly without weights."""
+    from tests.welford_ref import assert_matches_weighted
+
+    K, rng = 8, random.Random(5)
+    w, plain = Welford(K, length_scaled=True), Welford(K)
+    allv, allt, allc = [], [], []
+    for vals, turns in steps(5, K=K):
+        counts = [rng.randint(1, 300) for _ in vals]
+        w.sync_update(torch.tensor(vals, dtype=torch.float64), torch.tensor(turns, dtype=torch.long),
+                      counts=torch.tensor(counts))
+        plain.sync_update(torch.tensor(vals, dtype=torch.float64), torch.tensor(turns, dtype=torch.long),
+                          counts=torch.tensor(counts))  # ignored: unit weights
+        allv, allt, allc = allv + vals, allt + turns, allc + counts
+    assert_matches_weighted(w.state, allv, allt, allc, K)
+    assert_matches(plain.state, allv, allt, K)
+    assert torch.equal(plain.state[:, 4], plain.state[:, 0])
+
+
+def test_length_scaled_std_estimates_the_per_token_spread():
+    """Turn losses drawn with Var(L | c) = sigma^2 / c: the weighted statistics recover sigma and
+    the mean, where the plain ones mix every length into one spread."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.randint(1, 200, (20000,), generator=g)
+    loss = 2.0 + 1.5 * torch.randn(20000, generator=g, dtype=torch.float64) / c.double().sqrt()
+    w = Welford(1, length_scaled=True)
+    w.sync_update(loss, torch.zeros_like(c), counts=c)
+    assert abs(w.mean[0].item() - 2.0) < 0.01 and abs(w.std[0].item() - 1.5) < 0.03
+
+
+def test_length_scaled_state_loads_only_into_the_same_setting_and_old_states_load():
+    w = Welford(4, length_scaled=True)
+    w.sync_update(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), counts=torch.tensor([3, 5]))
+    with pytest.raises(ValueError, match="length_scaled"):
+        Welford(4).load_state_dict(w.state_dict())
+    old = {"num_buckets": 4, "decay": 1.0, "state": torch.tensor([[2.0, 1.5, 0.5, 0.0]] * 4)}  # before W
+    w2 = Welford(4)
+    w2.load_state_dict(old)
+    assert w2.state.shape == (4, 5) and w2.state[0, 4].item() == 2.0

@@ -28,6 +28,11 @@ def global_steps(seed, n_steps=25):
     return out
 
 
+def count(v):
+    """A turn's token count, a function of its loss so every rank and the reference agree."""
+    return 1 + int(abs(v) * 37) % 250 if v == v and abs(v) != float("inf") else 1
+
+
 def partition(vals, turns, world, rng):
     """Uneven split; rank 0 never gets bucket >= 2, the last rank sometimes gets nothing."""
     parts = [([], []) for _ in range(world)]
@@ -42,10 +47,10 @@ def partition(vals, turns, world, rng):
     return parts
 
 
-def worker(rank, world, seed, grad_accum):
+def worker(rank, world, seed, grad_accum, length_scaled=False):
     steps = global_steps(seed)
     rng = random.Random(seed + 100)
-    w = Welford(K)
+    w = Welford(K, length_scaled=length_scaled)
     probe = torch.tensor([[3.0, 3.5, 9.0, 1.0], [2.0, 8.0, 2.5, 3.3]], dtype=torch.float64)
     for vals, turns in steps:
         part_v, part_t = partition(vals, turns, world, rng)[rank]
@@ -53,9 +58,11 @@ def worker(rank, world, seed, grad_accum):
         cuts = sorted(random.Random(len(part_v) + rank).choices(range(len(part_v) + 1), k=grad_accum - 1))
         bounds = [0] + cuts + [len(part_v)]
         for a, b in zip(bounds, bounds[1:]):
-            w.sync_update(torch.tensor(part_v[a:b], dtype=torch.float64), torch.tensor(part_t[a:b], dtype=torch.long))
+            w.sync_update(torch.tensor(part_v[a:b], dtype=torch.float64), torch.tensor(part_t[a:b], dtype=torch.long),
+                          counts=torch.tensor([count(v) for v in part_v[a:b]]))
     weights = resure_weights(probe, torch.ones_like(probe, dtype=torch.bool), w,
-                             ResureConfig(weight_fn="sigmoid", tau=1.0, min_count=5), step=100)
+                             ResureConfig(weight_fn="sigmoid", tau=1.0, min_count=5), step=100,
+                             count=torch.tensor([[40, 3, 250, 9], [1, 120, 7, 60]]))
     return {"state": w.state, "w": weights.w, "z": weights.z}
 
 
@@ -74,3 +81,16 @@ def test_distributed_stats_equal_single_pass(tmp_path, world, grad_accum):
         torch.testing.assert_close(r["z"], results[0]["z"], rtol=0, atol=0, equal_nan=True)
     assert results[0]["state"][:, 3].sum() > 0  # non-finite losses were seen and counted
     assert (results[0]["w"] < 1).any() and (results[0]["w"] == 1).any()  # the probe is non-trivial
+
+
+@pytest.mark.parametrize("world,grad_accum", [(3, 2)])
+def test_length_scaled_stats_equal_a_weighted_single_pass(tmp_path, world, grad_accum):
+    from tests.welford_ref import assert_matches_weighted
+
+    seed = 12
+    results = run_ranks(worker, world, (seed, grad_accum, True), str(tmp_path))
+    allv = [v for vals, _ in global_steps(seed) for v in vals]
+    allt = [t for _, turns in global_steps(seed) for t in turns]
+    for r in results:
+        assert_matches_weighted(r["state"], allv, allt, [count(v) for v in allv], K)
+        assert torch.equal(r["state"], results[0]["state"]) and torch.equal(r["w"], results[0]["w"])

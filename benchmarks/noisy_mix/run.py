@@ -36,13 +36,14 @@ PROFILES = {
                 seeds=[0, 1, 2], seed_noises=[0.3], eval_limit=64, lr=5e-5, min_count=16, prefilter_q=0.2,
                 early=0.5, sweep=[{"resure.tau": 1.0}, {"resure.tau": 2.0}, {"resure.weight_fn": "hard"},
                                   {"resure.level": "sample"}, {"resure.propagate": "forward"},
-                                  {"stats.decay": 0.99}, {"resure.two_sided": True}]),
+                                  {"stats.decay": 0.99}, {"resure.two_sided": True},
+                                  {"stats.length_scaled": True}]),
     "gpu": dict(model="smollm2", max_length=512, micro_batch_size=16, sizes=[256, 512, 1024, 2048],
                 noises=[0.0, 0.3], seeds=[0, 1, 2], eval_limit=None, lr=5e-5, min_count=32, prefilter_q=0.2,
                 early=0.5, sweep=[{"resure.tau": 1.0}, {"resure.tau": 2.0}, {"resure.weight_fn": "hard"},
                                   {"resure.weight_fn": "sigmoid"}, {"resure.level": "sample"},
                                   {"resure.propagate": "forward"}, {"stats.decay": 0.99},
-                                  {"resure.two_sided": True}]),
+                                  {"resure.two_sided": True}, {"stats.length_scaled": True}]),
 }
 METHODS = ["sft", "resure", "loss_truncation", "prefilter"]
 

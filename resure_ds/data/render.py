@@ -268,7 +268,7 @@ class Renderer:
             mark = _PLACEHOLDER.format(j)
             probe = [*d.messages[:j], {"role": "assistant", "content": mark}, *d.messages[j + 1:]]
             try:
-                other = self._template(probe, False, d.tools, plain=False)
+                other = self._template(probe, False, d.tools, plain=d.plain)
             except InvalidRecord:
                 raise InvalidRecord("template_rewrites", f"the chat template renders this dialogue but refuses it with "
                                     f"assistant message {j} as plain text (a template that checks role order with "
