@@ -107,6 +107,22 @@ def test_multi_turn_dialogue_with_a_system_message(tokenizer, family):
     assert stable == (family in ("llama3_1", "gemma3"))
 
 
+def test_history_rewriting_templates_get_the_same_spans_from_one_rendering(tokenizer):
+    """Where the template is not prefix-stable but keeps its text around each message apart from
+    the contents (Qwen3), plain dialogues read their spans off one rendering with that text
+    (learned once per role sequence); the located path (a probe rendering per reply) defines
+    them: both give the same spans, also for an empty reply (only its end of turn is trained).
+    (Mistral's system message moves into the last user turn: no such layout, the located path.)"""
+    r = Renderer(family_tokenizer(tokenizer, "qwen3"), 4096)
+    empty = [*PLAIN[:4], {"role": "assistant", "content": ""}, *PLAIN[5:]]
+    for messages in (PLAIN, empty, PLAIN[1:3]):
+        d = Dialogue("d", messages, "test")
+        full = r.tok.apply_chat_template(messages, tokenize=False)
+        one = r._fast_spans(d, full, len(messages))
+        assert one is not None and one == r.located_spans(d, full)
+    check(r, Dialogue("d", empty, "test"), "qwen3")
+
+
 def test_qwen3_trains_what_the_model_sees_for_the_whole_dialogue(tokenizer):
     r = Renderer(family_tokenizer(tokenizer, "qwen3"), 4096)
     d = Dialogue("d", PLAIN, "test")

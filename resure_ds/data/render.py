@@ -70,7 +70,8 @@ class Example:
 @dataclass
 class _Layout:
     glue: list[str]                 # text before content i (glue[n]: after the last content)
-    tails: dict[int, str]           # assistant j -> text Q_j writes after its content
+    tails: dict[int, str] | None    # assistant j -> text Q_j writes after its content; None: the
+                                    # template is not prefix-stable for these roles (glue only)
 
 
 _DROPPED = object()  # a dialogue skipped while re-rendering in full
@@ -94,7 +95,6 @@ class Renderer:
         self.char_cap = max_length * longest
         self._layouts: dict[tuple, _Layout | None] = {}
         self._prefixes: dict[tuple, tuple[str, str] | None] = {}
-        self._unstable: set[tuple] = set()  # role sequences whose placeholder rendering is not prefix-stable
         self._render = self._direct_renderer()
 
     # -- template ---------------------------------------------------------
@@ -159,13 +159,14 @@ class Renderer:
 
     def _layout(self, roles: tuple) -> _Layout | None:
         """The template's text around each message for this role sequence (cached), or None
-        when placeholders do not show a prefix-stable layout."""
+        when placeholders do not show one. tails is None where the layout is not prefix-stable:
+        its glue still reads spans off the whole dialogue's rendering (the located path's
+        spans, got from one rendering instead of one per reply)."""
         if roles in self._layouts:
             return self._layouts[roles]
         if len(self._layouts) >= _LAYOUT_CACHE_SIZE:
             self._layouts.clear()
             self._prefixes.clear()
-            self._unstable.clear()
         msgs = self._placeholders(roles)
         layout = None
         try:
@@ -183,8 +184,8 @@ class Renderer:
                 if r == "assistant":
                     info = self._prefix_tail(roles[:j + 1])
                     if info is None or not full.startswith(info[0]):
-                        self._unstable.add(roles)
-                        raise ValueError
+                        tails = None
+                        break
                     tails[j] = info[1]
             layout = _Layout(glue, tails)
         except (ValueError, InvalidRecord):
@@ -198,7 +199,7 @@ class Renderer:
         contents. k < all: messages[:k] ends with an assistant message, so `text` is its Q_j."""
         n = len(d.messages)
         layout = self._layout(tuple(m["role"] for m in d.messages))
-        if layout is None:
+        if layout is None or (layout.tails is None and k < n):
             return None
         spans, pos = [], 0
         for i in range(k):
@@ -206,7 +207,7 @@ class Renderer:
             if not text.startswith(layout.glue[i], pos):
                 return None
             pos += len(layout.glue[i])
-            nxt = layout.tails[i] if i == k - 1 < n - 1 else layout.glue[i + 1]
+            nxt = layout.tails[i] if i == k - 1 < n - 1 else layout.glue[i + 1]  # (k < n: stable)
             for content in (m["content"], m["content"].strip()):
                 end = pos + len(content)
                 if text.startswith(content, pos) and text.startswith(nxt, end):
@@ -214,7 +215,10 @@ class Renderer:
             else:
                 return None
             if m["role"] == "assistant":
-                spans.append((pos, end + self._end_of_turn(layout.tails[i])))
+                if layout.tails is not None:
+                    spans.append((pos, end + self._end_of_turn(layout.tails[i])))
+                else:  # as the located path ends a span: the special token right after the reply
+                    spans.append((pos, end + self._end_of_turn_after(text, end)))
             pos = end
         last = layout.tails[k - 1] if k < n else layout.glue[-1]
         return spans if pos + len(last) == len(text) else None
@@ -304,9 +308,12 @@ class Renderer:
         exact as long as the cut falls inside them, which render_many checks.
         Raises InvalidRecord when the template refuses the dialogue."""
         n, spans = len(d.messages), None
-        roles = tuple(m["role"] for m in d.messages)
-        if d.plain and (self._layout(roles) is not None or roles not in self._unstable):
-            k = self._head(d) if head and self._layout(roles) else n
+        layout = self._layout(tuple(m["role"] for m in d.messages)) if d.plain else None
+        if layout is not None and layout.tails is None:  # not prefix-stable: glue, else located
+            k, text = n, self._template(d.messages, False)
+            spans = self._fast_spans(d, text, k)
+        elif d.plain:
+            k = self._head(d) if head and layout else n
             text = self._template(d.messages[:k], False)
             spans = self._fast_spans(d, text, k)
             if spans is None and k < n:
@@ -318,8 +325,8 @@ class Renderer:
                 except InvalidRecord as bad:
                     if bad.kind not in ("template_unstable", "template_rewrites"):
                         raise
-        if spans is None:
-            k, text = n, self._template(d.messages, False, d.tools, d.plain)
+        if spans is None:  # (a plain dialogue's whole rendering is `text` already)
+            k, text = n, text if d.plain else self._template(d.messages, False, d.tools, plain=False)
             try:
                 spans = self.located_spans(d, text)
             except InvalidRecord as bad:
@@ -463,8 +470,11 @@ def _common_suffix(a: str, b: str, limit: int) -> int:
 
 def _shows(m: dict, span: str) -> bool:
     """The located text holds the message: its content (or what a reasoning template keeps of
-    it, the reply after the last `</think>`); a tool-call message with no content, any text."""
+    it, the reply after the last `</think>`); a tool-call message with no content, some text;
+    an empty reply, nothing (only its end of turn is trained, as on the prefix path)."""
     content = m["content"].strip()
     if "</think>" in content and content.rsplit("</think>", 1)[1].strip() in span:
         return True
-    return content in span if content else bool(span.strip())
+    if not content:
+        return bool(span.strip()) if m.get("tool_calls") else not span.strip()
+    return content in span
