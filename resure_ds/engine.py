@@ -159,14 +159,12 @@ class Engine:
                                                      trust_remote_code=cfg.model.trust_remote_code,
                                                      attn_implementation=cfg.model.attn_implementation)
         model.config.use_cache = False
-        self.lora_params = None
         if cfg.model.lora.rank:
             from . import lora
 
-            self.lora_params = lora.attach(model, cfg.model.lora)
+            trainable, total = lora.attach(model, cfg.model.lora)
             dist.print0(f"LoRA rank {cfg.model.lora.rank} on {cfg.model.lora.targets}: "
-                        f"{self.lora_params[0]:,} trainable of {self.lora_params[1]:,} parameters "
-                        f"({self.lora_params[0] / self.lora_params[1]:.2%})")
+                        f"{trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             if cfg.model.lora.rank:
@@ -181,9 +179,8 @@ class Engine:
         self.fused = why_not is None
         arch = jit_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST")) if not is_cpu() else None
         if arch is not None:
-            if dist.rank() == 0:
-                print(f"[resure_ds] TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} read as {arch} "
-                      "for DeepSpeed's op builds (it cannot parse arch suffixes)", flush=True)
+            dist.print0(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} read as {arch} "
+                        "for DeepSpeed's op builds (it cannot parse arch suffixes)")
             os.environ["TORCH_CUDA_ARCH_LIST"] = arch
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=conf,
@@ -317,8 +314,8 @@ class Engine:
             tmp = out_dir + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             if lc.rank and lc.export != "merged":
-                lora.save_adapter({k: v.to(dtype) for k, v in sd.items() if ".lora_" in k}, lc,
-                                  tmp if lc.export == "adapter" else os.path.join(tmp, "adapter"), self.cfg.model.path)
+                lora.save_adapter(sd, lc, tmp if lc.export == "adapter" else os.path.join(tmp, "adapter"),
+                                  self.cfg.model.path, dtype)
             if not (lc.rank and lc.export == "adapter"):
                 sd = lora.merged_state_dict(sd, lc) if lc.rank else sd
                 sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}

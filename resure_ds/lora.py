@@ -79,12 +79,13 @@ def merged_state_dict(sd: dict, lc: LoraConfig) -> dict:
     return out
 
 
-def save_adapter(sd: dict, lc: LoraConfig, out_dir: str, base_model: str) -> None:
-    """PEFT's adapter folder: its config and the adapter weights under PEFT's key names."""
+def save_adapter(sd: dict, lc: LoraConfig, out_dir: str, base_model: str, dtype: torch.dtype) -> None:
+    """PEFT's adapter folder: its config and the adapter weights of the gathered state dict `sd`,
+    in `dtype`, under PEFT's key names."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    weights = {f"base_model.model.{k.replace(f'.{ADAPTER}.', '.')}": v.contiguous()
+    weights = {f"base_model.model.{k.replace(f'.{ADAPTER}.', '.')}": v.to(dtype).contiguous()
                for k, v in sd.items() if ".lora_" in k}
     save_file(weights, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     conf = peft_config(lc, base_model).to_dict()

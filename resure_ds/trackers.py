@@ -40,15 +40,18 @@ def scalars(row: dict) -> dict[str, float]:
     return out
 
 
-def _run_id(run_dir: str, name: str, start_step: int) -> str:
-    """This run's id in tracker `name`: made at a fresh start, kept in the run folder, reused on
-    resume (start_step > 0)."""
+def _stored_id(run_dir: str, name: str, start_step: int) -> str | None:
+    """The id of this run in tracker `name`, kept in the run folder, when resuming (start_step > 0);
+    None at a fresh start, which begins a new tracker run."""
     path = os.path.join(run_dir, f".{name}_run_id")
     if start_step > 0 and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
-    rid = uuid.uuid4().hex
-    with open(path, "w", encoding="utf-8") as f:
+    return None
+
+
+def _store_id(run_dir: str, name: str, rid: str) -> str:
+    with open(os.path.join(run_dir, f".{name}_run_id"), "w", encoding="utf-8") as f:
         f.write(rid)
     return rid
 
@@ -91,8 +94,8 @@ class Wandb:
     def __init__(self, run_dir: str, start_step: int, config: dict, project: str, name: str):
         wandb = _need("wandb", "wandb")
         os.environ.setdefault("WANDB_MODE", "offline")
-        self.run = wandb.init(project=project, name=name, dir=run_dir, config=config,
-                              id=_run_id(run_dir, "wandb", start_step), resume="allow")
+        rid = _stored_id(run_dir, "wandb", start_step) or _store_id(run_dir, "wandb", uuid.uuid4().hex)
+        self.run = wandb.init(project=project, name=name, dir=run_dir, config=config, id=rid, resume="allow")
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -108,14 +111,12 @@ class Mlflow:
         mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI")
                                 or f"sqlite:///{os.path.abspath(os.path.join(run_dir, 'mlflow.db'))}")
         mlflow.set_experiment(project)
-        path = os.path.join(run_dir, ".mlflow_run_id")
-        if start_step > 0 and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                self.run = mlflow.start_run(run_id=f.read().strip())
-        else:
+        rid = _stored_id(run_dir, "mlflow", start_step)
+        if rid is not None:
+            self.run = mlflow.start_run(run_id=rid)
+        else:  # MLflow makes the id
             self.run = mlflow.start_run(run_name=name)
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(self.run.info.run_id)
+            _store_id(run_dir, "mlflow", self.run.info.run_id)
             mlflow.log_params(_flat(config))
 
     def log(self, values: dict[str, float], step: int) -> None:

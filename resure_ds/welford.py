@@ -37,16 +37,12 @@ def summarize(values: torch.Tensor, buckets: torch.Tensor, num_buckets: int,
     out[:, NONFINITE] = torch.bincount(buckets[~finite], minlength=num_buckets).double()
     v, b = values[finite], buckets[finite]
     n = torch.bincount(b, minlength=num_buckets).double()
-    if weights is None:
-        wsum, s = n, torch.zeros_like(n).index_add(0, b, v)
-        mean = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
-        m2 = torch.zeros_like(n).index_add(0, b, (v - mean[b]) ** 2)
-    else:
-        c = weights.detach().double().reshape(-1).to(values.device)[finite]
-        wsum = torch.zeros_like(n).index_add(0, b, c)
-        s = torch.zeros_like(n).index_add(0, b, c * v)
-        mean = torch.where(wsum > 0, s / wsum.clamp(min=1e-300), torch.zeros_like(s))
-        m2 = torch.zeros_like(n).index_add(0, b, c * (v - mean[b]) ** 2)
+    # unit weights give W = n exactly, and the same sums (a product with 1.0 is exact)
+    c = torch.ones_like(v) if weights is None else weights.detach().double().reshape(-1).to(values.device)[finite]
+    wsum = torch.zeros_like(n).index_add(0, b, c)
+    s = torch.zeros_like(n).index_add(0, b, c * v)
+    mean = torch.where(wsum > 0, s / wsum.clamp(min=1e-300), torch.zeros_like(s))
+    m2 = torch.zeros_like(n).index_add(0, b, c * (v - mean[b]) ** 2)
     out[:, N], out[:, MEAN], out[:, M2], out[:, W] = n, mean, m2, wsum
     return out
 
@@ -117,7 +113,7 @@ class Welford:
         return self.state[:, NONFINITE]
 
     def update(self, summary: torch.Tensor) -> None:
-        """Merge an already combined [K, 4] batch summary."""
+        """Merge an already combined [K, 5] batch summary."""
         if self.decay != 1.0:
             self.state[:, N] *= self.decay
             self.state[:, W] *= self.decay

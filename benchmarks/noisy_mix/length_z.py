@@ -16,13 +16,15 @@ import json
 import os
 import sys
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
 from benchmarks.noisy_mix.corrupt import make_study_data  # noqa: E402
 from benchmarks.noisy_mix.metrics import auroc  # noqa: E402
-from benchmarks.noisy_mix.run import PROFILES, read_jsonl, tiny_model, train_one, write_jsonl  # noqa: E402
+from benchmarks.noisy_mix.run import PROFILES, detection, read_jsonl, tiny_model, train_one, write_jsonl  # noqa: E402
 
 
 def turn_lengths(path: str, model_path: str, max_length: int) -> dict:
@@ -35,27 +37,25 @@ def turn_lengths(path: str, model_path: str, max_length: int) -> dict:
     out = {}
     for ex in r.render_many(list(read_dialogues(path))):
         if ex is not None:
-            for t, c in enumerate(__import__("numpy").bincount(ex.turn_ids[ex.turn_ids >= 0])):
+            for t, c in enumerate(np.bincount(ex.turn_ids[ex.turn_ids >= 0])):
                 out[(ex.dialogue_id, t)] = int(c)
     return out
 
 
 def scores(run_dir: str, labels: list[dict], lengths: dict, short: int) -> dict:
+    """The study's detection of the labels by z (run.detection), and what the most extreme z hold:
+    the shares of short and of corrupted turns among the top 5%."""
     from resure_ds.audit import read_audit
 
+    det = detection(run_dir, labels)
     rows = [r for r in read_audit(run_dir).to_pylist() if r["warm"] and not r["partial"] and r["z"] is not None]
-    kinds = {(x["dialogue_id"], x["turn"]): x["kind"] for x in labels}
-    y = [(r["dialogue_id"], r["turn"]) in kinds for r in rows]
-    z = [r["z"] for r in rows]
-    top = sorted(range(len(rows)), key=lambda i: -z[i])[: max(1, len(rows) // 20)]
-    out = {"turns": len(rows), "corrupted": int(sum(y)), "auroc_z": auroc(z, y),
-           "top5pct_short_share": sum(lengths.get((rows[i]["dialogue_id"], rows[i]["turn"]), 10 ** 9) <= short
-                                      for i in top) / len(top),
-           "top5pct_corrupted_share": sum(y[i] for i in top) / len(top), "per_kind": {}}
-    for kind in sorted(set(kinds.values())):
-        sel = [i for i, r in enumerate(rows) if kinds.get((r["dialogue_id"], r["turn"]), kind) == kind]
-        out["per_kind"][kind] = auroc([z[i] for i in sel], [y[i] for i in sel])
-    return out
+    corrupted = {(x["dialogue_id"], x["turn"]) for x in labels}
+    top = sorted(rows, key=lambda r: -r["z"])[: max(1, len(rows) // 20)]
+    return {"turns": det["turns"], "corrupted": det["corrupted"], "auroc_z": det["auroc_z"],
+            "top5pct_short_share": sum(lengths.get((r["dialogue_id"], r["turn"]), 10 ** 9) <= short
+                                       for r in top) / len(top),
+            "top5pct_corrupted_share": sum((r["dialogue_id"], r["turn"]) in corrupted for r in top) / len(top),
+            "per_kind": {k: v["auroc_z"] for k, v in det["per_kind"].items()}}
 
 
 def main() -> None:

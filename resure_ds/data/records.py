@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterator
 
 from ..errors import InvalidRecord, record_error
@@ -40,8 +41,6 @@ SHAREGPT_ROLES = {
 TOOL_KEYS = ("tool_call_id", "name")  # kept on tool messages where present
 
 
-
-
 @dataclass
 class Dialogue:
     dialogue_id: str
@@ -49,7 +48,7 @@ class Dialogue:
     where: str
     tools: list | None = None
 
-    @property
+    @cached_property
     def plain(self) -> bool:
         """Only {role, content} messages and no tools: the template's layout is the same for
         every dialogue of these roles (render.py caches it)."""

@@ -444,28 +444,26 @@ class Renderer:
         return self.render_many([d])[0]
 
 
-def _common_prefix(a: str, b: str) -> int:
-    """Length of the longest common prefix (binary search over slice comparisons, done in C)."""
-    lo, hi = 0, min(len(a), len(b))
+def _longest(hi: int, same) -> int:
+    """The largest m in [0, hi] with same(m), for a same() that holds up to some m and not past it
+    (binary search: each test is one slice comparison, done in C)."""
+    lo = 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
+        if same(mid):
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return _longest(min(len(a), len(b)), lambda m: a[:m] == b[:m])
 
 
 def _common_suffix(a: str, b: str, limit: int) -> int:
     """Length of the longest common suffix, at most `limit`."""
-    lo, hi = 0, limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[len(a) - mid:] == b[len(b) - mid:]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return _longest(limit, lambda m: a[len(a) - m:] == b[len(b) - m:])
 
 
 def _shows(m: dict, span: str) -> bool:
