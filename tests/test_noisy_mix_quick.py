@@ -39,16 +39,31 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
         assert [k for _, k in pre] == sorted(k for _, k in pre)
     corr = res["summary"]["spearman_size_vs_neg_test_loss"]
     assert set(corr) == {f"{m}@{n}" for m in methods for n in (0.0, 0.3)}
-    seeds = res["summary"]["largest_size_over_seeds"]
-    assert all(s["n"] == 2 for s in seeds.values())
-    paired = res["summary"]["largest_size_minus_sft_paired"]  # each seed against sft with the same seed
-    assert set(paired) == set(seeds) and all(paired[f"sft@{n}"]["mean"] == 0.0 for n in (0.0, 0.3))
-    loss = {(r["method"], r["seed"]): r["test"]["loss"] for r in res["runs"]
-            if r["noise"] == 0.3 and r["size"] == 32 and not r["variant"]}
-    diffs = [loss["resure", s] - loss["sft", s] for s in (0, 1)]
-    assert abs(paired["resure@0.3"]["mean"] - sum(diffs) / 2) < 1e-12
-    assert os.path.getsize(tmp_path / "test_loss_vs_size.png") > 5000
-    assert os.path.getsize(tmp_path / "detection_auroc.png") > 5000
+    cells = res["summary"]["largest_size"]
+    assert set(cells) == set(corr) and all(c["over_seeds"]["test_loss"]["n"] == 2 for c in cells.values())
+    for c in cells.values():  # each seed against sft with the same seed
+        assert set(c["minus_sft_paired"]) == set(c["over_seeds"]) >= {"test_loss", "later_clean", "later_delta",
+                                                                      "margin_random", "margin_echo"}
+    assert all(cells[f"sft@{n}"]["minus_sft_paired"]["test_loss"]["mean"] == 0.0 for n in (0.0, 0.3))
+    by = {(r["method"], r["seed"]): r for r in res["runs"] if r["noise"] == 0.3 and r["size"] == 32
+          and not r["variant"]}
+    diffs = [by["resure", s]["test"]["loss"] - by["sft", s]["test"]["loss"] for s in (0, 1)]
+    assert abs(cells["resure@0.3"]["minus_sft_paired"]["test_loss"]["mean"] - sum(diffs) / 2) < 1e-12
+    margins = [by["resure", s]["probe"]["uptake_margin"]["random"] - by["sft", s]["probe"]["uptake_margin"]["random"]
+               for s in (0, 1)]
+    assert abs(cells["resure@0.3"]["minus_sft_paired"]["margin_random"]["mean"] - sum(margins) / 2) < 1e-12
+    for r in res["runs"]:  # the probe runs at the largest size only
+        assert (r["probe"] is not None) == (r["size"] == 32)
+    pr = by["sft", 0]["probe"]
+    assert 0 < pr["dialogues"] <= 8 and pr["later_turns"] > 0 and set(pr["uptake_margin"]) == set(pr["later_delta"])
+    assert all(0 <= v <= pr["later_turns"] for v in pr["later_pairs"].values())  # later turns kept whole or cut alike
+    prevented = res["summary"]["uptake_prevented"]
+    assert set(prevented["sft@0.3"]) <= {"swap", "shuffle", "random", "echo", "truncate"}
+    assert all(abs(v) < 1e-12 for v in prevented["sft@0.3"].values() if v is not None)  # sft prevents none of its own
+    assert res["base"]["probe"]["dialogues"] == pr["dialogues"]  # the same probe set for every model
+    assert "resure-two_sidedTrue" in res["summary"]["sweep"]
+    for png in ("test_loss_vs_size.png", "detection_auroc.png", "uptake_margin.png"):
+        assert os.path.getsize(tmp_path / png) > 5000
     assert "| method @ noise |" in (tmp_path / "results.md").read_text()
     # the same command again resumes: every run is read back from runs.jsonl, none is trained again
     again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "run.py"),

@@ -84,11 +84,11 @@ def make_study_data(source, out_dir: str, noise: float, early: float, seed: int,
         d.messages[turns[t]] = {"role": "assistant", "content": new}
         labels.append({"dialogue_id": d.dialogue_id, "turn": t, "kind": kind})
     os.makedirs(out_dir, exist_ok=True)
-    for name, ds in splits.items():
-        with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-            for d in ds:
-                f.write(json.dumps({"id": d.dialogue_id, "messages": d.messages}) + "\n")
-    with open(os.path.join(out_dir, "labels.jsonl"), "w", encoding="utf-8") as f:
-        for lab in labels:
-            f.write(json.dumps(lab) + "\n")
+    files = {f"{name}.jsonl": [{"id": d.dialogue_id, "messages": d.messages} for d in ds]
+             for name, ds in splits.items()} | {"labels.jsonl": labels}
+    for name, rows in files.items():  # written whole, then renamed: a study worker beside this one never
+        tmp = os.path.join(out_dir, f"{name}.{os.getpid()}.tmp")  # reads half a file
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, os.path.join(out_dir, name))
     return {name: len(ds) for name, ds in splits.items()} | {"corrupted": len(labels)}

