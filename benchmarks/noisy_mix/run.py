@@ -300,7 +300,7 @@ def write_markdown(out: str, summary: dict, results: list[dict], base: dict, p: 
     lines += ["", f"Sweep (ReSURE at {p['main_noise']:.0%} noise, largest size, seed {p['seeds'][0]}): outcomes and "
               "detection (AUROC of z per kind, turns after warm-up):", "",
               "| variant | test loss | later damage | margin random | margin shuffle | AUROC 1-w | AUROC z | "
-              + " | ".join(f"z {k}" for k in KINDS) + " |", "| --- |" + " --- |" * (7 + len(KINDS))]
+              + " | ".join(f"z {k}" for k in KINDS) + " |", "| --- |" + " --- |" * (6 + len(KINDS))]
     for name, v in summary["sweep"].items():
         det, o = v["detection"], v["outcomes"]
         lines.append(f"| {name} | {o['test_loss']:.4f} | {fmt(o['later_delta'], 4)} | {fmt(o['margin_random'])} "
@@ -383,7 +383,8 @@ def plot_uptake(out: str, summary: dict, plt) -> None:
     fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(series) * len(KINDS) / 3), 4))
     width = 0.8 / len(series)
     for j, (name, o) in enumerate(series):
-        ax.bar([i + j * width for i in range(len(KINDS))], [o[f"margin_{k}"] for k in KINDS], width, label=name)
+        ax.bar([i + j * width for i in range(len(KINDS))], [o[f"margin_{k}"] for k in KINDS], width, label=name,
+               color=plt.cm.tab20(j % 20))  # more series than the default cycle's 10 colours
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(KINDS))])
     ax.set_xticklabels(KINDS)
