@@ -28,6 +28,14 @@ from resure_ds.data.records import read_dialogues
 KINDS = ("swap", "shuffle", "random", "echo", "truncate")
 
 
+def write_jsonl(path: str, rows) -> None:
+    """Written whole, then renamed into place: a study worker beside this one never reads half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
 def split_of(dialogue_id: str, val: float = 0.1, test: float = 0.1) -> str:
     h = int(hashlib.sha256(dialogue_id.encode()).hexdigest()[:8], 16) / 16 ** 8
     return "test" if h < test else "val" if h < test + val else "train"
@@ -84,11 +92,7 @@ def make_study_data(source, out_dir: str, noise: float, early: float, seed: int,
         d.messages[turns[t]] = {"role": "assistant", "content": new}
         labels.append({"dialogue_id": d.dialogue_id, "turn": t, "kind": kind})
     os.makedirs(out_dir, exist_ok=True)
-    files = {f"{name}.jsonl": [{"id": d.dialogue_id, "messages": d.messages} for d in ds]
-             for name, ds in splits.items()} | {"labels.jsonl": labels}
-    for name, rows in files.items():  # written whole, then renamed: a study worker beside this one never
-        tmp = os.path.join(out_dir, f"{name}.{os.getpid()}.tmp")  # reads half a file
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, os.path.join(out_dir, name))
+    for name, ds in splits.items():
+        write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), [{"id": d.dialogue_id, "messages": d.messages} for d in ds])
+    write_jsonl(os.path.join(out_dir, "labels.jsonl"), labels)
     return {name: len(ds) for name, ds in splits.items()} | {"corrupted": len(labels)}

@@ -14,11 +14,10 @@ study's own corruption code (`probe-<kind>.jsonl`); `probe-clean.jsonl` keeps it
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 
-from benchmarks.noisy_mix.corrupt import KINDS, corrupt_reply
+from benchmarks.noisy_mix.corrupt import KINDS, corrupt_reply, write_jsonl
 
 
 def make_probe_data(test: list[dict], pool: list[str], out_dir: str, seed: int = 0) -> dict:
@@ -26,7 +25,7 @@ def make_probe_data(test: list[dict], pool: list[str], out_dir: str, seed: int =
     dialogues that have an assistant reply; return {name: path}."""
     rows = [r for r in test if any(m["role"] == "assistant" for m in r["messages"])]
     paths = {"clean": os.path.join(out_dir, "probe-clean.jsonl")}
-    files = {"clean": [json.dumps(r) for r in rows]}
+    files = {"clean": rows}
     for kind in KINDS:
         rng = random.Random(f"{seed}-{kind}")
         files[kind] = []
@@ -37,12 +36,10 @@ def make_probe_data(test: list[dict], pool: list[str], out_dir: str, seed: int =
             if new == msgs[j]["content"]:  # an echo of an identical message: no probe for this one
                 new = corrupt_reply("random", msgs, j, pool, rng)
             msgs[j] = {"role": "assistant", "content": new}
-            files[kind].append(json.dumps({"id": r["id"], "messages": msgs}))
+            files[kind].append({"id": r["id"], "messages": msgs})
         paths[kind] = os.path.join(out_dir, f"probe-{kind}.jsonl")
-    for name, lines in files.items():  # written whole, then renamed (study workers share these files)
-        with open(paths[name] + f".{os.getpid()}.tmp", "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(paths[name] + f".{os.getpid()}.tmp", paths[name])
+    for name, rows_of in files.items():  # study workers share these files
+        write_jsonl(paths[name], rows_of)
     return paths
 
 

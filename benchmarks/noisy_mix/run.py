@@ -23,7 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from benchmarks.noisy_mix.corrupt import KINDS, make_study_data  # noqa: E402
+from benchmarks.noisy_mix.corrupt import KINDS, make_study_data, write_jsonl  # noqa: E402
 from benchmarks.noisy_mix.metrics import auroc, precision_recall, spearman  # noqa: E402
 from benchmarks.noisy_mix.probe import make_probe_data, probe  # noqa: E402
 
@@ -63,14 +63,6 @@ METHODS = ["sft", "resure", "loss_truncation", "prefilter"]
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(ln) for ln in f if ln.strip()]
-
-
-def write_jsonl(path, rows):
-    """Written whole, then renamed into place: a worker beside this one never reads half a file."""
-    with open(path + f".{os.getpid()}.tmp", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(path + f".{os.getpid()}.tmp", path)
 
 
 def tiny_model(out: str) -> str:
