@@ -109,7 +109,11 @@ def rank_pid(rank: int, marker: str) -> int:
 
 def test_two_nodes_over_loopback_train_save_and_resume(straight, tiny_model_path, tmp_path):
     """Two launchers (NODE_RANK 0 and 1, a two-host hostfile, no ssh), one rank each: the same
-    global run as 2 local ranks. Stopped after 3 steps, then the same pair of commands finishes."""
+    global run as 2 local ranks. Stopped after 3 steps, then the same pair of commands finishes.
+    Each rank gets the straight run's thread count (train.sh gives a rank nproc / local ranks): on
+    CPU the backward's reductions round differently with more threads, and the weights after
+    step 1 would differ in the last bits (seen: a bucket mean 3.6e-7 off at step 2)."""
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     args = args_for(tiny_model_path, tmp_path, "twonode", "train.stop_after=3")
@@ -118,7 +122,7 @@ def test_two_nodes_over_loopback_train_save_and_resume(straight, tiny_model_path
     def pair():
         port = str(free_port())
         procs = [subprocess.Popen(["bash", os.path.join(ROOT, "launch", "train.sh"), *args], cwd=ROOT,
-                                  env={**env(), "HOSTFILE": str(hostfile), "NODE_RANK": str(n),
+                                  env={**env(), "HOSTFILE": str(hostfile), "NODE_RANK": str(n), "OMP_NUM_THREADS": threads,
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
         outs = [p.communicate(timeout=600) for p in procs]
