@@ -105,6 +105,8 @@ class StatsConfig:
     """Scale of running n and M2 before each merge; 1 = cumulative Welford (the paper)."""
     length_scaled: bool = False
     """Length-aware z (beyond the paper): a turn's loss is a mean over its c trained tokens, so a short reply's varies far more than a long one's. On: statistics weighted by c estimate a per-token spread sigma, and z = (L - mean) / (sigma / sqrt(c) + eps), so short replies are not flagged first for being short. Off: the paper's z (docs/method.md s.3-4)."""
+    scale: Literal["std", "mad"] = "std"
+    """What z measures a turn against: std = the bucket's mean and standard deviation (the paper); mad = its median and 1.4826 * median absolute deviation (beyond the paper), which the corrupted turns themselves pull far less (docs/method.md s.3). Not with stats.length_scaled."""
 
 
 @dataclass
@@ -330,6 +332,9 @@ def _validate(c: Config) -> list[str]:
     e += [f"{k}: must be >= 0, got {v}" for k, v in nonneg if v < 0]
     if not 0.0 < c.stats.decay <= 1.0:
         e.append(f"stats.decay: must be in (0, 1], got {c.stats.decay}")
+    if c.stats.scale == "mad" and c.stats.length_scaled:
+        e.append("stats.scale=mad with stats.length_scaled: the robust scale has no per-token form; "
+                 "set one of them")
     if not 0.0 <= c.resure.floor <= 1.0:
         e.append(f"resure.floor: must be in [0, 1], got {c.resure.floor}")
     if not 0.0 < c.loss_truncation.drop_fraction < 1.0:

@@ -51,13 +51,14 @@ def _device(device: torch.device | str | None) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
-def all_reduce_sum(t: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Sum over ranks (a sync point); returns a CPU tensor."""
+def all_reduce_sum(t: torch.Tensor, device: torch.device | str | None = None, to_cpu: bool = True) -> torch.Tensor:
+    """Sum over ranks: a CPU tensor (a sync point), or (to_cpu=False) one on the device the
+    collective ran on (no device-to-host copy)."""
     if not active() or world() == 1:
-        return t.detach().cpu().clone()
+        return t.detach().cpu().clone() if to_cpu else t.detach().clone()
     t = t.detach().to(_device(device)).clone()
     dist.all_reduce(t)
-    return t.cpu()
+    return t.cpu() if to_cpu else t
 
 
 def all_reduce_dict(values: dict, op: str = "sum", device: torch.device | str | None = None) -> dict[str, float]:

@@ -129,7 +129,7 @@ def setup(cfg: Config) -> Run:
     hist = LossHistogram() if cfg.train.method == "loss_truncation" else None
     startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
     return Run(cfg, rank, world, run_dir, ckpt_dir, tok, engine, prepared,
-               Welford(cfg.stats.num_buckets, cfg.stats.decay, cfg.stats.length_scaled), hist,
+               Welford(cfg.stats.num_buckets, cfg.stats.decay, cfg.stats.length_scaled, cfg.stats.scale), hist,
                AuditLog(run_dir, rank), stop, validation,
                resume_from=found, batches=batches, cursor=cursor, startup=startup, clock=Clock(engine.device))
 
@@ -290,6 +290,8 @@ def train_step(run: Run) -> dict:
         "bucket_n": run.stats.n.tolist(), "bucket_mean": run.stats.mean.tolist(),
         "bucket_std": run.stats.std.tolist(), "nonfinite_total": int(run.stats.nonfinite.sum().item()),
         "rows_seen": run.cursor.rows_seen, "epoch": run.cursor.epoch, "data_wait_s": waited,
+        **({} if run.stats.robust is None else {"bucket_median": run.stats.center.tolist(),
+                                                "bucket_scale": run.stats.spread.tolist()}),
         **clock.split(),
     }
 

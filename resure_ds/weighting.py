@@ -22,13 +22,14 @@ class Weights(NamedTuple):
 
 
 def zscores(loss: torch.Tensor, stats: Welford, eps: float, count: torch.Tensor | None = None) -> torch.Tensor:
-    """z = (L - mean_b) / (std_b + eps), b = min(turn, K-1); NaN where n_b < 2. With
+    """z = (L - mean_b) / (std_b + eps), b = min(turn, K-1); NaN where n_b < 2. With stats.scale=mad,
+    the bucket's median and 1.4826 * MAD stand for mean_b and std_b (robust.py). With
     stats.length_scaled, std_b is a per-token std and a turn of c trained tokens is compared with
     std_b / sqrt(c): z = (L - mean_b) / (std_b / sqrt(c) + eps) (welford.py)."""
     T = loss.shape[1]
     b = stats.bucket(torch.arange(T, device=stats.state.device))
-    mean = stats.mean[b].to(loss.device)
-    std = stats.std[b].to(loss.device)
+    mean = stats.center[b].to(loss.device)
+    std = stats.spread[b].to(loss.device)
     if stats.length_scaled:
         std = std / count.double().clamp(min=1).sqrt()
     return (loss.double() - mean) / (std + eps)

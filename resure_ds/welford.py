@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .robust import BucketHistogram
+
 N, MEAN, M2, NONFINITE, W = range(5)
 COLUMNS = 5
 
@@ -82,13 +84,18 @@ def gather_merge(local: torch.Tensor, device: torch.device | str | None = None) 
 
 class Welford:
     """Running per-bucket statistics; `decay` < 1 scales n, W and M2 before each merge;
-    `length_scaled`: turns weighted by their trained-token count (module docstring)."""
+    `length_scaled`: turns weighted by their trained-token count (module docstring);
+    `scale="mad"`: z's center and spread are the bucket's median and 1.4826 * MAD, from
+    per-bucket loss histograms kept alongside (robust.py); n still counts the warm-up."""
 
-    def __init__(self, num_buckets: int = 8, decay: float = 1.0, length_scaled: bool = False):
+    def __init__(self, num_buckets: int = 8, decay: float = 1.0, length_scaled: bool = False, scale: str = "std"):
         if num_buckets < 1 or not 0.0 < decay <= 1.0:
             raise ValueError("num_buckets >= 1 and 0 < decay <= 1 are required")
-        self.num_buckets, self.decay, self.length_scaled = num_buckets, decay, length_scaled
+        if scale not in ("std", "mad") or (scale == "mad" and length_scaled):
+            raise ValueError("stats.scale is std or mad, and mad does not combine with stats.length_scaled")
+        self.num_buckets, self.decay, self.length_scaled, self.scale = num_buckets, decay, length_scaled, scale
         self.state = torch.zeros(num_buckets, COLUMNS, dtype=torch.float64)
+        self.robust = BucketHistogram(num_buckets, decay=decay) if scale == "mad" else None
 
     def bucket(self, turn: torch.Tensor) -> torch.Tensor:
         return turn.clamp(max=self.num_buckets - 1)
@@ -109,6 +116,20 @@ class Welford:
                            torch.full_like(n, float("nan")))
 
     @property
+    def center(self) -> torch.Tensor:
+        """What z measures a turn from, per bucket: the mean, or the median (scale=mad)."""
+        return self.mean if self.robust is None else self.robust.median().to(self.state.device)
+
+    @property
+    def spread(self) -> torch.Tensor:
+        """What z divides by, per bucket: the std, or 1.4826 * MAD (scale=mad); NaN while n < 2."""
+        if self.robust is None:
+            return self.std
+        n = self.state[:, N]
+        scale = self.robust.scale().to(self.state.device)
+        return torch.where(n > 1, scale, torch.full_like(scale, float("nan")))
+
+    @property
     def nonfinite(self) -> torch.Tensor:
         return self.state[:, NONFINITE]
 
@@ -127,10 +148,13 @@ class Welford:
         weights = counts if self.length_scaled else None
         batch = gather_merge(summarize(values, self.bucket(turns), self.num_buckets, weights), device)
         self.update(batch)
+        if self.robust is not None:
+            self.robust.sync_update(values, self.bucket(turns), device)
         return batch
 
     def state_dict(self) -> dict:
         return {"num_buckets": self.num_buckets, "decay": self.decay, "length_scaled": self.length_scaled,
+                "scale": self.scale, "robust": None if self.robust is None else self.robust.state_dict(),
                 "state": self.state.cpu().clone()}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -140,6 +164,11 @@ class Welford:
         if sd.get("length_scaled", False) != self.length_scaled:
             raise ValueError(f"checkpoint's statistics have stats.length_scaled={sd.get('length_scaled', False)}, "
                              f"config says {self.length_scaled}; resume with the checkpoint's setting")
+        if sd.get("scale", "std") != self.scale:
+            raise ValueError(f"checkpoint's statistics have stats.scale={sd.get('scale', 'std')}, config says "
+                             f"{self.scale}; resume with the checkpoint's setting")
+        if self.robust is not None:
+            self.robust.load_state_dict(sd["robust"])
         state = sd["state"].clone().to(torch.float64)
         if state.shape[1] == 4:  # written before W existed: unit weights, so W = n
             state = torch.cat([state, state[:, N:N + 1]], 1)

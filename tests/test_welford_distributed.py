@@ -47,10 +47,10 @@ def partition(vals, turns, world, rng):
     return parts
 
 
-def worker(rank, world, seed, grad_accum, length_scaled=False):
+def worker(rank, world, seed, grad_accum, length_scaled=False, scale="std"):
     steps = global_steps(seed)
     rng = random.Random(seed + 100)
-    w = Welford(K, length_scaled=length_scaled)
+    w = Welford(K, length_scaled=length_scaled, scale=scale)
     probe = torch.tensor([[3.0, 3.5, 9.0, 1.0], [2.0, 8.0, 2.5, 3.3]], dtype=torch.float64)
     for vals, turns in steps:
         part_v, part_t = partition(vals, turns, world, rng)[rank]
@@ -63,7 +63,7 @@ def worker(rank, world, seed, grad_accum, length_scaled=False):
     weights = resure_weights(probe, torch.ones_like(probe, dtype=torch.bool), w,
                              ResureConfig(weight_fn="sigmoid", tau=1.0, min_count=5), step=100,
                              count=torch.tensor([[40, 3, 250, 9], [1, 120, 7, 60]]))
-    return {"state": w.state, "w": weights.w, "z": weights.z}
+    return {"state": w.state, "w": weights.w, "z": weights.z, "robust": None if w.robust is None else w.robust.counts}
 
 
 @pytest.mark.parametrize("world,grad_accum", [(1, 1), (2, 1), (2, 3), (3, 2)])
@@ -94,3 +94,21 @@ def test_length_scaled_stats_equal_a_weighted_single_pass(tmp_path, world, grad_
     for r in results:
         assert_matches_weighted(r["state"], allv, allt, [count(v) for v in allv], K)
         assert torch.equal(r["state"], results[0]["state"]) and torch.equal(r["w"], results[0]["w"])
+
+
+def test_robust_histograms_equal_a_single_pass_on_every_rank(tmp_path):
+    """stats.scale=mad: the per-bucket loss histograms, summed over 3 ranks with accumulation, equal
+    one process's over all the turns (counts add exactly); z and weights identical on every rank."""
+    from resure_ds.robust import BucketHistogram
+
+    seed = 13
+    results = run_ranks(worker, 3, (seed, 2, False, "mad"), str(tmp_path))
+    allv = [v for vals, _ in global_steps(seed) for v in vals]
+    allt = [min(t, K - 1) for _, turns in global_steps(seed) for t in turns]
+    ref = BucketHistogram(K)
+    ref.sync_update(torch.tensor(allv, dtype=torch.float64), torch.tensor(allt))
+    for r in results:
+        assert torch.equal(r["robust"], ref.counts)
+        assert torch.equal(r["w"], results[0]["w"])
+        torch.testing.assert_close(r["z"], results[0]["z"], rtol=0, atol=0, equal_nan=True)
+    assert (results[0]["w"] < 1).any() and (results[0]["w"] == 1).any()  # the probe is non-trivial
