@@ -1,5 +1,6 @@
 """The study's quick profile end to end: checks the pipeline and the results schema, not the outcome."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert out.returncode == 0, out.stderr[-4000:]
     with open(tmp_path / "results.json", encoding="utf-8") as f:
         res = json.load(f)
-    methods = {"sft", "resure", "loss_truncation", "prefilter"}
+    methods = {"sft", "resure", "loss_truncation", "prefilter", "prefilter_epochs"}
     assert {r["method"] for r in res["runs"]} == methods
     assert {r["noise"] for r in res["runs"]} == {0.0, 0.3}
     for r in res["runs"]:
@@ -37,10 +38,22 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
                      key=lambda x: x[0])
         assert all(kept <= size for size, kept in pre) and pre[-1][1] < pre[-1][0]
         assert [k for _, k in pre] == sorted(k for _, k in pre)
+        cut = {(r["size"], r["seed"]): r for r in res["runs"] if r["method"] == "prefilter" and r["noise"] == noise}
+        mb, epochs = res["settings"]["micro_batch_size"], res["settings"]["epochs"]
+        for r in res["runs"]:  # the same kept dialogues; epochs over them, not over the unfiltered size
+            if r["method"] == "prefilter_epochs" and r["noise"] == noise:
+                twin = cut[r["size"], r["seed"]]
+                assert r["train_dialogues"] == twin["train_dialogues"]
+                assert r["steps"] == math.ceil(r["train_dialogues"] / mb) * epochs
+                assert twin["steps"] == math.ceil(r["size"] / mb) * epochs
     corr = res["summary"]["spearman_size_vs_neg_test_loss"]
     assert set(corr) == {f"{m}@{n}" for m in methods for n in (0.0, 0.3)}
     cells = res["summary"]["largest_size"]
-    assert set(cells) == set(corr) and all(c["over_seeds"]["test_loss"]["n"] == 2 for c in cells.values())
+    # the seed variant (stats.scale=mad) beside the methods, at the main noise, with every seed
+    assert set(cells) == set(corr) | {"resure-scalemad@0.3"}
+    assert all(c["over_seeds"]["test_loss"]["n"] == 2 for c in cells.values())
+    with open(tmp_path / "runs" / "n0.3-resure-scalemad-s32-seed1" / "config.json", encoding="utf-8") as f:
+        assert json.load(f)["stats"]["scale"] == "mad"
     for c in cells.values():  # each seed against sft with the same seed
         assert set(c["minus_sft_paired"]) == set(c["over_seeds"]) >= {"test_loss", "later_clean", "later_delta",
                                                                       "margin_random", "margin_echo"}
@@ -73,3 +86,14 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert "test loss" not in again.stdout and f"{len(res['runs'])} runs in" in again.stdout
     with open(tmp_path / "results.json", encoding="utf-8") as f:
         assert json.load(f)["runs"] == res["runs"]
+
+    def rerun(*sets):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "run.py"),
+                               "--profile", "quick", "--out", str(tmp_path), *(f"--set={s}" for s in sets)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "MASTER_PORT": "29613"})
+    # a shorter sweep or list of seed variants only leaves runs out; another setting is refused
+    fewer = rerun("sweep=[]", "seed_variants=[]")
+    assert fewer.returncode == 0 and "test loss" not in fewer.stdout, fewer.stderr[-4000:]
+    other = rerun("lr=0.5")
+    assert other.returncode != 0 and "holds runs made with other settings" in other.stderr

@@ -31,11 +31,14 @@ from benchmarks.noisy_mix.probe import make_probe_data, probe  # noqa: E402
 # epochs (over each size, in steps of micro_batch_size dialogues), seeds (the extra ones at the
 # largest size and seed_noises), baseline_noises (where loss truncation and the prefilter run; default
 # all, else only sft and resure), main_noise (the sweep's), early (share of corruptions on the first
-# assistant turn), eval_limit / probe_limit (test dialogues for the clean loss / the probe).
+# assistant turn), eval_limit / probe_limit (test dialogues for the clean loss / the probe), sweep (ReSURE
+# variants at main_noise and the largest size, first seed), seed_variants (ReSURE variants there for
+# every seed, reported beside the methods with paired differences).
 PROFILES = {
     "quick": dict(model="tiny", max_length=64, micro_batch_size=8, sizes=[8, 16, 24, 32], epochs=1,
                   noises=[0.0, 0.3], curve_noises=[0.0, 0.3], seeds=[0, 1], seed_noises=[0.0, 0.3],
-                  main_noise=0.3, sweep=[{"resure.two_sided": True}], eval_limit=24, probe_limit=8, lr=1e-3,
+                  main_noise=0.3, sweep=[{"resure.two_sided": True}], seed_variants=[{"stats.scale": "mad"}],
+                  eval_limit=24, probe_limit=8, lr=1e-3,
                   min_count=4, prefilter_q=0.2, early=0.5),
     # the regime the pilot chose (README): every corruption on the first reply (so none is lost to
     # truncation), several epochs at a learning rate where SFT fits its data; sized for a 2-core CPU
@@ -45,7 +48,7 @@ PROFILES = {
                 prefilter_q=0.2,
                 early=1.0, sweep=[{"resure.min_count": 8}, {"resure.min_count": 32}, {"resure.tau": 1.0},
                                   {"resure.tau": 2.0}, {"resure.propagate": "forward"},
-                                  {"stats.length_scaled": True}]),
+                                  {"stats.length_scaled": True}], seed_variants=[{"stats.scale": "mad"}]),
     # the cpu regime (every corruption on the first reply, 2 epochs, lr 1e-4) with 16 times the data
     # and 4 times the length; benchmarks/gpu/study.sh runs it in parts on a lent GPU
     "gpu": dict(model="smollm2", max_length=512, micro_batch_size=16, sizes=[128, 256, 512, 1024], epochs=2,
@@ -55,9 +58,14 @@ PROFILES = {
                                   {"resure.tau": 2.0}, {"resure.weight_fn": "hard"},
                                   {"resure.weight_fn": "sigmoid"}, {"resure.level": "sample"},
                                   {"resure.propagate": "forward"}, {"stats.decay": 0.99},
-                                  {"resure.two_sided": True}, {"stats.length_scaled": True}]),
+                                  {"resure.two_sided": True}, {"stats.length_scaled": True}],
+                seed_variants=[{"stats.scale": "mad"}]),
 }
-METHODS = ["sft", "resure", "loss_truncation", "prefilter"]
+# prefilter: drop the highest-loss dialogues up front, then train for the unfiltered size's steps (the
+# same budget: it repeats what it kept); prefilter_epochs: the same cut, the same epochs over what it kept
+METHODS = ["sft", "resure", "loss_truncation", "prefilter", "prefilter_epochs"]
+PREFILTERS = ("prefilter", "prefilter_epochs")
+RUN_LISTS = ("sweep", "seed_variants")  # settings that only add runs (each named by its variant)
 
 
 def read_jsonl(path):
@@ -136,7 +144,7 @@ def detection(run_dir: str, labels: list[dict]) -> dict:
 def plan(p: dict) -> list[dict]:
     """Every run of the grid, the pilot's first (sft at the largest size, no noise and the most):
     methods x sizes at curve_noises (seed 0), the largest size at every noise, more seeds there at
-    seed_noises, and the ReSURE sweep at main_noise and the largest size."""
+    seed_noises, the ReSURE sweep at main_noise and the largest size, and the seed variants there."""
     big, s0 = p["sizes"][-1], p["seeds"][0]
     runs = [dict(noise=n, method="sft", size=big, seed=s0, variant={}) for n in (0.0, max(p["noises"]))]
     for noise in p["noises"]:
@@ -147,6 +155,9 @@ def plan(p: dict) -> list[dict]:
                 runs.append(dict(noise=noise, method=method, size=big, seed=seed, variant={}))
     for v in p.get("sweep", []):
         runs.append(dict(noise=p["main_noise"], method="resure", size=big, seed=s0, variant=v))
+    for v in p.get("seed_variants", []):
+        for seed in p["seeds"]:
+            runs.append(dict(noise=p["main_noise"], method="resure", size=big, seed=seed, variant=v))
     seen, out = set(), []
     for r in runs:
         if run_name(r) not in seen:
@@ -185,16 +196,23 @@ def size_curve(results: list[dict], noise: float, method: str, p: dict) -> list[
 
 def finished_runs(out: str, settings: dict) -> dict:
     """Runs already in <out>/runs*.jsonl (one file per --worker), by name, so an interrupted study
-    resumes where it stopped; refuses an <out> that an invocation with other settings wrote."""
+    resumes where it stopped; refuses an <out> that an invocation with other settings wrote (a
+    longer or shorter sweep or list of seed variants only adds or leaves out runs: accepted)."""
     path = os.path.join(out, "settings.json")
     settings = json.loads(json.dumps(settings))
+
+    def same_runs(s: dict) -> dict:
+        return {**s, "settings": {k: v for k, v in s["settings"].items() if k not in RUN_LISTS}}
+
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            if json.load(f) != settings:
+            if same_runs(json.load(f)) != same_runs(settings):
                 sys.exit(f"noisy_mix: {out} holds runs made with other settings ({path}); "
                          "pass another --out or delete that folder")
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = f"{path}.{os.getpid()}"  # workers start together: each writes its own file, then renames
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=1)
+    os.replace(tmp, path)
     files = sorted(f for f in os.listdir(out) if f.startswith("runs") and f.endswith(".jsonl"))
     return {r["name"]: r for f in files for r in read_jsonl(os.path.join(out, f))}
 
@@ -220,16 +238,17 @@ def summarise(results: list[dict], base: dict, p: dict) -> dict:
     (margin - sft's margin) / (clean sft's margin - sft's margin), on seed means."""
     big = p["sizes"][-1]
     corr, cells = {}, {}
+    variants = [method_label(dict(method="resure", variant=v)) for v in p.get("seed_variants", [])]
     for noise in p["noises"]:
-        for method in METHODS:
+        for method in METHODS + (variants if noise == p["main_noise"] else []):
             key = f"{method}@{noise}"
-            if noise in p["curve_noises"]:
+            if noise in p["curve_noises"] and method in METHODS:
                 cell = size_curve(results, noise, method, p)
                 corr[key] = spearman([r["size"] for r in cell], [-r["test"]["loss"] for r in cell])
-            runs = {r["seed"]: _outcomes(r) for r in results if r["noise"] == noise and r["method"] == method
-                    and not r["variant"] and r["size"] == big}
-            sft = {r["seed"]: _outcomes(r) for r in results if r["noise"] == noise and r["method"] == "sft"
-                   and not r["variant"] and r["size"] == big}
+            runs = {r["seed"]: _outcomes(r) for r in results if r["noise"] == noise and method_label(r) == method
+                    and r["size"] == big}
+            sft = {r["seed"]: _outcomes(r) for r in results if r["noise"] == noise and method_label(r) == "sft"
+                   and r["size"] == big}
             names = next(iter(runs.values())).keys() if runs else []
             cells[key] = {
                 "over_seeds": {m: _stats([o[m] for o in runs.values() if o[m] is not None]) for m in names},
@@ -249,8 +268,8 @@ def summarise(results: list[dict], base: dict, p: dict) -> dict:
             lost = clean[m]["mean"] - sft[m]["mean"]
             prevented[key][k] = (c["over_seeds"][m]["mean"] - sft[m]["mean"]) / lost if lost > 0 else None
     sweep = {method_label(r): {"test_loss": r["test"]["loss"], "detection": r["detection"], "outcomes": _outcomes(r)}
-             for r in results if r["variant"] or (r["method"] == "resure" and r["noise"] == p["main_noise"]
-                                                  and r["size"] == big and r["seed"] == p["seeds"][0])}
+             for r in results if r["seed"] == p["seeds"][0] and (r["variant"] or (
+                 r["method"] == "resure" and r["noise"] == p["main_noise"] and r["size"] == big))}
     return {"spearman_size_vs_neg_test_loss": corr, "largest_size": cells, "uptake_prevented": prevented,
             "base": _outcomes(base) | {"later_delta": base["probe"]["later_delta_mean"]}, "sweep": sweep}
 
@@ -464,20 +483,23 @@ def main() -> None:
     big = p["sizes"][-1]
     data = {}
     for noise in p["noises"]:
-        d = os.path.join(out, f"data-noise{noise}")
-        counts = make_study_data(a.data, d, noise=noise, early=p["early"], seed=0)
-        train = read_jsonl(os.path.join(d, "train.jsonl"))
-        labels = read_jsonl(os.path.join(d, "labels.jsonl"))
-        test = read_jsonl(os.path.join(d, "test.jsonl"))
-        write_jsonl(os.path.join(d, "test-eval.jsonl"), test[: p["eval_limit"]])
-        write_jsonl(os.path.join(d, "val-eval.jsonl"), read_jsonl(os.path.join(d, "val.jsonl"))[: p["eval_limit"]])
+        folder = os.path.join(out, f"data-noise{noise}")
+        counts = make_study_data(a.data, folder, noise=noise, early=p["early"], seed=0)
+        train = read_jsonl(os.path.join(folder, "train.jsonl"))
+        test_rows = read_jsonl(os.path.join(folder, "test.jsonl"))
+        write_jsonl(os.path.join(folder, "test-eval.jsonl"), test_rows[: p["eval_limit"]])
+        write_jsonl(os.path.join(folder, "val-eval.jsonl"),
+                    read_jsonl(os.path.join(folder, "val.jsonl"))[: p["eval_limit"]])
         # the largest size holds every smaller one: score its turns once, one cut for all sizes
-        drops = (prefilter_drops(model, train[:big], p["prefilter_q"], p["max_length"], d)
-                 if any(x["method"] == "prefilter" and x["noise"] == noise for x in todo) else set())
-        data[noise] = dict(dir=d, train=train, labels=labels, counts=counts, drops=drops)
-    # the test split is the same at every noise (clean, split by hash): one probe set for all runs
-    probe_paths = make_probe_data(test[: p["probe_limit"]], clean_pool(train, labels), out)
-    base = base_outcomes(out, model, os.path.join(d, "test-eval.jsonl"), probe_paths, p["max_length"])
+        drops = (prefilter_drops(model, train[:big], p["prefilter_q"], p["max_length"], folder)
+                 if any(x["method"] in PREFILTERS and x["noise"] == noise for x in todo) else set())
+        data[noise] = dict(dir=folder, train=train, labels=read_jsonl(os.path.join(folder, "labels.jsonl")),
+                           test=test_rows, counts=counts, drops=drops)
+    # The test split is the same at every noise (clean, split by hash): one probe set for all runs.
+    # Its replacement replies come from the genuine replies of the highest noise's training split.
+    last = data[p["noises"][-1]]
+    probe_paths = make_probe_data(last["test"][: p["probe_limit"]], clean_pool(last["train"], last["labels"]), out)
+    base = base_outcomes(out, model, os.path.join(last["dir"], "test-eval.jsonl"), probe_paths, p["max_length"])
     from resure_ds.eval import evaluate_folder
 
     for spec in specs:
@@ -492,19 +514,20 @@ def main() -> None:
             continue  # past the budget: no new run, but every finished one is still read back
         path = os.path.join(out, "train-files", f"{name}.jsonl")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if method == "prefilter":
+        if method in PREFILTERS:
             subset = [row for row in subset if row["id"] not in d["drops"]]
         write_jsonl(path, subset)
-        # epochs of the unfiltered size (the prefilter repeats what it kept within the same budget)
-        steps = max(1, math.ceil(size / p["micro_batch_size"])) * p["epochs"]
+        # epochs of the unfiltered size; prefilter_epochs: of what the prefilter kept
+        steps = max(1, math.ceil((len(subset) if method == "prefilter_epochs" else size)
+                                 / p["micro_batch_size"])) * p["epochs"]
         extra = dict(spec["variant"])
         if a.pilot:  # the clean validation loss after every epoch: where fitting turns into harm
             extra.update({"data.eval": os.path.join(d["dir"], "val-eval.jsonl"), "eval.every": steps // p["epochs"]})
-        run_dir = train_one(name, path, model, p, "sft" if method == "prefilter" else method, steps, seed,
+        run_dir = train_one(name, path, model, p, "sft" if method in PREFILTERS else method, steps, seed,
                             extra, os.path.join(out, "runs"))
         export = os.path.join(run_dir, "export")
-        test = evaluate_folder(export, os.path.join(d["dir"], "test-eval.jsonl"), p["max_length"])
-        results.append({**spec, "name": name, "steps": steps, "train_dialogues": len(subset), "test": test,
+        scores = evaluate_folder(export, os.path.join(d["dir"], "test-eval.jsonl"), p["max_length"])
+        results.append({**spec, "name": name, "steps": steps, "train_dialogues": len(subset), "test": scores,
                         "detection": detection(run_dir, d["labels"]),
                         "probe": probe(export, probe_paths, p["max_length"]) if size == big else None,
                         "val_by_epoch": [m["val_loss"] for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
@@ -512,7 +535,7 @@ def main() -> None:
         log = f"runs-{worker[0]}of{worker[1]}.jsonl" if worker else "runs.jsonl"
         with open(os.path.join(out, log), "a", encoding="utf-8") as f:
             f.write(json.dumps(results[-1]) + "\n")
-        print(f"[noisy_mix] {name}: test loss {test['loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        print(f"[noisy_mix] {name}: test loss {scores['loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
     if worker:
         print(f"[noisy_mix] worker {a.worker}: {len(results)} runs in {time.time() - t0:.0f} s", flush=True)
         return
