@@ -21,6 +21,11 @@ def test_loss_overhead_runs():
     assert out.count("ratio") == 2
 
 
+def test_stats_sync_runs_on_two_ranks():
+    out = run("benchmarks/stats_sync.py", "--ranks", "2", "--turns", "16", "--repeats", "2")
+    assert "2 ranks (cpu)" in out and "ratio" in out
+
+
 def test_loss_memory_runs_and_records(tmp_path):
     res = tmp_path / "loss_memory.json"
     out = run("benchmarks/loss_memory.py", "--batch", "2", "--seq", "256", "--hidden", "32", "--vocab", "20000",
