@@ -146,10 +146,11 @@ class Welford:
         """Summarise this rank's turn losses (with their trained-token counts where length_scaled),
         combine over ranks, merge. Returns the batch summary."""
         weights = counts if self.length_scaled else None
-        batch = gather_merge(summarize(values, self.bucket(turns), self.num_buckets, weights), device)
+        buckets = self.bucket(turns)
+        batch = gather_merge(summarize(values, buckets, self.num_buckets, weights), device)
         self.update(batch)
         if self.robust is not None:
-            self.robust.sync_update(values, self.bucket(turns), device)
+            self.robust.sync_update(values, buckets, device)
         return batch
 
     def state_dict(self) -> dict:

@@ -122,8 +122,8 @@ def test_two_nodes_over_loopback_train_save_and_resume(straight, tiny_model_path
     def pair():
         port = str(free_port())
         procs = [subprocess.Popen(["bash", os.path.join(ROOT, "launch", "train.sh"), *args], cwd=ROOT,
-                                  env={**env(), "HOSTFILE": str(hostfile), "NODE_RANK": str(n), "OMP_NUM_THREADS": threads,
-                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                                  env={**env(), "HOSTFILE": str(hostfile), "NODE_RANK": str(n),
+                                       "OMP_NUM_THREADS": threads, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
         outs = [p.communicate(timeout=600) for p in procs]
         return [p.returncode for p in procs], outs

@@ -12,10 +12,16 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow  # the study's pipeline: dozens of small runs
 
 
+def study(out_dir, port: int, *sets: str) -> subprocess.CompletedProcess:
+    """The quick profile into out_dir, with --set overrides."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "run.py"),
+                           "--profile", "quick", "--out", str(out_dir), *(f"--set={s}" for s in sets)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MASTER_PORT": str(port)})
+
+
 def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "run.py"),
-                          "--profile", "quick", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=900, env={**os.environ, "MASTER_PORT": "29611"})
+    out = study(tmp_path, 29611)
     assert out.returncode == 0, out.stderr[-4000:]
     with open(tmp_path / "results.json", encoding="utf-8") as f:
         res = json.load(f)
@@ -79,21 +85,13 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
         assert os.path.getsize(tmp_path / png) > 5000
     assert "| method @ noise |" in (tmp_path / "results.md").read_text()
     # the same command again resumes: every run is read back from runs.jsonl, none is trained again
-    again = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "run.py"),
-                            "--profile", "quick", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=900, env={**os.environ, "MASTER_PORT": "29612"})
+    again = study(tmp_path, 29612)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "test loss" not in again.stdout and f"{len(res['runs'])} runs in" in again.stdout
     with open(tmp_path / "results.json", encoding="utf-8") as f:
         assert json.load(f)["runs"] == res["runs"]
-
-    def rerun(*sets):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "run.py"),
-                               "--profile", "quick", "--out", str(tmp_path), *(f"--set={s}" for s in sets)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "MASTER_PORT": "29613"})
     # a shorter sweep or list of seed variants only leaves runs out; another setting is refused
-    fewer = rerun("sweep=[]", "seed_variants=[]")
+    fewer = study(tmp_path, 29613, "sweep=[]", "seed_variants=[]")
     assert fewer.returncode == 0 and "test loss" not in fewer.stdout, fewer.stderr[-4000:]
-    other = rerun("lr=0.5")
+    other = study(tmp_path, 29613, "lr=0.5")
     assert other.returncode != 0 and "holds runs made with other settings" in other.stderr
