@@ -113,11 +113,11 @@ def part_render(res: dict, trials: int = 3) -> None:
 
 # -- 2. prepare: throughput with 1 and 2 workers, peak memory at 30k vs 300k -----------------------
 def run_prepare(data: str, prepared: str, workers: int, max_length: int = 256) -> dict:
-    """`python -m resure_ds.prepare` as a user runs it; wall time and peak RSS of its process tree."""
+    """`python -m resure_ds.data.prepare` as a user runs it; wall time and peak RSS of its process tree."""
     import psutil
 
     shutil.rmtree(prepared, ignore_errors=True)
-    cmd = [PY, "-m", "resure_ds.prepare", "recipes/default.yaml", f"data.train={data}",
+    cmd = [PY, "-m", "resure_ds.data.prepare", "recipes/default.yaml", f"data.train={data}",
            f"data.prepared_dir={prepared}", f"data.max_length={max_length}", f"data.prepare_workers={workers}"]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -154,7 +154,7 @@ def part_prepare(res: dict) -> None:
             f"dialogues/s, {r['tokens_per_s']:,.0f} tokens/s; peak RSS {r['peak_rss_tree_mb']:.0f} MB (tree), "
             f"{r['peak_rss_one_process_mb']:.0f} MB (largest process)")
     t = time.perf_counter()
-    hit = subprocess.run([PY, "-m", "resure_ds.prepare", "recipes/default.yaml", f"data.train={big}",
+    hit = subprocess.run([PY, "-m", "resure_ds.data.prepare", "recipes/default.yaml", f"data.train={big}",
                           f"data.prepared_dir={os.path.join(WORK, 'prep-300k_2workers')}"], cwd=ROOT,
                          capture_output=True, text=True)
     out["cache_hit_s"] = time.perf_counter() - t
@@ -197,7 +197,7 @@ def part_resume(res: dict) -> None:
     data = os.path.join(WORK, "corpus-300k")
     prep = os.path.join(WORK, "prep-300k_2workers")
     build_corpus(data, 75)
-    subprocess.run([PY, "-m", "resure_ds.prepare", "recipes/default.yaml", f"data.train={data}",
+    subprocess.run([PY, "-m", "resure_ds.data.prepare", "recipes/default.yaml", f"data.train={data}",
                     f"data.prepared_dir={prep}"], cwd=ROOT, check=True, capture_output=True)  # not timed
     out_dir = os.path.join(WORK, "runs")
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -230,13 +230,13 @@ def part_resume(res: dict) -> None:
             f"{row['data_wait_s']:.1f} s of it waiting for the first batch; window {w} of {plan.windows_per_epoch}); "
             f"rank 0 startup (s): {row['startup']}")
     # The data side alone, in process: first batch at a cursor, as a rank's loader does it.
-    from resure_ds.data.loader import RankBatches
+    from resure_ds.data.loader import RankBatches, Stream
     from resure_ds.data.plan import Cursor
 
     for frac in (0.0, 0.5, 0.9):
         w = int(frac * plan.windows_per_epoch)
         t = time.perf_counter()
-        next(iter(RankBatches([os.path.join(prep, folder)], [1.0], 1234, 256, True, 8192, 0, 2, 2, 2,
+        next(iter(RankBatches(Stream([os.path.join(prep, folder)], [1.0], 1234, 256, True, 8192, 2, 2), 0, 2,
                               Cursor(0, w, 100, w * 8192 + 100))))
         out[f"data_first_batch_at_{int(frac * 100)}pct_s"] = time.perf_counter() - t
         log(f"first batch at {frac:.0%} of the epoch (open 32 shards, permutation, one window): "
@@ -252,7 +252,7 @@ def part_packing(res: dict) -> None:
     from resure_ds.data.plan import Cursor, Plan
     from resure_ds.data.shards import PreparedSource
     from resure_ds.models import load_tokenizer, resolve_model_path
-    from resure_ds.prepare import ensure_prepared
+    from resure_ds.data.prepare import ensure_prepared
 
     model = resolve_model_path("smollm2")
     tok = load_tokenizer(model)

@@ -22,7 +22,7 @@ def trainable(rank: int, alpha: float) -> tuple[int, int]:
     from transformers import AutoModelForCausalLM
 
     from resure_ds.config import LoraConfig
-    from resure_ds.lora import attach
+    from resure_ds.runtime.lora import attach
     from resure_ds.models import EMBEDDED, resolve_model_path
 
     return attach(AutoModelForCausalLM.from_pretrained(resolve_model_path(EMBEDDED)), LoraConfig(rank=rank, alpha=alpha))

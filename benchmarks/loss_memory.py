@@ -1,8 +1,8 @@
-"""Peak memory and time of the LM head + per-token loss, fused (resure_ds/fused.py) vs the logits path.
+"""Peak memory and time of the LM head + per-token loss, fused (resure_ds/runtime/fused.py) vs the logits path.
 
 The logits path is what the recipe did before the fused head, and what it
 still does with model.fused_loss=false: the model's Linear head makes
-[B, S, V] logits, resure_ds.loss.token_nll turns them into per-token NLL a
+[B, S, V] logits, resure_ds.runtime.nll.token_nll turns them into per-token NLL a
 chunk at a time, and backward holds the logits' gradient. Same hidden
 states, head weight, targets and per-token weights for both; forward and
 backward of sum(w * nll). SmolLM2-135M's shape by default (H 576, V 49,152),
@@ -41,9 +41,9 @@ def worker(variant: str, a) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from resure_ds.errors import IGNORE
-    from resure_ds.fused import linear_nll
-    from resure_ds.loss import token_nll
+    from resure_ds.data import IGNORE
+    from resure_ds.runtime.fused import linear_nll
+    from resure_ds.runtime.nll import token_nll
 
     torch.manual_seed(0)
     hidden = torch.randn(a.batch, a.seq, a.hidden).requires_grad_()

@@ -21,9 +21,11 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from resure_ds.config import ResureConfig
-from resure_ds.loss import IGNORE, shift_targets, token_nll, turn_losses, weighted_loss_sum
-from resure_ds.weighting import resure_weights
-from resure_ds.welford import Welford, summarize
+from resure_ds.data import IGNORE
+from resure_ds.stats.turns import shift_targets, turn_losses, weighted_loss_sum
+from resure_ds.runtime.nll import token_nll
+from resure_ds.stats.weighting import resure_weights
+from resure_ds.stats.welford import Welford, summarize
 
 
 def make_batch(B, S, V, dtype, seed=0):

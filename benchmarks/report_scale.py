@@ -42,9 +42,9 @@ def timed(fn, *args):
 
 
 def measure(run_dir: str, work: str) -> dict:
-    from resure_ds.audit import read_audit, segments
-    from resure_ds.report import write_report
-    from resure_ds.verdict import export, filter_corpus
+    from resure_ds.report.audit import read_audit, segments
+    from resure_ds.report.build import write_report
+    from resure_ds.report.verdict import export, filter_corpus
 
     _, t_report = timed(write_report, run_dir)
     turns, t_export = timed(export, run_dir, os.path.join(work, "verdict.parquet"))

@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from resure_ds.config import ResureConfig  # noqa: E402
-from resure_ds.weighting import resure_weights  # noqa: E402
-from resure_ds.welford import Welford  # noqa: E402
+from resure_ds.stats.weighting import resure_weights  # noqa: E402
+from resure_ds.stats.welford import Welford  # noqa: E402
 
 
 def one_step(w: Welford, loss: torch.Tensor, turns: torch.Tensor, cfg: ResureConfig, device: str) -> float:

@@ -56,7 +56,7 @@ def _setup(length: int, model_path: str | None = None, overrides: tuple = ()):
     """The recipe's config at this max_length, its model (the embedded one unless model_path),
     tokenizer and resolved dtype."""
     from resure_ds.config import load_config
-    from resure_ds.engine import resolve_dtype
+    from resure_ds.runtime.engine import resolve_dtype
     from resure_ds.models import load_tokenizer, resolve_model_path
 
     extra = [f"model.path={model_path}"] if model_path else []
@@ -72,14 +72,14 @@ def plain(length: int, mb: int, steps: int, model_path: str | None = None, overr
     import torch
     from transformers import AutoModelForCausalLM
 
-    from resure_ds.data.loader import RankBatches
+    from resure_ds.data.loader import RankBatches, Stream
     from resure_ds.data.plan import Cursor
-    from resure_ds.prepare import ensure_prepared
+    from resure_ds.data.prepare import ensure_prepared
 
     cfg, path, tok, dtype = _setup(length, model_path, overrides)
     prepared = ensure_prepared(cfg, tok, path, progress=False)
-    batches = iter(RankBatches([p.folder for p in prepared], [p.spec.weight for p in prepared], SEED, length, True,
-                               cfg.data.pack_window, 0, 1, mb, tok.pad_token_id, Cursor()))
+    batches = iter(RankBatches(Stream([p.folder for p in prepared], [p.spec.weight for p in prepared], SEED, length,
+                                      True, cfg.data.pack_window, mb, tok.pad_token_id), 0, 1, Cursor()))
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(SEED)

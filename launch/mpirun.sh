@@ -8,7 +8,7 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 export MASTER_PORT="${MASTER_PORT:-29500}"
-"$PYTHON" -m resure_ds.prepare "${ARGS[@]}" >/dev/null  # recipe check, model and data, before any rank
+"$PYTHON" -m resure_ds.data.prepare "${ARGS[@]}" >/dev/null  # recipe check, model and data, before any rank
 # shellcheck disable=SC2086
 exec mpirun -n "${NUM_PROCS:-2}" ${MPI_ARGS:-} -genv MASTER_PORT "$MASTER_PORT" \
   "$PYTHON" -u -m resure_ds.train "${ARGS[@]}"

@@ -12,4 +12,4 @@
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-exec "$PYTHON" -m resure_ds.prepare --tasks-from-env "${ARGS[@]}"
+exec "$PYTHON" -m resure_ds.data.prepare --tasks-from-env "${ARGS[@]}"

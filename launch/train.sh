@@ -53,5 +53,5 @@ fi
 launcher+=(${LAUNCHER_ARGS:-})
 # Before any rank starts: check the recipe, convert the embedded model once, and prepare the
 # data (a cache hit when unchanged). Bad config or data stops here, with one clear error.
-"$PYTHON" -m resure_ds.prepare "${ARGS[@]}" >/dev/null
+"$PYTHON" -m resure_ds.data.prepare "${ARGS[@]}" >/dev/null
 exec "${launcher[@]}" "$0" "${ARGS[@]}"

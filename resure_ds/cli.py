@@ -13,8 +13,10 @@ import os
 import subprocess
 import sys
 
+from .config import markdown_table
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = {"prepare": "resure_ds.prepare", "eval": "resure_ds.eval", "report": "resure_ds.report"}
+MODULES = {"prepare": "resure_ds.data.prepare", "eval": "resure_ds.eval", "report": "resure_ds.report"}
 
 
 def recipes() -> list[str]:
@@ -23,8 +25,6 @@ def recipes() -> list[str]:
 
 
 def usage() -> str:
-    from .config import markdown_table
-
     lines = [__doc__.strip(), "", "Recipes (" + os.path.join(ROOT, "recipes") + "):"]
     for name in recipes():
         with open(os.path.join(ROOT, "recipes", name), encoding="utf-8") as f:

@@ -1,8 +1,5 @@
-"""Error types and the one ignore index, shared by every module (imports nothing)."""
+"""Error types shared by every module (imports nothing)."""
 from __future__ import annotations
-
-IGNORE = -100
-"""Label of an untrained token (PyTorch's cross-entropy ignore index)."""
 
 
 class ConfigError(ValueError):

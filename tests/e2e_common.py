@@ -62,6 +62,6 @@ def metrics(run_dir):
 
 
 def audit(run_dir):
-    from resure_ds.audit import read_audit
+    from resure_ds.report.audit import read_audit
 
     return sorted(read_audit(run_dir).to_pylist(), key=lambda r: (r["step"], r["dialogue_id"], r["turn"]))

@@ -1,7 +1,7 @@
 """The turn audit log: Parquet segments per rank, bounded memory, cut back on resume."""
 import os
 
-from resure_ds.audit import AuditLog, read_audit, segments, truncate
+from resure_ds.report.audit import AuditLog, read_audit, segments, truncate
 
 
 def rows(step, n, did="d"):

@@ -1,13 +1,14 @@
 """Publish-then-rotate and the checks on resume, on real folders (DeepSpeed's files stood in for
 by files of the same names: the protocol looks only at names and sizes)."""
+import dataclasses
 import json
 import os
 
 import pytest
 
-from resure_ds import checkpoint as ckpt
+from resure_ds.runtime import checkpoint as ckpt
 
-PROGRESS = {"step": 0, "cursor": {}, "world_size": 2, "data": [], "welford": {}}
+PROGRESS = ckpt.Progress(step=0, cursor={}, world_size=2, global_batch=4, data=[], method={"welford": {}})
 
 
 def stage(ckpt_dir, step, world=2, skip_rank=None):
@@ -27,12 +28,12 @@ def test_publish_verify_rotate(tmp_path):
     for step in (2, 4, 6):
         tag = stage(d, step)
         assert ckpt.find(d, "auto") is None or ckpt.find(d, "auto").tag != tag  # staged: never resumed
-        ckpt.publish(d, tag, {**PROGRESS, "step": step}, world=2)
+        ckpt.publish(d, tag, dataclasses.replace(PROGRESS, step=step), world=2)
         ckpt.rotate(d, keep_last=2)
     assert sorted(os.listdir(d)) == ["latest", "step0000004", "step0000006"]
     found = ckpt.find(d, "auto")
-    assert found.tag == "step0000006" and found.progress["step"] == 6
-    assert found.progress["files"]["zero_pp_rank_1_mp_rank_00_optim_states.pt"] == 101
+    assert found.tag == "step0000006" and found.progress.step == 6
+    assert found.files["zero_pp_rank_1_mp_rank_00_optim_states.pt"] == 101
     with open(os.path.join(d, "latest"), encoding="utf-8") as f:
         assert f.read() == "step0000006"
 

@@ -1,8 +1,8 @@
-"""resure_ds.dist on real gloo process groups: reductions by name, gathers in rank order."""
+"""resure_ds.runtime.dist on real gloo process groups: reductions by name, gathers in rank order."""
 import pytest
 import torch
 
-from resure_ds import dist
+from resure_ds.runtime import dist
 from tests.dist import run_ranks
 
 
@@ -40,7 +40,8 @@ def test_dist_imports_only_torch():
     assert names <= {"__future__", "sys", "torch"}, names
 
 
-@pytest.mark.parametrize("module", ["welford", "quantile", "train", "validate", "engine"])
+@pytest.mark.parametrize("module", ["stats.welford", "stats.histogram", "stats.method", "train", "step",
+                                    "eval.validation", "runtime.engine", "runtime.checkpoint"])
 def test_collectives_go_through_dist(module):
     """No module but dist.py touches torch.distributed (DeepSpeed makes its own calls inside)."""
     import importlib

@@ -1,10 +1,10 @@
-"""resure_ds/engine.py's environment fix for DeepSpeed's JIT op builds, checked against DeepSpeed's
+"""resure_ds/runtime/engine.py's environment fix for DeepSpeed's JIT op builds, checked against DeepSpeed's
 own parser (the fused Adam's builder), which needs no GPU to read TORCH_CUDA_ARCH_LIST."""
 import os
 
 import pytest
 
-from resure_ds.engine import jit_arch_list
+from resure_ds.runtime.engine import jit_arch_list
 
 
 def _gencode(monkeypatch, value):

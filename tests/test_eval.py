@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 from resure_ds.data.records import read_dialogues
 from resure_ds.data.render import Renderer
-from resure_ds.eval import evaluate_folder
+from resure_ds.eval.offline import evaluate_folder
 from tests.data_fixtures import OPENAI, SHAREGPT, write_jsonl
 
 

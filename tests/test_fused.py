@@ -1,11 +1,12 @@
-"""resure_ds/fused.py: the fused LM head + NLL gives the logits path's losses and gradients."""
+"""resure_ds/runtime/fused.py: the fused LM head + NLL gives the logits path's losses and gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from resure_ds.errors import IGNORE
-from resure_ds.fused import FusedHead, fusable, install, linear_nll
-from resure_ds.loss import shift_targets, token_nll, turn_losses
+from resure_ds.data import IGNORE
+from resure_ds.runtime.fused import FusedHead, fusable, install, linear_nll
+from resure_ds.stats.turns import shift_targets, turn_losses
+from resure_ds.runtime.nll import token_nll
 
 
 def problem(B=3, S=20, H=16, V=50, bias=False, seed=0):

@@ -26,9 +26,9 @@ def gpu_model_path(tmp_path_factory):
 
 
 def test_fused_loss_in_bf16_matches_the_logits_path():
-    from resure_ds.errors import IGNORE
-    from resure_ds.fused import linear_nll
-    from resure_ds.loss import token_nll
+    from resure_ds.data import IGNORE
+    from resure_ds.runtime.fused import linear_nll
+    from resure_ds.runtime.nll import token_nll
 
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(4, 512, 576, device="cuda", generator=g).bfloat16().requires_grad_()
@@ -47,8 +47,8 @@ def test_fused_loss_in_bf16_matches_the_logits_path():
 
 
 def _nccl_stats(rank, world):
-    from resure_ds import dist
-    from resure_ds.welford import Welford
+    from resure_ds.runtime import dist
+    from resure_ds.stats.welford import Welford
 
     st = Welford(4)
     vals = torch.tensor([1.0, 2.0, 4.0], device="cuda", dtype=torch.float64)
@@ -64,9 +64,9 @@ def test_nccl_one_rank_keeps_statistics_on_the_device(tmp_path):
 
 
 def _fused_adam_steps(rank, world, model_path):
-    from resure_ds import engine as ds
+    from resure_ds.runtime import engine as ds
     from resure_ds.config import load_config
-    from resure_ds.loss import shift_targets
+    from resure_ds.stats.turns import shift_targets
 
     cfg = load_config(None, [f"model.path={model_path}", "model.dtype=bf16", "train.zero_stage=3",
                              "train.micro_batch_size=2", "train.lr=1e-3"])

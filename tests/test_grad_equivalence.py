@@ -27,16 +27,13 @@ def dialogues():
 def worker(rank, world, model_path, grad_accum, run_dir):
     from transformers import AutoTokenizer
 
-    from resure_ds import engine as ds
+    from resure_ds.runtime import engine as ds
     from resure_ds.config import load_config
     from resure_ds.data.collate import collate_examples
-    from resure_ds.data.sources import SourceSpec
-    from resure_ds.prepare import Prepared
     from resure_ds.data.render import Renderer
-    from resure_ds.audit import AuditLog
-    from resure_ds.stop import StopPolicy
-    from resure_ds.train import Run, global_token_count, micro_backward
-    from resure_ds.welford import Welford
+    from resure_ds.report.audit import AuditLog
+    from resure_ds.stats.method import Method
+    from resure_ds.step import Stepper
 
     per_rank = GLOBAL // world
     mb = per_rank // grad_accum
@@ -56,16 +53,15 @@ def worker(rank, world, model_path, grad_accum, run_dir):
     exs = [Renderer(tok, 96).render(d) for d in dialogues()]
     mine = exs[rank * per_rank:(rank + 1) * per_rank]
     micro = [collate_examples(mine[i * mb:(i + 1) * mb], tok.pad_token_id) for i in range(grad_accum)]
-    run = Run(cfg, rank, world, run_dir, run_dir, tok, engine, [Prepared(SourceSpec('test'), '', {}, True)],
-              Welford(8), None, AuditLog(run_dir, rank), StopPolicy(0, 0))
-    n = global_token_count(micro)
+    stepper = Stepper(cfg, engine, Method(cfg), AuditLog(run_dir, rank), ["test"], rank)
+    n = stepper.global_token_count(micro)
     acc = {}
     for i, b in enumerate(micro):
-        micro_backward(run, b, n, acc)
+        stepper.micro_backward(b, 1, n, acc)
         if i < grad_accum - 1:
             engine.step()
     local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-    return {"grads": engine.full_grads(), "n": n, "local": local_tokens, "stats": run.stats.state,
+    return {"grads": engine.full_grads(), "n": n, "local": local_tokens, "stats": stepper.method.stats.state,
             "partitioned": partitioned}
 
 

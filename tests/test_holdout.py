@@ -3,7 +3,7 @@ import numpy as np
 
 from resure_ds.data.holdout import held_out
 from resure_ds.data.plan import Plan
-from resure_ds.validate import NLL, TOKENS, TURN_MEANS, TURNS, summarize
+from resure_ds.eval.depth import NLL, TOKENS, TURN_MEANS, TURNS, summarize
 
 
 def test_split_is_a_stable_function_of_the_id():

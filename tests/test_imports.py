@@ -1,11 +1,106 @@
+"""The package's import graph: light core modules, no circles, every arrow pointing down a layer
+(docs/architecture.md), and imports of our own modules at module top only."""
+import ast
+import pathlib
 import subprocess
 import sys
+
+PKG = pathlib.Path(__file__).resolve().parents[1] / "resure_ds"
+
+# The layers, lowest first; a module may import only from its own part or from a lower layer.
+LAYER = {"errors": 0, "config": 1, "models": 1, "data": 2, "runtime": 3, "stats": 4, "eval": 5, "report": 5,
+         "step": 6, "train": 7, "cli": 7, "__init__": 7}
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: pathlib.Path) -> list[tuple[str, bool]]:
+    """(imported resure_ds module, at module top?) for every import of our own modules."""
+    name = module_name(path)
+    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {id(n) for n in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")[:len(pkg.split(".")) - (node.level - 1)]
+                src = ".".join(base + ([node.module] if node.module else []))
+            else:
+                src = node.module or ""
+            if not src.startswith("resure_ds"):
+                continue
+            for alias in node.names:  # `from pkg import module` imports the module
+                sub = f"{src}.{alias.name}"
+                is_mod = (PKG.parent / (sub.replace(".", "/") + ".py")).exists() or \
+                    (PKG.parent / sub.replace(".", "/") / "__init__.py").exists()
+                out.append((sub if is_mod else src, id(node) in top))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, id(node) in top) for a in node.names if a.name.startswith("resure_ds")]
+    return out
+
+
+def graph() -> dict[str, list[tuple[str, bool]]]:
+    return {module_name(p): imports(p) for p in PKG.rglob("*.py")}
+
+
+def part(mod: str) -> str:
+    return mod.split(".")[1] if "." in mod else "__init__"
+
+
+def find_cycles(g: dict[str, list[str]]) -> list[list[str]]:
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in g.get(m, []):
+            if state.get(d) == 1:
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d in g and not state.get(d):
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in g:
+        if not state.get(m):
+            visit(m, [m])
+    return cycles
+
+
+def test_no_import_circles():
+    g = {m: sorted({d for d, _ in deps if d != m}) for m, deps in graph().items()}
+    assert not find_cycles(g), find_cycles(g)
+    # the walk finds the circle this package once had (records -> shards -> render -> records)
+    assert find_cycles({"records": ["shards"], "shards": ["render"], "render": ["records"]}) == \
+        [["records", "shards", "render", "records"]]
+
+
+def test_every_import_points_down_a_layer():
+    up = [(m, d) for m, deps in graph().items() for d, _ in deps
+          if part(m) != part(d) and LAYER[part(d)] >= LAYER[part(m)]]
+    assert not up, up
+    assert set(map(part, graph())) <= set(LAYER), "a new part of the package needs its layer here"
+
+
+def test_our_modules_are_imported_at_module_top():
+    lazy = [(m, d) for m, deps in graph().items() for d, top in deps if not top and not m.endswith("__main__")]
+    assert not lazy, lazy
+
+
+def test_the_graph_reads_relative_and_module_imports():
+    g = graph()
+    assert ("resure_ds.stats.turns", True) in g["resure_ds.eval.validation"]  # from ..stats.turns import
+    assert ("resure_ds.runtime.dist", True) in g["resure_ds.stats.welford"]   # from ..runtime import dist
 
 
 def test_core_modules_do_not_import_deepspeed():
     # the loader modules run in every background worker: they stay light too
-    code = ("import sys, resure_ds.loss, resure_ds.welford, resure_ds.weighting, resure_ds.quantile, "
-            "resure_ds.data.loader, resure_ds.data.plan, resure_ds.data.shards, resure_ds.checkpoint; "
+    code = ("import sys, resure_ds.stats.turns, resure_ds.stats.welford, resure_ds.stats.weighting, "
+            "resure_ds.stats.histogram, resure_ds.stats.method, resure_ds.data.loader, resure_ds.data.plan, "
+            "resure_ds.data.shards, resure_ds.runtime.checkpoint; "
             "bad = [m for m in ('deepspeed', 'transformers') if m in sys.modules]; "
             "assert not bad, bad; print('clean')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

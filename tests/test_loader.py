@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from resure_ds.config import load_config
-from resure_ds.data.loader import RankBatches, make_loader
+from resure_ds.data.loader import RankBatches, Stream, make_loader
 from resure_ds.data.plan import Cursor
-from resure_ds.prepare import ensure_prepared
+from resure_ds.data.prepare import ensure_prepared
 from tests.test_prepare import chitchat_jsonl
 
 
@@ -22,7 +22,7 @@ def folder(tmp_path_factory, tiny_model_path, tokenizer):
 
 
 def batches(folder, rank=0, world=1, mb=4, workers=0, cursor=Cursor(), packing=True, n=12):
-    ds = RankBatches([folder], [1.0], 5, 128, packing, 64, rank, world, mb, 2, cursor)
+    ds = RankBatches(Stream([folder], [1.0], 5, 128, packing, 64, mb, 2), rank, world, cursor)
     return list(itertools.islice(make_loader(ds, workers, 2, False), n))
 
 

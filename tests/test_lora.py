@@ -1,4 +1,4 @@
-"""LoRA (model.lora, resure_ds/lora.py): the merge arithmetic, and a real 2-rank ZeRO-3 run whose
+"""LoRA (model.lora, resure_ds/runtime/lora.py): the merge arithmetic, and a real 2-rank ZeRO-3 run whose
 exports reload: the merged folder with plain transformers, the adapter with PEFT on the base."""
 import json
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from resure_ds.config import LoraConfig
-from resure_ds.lora import merged_state_dict
+from resure_ds.runtime.lora import merged_state_dict
 from tests.e2e_common import launch, metrics
 
 

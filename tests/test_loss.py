@@ -1,7 +1,9 @@
 import torch
 import torch.nn.functional as F
 
-from resure_ds.loss import IGNORE, shift_targets, token_nll, turn_losses, weighted_loss_sum
+from resure_ds.data import IGNORE
+from resure_ds.stats.turns import shift_targets, turn_losses, weighted_loss_sum
+from resure_ds.runtime.nll import token_nll
 
 
 def random_batch(B=4, S=40, V=97, T=5, seed=0):

@@ -7,7 +7,8 @@ import torch
 from resure_ds.data.collate import collate
 from resure_ds.data.records import read_dialogues
 from resure_ds.data.render import Renderer
-from resure_ds.loss import shift_targets, token_nll, turn_losses, weighted_loss_sum
+from resure_ds.stats.turns import shift_targets, turn_losses, weighted_loss_sum
+from resure_ds.runtime.nll import token_nll
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])

@@ -72,19 +72,19 @@ def test_mixture_draws_in_proportion():
 def test_order_does_not_depend_on_world_size():
     """Micro-step m takes the next world*micro_batch rows; rank k its k-th share. World 2 x 2 and
     world 1 x 4 cover the same rows in the same order (what a resume on another world relies on)."""
-    from resure_ds.data.loader import RankBatches
+    from resure_ds.data.loader import RankBatches, Stream
 
     class Fake(RankBatches):  # the plan only, no shards: which global rows each rank takes
         def __iter__(self):
-            p = Plan([lengths(300, 5)], [1.0], self.seed, 256, True, 32)
+            p = Plan([lengths(300, 5)], [1.0], self.stream.seed, 256, True, 32)
             rows = p.rows_from(self.cursor)
-            per = self.world * self.micro_batch
+            mb = self.stream.micro_batch
             while True:
-                step = take(rows, per)
-                yield [r.tolist() for r, _ in step[self.rank * self.micro_batch:(self.rank + 1) * self.micro_batch]]
+                step = take(rows, self.world * mb)
+                yield [r.tolist() for r, _ in step[self.rank * mb:(self.rank + 1) * mb]]
 
     def stream(world, mb, n):
-        its = [iter(Fake([], [1.0], 9, 256, True, 32, k, world, mb, 0, Cursor())) for k in range(world)]
+        its = [iter(Fake(Stream([], [1.0], 9, 256, True, 32, mb, 0), k, world, Cursor())) for k in range(world)]
         return [row for _ in range(n) for it in its for row in next(it)]
 
     assert stream(2, 2, 10) == stream(1, 4, 10) == stream(4, 1, 10)

@@ -14,7 +14,7 @@ from resure_ds.data.records import SkipCounter, read_dialogues
 from resure_ds.data.render import Renderer
 from resure_ds.data.shards import PreparedSource
 from resure_ds.errors import DataError
-from resure_ds.prepare import ensure_prepared
+from resure_ds.data.prepare import ensure_prepared
 from tests.conftest import ROOT
 from tests.data_fixtures import OPENAI, write_jsonl
 from tests.test_records import BAD
@@ -215,7 +215,7 @@ def test_a_killed_worker_is_one_clear_error_and_prepare_resumes(tmp_path, tiny_m
     import psutil
 
     chitchat_jsonl(tmp_path / "data", n_files=8, per_file=40)
-    cmd = [sys.executable, "-m", "resure_ds.prepare", f"model.path={tiny_model_path}",
+    cmd = [sys.executable, "-m", "resure_ds.data.prepare", f"model.path={tiny_model_path}",
            f"data.train={tmp_path / 'data'}", f"data.prepared_dir={tmp_path / 'prep'}", "data.prepare_workers=2",
            "data.max_length=96"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

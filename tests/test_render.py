@@ -4,7 +4,8 @@ import pytest
 from resure_ds.data.collate import collate_examples
 from resure_ds.data.records import Dialogue
 from resure_ds.data.render import Renderer
-from resure_ds.errors import IGNORE, DataError
+from resure_ds.data import IGNORE
+from resure_ds.errors import DataError
 from tests.data_fixtures import OPENAI, SHAREGPT
 
 # Other template styles, on the same tokenizer: Zephyr-like (eos after content,

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from resure_ds.config import ConfigError, ResureConfig, load_config
-from resure_ds.robust import MAD_TO_STD, BucketHistogram
-from resure_ds.weighting import resure_weights, zscores
-from resure_ds.welford import Welford
+from resure_ds.stats.histogram import MAD_TO_STD, LossHistogram
+from resure_ds.stats.weighting import resure_weights, zscores
+from resure_ds.stats.welford import Welford
 
 
 def draws(seed=0, n=3000):
@@ -20,7 +20,7 @@ def draws(seed=0, n=3000):
 
 def test_median_and_mad_match_numpy_to_within_a_bin():
     loss, buckets = draws()
-    h = BucketHistogram(4)
+    h = LossHistogram(4)
     h.sync_update(torch.tensor(loss), torch.tensor(buckets))
     med, mad = h.median(), h.mad()
     for b in range(3):
@@ -33,7 +33,7 @@ def test_median_and_mad_match_numpy_to_within_a_bin():
 
 
 def test_updates_add_and_decay_scales_the_past():
-    h, once = BucketHistogram(2, decay=0.5), BucketHistogram(2)
+    h, once = LossHistogram(2, decay=0.5), LossHistogram(2)
     a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0])
     h.sync_update(a, torch.tensor([0, 0, 1]))
     h.sync_update(b, torch.tensor([1]))
@@ -43,15 +43,15 @@ def test_updates_add_and_decay_scales_the_past():
 
 def test_state_survives_json_and_refuses_another_shape():
     loss, buckets = draws(1)
-    h = BucketHistogram(4)
+    h = LossHistogram(4)
     h.sync_update(torch.tensor(loss), torch.tensor(buckets))
     sd = json.loads(json.dumps(h.state_dict()))
     assert len(sd["cells"]) < 4 * h.bins // 2  # only the non-empty cells
-    back = BucketHistogram(4)
+    back = LossHistogram(4)
     back.load_state_dict(sd)
     assert torch.equal(back.counts, h.counts)
     with pytest.raises(ValueError, match="buckets"):
-        BucketHistogram(8).load_state_dict(sd)
+        LossHistogram(8).load_state_dict(sd)
 
 
 def test_robust_z_sees_outliers_the_inflated_std_hides():

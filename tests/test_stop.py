@@ -6,7 +6,7 @@ import time
 import pytest
 
 from resure_ds.config import ConfigError, load_config, parse_duration
-from resure_ds.stop import EXIT_RESUME, StopPolicy
+from resure_ds.runtime.stop import EXIT_RESUME, StopPolicy
 
 
 @pytest.mark.parametrize("text,seconds", [("", 0), ("90", 90), ("90s", 90), ("45m", 2700), ("4h", 14400),

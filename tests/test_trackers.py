@@ -7,7 +7,8 @@ import os
 import pytest
 
 from resure_ds.config import ConfigError, load_config
-from resure_ds.trackers import names, open_trackers, scalars
+from resure_ds.config.sources import tracker_names as names
+from resure_ds.runtime.trackers import open_trackers, scalars
 
 
 def read_trackers(run: str, steps: list[int]) -> tuple[dict[str, list[float]], bytes]:

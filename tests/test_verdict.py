@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from resure_ds.audit import AuditLog
-from resure_ds.verdict import export, filter_corpus, group_stats, last_seen
+from resure_ds.report.audit import AuditLog
+from resure_ds.report.verdict import export, filter_corpus, group_stats, last_seen
 
 
 def row(src, did, turn, w, step, z=0.0, warm=True):

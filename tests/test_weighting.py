@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from resure_ds.config import LossTruncationConfig, ResureConfig
-from resure_ds.quantile import LossHistogram
-from resure_ds.weighting import resure_weights, sft_weights, truncation_weights
-from resure_ds.welford import Welford
+from resure_ds.stats.histogram import LossHistogram
+from resure_ds.stats.weighting import resure_weights, sft_weights, truncation_weights
+from resure_ds.stats.welford import Welford
 
 
 def stats_with(mean=2.0, std=0.5, n=1000, K=4):
@@ -82,9 +82,9 @@ def test_nonfinite_turn_gets_zero_weight():
 
 
 def test_loss_truncation_drops_above_quantile():
-    h = LossHistogram(bins=1000, max_loss=10.0)
+    h = LossHistogram(1, bins=1000, max_loss=10.0)
     h.sync_update(torch.arange(1, 101, dtype=torch.float64) / 10)  # 0.1 .. 10.0
-    assert h.quantile(0.9) == pytest.approx(9.0, abs=0.02)
+    assert h.upper_quantile(0.9) == pytest.approx(9.0, abs=0.02)
     loss = L([1.0, 8.9, 9.5])
     present = torch.ones_like(loss, dtype=torch.bool)
     w = truncation_weights(loss, present, h, LossTruncationConfig(drop_fraction=0.1, min_count=10)).w

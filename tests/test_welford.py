@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from resure_ds.welford import Welford, merge, summarize
+from resure_ds.stats.welford import Welford, merge, summarize
 from tests.welford_ref import assert_matches
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from resure_ds.config import ResureConfig
-from resure_ds.weighting import resure_weights
-from resure_ds.welford import Welford
+from resure_ds.stats.weighting import resure_weights
+from resure_ds.stats.welford import Welford
 from tests.dist import run_ranks
 from tests.welford_ref import assert_matches
 
@@ -99,13 +99,13 @@ def test_length_scaled_stats_equal_a_weighted_single_pass(tmp_path, world, grad_
 def test_robust_histograms_equal_a_single_pass_on_every_rank(tmp_path):
     """stats.scale=mad: the per-bucket loss histograms, summed over 3 ranks with accumulation, equal
     one process's over all the turns (counts add exactly); z and weights identical on every rank."""
-    from resure_ds.robust import BucketHistogram
+    from resure_ds.stats.histogram import LossHistogram
 
     seed = 13
     results = run_ranks(worker, 3, (seed, 2, False, "mad"), str(tmp_path))
     allv = [v for vals, _ in global_steps(seed) for v in vals]
     allt = [min(t, K - 1) for _, turns in global_steps(seed) for t in turns]
-    ref = BucketHistogram(K)
+    ref = LossHistogram(K)
     ref.sync_update(torch.tensor(allv, dtype=torch.float64), torch.tensor(allt))
     for r in results:
         assert torch.equal(r["robust"], ref.counts)

@@ -45,7 +45,7 @@ def turn_lengths(path: str, model_path: str, max_length: int) -> dict:
 def scores(run_dir: str, labels: list[dict], lengths: dict, short: int) -> dict:
     """The study's detection of the labels by z (run.detection), and what the most extreme z hold:
     the shares of short and of corrupted turns among the top 5%."""
-    from resure_ds.audit import read_audit
+    from resure_ds.report.audit import read_audit
 
     det = detection(run_dir, labels)
     rows = [r for r in read_audit(run_dir).to_pylist() if r["warm"] and not r["partial"] and r["z"] is not None]

@@ -45,7 +45,7 @@ def make_probe_data(test: list[dict], pool: list[str], out_dir: str, seed: int =
 
 def _losses(model, tok, path: str, max_length: int) -> dict:
     """{dialogue id: {turn: (summed NLL, tokens)}} of one probe file."""
-    from resure_ds.eval import turn_scores
+    from resure_ds.eval.offline import turn_scores
 
     out: dict = {}
     for did, t, nll, count in turn_scores(model, tok, path, max_length):
@@ -61,7 +61,7 @@ def _token_mean(cells) -> float | None:
 
 def probe(model_dir: str, paths: dict, max_length: int) -> dict:
     """Uptake margins per kind and later-turn losses of one exported model (see the module doc)."""
-    from resure_ds.eval import load_model
+    from resure_ds.eval.offline import load_model
 
     model, tok = load_model(model_dir)
     clean = _losses(model, tok, paths["clean"], max_length)

@@ -86,7 +86,7 @@ def tiny_model(out: str) -> str:
 def prefilter_drops(model_path: str, rows: list[dict], q: float, max_length: int, work: str) -> set[str]:
     """Static baseline: score every training turn once with the base model; the dialogues holding
     the top-q fraction of turn losses are dropped (a static filter drops whole samples)."""
-    from resure_ds.eval import load_model, turn_scores
+    from resure_ds.eval.offline import load_model, turn_scores
 
     path = os.path.join(work, "prefilter-input.jsonl")
     write_jsonl(path, rows)
@@ -118,7 +118,7 @@ def train_one(name: str, data_path: str, model_path: str, p: dict, method: str, 
 def detection(run_dir: str, labels: list[dict]) -> dict:
     """Weights vs injected labels on complete turns seen after the method's warm-up; AUROC of z
     where the method has one (not loss truncation)."""
-    from resure_ds.audit import read_audit
+    from resure_ds.report.audit import read_audit
 
     rows = [r for r in read_audit(run_dir).to_pylist() if r["warm"] and not r["partial"]]
     kinds = {(x["dialogue_id"], x["turn"]): x["kind"] for x in labels}
@@ -417,7 +417,7 @@ def base_outcomes(out: str, model: str, test_path: str, probe_paths: dict, max_l
     """The base model's clean test loss and probe, computed once per study folder."""
     path = os.path.join(out, "base.json")
     if not os.path.exists(path):
-        from resure_ds.eval import evaluate_folder
+        from resure_ds.eval.offline import evaluate_folder
 
         res = {"test": evaluate_folder(model, test_path, max_length), "probe": probe(model, probe_paths, max_length)}
         with open(path, "w", encoding="utf-8") as f:
@@ -500,7 +500,7 @@ def main() -> None:
     last = data[p["noises"][-1]]
     probe_paths = make_probe_data(last["test"][: p["probe_limit"]], clean_pool(last["train"], last["labels"]), out)
     base = base_outcomes(out, model, os.path.join(last["dir"], "test-eval.jsonl"), probe_paths, p["max_length"])
-    from resure_ds.eval import evaluate_folder
+    from resure_ds.eval.offline import evaluate_folder
 
     for spec in specs:
         noise, method, size, seed = spec["noise"], spec["method"], spec["size"], spec["seed"]

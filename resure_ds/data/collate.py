@@ -21,7 +21,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from ..errors import IGNORE
+from . import IGNORE
 
 
 class Dlg(Protocol):  # render.Example and shards.Row both qualify

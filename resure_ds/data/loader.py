@@ -11,6 +11,9 @@ which is what a checkpoint saves.
 """
 from __future__ import annotations
 
+import functools
+import signal
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -46,35 +49,45 @@ class Corpus:
         return keep, np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+@dataclass(frozen=True)
+class Stream:
+    """What the global row stream is drawn from and how rows are built: the same on every rank."""
+    folders: list[str]       # prepared sources, in data.train order
+    weights: list[float]     # their mixture weights
+    seed: int
+    max_length: int
+    packing: bool
+    window: int              # data.pack_window
+    micro_batch: int         # rows per micro-batch and rank
+    pad_id: int
+    keep: list[np.ndarray] | None = None  # per source, the indices training may draw (held-out split)
+
+
 class RankBatches(torch.utils.data.IterableDataset):
     """Infinite stream of this rank's collated micro-batches from `cursor` on."""
 
-    def __init__(self, folders: list[str], weights: list[float], seed: int, max_length: int, packing: bool,
-                 window: int, rank: int, world: int, micro_batch: int, pad_id: int, cursor: Cursor,
-                 keep: list[np.ndarray] | None = None):
+    def __init__(self, stream: Stream, rank: int, world: int, cursor: Cursor):
         super().__init__()
-        self.folders, self.weights, self.seed = folders, weights, seed
-        self.max_length, self.packing, self.window = max_length, packing, window
-        self.rank, self.world, self.micro_batch, self.pad_id = rank, world, micro_batch, pad_id
-        self.cursor, self.keep = cursor, keep  # keep: per source, the indices training may draw
+        self.stream, self.rank, self.world, self.cursor = stream, rank, world, cursor
 
     def plan(self, corpus: Corpus) -> Plan:
-        return Plan(corpus.lengths(), self.weights, self.seed, self.max_length, self.packing, self.window,
-                    self.keep)
+        s = self.stream
+        return Plan(corpus.lengths(), s.weights, s.seed, s.max_length, s.packing, s.window, s.keep)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         me, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        corpus = Corpus(self.folders)  # opened in the process that iterates: maps are per process
+        s = self.stream
+        corpus = Corpus(s.folders)  # opened in the process that iterates: maps are per process
         rows = self.plan(corpus).rows_from(self.cursor)
-        per_step = self.world * self.micro_batch
-        lo = self.rank * self.micro_batch
+        per_step = self.world * s.micro_batch
+        lo = self.rank * s.micro_batch
         m = 0
         while True:
             step = [next(rows) for _ in range(per_step)]
             if m % workers == me:
-                mine = [corpus_rows(corpus, r) for r, _ in step[lo:lo + self.micro_batch]]
-                batch = collate([[d for _, d in row] for row in mine], self.pad_id, self.packing,
+                mine = [corpus_rows(corpus, r) for r, _ in step[lo:lo + s.micro_batch]]
+                batch = collate([[d for _, d in row] for row in mine], s.pad_id, s.packing,
                                 [[s for s, _ in row] for row in mine])
                 batch["cursor"] = step[-1][1].to_dict()
                 yield batch
@@ -85,25 +98,22 @@ def corpus_rows(corpus: Corpus, row: np.ndarray) -> list:
     return [corpus.row(int(i)) for i in row]
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """A scheduler's SIGTERM/SIGUSR1 reaches every process of the job; the training process turns
-    it into a checkpoint at the next step, and its loader workers must outlive that (they exit with
-    it, or when it dies)."""
-    import signal
-
-    from ..stop import SIGNALS
-
-    for sig in SIGNALS:
+def _ignore(signals: tuple, _worker_id: int) -> None:
+    for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def make_loader(ds: RankBatches, num_workers: int, prefetch: int, pin_memory: bool):
-    """An iterator of batches; with workers, built ahead in background processes."""
+def make_loader(ds: RankBatches, num_workers: int, prefetch: int, pin_memory: bool, ignore_signals: tuple = ()):
+    """An iterator of batches; with workers, built ahead in background processes.
+
+    ignore_signals: a scheduler's SIGTERM/SIGUSR1 reaches every process of the job; the training
+    process turns it into a checkpoint at the next step (runtime/stop.py), and its loader workers
+    must outlive that (they exit with it, or when it dies)."""
     if num_workers == 0:
         return iter(ds)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch, pin_memory=pin_memory,
         # spawn: a fresh interpreter maps the shards itself; no fork of a process holding
         # communication threads
-        multiprocessing_context="spawn", persistent_workers=False, worker_init_fn=_ignore_stop_signals)
+        multiprocessing_context="spawn", persistent_workers=False, worker_init_fn=functools.partial(_ignore, tuple(ignore_signals)))
     return iter(loader)

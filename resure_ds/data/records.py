@@ -28,7 +28,9 @@ from functools import cached_property
 from typing import Any, Iterator
 
 from ..errors import InvalidRecord, record_error
-from .sources import Layout, SourceSpec, Unit, default_id, read_unit, resolve, units_of
+from .manifest import manifest_source
+from ..config.sources import Layout, SourceSpec
+from .sources import Unit, default_id, read_unit, resolve, units_of
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -279,8 +281,6 @@ def read_dialogues(spec: Any, skip_invalid: bool = False,
         return
     src = resolve(spec if isinstance(spec, SourceSpec) else SourceSpec(spec))
     if src.kind == "prepared":
-        from .shards import manifest_source
-
         src = resolve(manifest_source(src.files[0]))
     for unit in units_of(src):
         yield from unit_dialogues(unit, skip_invalid, skipped)

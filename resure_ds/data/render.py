@@ -46,7 +46,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import IGNORE, DataError, InvalidRecord, record_error
+from . import IGNORE
+from ..errors import DataError, InvalidRecord, record_error
 from .records import Dialogue
 
 RENDER_VERSION = 2  # part of the prepared-data cache key: bump when the rendered tokens would change

@@ -17,18 +17,14 @@ lookup and a slice of the mapped buffer, whatever the corpus size.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from ..errors import DataError
+from .manifest import read_manifest
 from .render import Example
-from .sources import PREPARED_FORMAT, SourceSpec
-
-FORMAT_VERSION = 1
 BATCH_ROWS = 1024
 SCHEMA = pa.schema([
     ("dialogue_id", pa.string()),
@@ -96,37 +92,6 @@ def _list(arrays: list[np.ndarray]) -> pa.ListArray:
     np.cumsum(lens, out=offsets[1:])
     values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-# -- manifest -------------------------------------------------------------------
-def write_manifest(folder: str, manifest: dict) -> None:
-    tmp = os.path.join(folder, f"manifest.json.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": PREPARED_FORMAT, "version": FORMAT_VERSION, **manifest}, f, indent=2)
-    os.replace(tmp, os.path.join(folder, "manifest.json"))
-
-
-def read_manifest(folder: str) -> dict:
-    path = os.path.join(folder, "manifest.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{folder}: no readable manifest.json ({e}); prepare the data again "
-                        "(python -m resure_ds.prepare RECIPE)") from None
-    if m.get("format") != PREPARED_FORMAT or m.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path}: not a resure-ds prepared folder of format version {FORMAT_VERSION}; "
-                        "prepare the data again (python -m resure_ds.prepare RECIPE)")
-    return m
-
-
-def manifest_source(folder: str) -> SourceSpec:
-    """The raw source a prepared folder was made from (to find turn texts for reports)."""
-    from .sources import parse_layout
-
-    src = read_manifest(folder)["source"]
-    lay = src.get("layout") or {}
-    return SourceSpec(src["path"], layout=parse_layout(lay.get("format"), lay.get("columns"), "")[0])
 
 
 # -- reading ---------------------------------------------------------------------------

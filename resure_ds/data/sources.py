@@ -5,7 +5,7 @@ A source is one of
   a glob            /data/part-*.parquet (sorted)
   a folder          of such files (searched recursively, sorted), or a folder
                     saved by `datasets` (save_to_disk), or a prepared folder
-                    (written by `python -m resure_ds.prepare`)
+                    (written by `python -m resure_ds.data.prepare`)
   chitchat          the embedded corpus
 and `data.train` is one source or a list of them, each optionally with a
 mixture weight: `[{path: a.jsonl, weight: 3}, {path: /b/*.parquet, weight: 1}]`.
@@ -26,7 +26,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from ..config.sources import Layout, SourceSpec, config_layout, parse_layout, parse_train  # noqa: F401 (re-exported)
 from ..errors import DataError, InvalidRecord
+from .chitchat import chitchat_count, chitchat_path, chitchat_records
 
 EMBEDDED = "chitchat"
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
@@ -34,97 +36,6 @@ UNIT_BYTES = 64 << 20   # plain JSONL files are split into units of about this s
 UNIT_ROWS = 65536       # Parquet and datasets folders: rows per unit (whole row groups)
 CHITCHAT_UNIT = 2048    # conversations per unit of the embedded corpus
 PREPARED_FORMAT = "resure-ds-prepared"
-
-
-FORMATS = ("auto", "openai", "sharegpt", "alpaca", "prompt_completion")
-FIELDS = ("messages", "role", "content", "conversations", "from", "value", "instruction", "input", "output",
-          "system", "prompt", "completion", "id", "tools", "tool_calls")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a source's records are laid out: a format (auto = detected per record from its fields) and
-    the names the source uses for our fields (data.columns), e.g. (("messages", "dialog"),)."""
-    format: str = "auto"
-    columns: tuple = ()
-
-    def col(self, field: str) -> str:
-        return dict(self.columns).get(field, field)
-
-    def to_dict(self) -> dict:
-        return {"format": self.format, "columns": dict(self.columns)}
-
-
-def parse_layout(fmt: Any, columns: Any, at: str, base: Layout | None = None) -> tuple[Layout, list[str]]:
-    """A format and a column mapping as written (None: take base's) -> Layout, errors."""
-    base = base or Layout()
-    errors = []
-    if fmt is not None and fmt not in FORMATS:
-        errors.append(f"{at}format: must be one of {list(FORMATS)}, got {fmt!r}")
-    cols = dict(base.columns)
-    if columns is not None:
-        if not isinstance(columns, dict):
-            errors.append(f"{at}columns: must map our field names to yours, e.g. {{messages: dialog}}, got {columns!r}")
-        else:
-            bad = sorted(k for k in columns if k not in FIELDS)
-            if bad:
-                errors.append(f"{at}columns: unknown field(s) {bad} (known: {', '.join(FIELDS)})")
-            bad_v = sorted(k for k, v in columns.items() if not isinstance(v, str) or not v)
-            if bad_v:
-                errors.append(f"{at}columns: {bad_v} must name a field of your records (a string)")
-            cols.update({k: v for k, v in columns.items() if isinstance(v, str)})
-    return Layout(fmt if fmt in FORMATS else base.format, tuple(sorted(cols.items()))), errors
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One entry of data.train as the user wrote it."""
-    path: str
-    weight: float = 1.0
-    name: str = ""
-    layout: Layout = Layout()
-
-    @property
-    def label(self) -> str:
-        return self.name or self.path
-
-
-def parse_train(value: Any, layout: Layout = Layout()) -> tuple[list[SourceSpec], list[str]]:
-    """data.train (a string, or a list of strings / {path, weight, name, format, columns} mappings)
-    -> specs, errors. `layout`: data.format and data.columns, which an entry's own override."""
-    items = value if isinstance(value, list) else [value]
-    specs, errors = [], []
-    if not items:
-        errors.append("data.train: the list of sources is empty")
-    for i, it in enumerate(items):
-        at = f"data.train[{i}]" if isinstance(value, list) else "data.train"
-        if isinstance(it, str) and it:
-            specs.append(SourceSpec(it, layout=layout))
-            continue
-        if not isinstance(it, dict) or not isinstance(it.get("path"), str) or not it["path"]:
-            errors.append(f"{at}: must be a path or {{path: ..., weight: ..., name: ...}}, got {it!r}")
-            continue
-        unknown = set(it) - {"path", "weight", "name", "format", "columns"}
-        w = it.get("weight", 1.0)
-        own, errs = parse_layout(it.get("format"), it.get("columns"), f"{at}.", layout)
-        errors += errs
-        if unknown:
-            errors.append(f"{at}: unknown key(s) {sorted(unknown)} (known: path, weight, name, format, columns)")
-        elif isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
-            errors.append(f"{at}: weight must be a number > 0, got {w!r}")
-        elif not errs:
-            specs.append(SourceSpec(it["path"], float(w), str(it.get("name") or ""), own))
-    labels = [s.label for s in specs]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        errors.append(f"data.train: sources listed twice: {dup} (give each a distinct name)")
-    return specs, errors
-
-
-def config_layout(data: Any) -> Layout:
-    """data.format and data.columns of a DataConfig, or of the `data` mapping of a run's config.json."""
-    get = data.get if isinstance(data, dict) else lambda k, d=None: getattr(data, k, d)
-    return parse_layout(get("format", "auto"), get("columns", {}) or {}, "data.")[0]
 
 
 @dataclass(frozen=True)
@@ -182,8 +93,6 @@ def resolve(spec: SourceSpec) -> Source:
     fix = ("Set data.train to a .jsonl/.jsonl.gz/.json/.parquet file, a glob, a folder of such files, "
            "a saved datasets folder, a prepared folder, or 'chitchat'")
     if p == EMBEDDED:
-        from .chitchat import chitchat_path
-
         return Source(spec, "chitchat", [chitchat_path()])
     if any(c in p for c in "*?["):
         files = sorted(f for f in globlib.glob(p, recursive=True) if f.endswith(SUFFIXES) and os.path.isfile(f))
@@ -253,12 +162,10 @@ def units_of(src: Source) -> list[Unit]:
 
 def _units(src: Source) -> list[Unit]:
     if src.kind == "chitchat":
-        from .chitchat import chitchat_count
-
         n = chitchat_count(src.files[0])
         return [Unit("chitchat", src.files[0], a, min(a + CHITCHAT_UNIT, n), a) for a in range(0, n, CHITCHAT_UNIT)]
     if src.kind == "hf":
-        n = len(_load_hf(src.files[0]))
+        n = len(load_hf(src.files[0]))
         return [Unit("hf", src.files[0], a, min(a + UNIT_ROWS, n), a) for a in range(0, n, UNIT_ROWS)]
     units = []
     for path in src.files:
@@ -373,7 +280,7 @@ def _read_parquet(u: Unit) -> Iterator[tuple[str, Any]]:
             row += 1
 
 
-def _load_hf(folder: str):
+def load_hf(folder: str):
     import datasets
 
     try:
@@ -383,15 +290,13 @@ def _load_hf(folder: str):
 
 
 def _read_hf(u: Unit) -> Iterator[tuple[str, Any]]:
-    ds = _load_hf(u.path)
+    ds = load_hf(u.path)
     for i in range(u.start, u.stop, 1024):
         for j, rec in enumerate(ds.select(range(i, min(i + 1024, u.stop)))):
             yield f"row {i + j}", rec
 
 
 def _read_chitchat(u: Unit) -> Iterator[tuple[str, Any]]:
-    from .chitchat import chitchat_records
-
     for key, rec in chitchat_records(u.path, u.start, u.stop):
         yield f"conversation {key}", rec
 

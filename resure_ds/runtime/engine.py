@@ -16,10 +16,11 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from . import dist, fused
-from .config import Config
-from .errors import IGNORE, ConfigError
-from .loss import token_nll
+from . import dist, fused, lora
+from ..config import Config
+from ..data import IGNORE
+from ..errors import ConfigError
+from .nll import token_nll
 
 
 def init_distributed(timeout_s: int) -> tuple[int, int]:
@@ -160,8 +161,6 @@ class Engine:
                                                      attn_implementation=cfg.model.attn_implementation)
         model.config.use_cache = False
         if cfg.model.lora.rank:
-            from . import lora
-
             trainable, total = lora.attach(model, cfg.model.lora)
             dist.print0(f"LoRA rank {cfg.model.lora.rank} on {cfg.model.lora.targets}: "
                         f"{trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
@@ -309,8 +308,6 @@ class Engine:
         dtype = torch.bfloat16 if self.cfg.checkpoint.export_dtype == "bf16" else torch.float32
         lc = self.cfg.model.lora
         if dist.rank() == 0:
-            from . import lora
-
             tmp = out_dir + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             if lc.rank and lc.export != "merged":

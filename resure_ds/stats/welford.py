@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .robust import BucketHistogram
+from ..runtime import dist
+from .histogram import LossHistogram
 
 N, MEAN, M2, NONFINITE, W = range(5)
 COLUMNS = 5
@@ -70,8 +71,6 @@ def gather_merge(local: torch.Tensor, device: torch.device | str | None = None) 
     Without an initialised process group this is the identity. `device`
     is where the collective runs (CUDA for NCCL, CPU for gloo).
     """
-    from . import dist
-
     if dist.world() == 1:
         return local
     k = local.shape[0]
@@ -86,7 +85,7 @@ class Welford:
     """Running per-bucket statistics; `decay` < 1 scales n, W and M2 before each merge;
     `length_scaled`: turns weighted by their trained-token count (module docstring);
     `scale="mad"`: z's center and spread are the bucket's median and 1.4826 * MAD, from
-    per-bucket loss histograms kept alongside (robust.py); n still counts the warm-up."""
+    per-bucket loss histograms kept alongside (histogram.py); n still counts the warm-up."""
 
     def __init__(self, num_buckets: int = 8, decay: float = 1.0, length_scaled: bool = False, scale: str = "std"):
         if num_buckets < 1 or not 0.0 < decay <= 1.0:
@@ -95,7 +94,7 @@ class Welford:
             raise ValueError("stats.scale is std or mad, and mad does not combine with stats.length_scaled")
         self.num_buckets, self.decay, self.length_scaled, self.scale = num_buckets, decay, length_scaled, scale
         self.state = torch.zeros(num_buckets, COLUMNS, dtype=torch.float64)
-        self.robust = BucketHistogram(num_buckets, decay=decay) if scale == "mad" else None
+        self.robust = LossHistogram(num_buckets, decay=decay) if scale == "mad" else None
 
     def bucket(self, turn: torch.Tensor) -> torch.Tensor:
         return turn.clamp(max=self.num_buckets - 1)
@@ -154,9 +153,10 @@ class Welford:
         return batch
 
     def state_dict(self) -> dict:
+        """JSON-ready (checkpoints store it in progress.json)."""
         return {"num_buckets": self.num_buckets, "decay": self.decay, "length_scaled": self.length_scaled,
                 "scale": self.scale, "robust": None if self.robust is None else self.robust.state_dict(),
-                "state": self.state.cpu().clone()}
+                "state": self.state.cpu().tolist()}  # float64 -> Python floats: repr round-trips exactly
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["num_buckets"] != self.num_buckets:
@@ -170,7 +170,7 @@ class Welford:
                              f"{self.scale}; resume with the checkpoint's setting")
         if self.robust is not None:
             self.robust.load_state_dict(sd["robust"])
-        state = sd["state"].clone().to(torch.float64)
+        state = torch.as_tensor(sd["state"], dtype=torch.float64).clone()
         if state.shape[1] == 4:  # written before W existed: unit weights, so W = n
             state = torch.cat([state, state[:, N:N + 1]], 1)
         self.state = state

@@ -16,6 +16,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from .plots import plot_buckets, plot_loss, plot_lr, plot_weight_hist, plot_weights_over_steps, plot_z_by_source
+
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
@@ -74,9 +76,6 @@ GROUP_COLS = [("turns", "turns", "{:,}"), ("dialogues", "dialogues", "{:,}"), ("
 
 def render(run_dir: str, cfg: dict, metrics: list[dict], audit: pa.Table,
            summary: list[str], by_source: list[dict], by_depth: list[dict], top: list[dict], plots: bool) -> str:
-    from .report import (plot_buckets, plot_loss, plot_lr, plot_weight_hist, plot_weights_over_steps,
-                         plot_z_by_source)
-
     figs = ""
     if plots:
         figs = "".join([_figure(plot_loss, metrics), _figure(plot_lr, metrics), _figure(plot_buckets, metrics),

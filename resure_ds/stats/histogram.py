@@ -1,4 +1,7 @@
-"""Robust per-bucket center and scale of turn losses (stats.scale=mad; beyond the paper).
+"""Histograms of turn losses, per bucket, merged exactly across ranks: the one type behind the
+robust z (stats.scale=mad; beyond the paper) and loss truncation's running quantile.
+
+Robust center and scale (stats.scale=mad).
 
 The paper's z measures a turn against its bucket's mean and standard deviation. Those are
 pulled by the very turns the method should catch: in the noisy-mix study (30% of dialogues
@@ -14,16 +17,25 @@ rank holds the same histogram. center_b = median, scale_b = 1.4826 * MAD (equal 
 standard deviation for a normal distribution), both read off the histogram to within a
 bin (max_loss / bins, 0.01 nats by default); the scale is at least one bin wide. `decay`
 scales the counts before each merge, as it scales Welford's n and M2.
+
+Loss truncation (Kang and Hashimoto 2020) uses one bucket of 4000 bins over [0, 20) nats
+(0.005 nats a bin) and reads its (1 - c) quantile as the upper edge of the bin where the
+cumulative share first reaches 1 - c: a turn that shares that bin is kept. (Before this type
+served both, loss truncation had its own histogram whose counts went to the host every
+micro-step; the threshold is the same rule, and a loss exactly on a bin edge may fall one bin
+apart through rounding of loss / width.)
 """
 from __future__ import annotations
 
 import torch
 
+from ..runtime import dist
+
 MAD_TO_STD = 1.4826  # 1 / Phi^-1(3/4): the MAD of a normal distribution times this is its sigma
 
 
-class BucketHistogram:
-    def __init__(self, num_buckets: int, bins: int = 2000, max_loss: float = 20.0, decay: float = 1.0):
+class LossHistogram:
+    def __init__(self, num_buckets: int = 1, bins: int = 2000, max_loss: float = 20.0, decay: float = 1.0):
         self.num_buckets, self.bins, self.max_loss, self.decay = num_buckets, bins, max_loss, decay
         self.counts = torch.zeros(num_buckets, bins, dtype=torch.float64)
 
@@ -31,18 +43,22 @@ class BucketHistogram:
     def width(self) -> float:
         return self.max_loss / self.bins
 
-    def local_counts(self, values: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-        """This rank's finite losses (1-D) and their buckets -> [K, bins] counts, on their device."""
+    @property
+    def total(self) -> float:
+        """All counts (a host sync)."""
+        return float(self.counts.sum())
+
+    def local_counts(self, values: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's finite losses (1-D) and their buckets (default: all in bucket 0) -> [K, bins]
+        counts, on their device."""
         v = values.detach().double().reshape(-1)
-        b = buckets.reshape(-1).to(v.device).long()
+        b = torch.zeros_like(v, dtype=torch.long) if buckets is None else buckets.reshape(-1).to(v.device).long()
         ok = torch.isfinite(v)
         idx = (v[ok].clamp(min=0) / self.width).long().clamp(max=self.bins - 1)
         flat = torch.bincount(b[ok] * self.bins + idx, minlength=self.num_buckets * self.bins)
         return flat.double().view(self.num_buckets, self.bins)
 
-    def sync_update(self, values: torch.Tensor, buckets: torch.Tensor, device=None) -> None:
-        from . import dist
-
+    def sync_update(self, values: torch.Tensor, buckets: torch.Tensor | None = None, device=None) -> None:
         c = dist.all_reduce_sum(self.local_counts(values, buckets), device, to_cpu=False)
         self.counts = self.counts.to(c.device) * self.decay + c  # kept where the losses are: no host sync
 
@@ -63,6 +79,13 @@ class BucketHistogram:
         out = torch.gather(torch.gather(dev, 1, order), 1, i).squeeze(1)
         return torch.where(total.squeeze(1) > 0, out, torch.full_like(out, float("nan")))
 
+    def upper_quantile(self, q: float, bucket: int = 0) -> float:
+        """Upper edge of the bin where the bucket's cumulative share first reaches q (loss truncation's
+        threshold: conservative by less than one bin)."""
+        cum = torch.cumsum(self.counts[bucket].cpu(), 0)
+        i = int(torch.searchsorted(cum, torch.tensor(q * float(cum[-1]), dtype=torch.float64)))
+        return (min(i, self.bins - 1) + 1) * self.width
+
     def scale(self) -> torch.Tensor:
         """[K] 1.4826 * MAD, at least one bin wide."""
         return (MAD_TO_STD * self.mad()).clamp(min=self.width)
@@ -75,6 +98,9 @@ class BucketHistogram:
                 "cells": [[int(k), int(i), float(c)] for (k, i), c in zip(nz.tolist(), vals.tolist())]}
 
     def load_state_dict(self, sd: dict) -> None:
+        if "counts" in sd:  # loss truncation's one-bucket histogram before 0.5: dense counts
+            sd = {"num_buckets": 1, "bins": sd["bins"], "max_loss": sd["max_loss"],
+                  "cells": [[0, i, c] for i, c in enumerate(sd["counts"]) if c]}
         if (sd["bins"], sd["max_loss"]) != (self.bins, self.max_loss):
             raise ValueError(f"checkpoint's loss histograms have {sd['bins']} bins over [0, {sd['max_loss']}), "
                              f"this build {self.bins} over [0, {self.max_loss})")

@@ -12,23 +12,27 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from collections import defaultdict
 from typing import Iterator
 
 import torch
+import yaml
 
-from .data.collate import collate_examples
-from .data.holdout import held_out
-from .data.records import read_dialogues
-from .data.render import Renderer
-from .loss import shift_targets, token_nll, turn_losses
+from ..config.sources import SourceSpec, parse_layout
+from ..data.collate import collate_examples
+from ..data.holdout import held_out
+from ..data.records import read_dialogues
+from ..data.render import Renderer
+from ..models import load_tokenizer
+from ..runtime.nll import token_nll
+from ..stats.turns import TurnLosses, shift_targets, turn_losses
+from .depth import DepthSums
 
 
 @torch.no_grad()
-def turn_scores(model, tokenizer, source, max_length: int = 256, batch_size: int = 8,
-                skip_invalid: bool = True, holdout: float | None = None) -> Iterator[tuple[str, int, float, int]]:
-    """Yield (dialogue_id, turn, summed token NLL, trained tokens) for every turn of a source
-    (only its held-out split when holdout is a fraction)."""
+def batch_turns(model, tokenizer, source, max_length: int = 256, batch_size: int = 8, skip_invalid: bool = True,
+                holdout: float | None = None) -> Iterator[tuple[list[str], TurnLosses]]:
+    """Yield (dialogue ids, TurnLosses) a batch at a time over a source (only its held-out split when
+    holdout is a fraction)."""
     renderer = Renderer(tokenizer, max_length)
     dialogues = read_dialogues(source, skip_invalid)
     if holdout:
@@ -45,36 +49,34 @@ def turn_scores(model, tokenizer, source, max_length: int = 256, batch_size: int
         b = collate_examples(exs, tokenizer.pad_token_id)
         logits = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
         tg = shift_targets(b["labels"].to(dev), b["turn_ids"].to(dev), b["doc_ids"].to(dev))
-        turns = turn_losses(token_nll(logits, tg.labels), tg, len(exs), b["partial"].shape[1])
+        yield b["dialogue_ids"], turn_losses(token_nll(logits, tg.labels), tg, len(exs), b["partial"].shape[1])
+
+
+def turn_scores(model, tokenizer, source, max_length: int = 256, batch_size: int = 8,
+                skip_invalid: bool = True, holdout: float | None = None) -> Iterator[tuple[str, int, float, int]]:
+    """Yield (dialogue_id, turn, summed token NLL, trained tokens) for every turn of a source."""
+    for ids, turns in batch_turns(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout):
         for s, t in torch.nonzero(turns.count > 0).tolist():
-            yield b["dialogue_ids"][s], t, float(turns.sum[s, t]), int(turns.count[s, t])
+            yield ids[s], t, float(turns.sum[s, t]), int(turns.count[s, t])
 
 
 def evaluate(model, tokenizer, source, max_length: int = 256, batch_size: int = 8,
              skip_invalid: bool = True, holdout: float | None = None) -> dict:
-    depth_nll, depth_tok, depth_turns, depth_sum = (defaultdict(float), defaultdict(int),
-                                                    defaultdict(int), defaultdict(float))
-    dialogues = set()
-    for did, t, nll, count in turn_scores(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout):
-        dialogues.add(did)
-        depth_nll[t] += nll
-        depth_tok[t] += count
-        depth_turns[t] += 1
-        depth_sum[t] += nll / count
-    turns, tokens = sum(depth_turns.values()), sum(depth_tok.values())
+    sums, dialogues = DepthSums(), set()
+    for ids, turns in batch_turns(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout):
+        dialogues.update(ids[s] for s in torch.nonzero((turns.count > 0).any(1)).flatten().tolist())
+        sums.add(turns)
+    s = sums.summary()
     return {
-        "dialogues": len(dialogues), "tokens": tokens, "turns": turns,
-        "loss": sum(depth_nll.values()) / max(tokens, 1),
-        "turn_loss": sum(depth_sum.values()) / max(turns, 1),
-        "per_depth": {t: {"turns": depth_turns[t], "loss": depth_nll[t] / depth_tok[t],
-                          "turn_loss": depth_sum[t] / depth_turns[t]} for t in sorted(depth_turns)},
+        "dialogues": len(dialogues), "tokens": s["tokens"], "turns": s["turns"], "loss": s["loss"],
+        "turn_loss": s["turn_loss"],
+        "per_depth": {t: {"turns": n, "loss": s["depth_loss"][t], "turn_loss": s["depth_turn_loss"][t]}
+                      for t, n in enumerate(s["depth_turns"]) if n},
     }
 
 
 def load_model(model_dir: str):
-    from transformers import AutoModelForCausalLM
-
-    from .models import load_tokenizer
+    from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), load_tokenizer(model_dir)
 
@@ -95,10 +97,6 @@ def main() -> None:
     ap.add_argument("--format", default=None, help="record layout, as data.format (default: detected)")
     ap.add_argument("--columns", default=None, help="field names, as data.columns, e.g. '{messages: dialog}'")
     a = ap.parse_args()
-    import yaml
-
-    from .data.sources import SourceSpec, parse_layout
-
     layout, errors = parse_layout(a.format, yaml.safe_load(a.columns) if a.columns else None, "--")
     if errors:
         ap.error("; ".join(errors))

@@ -34,10 +34,12 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from . import dist, faults
 
 PROGRESS = "progress.json"
 
@@ -83,8 +85,27 @@ def set_rng_state(st: dict) -> None:
     torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
 
 
-def tensor_to_json(t: torch.Tensor) -> list:
-    return t.tolist()  # float64 -> Python floats: repr round-trips exactly
+# -- what a checkpoint holds besides DeepSpeed's files ----------------------------------
+@dataclass
+class Progress:
+    """The training progress a resume restores: the same on every rank, JSON in progress.json."""
+    step: int
+    cursor: dict                 # data/plan.py Cursor.to_dict(): the global data position
+    world_size: int
+    global_batch: int
+    data: list[dict]             # what the cursor points into (data/pipeline.py identity)
+    method: dict                 # stats/method.py Method.state_dict(): Welford and histogram state
+    best_val: float | None = None  # lowest validation loss so far (eval.keep_best)
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "cursor": self.cursor, "world_size": self.world_size,
+                "global_batch": self.global_batch, "data": self.data, "best_val": self.best_val,
+                "welford": self.method["welford"], "hist": self.method.get("hist")}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Progress":
+        return cls(d["step"], d["cursor"], d["world_size"], d.get("global_batch", 0), d["data"],
+                   {"welford": d["welford"], "hist": d.get("hist")}, d.get("best_val"))
 
 
 # -- save -------------------------------------------------------------------------------
@@ -120,7 +141,23 @@ def check_staged(have: dict[str, int], world: int) -> list[str]:
     return problems
 
 
-def publish(ckpt_dir: str, tag: str, progress: dict, world: int) -> None:
+def save(engine, ckpt_dir: str, progress: Progress, rank: int, world: int, keep_last: int) -> None:
+    """Every rank writes into <tag>.saving; rank 0 verifies and publishes, then rotates."""
+    tag = f"step{progress.step:07d}"
+    if rank == 0:
+        clear_staging(ckpt_dir)
+    dist.barrier()
+    engine.save(ckpt_dir, staging(tag))
+    write_rank_state(ckpt_dir, staging(tag), rank, {"rng": rng_state()})
+    faults.point("save", progress.step, rank)
+    dist.barrier()
+    if rank == 0:
+        publish(ckpt_dir, tag, progress, world)
+        rotate(ckpt_dir, keep_last)
+    dist.barrier()
+
+
+def publish(ckpt_dir: str, tag: str, progress: Progress, world: int) -> None:
     """Rank 0, after every rank wrote into <tag>.saving: verify, complete, rename, move `latest`."""
     tmp, final = os.path.join(ckpt_dir, staging(tag)), os.path.join(ckpt_dir, tag)
     have = inventory(tmp)
@@ -128,7 +165,7 @@ def publish(ckpt_dir: str, tag: str, progress: dict, world: int) -> None:
     if problems:
         raise RuntimeError(f"checkpoint {tmp} is incomplete ({'; '.join(problems)}); it was not published, "
                            "the previous checkpoint stays the one a resume uses")
-    _write_json(os.path.join(tmp, PROGRESS), {**progress, "files": have})
+    _write_json(os.path.join(tmp, PROGRESS), {**progress.to_json(), "files": have})
     if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -164,7 +201,8 @@ def published(ckpt_dir: str) -> list[str]:
 class Found:
     ckpt_dir: str
     tag: str
-    progress: dict
+    progress: Progress
+    files: dict = field(default_factory=dict)  # the inventory: relative path -> size
     universal: bool = False  # DeepSpeed loads <tag>.universal (made for another world size)
 
     @property
@@ -212,11 +250,11 @@ def verified(ckpt_dir: str, tag: str) -> Found:
     if bad:
         raise FileNotFoundError(f"checkpoint {folder} is damaged: {'; '.join(bad[:5])}"
                                 f"{' ...' if len(bad) > 5 else ''}; {fix}")
-    return Found(ckpt_dir, tag, progress)
+    return Found(ckpt_dir, tag, Progress.from_json(progress), progress["files"])
 
 
 def load_rank_rng(found: Found, rank: int, world: int) -> dict | None:
     """This rank's RNG state if the world size is unchanged, else None (the caller reseeds)."""
-    if found.progress["world_size"] != world:
+    if found.progress.world_size != world:
         return None
     return _read_json(rank_state_path(found.ckpt_dir, found.tag, rank))["rng"]

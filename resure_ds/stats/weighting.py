@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import torch
 
-from .config import LossTruncationConfig, ResureConfig
-from .quantile import LossHistogram
+from ..config import LossTruncationConfig, ResureConfig
+from .histogram import LossHistogram
 from .welford import Welford
 
 
@@ -23,7 +23,7 @@ class Weights(NamedTuple):
 
 def zscores(loss: torch.Tensor, stats: Welford, eps: float, count: torch.Tensor | None = None) -> torch.Tensor:
     """z = (L - mean_b) / (std_b + eps), b = min(turn, K-1); NaN where n_b < 2. With stats.scale=mad,
-    the bucket's median and 1.4826 * MAD stand for mean_b and std_b (robust.py). With
+    the bucket's median and 1.4826 * MAD stand for mean_b and std_b (histogram.py). With
     stats.length_scaled, std_b is a per-token std and a turn of c trained tokens is compared with
     std_b / sqrt(c): z = (L - mean_b) / (std_b / sqrt(c) + eps) (welford.py)."""
     T = loss.shape[1]
@@ -73,7 +73,7 @@ def truncation_weights(loss: torch.Tensor, present: torch.Tensor, hist: LossHist
     if not warm:
         w = torch.ones_like(loss)
     else:
-        w = (loss <= hist.quantile(1.0 - cfg.drop_fraction)).double()
+        w = (loss <= hist.upper_quantile(1.0 - cfg.drop_fraction)).double()
     w = torch.where(present, w, torch.ones_like(w))
     w = torch.where(present & ~torch.isfinite(loss), torch.zeros_like(w), w)
     return Weights(w.float(), z, torch.full_like(present, warm))

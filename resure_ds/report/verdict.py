@@ -20,7 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..config.sources import train_specs
+from ..data.manifest import manifest_source
+from ..data.records import InvalidRecord, record_format, to_dialogue
+from ..data.sources import load_hf, read_unit, resolve, units_of
 from .audit import read_audit
+from .run_files import read_config
 
 KEY = ["source", "dialogue_id", "turn"]
 
@@ -86,8 +91,6 @@ def _cut(record: dict, messages: list[dict], turn: int, layout) -> dict | None:
     """The record (whose normalised `messages` these are) up to its last assistant message before
     turn `turn` (the user message that asked for turn `turn` goes too); None if no assistant turn
     is left."""
-    from .data.records import record_format
-
     idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     fmt = record_format(record, layout)
     if turn == 0 or fmt not in ("openai", "sharegpt"):
@@ -131,9 +134,7 @@ class _Writer:
 
     def close(self) -> None:
         if self.kind == "hf":
-            from .data.sources import _load_hf
-
-            ds = _load_hf(self.like)
+            ds = load_hf(self.like)
             if self.replace:
                 ds = ds.map(lambda r, i: self.replace.get(i, r), with_indices=True)
             ds.select(self.keep).save_to_disk(self.path)
@@ -154,11 +155,6 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
     assistant turn left is dropped. Records the run never trained, or that were invalid, are kept
     as they are. One output per input file, in its format; the embedded corpus as OpenAI-layout
     JSONL. Returns the counts (also written to OUT/filter_counts.json)."""
-    from .data.records import InvalidRecord, to_dialogue
-    from .data.shards import manifest_source
-    from .data.sources import config_layout, parse_train, read_unit, resolve, units_of
-    from .report import read_config
-
     if unit not in ("dialogue", "turn"):
         raise ValueError(f"--unit must be 'dialogue' or 'turn', got {unit!r}")
     cfg = read_config(run_dir)
@@ -166,7 +162,7 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
     counts = {"min_weight": min_weight, "unit": unit, "records": 0, "kept": 0, "dropped": 0, "cut": 0,
               "turns_removed": 0, "not_trained_kept": 0, "invalid_kept": 0,
               "unreadable_dropped": 0, "outputs": []}
-    for i, spec in enumerate(parse_train(cfg["data"]["train"], config_layout(cfg["data"]))[0]):
+    for i, spec in enumerate(train_specs(cfg["data"])):
         src = resolve(spec)
         if src.kind == "prepared":
             src = resolve(manifest_source(src.files[0]))

@@ -19,7 +19,8 @@ import os
 
 import torch
 
-from .config import LoraConfig
+from ..config import LoraConfig
+from ..errors import ConfigError
 
 ADAPTER = "default"  # PEFT's adapter name for the one adapter we train
 
@@ -44,8 +45,6 @@ def attach(model: torch.nn.Module, lc: LoraConfig) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     if not trainable:
-        from .errors import ConfigError
-
         raise ConfigError(f"model.lora.targets={lc.targets!r} matched no module of this model: name Linear "
                           "layers it has (e.g. q_proj, v_proj) or use all-linear")
     return trainable, total

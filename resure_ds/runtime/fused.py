@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import IGNORE
+from ..data import IGNORE
 
 CHUNK_BYTES = 256 * 2 ** 20  # fp32 logits of one chunk; its softmax in backward takes as much again
 

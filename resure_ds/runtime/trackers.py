@@ -16,16 +16,8 @@ from __future__ import annotations
 import os
 import uuid
 
-from .errors import ConfigError
-
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-
-
-def names(report_to) -> list[str]:
-    """output.report_to as written (a name, none, or a list) -> tracker names."""
-    items = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    return [n for n in items if n != "none"]
-
+from ..config.sources import tracker_names
+from ..errors import ConfigError
 
 def scalars(row: dict) -> dict[str, float]:
     """The numbers of a metrics row: scalars as they are, per-depth lists as name/depth (NaN dropped)."""
@@ -128,4 +120,4 @@ class Mlflow:
 
 def open_trackers(report_to, run_dir: str, start_step: int, config: dict, project: str, name: str) -> list:
     kinds = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": Mlflow}
-    return [kinds[n](run_dir, start_step, config=config, project=project, name=name) for n in names(report_to)]
+    return [kinds[n](run_dir, start_step, config=config, project=project, name=name) for n in tracker_names(report_to)]

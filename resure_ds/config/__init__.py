@@ -7,14 +7,18 @@ launches.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib.util
+import inspect
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .sources import TRACKERS, parse_layout, parse_train, tracker_names
 
 __all__ = ["Config", "ConfigError", "load_config", "split_recipe_args", "to_dict"]
 
@@ -55,7 +59,7 @@ class ModelConfig:
     start-up check refuses a model that lets packed dialogues see each other."""
     fused_loss: Literal["auto", "true", "false"] = "auto"
     """LM head and per-token loss fused, a chunk of trained tokens at a time: the [tokens, vocab]
-    logits are never held whole (resure_ds/fused.py). auto: where the model has a plain Linear head
+    logits are never held whole (resure_ds/runtime/fused.py). auto: where the model has a plain Linear head
     and the start-up check finds the same losses as its own logits, else the logits path; true:
     stop if it cannot; false: the logits path."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -224,7 +228,7 @@ class OutputConfig:
     name: str = "resure-default"
     """Run folder name: outputs go to <dir>/<name>/."""
     report_to: str | list = "tensorboard"
-    """Trackers for the step metrics (every train.log_every steps): tensorboard, wandb, mlflow, a list of them, or none. wandb and mlflow are optional packages, offline/local by default (resure_ds/trackers.py): wandb under <run>/wandb unless WANDB_MODE=online, mlflow to MLFLOW_TRACKING_URI or sqlite:///<run>/mlflow.db."""
+    """Trackers for the step metrics (every train.log_every steps): tensorboard, wandb, mlflow, a list of them, or none. wandb and mlflow are optional packages, offline/local by default (resure_ds/runtime/trackers.py): wandb under <run>/wandb unless WANDB_MODE=online, mlflow to MLFLOW_TRACKING_URI or sqlite:///<run>/mlflow.db."""
     project: str = "resure-ds"
     """wandb project / mlflow experiment that runs log to (the run is named output.name)."""
     plot: bool = True
@@ -309,8 +313,6 @@ def _build(cls, data: dict, prefix: str, errors: list[str]):
 
 def _validate(c: Config) -> list[str]:
     e: list[str] = []
-    from .data.sources import parse_layout, parse_train
-
     layout, errs = parse_layout(c.data.format, c.data.columns, "data.")
     e += errs + parse_train(c.data.train, layout)[1]
     pos = [("data.max_length", c.data.max_length), ("data.pack_window", c.data.pack_window),
@@ -352,14 +354,10 @@ def _validate(c: Config) -> list[str]:
             not lora.targets or not all(isinstance(t, str) and t for t in lora.targets)):
         e.append(f"model.lora.targets: all-linear or a list of module names (e.g. [q_proj, v_proj]), "
                  f"got {lora.targets!r}")
-    from importlib.util import find_spec
-
-    from .trackers import TRACKERS, names
-
-    for t in names(c.output.report_to) if isinstance(c.output.report_to, (str, list)) else []:
+    for t in tracker_names(c.output.report_to) if isinstance(c.output.report_to, (str, list)) else []:
         if t not in TRACKERS:
             e.append(f"output.report_to: unknown tracker {t!r} (known: {', '.join(TRACKERS)}, none)")
-        elif t != "tensorboard" and find_spec(t) is None:
+        elif t != "tensorboard" and importlib.util.find_spec(t) is None:
             e.append(f"output.report_to: {t} is not installed (pip install {t}), or drop it from output.report_to")
     if c.train.zero_stage not in (0, 1, 2, 3):
         e.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {c.train.zero_stage}")
@@ -449,8 +447,6 @@ def to_dict(cfg: Config) -> dict:
 
 def option_table() -> list[tuple[str, str, str]]:
     """(dotted key, default, doc) for every option, docs read from this file's field docstrings."""
-    import ast
-    import inspect
 
     def section(cls, prefix: str) -> list[tuple[str, str, str]]:
         body = ast.parse(inspect.getsource(cls)).body[0].body

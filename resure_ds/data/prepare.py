@@ -1,7 +1,7 @@
 """Prepare once: validate, render and tokenize every source of data.train into
 token shards (data/shards.py) with a manifest; training only maps and batches.
 
-    python -m resure_ds.prepare [RECIPE.yaml] [key=value ...] [--workers N]
+    python -m resure_ds.data.prepare [RECIPE.yaml] [key=value ...] [--workers N]
 
 The same recipe and overrides as training. Each source lands in
 `<data.prepared_dir>/<name>-<key>/`, where the key hashes the source files'
@@ -39,11 +39,15 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-from .config import Config, ConfigError, load_config, split_recipe_args
-from .data.records import SkipCounter, unit_dialogues
-from .data.shards import ShardWriter, read_manifest, write_manifest
-from .data.sources import Layout, Source, SourceSpec, Unit, resolve, source_fingerprint, units_of
-from .errors import DataError
+from ..config import Config, ConfigError, load_config, split_recipe_args
+from ..config.sources import Layout, SourceSpec, config_layout, train_specs
+from ..errors import DataError
+from ..models import cache_root, load_tokenizer, resolve_model_path
+from .records import SkipCounter, unit_dialogues
+from .render import RENDER_VERSION, Renderer
+from .manifest import FORMAT_VERSION, read_manifest, write_manifest
+from .shards import ShardWriter
+from .sources import Source, Unit, resolve, source_fingerprint, units_of
 
 RENDER_BATCH = 256  # dialogues tokenized per Rust call
 
@@ -72,15 +76,10 @@ def _slug(text: str) -> str:
 
 
 def prepared_root(cfg: Config) -> str:
-    from .models import cache_root
-
     return cfg.data.prepared_dir or os.path.join(cache_root(), "prepared")
 
 
 def source_key(src: Source, fps: dict, cfg: Config) -> str:
-    from .data.render import RENDER_VERSION
-    from .data.shards import FORMAT_VERSION
-
     blob = json.dumps({"version": FORMAT_VERSION, "render": RENDER_VERSION, "kind": src.kind,
                        "files": source_fingerprint(src), **fps,
                        "max_length": cfg.data.max_length, "skip_invalid": cfg.data.skip_invalid,
@@ -97,9 +96,6 @@ _W: dict = {}
 def _init_worker(model_path: str, chat_template: str | None, trust_remote_code: bool, max_length: int,
                  skip_invalid: bool, queue) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; the pool is the parallelism
-    from .data.render import Renderer
-    from .models import load_tokenizer
-
     _W.update(renderer=Renderer(load_tokenizer(model_path, chat_template, trust_remote_code), max_length),
               skip=skip_invalid, tick=queue.put if queue is not None else None)
 
@@ -151,8 +147,6 @@ def _run_units(todo: list[tuple[Unit, int, str]], workers: int, model_path: str,
     bar = tqdm(desc="prepare", unit=" dlg", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     try:
         if workers <= 1 or len(todo) <= 1:
-            from .data.render import Renderer
-
             _W.update(renderer=Renderer(tokenizer, cfg.data.max_length), skip=cfg.data.skip_invalid,
                       tick=bar.update)
             for job in todo:
@@ -320,11 +314,7 @@ def default_workers(cfg: Config) -> int:
 def ensure_prepared(cfg: Config, tokenizer, model_path: str, workers: int | None = None,
                     task: tuple[int, int] = (0, 1), progress: bool = True) -> list[Prepared]:
     """Every source of data.train, prepared (or found prepared)."""
-    from .data.sources import config_layout, parse_train
-
-    specs, errors = parse_train(cfg.data.train, config_layout(cfg.data))
-    if errors:
-        raise ConfigError("; ".join(errors))
+    specs = train_specs(cfg.data)  # validated by load_config
     workers = workers or default_workers(cfg)
     return [prepare_source(s, cfg, tokenizer, model_path, workers, task, progress) for s in specs]
 
@@ -334,8 +324,6 @@ def ensure_eval_prepared(cfg: Config, tokenizer, model_path: str, workers: int |
     """data.eval when it names a source (a fraction is held out of the training sources instead)."""
     if not isinstance(cfg.data.eval, str):
         return None
-    from .data.sources import config_layout
-
     spec = SourceSpec(cfg.data.eval, name="eval", layout=config_layout(cfg.data))
     return prepare_source(spec, cfg, tokenizer, model_path, workers or default_workers(cfg), task, progress)
 
@@ -348,8 +336,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="one of several tasks (launch/prepare.sh under srun/mpirun): take a share of the units")
     ap.add_argument("--wait", type=float, default=86400, help="task 0: seconds to wait for the other tasks")
     a = ap.parse_args(argv)
-    from .models import load_tokenizer, resolve_model_path
-
     try:
         cfg = load_config(*split_recipe_args(a.args))
         model_path = resolve_model_path(cfg.model.path)

@@ -1,0 +1,82 @@
+"""The data a training run reads, wired once: the prepared sources, the held-out split, the
+validation rows, this rank's batch stream, and what a checkpoint records about the data.
+
+data.eval as a fraction is split here, once, by a hash of every dialogue id: the loader gets the
+indices training may draw, validation the rows held out (the same list on every rank).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..errors import DataError
+from .loader import Corpus, RankBatches, Stream, make_loader
+from .plan import Cursor
+from .prepare import Prepared, ensure_eval_prepared, ensure_prepared
+from .shards import PreparedSource
+
+
+def holdout(cfg: Config) -> float | None:
+    """data.eval as a held-out fraction of the training sources, else None."""
+    return cfg.data.eval if isinstance(cfg.data.eval, float) else None
+
+
+class TrainingData:
+    def __init__(self, cfg: Config, tokenizer, model_path: str, rank: int):
+        self.cfg, self.pad_id = cfg, tokenizer.pad_token_id
+        # A cache hit when launch/train.sh prepared the data before starting the ranks; otherwise one
+        # rank prepares (file-locked) while the others wait, before any collective.
+        self.prepared: list[Prepared] = ensure_prepared(cfg, tokenizer, model_path, progress=rank == 0)
+        frac = holdout(cfg)
+        corpus = Corpus([p.folder for p in self.prepared]) if frac else None
+        self.keep, held = corpus.split(frac) if corpus is not None else (None, None)
+        self.validation_rows = self._validation_rows(tokenizer, model_path, corpus, held, rank)
+
+    def _validation_rows(self, tok, model_path: str, corpus: Corpus | None, held: np.ndarray | None,
+                         rank: int) -> list | None:
+        """A prepared data.eval source, or the held-out rows of the training corpus (index order)."""
+        cfg = self.cfg
+        if cfg.data.eval is None:
+            return None
+        if corpus is None:
+            src = PreparedSource(ensure_eval_prepared(cfg, tok, model_path, progress=rank == 0).folder)
+            return [src.row(i) for i in range(len(src))]
+        rows = [corpus.row(int(i))[1] for i in held]
+        if not rows:
+            raise DataError(f"data.eval={cfg.data.eval}: no dialogue of the training data falls in the held-out "
+                            "split; raise the fraction or give a validation source")
+        return rows
+
+    @property
+    def source_names(self) -> list[str]:
+        return [p.spec.label for p in self.prepared]
+
+    def batches(self, rank: int, world: int, cursor: Cursor, ignore_signals: tuple = ()) -> Iterator[dict]:
+        """This rank's micro-batches from a global cursor on (background workers per data.num_workers)."""
+        d, t = self.cfg.data, self.cfg.train
+        stream = Stream([p.folder for p in self.prepared], [p.spec.weight for p in self.prepared], t.seed,
+                        d.max_length, d.packing, d.pack_window, t.micro_batch_size, self.pad_id, self.keep)
+        return make_loader(RankBatches(stream, rank, world, cursor), d.num_workers, d.prefetch,
+                           pin_memory=torch.cuda.is_available(), ignore_signals=ignore_signals)
+
+    def identity(self) -> list[dict]:
+        """What the data cursor points into: the prepared sources, their keys and weights, and the
+        held-out validation fraction (it changes which dialogues are drawn)."""
+        frac = holdout(self.cfg)
+        return [{"name": p.spec.label, "key": p.manifest.get("key", os.path.basename(p.folder)),
+                 "weight": p.spec.weight, **({"holdout": frac} if frac else {})} for p in self.prepared]
+
+    def counts(self) -> dict:
+        """Skipped records per kind and dialogues cut, over all sources (from their manifests)."""
+        skipped: dict[str, int] = {}
+        cut = no_token = 0
+        for p in self.prepared:
+            c = p.manifest["counts"]
+            for k, v in c["skipped"].items():
+                skipped[k] = skipped.get(k, 0) + v
+            cut, no_token = cut + c["cut_by_max_length"], no_token + c["no_trained_token"]
+        return {"skipped": skipped, "cut_by_max_length": cut, "no_trained_token": no_token}

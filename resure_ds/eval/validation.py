@@ -1,0 +1,48 @@
+"""Validation during training: the clean per-turn loss on held-out dialogues.
+
+Every rank evaluates its share of the validation rows (one dialogue per
+padded row, like `python -m resure_ds.eval`), and the per-depth sums
+(eval/depth.py) are all-reduced, so every rank ends with the same numbers.
+Under ZeRO-3 a forward is a collective, so every rank runs the same number of
+forwards: a rank with no rows left in the last round repeats a row and drops
+the result. Turns cut by max_length count, as in resure_ds.eval; no weights apply.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data.collate import collate
+from ..runtime import dist
+from ..stats.turns import shift_targets, turn_losses
+from .depth import DepthSums, summarize
+
+
+class Validation:
+    def __init__(self, rows: list, pad_id: int, micro_batch: int):
+        if not rows:
+            raise ValueError("the validation split is empty")
+        self.rows, self.pad_id, self.micro_batch = rows, pad_id, micro_batch
+        self.depth = max(max(len(r.partial) for r in rows), 1)  # the same on every rank
+        self.dialogues = len(rows)
+
+    @torch.no_grad()
+    def run(self, engine) -> dict:
+        """engine: the runtime Engine (its device is where the forwards and the all-reduce run)."""
+        rank, world, mb, dev = dist.rank(), dist.world(), self.micro_batch, engine.device
+        per = world * mb
+        sums = DepthSums(self.depth)
+        engine.train(False)
+        try:
+            for start in range(0, len(self.rows), per):
+                mine = self.rows[start + rank * mb:start + (rank + 1) * mb]
+                batch = collate([[r] for r in (mine or self.rows[:1])], self.pad_id, packed=False)
+                tg = shift_targets(batch["labels"].to(dev), batch["turn_ids"].to(dev), batch["doc_ids"].to(dev))
+                t = turn_losses(engine.token_nll(batch, tg.labels), tg, len(batch["dialogue_ids"]),
+                                batch["partial"].shape[1])
+                if mine:
+                    sums.add(t)
+        finally:
+            engine.train(True)
+        flat = torch.from_numpy(sums.table.flatten())
+        total = dist.all_reduce_sum(flat, dev).view(self.depth, 4).numpy()
+        return summarize(total, self.dialogues)

@@ -1,0 +1,55 @@
+"""The report of a run, its verdict exported, or its corpus filtered:
+
+    python -m resure_ds.report RUN [--top 20]            summary, report.html, top turns listed
+    python -m resure_ds.report RUN --export verdict.parquet
+    python -m resure_ds.report RUN --filter OUT --min-weight 0.5 [--unit dialogue|turn]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from .audit import segments
+from .build import build_report
+from .run_files import read_metrics
+from .verdict import export, filter_corpus
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir")
+    ap.add_argument("--top", type=int, default=20, help="list the N most down-weighted turns with their text")
+    ap.add_argument("--export", metavar="PATH", help="write the verdict per turn (last-seen weight, z) as Parquet")
+    ap.add_argument("--filter", metavar="OUT", help="write the corpus without what the verdict finds below --min-weight")
+    ap.add_argument("--min-weight", type=float, default=0.5, help="filter threshold (default 0.5)")
+    ap.add_argument("--unit", choices=("dialogue", "turn"), default="dialogue",
+                    help="filter whole dialogues (default), or cut each dialogue before its first low turn")
+    a = ap.parse_args(argv)
+    need = [n for n in ("config.json", "metrics.jsonl") if not os.path.exists(os.path.join(a.run_dir, n))]
+    if not need and os.path.isdir(os.path.join(a.run_dir, "audit")) and not segments(a.run_dir):
+        raise SystemExit(f"{a.run_dir}/audit holds no Parquet segments (a run of an older version wrote "
+                         "rank*.jsonl, a sample): train it again with this version to get its report")
+    if need or not read_metrics(a.run_dir):
+        raise SystemExit(f"{a.run_dir}: not a run folder with a logged step ({', '.join(need) or 'metrics.jsonl is empty'}"
+                         "); give runs/<output.name> of a run that has trained at least one step")
+    if a.export:
+        print(f"{export(a.run_dir, a.export):,} turns written to {a.export}")
+    if a.filter:
+        c = filter_corpus(a.run_dir, a.filter, a.min_weight, a.unit)
+        print(f"filter (weight < {a.min_weight}, by {a.unit}): {c['records']:,} records read; {c['kept']:,} kept, "
+              f"{c['dropped']:,} dropped, {c['cut']:,} cut, {c['turns_removed']:,} turns removed; kept as they are: "
+              f"{c['not_trained_kept']:,} never trained, {c['invalid_kept']:,} invalid; unreadable lines dropped: "
+              f"{c['unreadable_dropped']:,}. Written to {a.filter} (counts in filter_counts.json)")
+    if a.export or a.filter:
+        return
+    text, rows = build_report(a.run_dir, None, True, True, max(a.top, 50))
+    print(text)
+    print("\nmost down-weighted turns (last-seen weight):")
+    for r in rows[:a.top]:
+        z = "  n/a" if r["z"] is None else f"{r['z']:5.2f}"
+        print(f"w={r['weight']:.3f} z={z} loss={r['loss']:.3f} step={r['step']} "
+              f"{r['dialogue_id']} turn {r['turn']}: {(r['text'] or '')[:160]!r}")
+
+
+if __name__ == "__main__":
+    main()

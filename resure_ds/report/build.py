@@ -1,0 +1,124 @@
+"""The end-of-run report: summary.txt, training.png and report.html (the data-quality report).
+Written by every run at its end; on demand with `python -m resure_ds.report RUN` (report/__main__.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from ..config.sources import train_specs
+from ..data.records import read_dialogues
+from .audit import read_audit
+from .html import render
+from .plots import training_png
+from .run_files import DATA_COUNTS, read_config, read_metrics
+from .verdict import group_stats, last_seen
+
+
+# -- text ---------------------------------------------------------------------------------------
+def summary_lines(run_dir: str, metrics: list[dict], audit: pa.Table, data: dict | None) -> list[str]:
+    last = metrics[-min(5, len(metrics)):]
+    w = audit.column("weight").to_numpy()
+    n, warm = len(w), int(np.sum(audit.column("warm").to_numpy(zero_copy_only=False)))
+    down = int((w < 1).sum())
+    lines = [
+        f"run: {run_dir}",
+        f"steps: {metrics[-1]['step']}   train time (sum of step times): {sum(m['step_time_s'] for m in metrics):.0f} s",
+        f"final loss (mean of last {len(last)} steps): {sum(m['loss'] for m in last) / len(last):.4f}",
+        f"final weighted loss: {sum(m['weighted_loss'] for m in last) / len(last):.4f}",
+        f"final mean weight: {sum(m['mean_weight'] for m in last) / len(last):.4f}",
+        f"turns audited: {n} ({warm} after warm-up); down-weighted (w < 1): {down} "
+        f"({down / max(n, 1):.1%}), w < 0.5: {int((w < 0.5).sum())}",
+        f"non-finite turn losses skipped: {metrics[-1]['nonfinite_total']}",
+    ]
+    val = [m for m in metrics if "val_loss" in m]
+    if val:
+        v = val[-1]
+        depth = ", ".join(f"{x:.4f}" for x in v["val_depth_loss"])
+        lines.append(f"validation loss at step {v['step']}: {v['val_loss']:.4f} (turn mean {v['val_turn_loss']:.4f}; "
+                     f"per turn depth: {depth}; {v['val_dialogues']} dialogues)")
+    if data is not None:
+        skipped = data["skipped"]
+        lines.append(f"invalid records skipped: {', '.join(f'{k}={v}' for k, v in sorted(skipped.items())) or 'none'}")
+        lines.append(f"dialogues whose last turn was cut by data.max_length: {data['cut_by_max_length']}; "
+                     f"left with no trained token (skipped): {data['no_trained_token']}")
+    return lines
+
+
+def top_downweighted(verdict: pa.Table, cfg: dict, k: int) -> list[dict]:
+    """The k turns with the lowest last-seen weight (highest z first among equals), each with its
+    reply and the message before it, read back from the training data (a scan that stops once all
+    are found)."""
+    v = verdict
+    z = np.nan_to_num(np.asarray(v.column("z").to_numpy(zero_copy_only=False), dtype=float), nan=-np.inf)
+    order = np.lexsort((-z, v.column("weight").to_numpy()))[:k]
+    rows = v.take(pa.array(order, pa.int64())).to_pylist() if len(order) else []
+    want: dict[str, set] = {}
+    for r in rows:
+        want.setdefault(r["source"], set()).add(r["dialogue_id"])
+    found: dict[tuple[str, str], list[dict]] = {}
+    for spec in train_specs(cfg["data"]):
+        ids = want.get(spec.label, set())
+        for d in read_dialogues(spec, skip_invalid=True) if ids else ():
+            if d.dialogue_id in ids:
+                found[(spec.label, d.dialogue_id)] = d.messages
+                ids.discard(d.dialogue_id)
+                if not ids:
+                    break
+    for r in rows:
+        msgs = found.get((r["source"], r["dialogue_id"]), [])
+        at = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        i = at[r["turn"]] if r["turn"] < len(at) else None
+        r["text"] = _reply_text(msgs[i]) if i is not None else None
+        r["before"] = (msgs[i - 1]["role"], msgs[i - 1]["content"]) if i else None
+    return rows
+
+
+def _reply_text(m: dict) -> str:
+    """An assistant message as the report shows it: its content, then its tool calls as JSON."""
+    calls = [json.dumps(c["function"], ensure_ascii=False) for c in m.get("tool_calls", ())]
+    return "\n".join(x for x in (m["content"], *calls) if x)
+
+
+# -- the whole report -------------------------------------------------------------------------------
+def write_report(run_dir: str, data: dict | None = None, with_plot: bool = True, html: bool = True,
+                 top: int = 50) -> str:
+    """summary.txt, training.png (with_plot) and report.html (html); `data`: the prepared corpus'
+    counts (train.data_counts), kept in the run folder for reports made later. Returns the summary."""
+    return build_report(run_dir, data, with_plot, html, top)[0]
+
+
+def build_report(run_dir: str, data: dict | None, with_plot: bool, html: bool, top: int) -> tuple[str, list[dict]]:
+    """write_report's work; also returns the top turns it listed (with their text)."""
+    t0 = time.perf_counter()
+    path = os.path.join(run_dir, DATA_COUNTS)
+    if data is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+    elif os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    metrics, audit, rows = read_metrics(run_dir), read_audit(run_dir), []
+    lines = summary_lines(run_dir, metrics, audit, data)
+    if with_plot:
+        lines.append(f"plot: {training_png(run_dir, metrics, audit)}")
+    if html:
+        cfg = read_config(run_dir)
+        verdict = last_seen(audit)
+        rows = top_downweighted(verdict, cfg, top)
+        page = render(run_dir, cfg, metrics, audit, lines,
+                      group_stats(verdict, "source"),
+                      group_stats(verdict, "turn", cap=cfg["stats"]["num_buckets"] - 1), rows, with_plot)
+        out = os.path.join(run_dir, "report.html")
+        with open(out + ".tmp", "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(out + ".tmp", out)
+        lines.append(f"report: {out} ({os.path.getsize(out) / 1e6:.2f} MB, built in {time.perf_counter() - t0:.1f} s)")
+    text = "\n".join(lines)
+    with open(os.path.join(run_dir, "summary.txt"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    return text, rows

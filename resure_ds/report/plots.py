@@ -1,0 +1,82 @@
+"""Plots: each draws on one matplotlib axis, shared by training.png and report.html."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+
+
+def plot_loss(ax, metrics: list[dict]) -> None:
+    steps = [m["step"] for m in metrics]
+    ax.plot(steps, [m["loss"] for m in metrics], label="loss (token mean)")
+    ax.plot(steps, [m["weighted_loss"] for m in metrics], label="weighted loss (optimised)")
+    val = [m for m in metrics if "val_loss" in m]
+    if val:
+        ax.plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-", label="validation loss (clean)")
+    ax.set(title="loss", xlabel="step")
+    ax.legend()
+
+
+def plot_lr(ax, metrics: list[dict]) -> None:
+    ax.plot([m["step"] for m in metrics], [m["lr"] for m in metrics])
+    ax.set(title="learning rate", xlabel="step")
+
+
+def plot_buckets(ax, metrics: list[dict]) -> None:
+    steps = [m["step"] for m in metrics]
+    mean = np.array([m["bucket_mean"] for m in metrics], dtype=float)
+    std = np.array([m["bucket_std"] for m in metrics], dtype=float)
+    n = np.array([m["bucket_n"] for m in metrics], dtype=float)
+    mean[n < 1] = np.nan  # a bucket has no mean before its first turn
+    for b in range(mean.shape[1]):
+        if n[-1, b] > 1:
+            ax.plot(steps, mean[:, b], label=f"turn {b}" + ("+" if b == mean.shape[1] - 1 else ""))
+            ax.fill_between(steps, mean[:, b] - std[:, b], mean[:, b] + std[:, b], alpha=0.1)
+    ax.set(title="Welford mean +- std of turn loss, per turn-depth bucket", xlabel="step")
+    ax.legend(fontsize=7)
+
+
+def plot_weights_over_steps(ax, metrics: list[dict]) -> None:
+    steps = [m["step"] for m in metrics]
+    ax.plot(steps, [m["mean_weight"] for m in metrics], label="mean weight")
+    ax.plot(steps, [m["frac_w_lt_1"] for m in metrics], label="fraction w < 1")
+    ax.plot(steps, [m["frac_w_lt_0.5"] for m in metrics], label="fraction w < 0.5")
+    ax.set(title="weights over training", xlabel="step", ylim=(-0.02, 1.02))
+    ax.legend()
+
+
+def plot_weight_hist(ax, weights: np.ndarray) -> None:
+    ax.hist(weights, bins=40, range=(0, 1), log=True)
+    ax.set(title=f"weight of every trained turn ({len(weights):,} rows)", xlabel="weight")
+
+
+def plot_z_by_source(ax, audit: pa.Table) -> None:
+    warm = audit.filter(audit.column("warm"))
+    src = warm.column("source").to_numpy(zero_copy_only=False)
+    z = np.asarray(warm.column("z").to_numpy(zero_copy_only=False), dtype=float)
+    names = sorted(set(src.tolist()))
+    data = [z[(src == s) & np.isfinite(z)] for s in names]
+    if any(len(d) for d in data):
+        ax.boxplot([d if len(d) else [np.nan] for d in data], vert=False, showfliers=True,
+                   flierprops={"markersize": 2})
+        ax.set_yticks(range(1, len(names) + 1), [s[-30:] for s in names], fontsize=7)
+    ax.set(title="turn-loss z per source (after warm-up)", xlabel="z")
+
+
+def training_png(run_dir: str, metrics: list[dict], audit: pa.Table) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    plot_loss(ax[0, 0], metrics)
+    plot_buckets(ax[0, 1], metrics)
+    plot_weights_over_steps(ax[1, 0], metrics)
+    plot_weight_hist(ax[1, 1], audit.column("weight").to_numpy())
+    fig.tight_layout()
+    out = os.path.join(run_dir, "training.png")
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

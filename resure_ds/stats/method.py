@@ -1,0 +1,59 @@
+"""The training method as one stateful part: its statistics (Welford buckets, plus a loss
+histogram for loss truncation) and its rule from a micro-batch's turn losses to weights.
+
+    method = Method(cfg)
+    w = method.weigh(turns, step)        # from the statistics as they stood (docs/method.md s.4)
+    method.merge(turns, complete, dev)   # then this micro-step's complete turns, on every rank
+
+Its state is JSON (state_dict / load_state_dict), the part of a checkpoint's progress record
+that is ours to restore.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+from .histogram import LossHistogram
+from .turns import TurnLosses
+from .weighting import Weights, resure_weights, sft_weights, truncation_weights
+from .welford import Welford
+
+TRUNCATION_BINS = 4000  # loss truncation's quantile: 0.005 nats a bin over [0, 20)
+
+
+class Method:
+    def __init__(self, cfg: Config):
+        self.cfg, s = cfg, cfg.stats
+        self.stats = Welford(s.num_buckets, s.decay, s.length_scaled, s.scale)
+        self.hist = LossHistogram(1, bins=TRUNCATION_BINS) if cfg.train.method == "loss_truncation" else None
+
+    def weigh(self, turns: TurnLosses, step: int) -> Weights:
+        cfg, present = self.cfg, turns.count > 0
+        if cfg.train.method == "resure":
+            return resure_weights(turns.mean, present, self.stats, cfg.resure, step, turns.count)
+        if cfg.train.method == "loss_truncation":
+            return truncation_weights(turns.mean, present, self.hist, cfg.loss_truncation)
+        return sft_weights(turns.mean, present, self.stats, cfg.resure.eps, turns.count)
+
+    def merge(self, turns: TurnLosses, complete: torch.Tensor, device) -> None:
+        """This micro-step's complete turns into the statistics: a collective every rank joins every
+        micro-step (non-finite losses are counted there, not merged)."""
+        depth = torch.nonzero(complete, as_tuple=True)[1]
+        self.stats.sync_update(turns.mean[complete], depth, device, turns.count[complete])
+        if self.hist is not None:
+            self.hist.sync_update(turns.mean[complete & torch.isfinite(turns.mean)], device=device)
+
+    def metrics(self) -> dict:
+        st = self.stats
+        return {"bucket_n": st.n.tolist(), "bucket_mean": st.mean.tolist(), "bucket_std": st.std.tolist(),
+                "nonfinite_total": int(st.nonfinite.sum().item()),
+                **({} if st.robust is None else {"bucket_median": st.center.tolist(),
+                                                 "bucket_scale": st.spread.tolist()})}
+
+    def state_dict(self) -> dict:
+        return {"welford": self.stats.state_dict(), "hist": None if self.hist is None else self.hist.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.stats.load_state_dict(sd["welford"])
+        if self.hist is not None and sd.get("hist"):
+            self.hist.load_state_dict(sd["hist"])

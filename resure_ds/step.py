@@ -1,0 +1,124 @@
+"""One optimizer step of the recipe.
+
+Take grad_accum micro-batches, count their trained tokens and sum the count over ranks (N, one
+all-reduce); then per micro-batch: forward -> per-token NLL -> per-turn losses -> weights from the
+statistics as they stood -> merge this micro-batch's complete turns into the statistics on every
+rank -> backward of sum(w * NLL) / N -> step. The step's metrics travel in one all-reduce by name,
+with every rank's stop request; the audit rows are read to the host after the optimizer.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+
+from .config import Config
+from .data import IGNORE
+from .data.plan import Cursor
+from .report.audit import AuditLog
+from .runtime import dist, faults
+from .runtime.clock import Clock
+from .runtime.engine import Engine
+from .runtime.stop import StopPolicy
+from .stats.method import Method
+from .stats.turns import TurnLosses, shift_targets, turn_losses, weighted_loss_sum
+from .stats.weighting import Weights
+
+
+class Stepper:
+    def __init__(self, cfg: Config, engine: Engine, method: Method, audit: AuditLog, source_names: list[str],
+                 rank: int = 0):
+        self.cfg, self.engine, self.method, self.audit = cfg, engine, method, audit
+        self.source_names, self.rank = source_names, rank
+        self.clock = Clock(engine.device)  # the step's time split
+
+    def global_token_count(self, micro: list[dict]) -> int:
+        """N: trained tokens of this optimizer step over all micro-batches and ranks (one all-reduce)."""
+        local = sum(int((shift_targets(b["labels"], b["turn_ids"], b["doc_ids"]).labels != IGNORE).sum())
+                    for b in micro)
+        return int(dist.all_reduce_sum(torch.tensor([local], dtype=torch.float64), self.engine.device)[0])
+
+    def micro_backward(self, batch: dict, step: int, global_tokens: int, acc: dict) -> tuple[TurnLosses, Weights]:
+        """Forward, weights, statistics merge and backward of one micro-batch of optimizer step `step`
+        (no optimizer step). Returns its turn losses and weights for the audit, which the step writes
+        after the optimizer (reading them to the host here would stall a GPU before its backward)."""
+        clock, dev = self.clock, self.engine.device
+        tg = shift_targets(batch["labels"].to(dev), batch["turn_ids"].to(dev), batch["doc_ids"].to(dev))
+        nll = self.engine.token_nll(batch, tg.labels)
+        clock.mark("forward")
+        faults.point("step", step, self.rank)
+        turns = turn_losses(nll, tg, len(batch["dialogue_ids"]), batch["partial"].shape[1])
+        wts = self.method.weigh(turns, step - 1)  # statistics as they stood before this micro-step
+        loss_sum = weighted_loss_sum(turns, wts.w.to(dev))
+        clock.mark("resure")
+        self.method.merge(turns, (turns.count > 0) & ~batch["partial"].to(dev), dev)
+        clock.mark("collectives")
+        self.engine.backward(loss_sum, global_tokens)
+        clock.mark("backward")
+        _accumulate(batch, turns, wts, loss_sum, acc)
+        clock.mark("bookkeeping")
+        return turns, wts
+
+    def run(self, batches: Iterator[dict], step: int, stop: StopPolicy) -> tuple[dict, Cursor]:
+        """Optimizer step `step` (1-based) -> its metrics row (with the ranks' stop requests) and the
+        global data cursor after it."""
+        t0, clock = time.perf_counter(), self.clock
+        clock.start()
+        micro = [next(batches) for _ in range(self.cfg.train.grad_accum)]
+        waited = time.perf_counter() - t0  # ~0 when the loader workers keep ahead
+        clock.mark("data")
+        n_tokens = self.global_token_count(micro)
+        clock.mark("collectives")
+        acc: dict = {}
+        done = []
+        for b in micro:
+            done.append((b, *self.micro_backward(b, step, max(n_tokens, 1), acc)))
+            self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
+            clock.mark("optimizer")
+        cursor = Cursor(**micro[-1]["cursor"])  # global: the same on every rank
+        # Step metrics over all ranks, and whether any rank must stop: one small all-reduce.
+        g = dist.all_reduce_dict({**acc, **stop.local_request()}, device=self.engine.device)
+        clock.mark("collectives")
+        for b, turns, wts in done:
+            self.audit.add(audit_rows(step, b, turns, wts, self.source_names))
+        clock.mark("bookkeeping")
+        dt, n, nturn = time.perf_counter() - t0, max(n_tokens, 1), max(g["turns"], 1.0)
+        row = {
+            "step": step, "loss": g["nll"] / n, "weighted_loss": g["weighted_nll"] / n,
+            "lr": self.engine.lr(), "grad_norm": self.engine.grad_norm(), "trained_tokens": n_tokens,
+            "tokens_per_s": g["real_tokens"] / dt, "step_time_s": dt, "turns": int(g["turns"]),
+            "mean_weight": g["weight_sum"] / nturn, "frac_w_lt_1": g["w_lt_1"] / nturn,
+            "frac_w_lt_0.5": g["w_lt_half"] / nturn, "nonfinite_turns": int(g["nonfinite"]),
+            "stop_signal": g["stop_signal"] > 0, "stop_time": g["stop_time"] > 0,
+            **self.method.metrics(), "rows_seen": cursor.rows_seen, "epoch": cursor.epoch, "data_wait_s": waited,
+            **clock.split(),
+        }
+        return row, cursor
+
+
+def _accumulate(batch: dict, turns: TurnLosses, wts: Weights, loss_sum: torch.Tensor, acc: dict) -> None:
+    """Add this micro-batch to the step's metric sums (by name, on the device: no sync here)."""
+    dev = turns.sum.device
+    w_all, present, finite = wts.w.to(dev), turns.count > 0, torch.isfinite(turns.mean)
+    ok = present & finite
+    w = w_all[ok]
+    for k, v in {"nll": torch.where(ok, turns.sum.detach(), torch.zeros_like(turns.sum)).sum(),
+                 "weighted_nll": loss_sum.detach(), "turns": ok.sum(), "weight_sum": w.sum(),
+                 "w_lt_1": (w < 1).sum(), "w_lt_half": (w < 0.5).sum(), "nonfinite": (present & ~finite).sum(),
+                 "real_tokens": (batch["doc_ids"] >= 0).sum()}.items():
+        acc[k] = acc.get(k, 0.0) + v.double().to(dev)
+
+
+def audit_rows(step: int, batch: dict, turns: TurnLosses, wts: Weights, names: list[str]) -> list[dict]:
+    """A micro-batch's turns (per dialogue), trained in optimizer step `step`, as audit rows: reads
+    them to the host."""
+    dev = turns.sum.device
+    rows = torch.nonzero(turns.count > 0, as_tuple=True)
+    mean, z, wv = turns.mean[rows].tolist(), wts.z.to(dev)[rows].tolist(), wts.w.to(dev)[rows].tolist()
+    warm = wts.warm.to(dev)[rows].tolist()
+    part = batch["partial"][rows[0].cpu(), rows[1].cpu()].tolist()
+    src = batch["sources"]
+    return [{"dialogue_id": batch["dialogue_ids"][d], "source": names[src[d]], "turn": t, "loss": m,
+             "z": None if zz != zz else zz, "weight": ww, "warm": wm, "step": step, "partial": p}
+            for d, t, m, zz, ww, wm, p in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, warm, part)]
