@@ -10,6 +10,10 @@ class DataError(ValueError):
     """A user-fixable problem with input data; the message names file, record and fix."""
 
 
+class TrainingError(RuntimeError):
+    """The run itself went wrong (it diverged); the message says since when and what to change."""
+
+
 class InvalidRecord(Exception):
     """One bad record: `kind` is a short counter key, `detail` says what is wrong.
 

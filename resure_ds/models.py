@@ -13,6 +13,8 @@ import os
 import shutil
 import sys
 
+from .config import is_template_text
+
 EMBEDDED = "smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -73,16 +75,52 @@ def resolve_model_path(path: str) -> str:
     return out
 
 
+SHAPE_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def model_shape(model_path: str) -> dict:
+    """What a checkpoint's tensors depend on, from the model folder's config.json (a resume into a
+    model of another shape is refused with the difference, not a DeepSpeed traceback)."""
+    import json
+
+    try:
+        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
+            c = json.load(f)
+    except OSError:
+        return {}  # a hub id: transformers resolves it; nothing to compare
+    return {k: c.get(k) for k in SHAPE_KEYS if k in c}
+
+
+def check_model_folder(model_path: str) -> None:
+    """A local model.path must be a model folder (a hub id, with no such folder here, is left to
+    transformers): a missing folder or one without config.json is one clear error, not a
+    tokenizer's guess (it once said to install sentencepiece)."""
+    looks_local = os.path.isabs(model_path) or model_path.startswith((".", "~")) or os.path.exists(model_path)
+    if not looks_local:
+        return
+    if not os.path.isdir(model_path):
+        raise FileNotFoundError(f"model.path={model_path}: no such folder; give a Hugging Face model folder "
+                                "(config.json, weights, tokenizer) or 'smollm2' for the embedded model")
+    missing = [n for n in ("config.json",) if not os.path.exists(os.path.join(model_path, n))]
+    tokenizer = any(os.path.exists(os.path.join(model_path, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
+    if missing or not tokenizer:
+        raise FileNotFoundError(f"model.path={model_path}: not a Hugging Face model folder (it lacks "
+                                f"{', '.join(missing + ([] if tokenizer else ['tokenizer.json']))}); give the "
+                                "folder that from_pretrained would load")
+
+
 def load_tokenizer(model_path: str, chat_template: str | None = None, trust_remote_code: bool = False):
     """The model's tokenizer, with an optional template override (Jinja text, or the path of a file
     holding it, e.g. a `.jinja` file) and eos as pad where none is set. Code shipped in the model
     folder runs only with trust_remote_code (model.trust_remote_code)."""
     from transformers import AutoTokenizer
 
+    check_model_folder(model_path)
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if chat_template:
-        if "{" not in chat_template and os.path.isfile(chat_template):
-            with open(chat_template, encoding="utf-8") as f:
+        if not is_template_text(chat_template):
+            with open(chat_template, encoding="utf-8") as f:  # checked by the config: it exists
                 chat_template = f.read()
         tok.chat_template = chat_template
     if tok.pad_token_id is None:

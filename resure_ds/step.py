@@ -32,6 +32,7 @@ class Stepper:
         self.cfg, self.engine, self.method, self.audit = cfg, engine, method, audit
         self.source_names, self.rank = source_names, rank
         self.clock = Clock(engine.device)  # the step's time split
+        self.skipped = engine.skipped_steps()
 
     def global_token_count(self, micro: list[dict]) -> int:
         """N: trained tokens of this optimizer step over all micro-batches and ranks (one all-reduce)."""
@@ -84,13 +85,14 @@ class Stepper:
             self.audit.add(audit_rows(step, b, turns, wts, self.source_names))
         clock.mark("bookkeeping")
         dt, n, nturn = time.perf_counter() - t0, max(n_tokens, 1), max(g["turns"], 1.0)
+        skipped, self.skipped = self.engine.skipped_steps() - self.skipped, self.engine.skipped_steps()
         row = {
             "step": step, "loss": g["nll"] / n, "weighted_loss": g["weighted_nll"] / n,
             "lr": self.engine.lr(), "grad_norm": self.engine.grad_norm(), "trained_tokens": n_tokens,
             "tokens_per_s": g["real_tokens"] / dt, "step_time_s": dt, "turns": int(g["turns"]),
             "mean_weight": g["weight_sum"] / nturn, "frac_w_lt_1": g["w_lt_1"] / nturn,
             "frac_w_lt_0.5": g["w_lt_half"] / nturn, "nonfinite_turns": int(g["nonfinite"]),
-            "stop_signal": g["stop_signal"] > 0, "stop_time": g["stop_time"] > 0,
+            "stop_signal": g["stop_signal"] > 0, "stop_time": g["stop_time"] > 0, "skipped_step": skipped > 0,
             **self.method.metrics(), "rows_seen": cursor.rows_seen, "epoch": cursor.epoch, "data_wait_s": waited,
             **clock.split(),
         }

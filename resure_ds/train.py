@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -24,11 +25,13 @@ import torch
 from .config import Config, load_config, parse_duration, split_recipe_args, to_dict
 from .data.pipeline import TrainingData
 from .data.plan import Cursor
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, TrainingError
+from .files import write_json
 from .eval.validation import Validation
-from .models import load_tokenizer, resolve_model_path
+from .models import load_tokenizer, model_shape, resolve_model_path
 from .report import audit
 from .report.build import write_report
+from .report.run_files import write_sources
 from .runtime import checkpoint, dist
 from .runtime.engine import Engine, init_distributed, to_universal
 from .runtime.metrics import MetricsLogger
@@ -56,6 +59,7 @@ class Recipe:
         self.step, self.cursor, self.best_val = 0, Cursor(), None
         self.logger: MetricsLogger | None = None
         self.startup: dict = {}  # seconds spent in each phase before the first step
+        self.bad_since: int | None = None  # first step of the current streak of diverged steps
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -67,13 +71,15 @@ class Recipe:
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(to_dict(cfg), f, indent=2)
+            write_json(os.path.join(self.run_dir, "config.json"), to_dict(cfg), indent=2)
         seed_all(cfg.train.seed + self.rank)
         model_path = resolve_model_path(cfg.model.path)  # file-locked: one rank converts, others wait
+        self.model_shape = model_shape(model_path)
         self.tokenizer = load_tokenizer(model_path, cfg.model.chat_template, cfg.model.trust_remote_code)
         t1 = time.perf_counter()
         self.data = TrainingData(cfg, self.tokenizer, model_path, self.rank)
+        if self.rank == 0:
+            write_sources(self.run_dir, self.data.source_files())
         rows = self.data.validation_rows
         self.validation = Validation(rows, self.tokenizer.pad_token_id, cfg.eval.micro_batch_size) if rows else None
         t2 = time.perf_counter()
@@ -105,10 +111,15 @@ class Recipe:
         found = checkpoint.find(self.ckpt_dir, self.cfg.checkpoint.resume)
         if found is None:
             return None
+        fresh = "or start afresh with checkpoint.resume=none (or another output.name)"
         if found.progress.data != self.data.identity():
-            raise DataError(f"{found.path} trained on data {found.progress.data}, this run's data is "
-                            f"{self.data.identity()}: the data position would mean nothing. Resume with the "
-                            "same data.train and data.eval, or start afresh with checkpoint.resume=none")
+            raise DataError(f"{found.path} trained on other data: {self.data.describe_change(found.progress.data)}; "
+                            f"its data position would mean nothing here. Resume with that data, {fresh}")
+        diff = checkpoint.differences(found.progress.trained_on, self.trained_on())
+        if diff:
+            raise ConfigError(f"{found.path} was trained with another setting ({'; '.join(diff)}): resuming "
+                              f"would repeat and skip data or load tensors of another shape. Resume with the "
+                              f"checkpoint's settings, {fresh}")
         if found.progress.world_size != self.world and self.cfg.train.zero_stage > 0:  # partitions follow it
             if self.rank == 0:
                 to_universal(found.path, found.path + ".universal")
@@ -169,14 +180,31 @@ class Recipe:
             signalled, out_of_time = row.pop("stop_signal"), row.pop("stop_time")
             if self.logger is not None:
                 self.logger.log(row)
+            self.check_diverged(row)
             if self.step < cfg.train.max_steps:
                 reason = ("a signal (SIGTERM/SIGUSR1)" if signalled else "train.time_limit" if out_of_time
                           else "train.stop_after" if self.step >= end else None)
-            if every and self.step % every == 0 and self.step < end and reason is None:
+            if every and self.step % every == 0 and self.step < end and reason is None and self.bad_since is None:
                 self.save_checkpoint()
-        if self.step > start:
+        if self.step > start and self.bad_since is None:
             self.save_checkpoint()
         return reason
+
+    def check_diverged(self, row: dict) -> None:
+        """Every rank sees the same row (all-reduced), so all stop together."""
+        bad = (not math.isfinite(row["loss"]) or row["skipped_step"]
+               or (row["trained_tokens"] > 0 and row["turns"] == 0)
+               or (row["grad_norm"] is not None and not math.isfinite(row["grad_norm"])))
+        self.bad_since = (self.bad_since or self.step) if bad else None
+        limit = self.cfg.train.max_bad_steps
+        if limit and bad and self.step - self.bad_since + 1 >= limit:
+            raise TrainingError(
+                f"the run diverged: {limit} consecutive optimizer steps ({self.bad_since}-{self.step}) had a "
+                f"non-finite loss or gradient norm, no turn with a finite loss, or were skipped by DeepSpeed "
+                f"(last: loss {row['loss']}, grad norm {row['grad_norm']}, {row['nonfinite_turns']} non-finite "
+                f"turns). Nothing was exported and no checkpoint of these steps was saved. Lower train.lr "
+                f"(now {self.cfg.train.lr}), keep train.grad_clip on, check the data for extreme records, and "
+                "start afresh or resume from the last checkpoint (train.max_bad_steps sets the limit)")
 
     def validate(self) -> dict:
         """Validation metrics for this step (every rank); a new best is exported when eval.keep_best."""
@@ -187,16 +215,21 @@ class Recipe:
             self.best_val = res["val_loss"]  # identical on every rank (all-reduced), so all export together
             self.engine.export_hf(os.path.join(self.run_dir, "best"), self.tokenizer)
             if self.rank == 0:
-                with open(os.path.join(self.run_dir, "best", "resure_best.json"), "w", encoding="utf-8") as f:
-                    json.dump({"step": self.step, "val_loss": res["val_loss"]}, f)
+                write_json(os.path.join(self.run_dir, "best", "resure_best.json"),
+                           {"step": self.step, "val_loss": res["val_loss"]})
         return res
 
     # -- save ------------------------------------------------------------------------------
+    def trained_on(self) -> dict:
+        c = self.cfg
+        return {"model": self.model_shape, "model.lora.rank": c.model.lora.rank, "train.seed": c.train.seed,
+                "data.packing": c.data.packing, "data.pack_window": c.data.pack_window}
+
     def progress(self) -> checkpoint.Progress:
         t = self.cfg.train
         return checkpoint.Progress(self.step, self.cursor.to_dict(), self.world,
                                    self.world * t.micro_batch_size * t.grad_accum, self.data.identity(),
-                                   self.method.state_dict(), self.best_val)
+                                   self.method.state_dict(), self.best_val, self.trained_on())
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
@@ -249,11 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("args", nargs="*", help="[RECIPE.yaml] then dotted key=value overrides, e.g. train.max_steps=10")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     recipe, overrides = split_recipe_args(ap.parse_args(argv).args)
+    cfg = None
     try:
         cfg = load_config(recipe, overrides)
         run = run_recipe(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
         print(f"[resure_ds] error{_on_rank()}: {e}", file=sys.stderr, flush=True)
+        return _fail(2)
+    except OSError as e:  # a full disk or a read-only output.dir: the system's words, not a traceback
+        where = f" ({os.path.join(cfg.output.dir, cfg.output.name)})" if cfg is not None else ""
+        print(f"[resure_ds] error{_on_rank()}: {e}; the run writes under output.dir{where}: it must be writable "
+              "and have space (a checkpoint being saved stays a .saving folder; the last published one is "
+              "intact)", file=sys.stderr, flush=True)
         return _fail(2)
     except BaseException:
         traceback.print_exc()
@@ -269,12 +309,12 @@ def _on_rank() -> str:
 
 
 def _fail(code: int) -> int:
-    """Leave at once: the other ranks may be waiting in a collective that will never complete, so
-    no goodbye collective (destroy_process_group) and no waiting on loader workers. The launcher
-    sees the status and ends the other ranks; without one, they hit dist.timeout."""
-    if dist.world() == 1:
-        cleanup()
-        return code
+    """Leave at once, on every world size: the other ranks may be waiting in a collective that will
+    never complete, and this process may hold loader workers or threads that would keep it alive
+    (one rank once waited forever on a failed worker), so no goodbye collective
+    (destroy_process_group) and no waiting. The launcher sees the status and ends the other ranks;
+    without one, they hit dist.timeout. Everything of ours on disk is published by rename, so
+    nothing is torn by leaving here."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -77,3 +77,27 @@ def test_resume_state_is_json_only(tmp_path):
 
     src = inspect.getsource(ckpt)
     assert "torch.load" not in src and "pickle" not in src
+
+
+def test_a_new_run_in_a_used_folder_keeps_what_it_publishes_and_resumes_its_own_latest(tmp_path):
+    """An old run left step 6; a new run (checkpoint.resume=none) publishes steps 1..3 with keep_last=1.
+    Rotation goes by publish order and never removes what `latest` names, and resume=auto takes
+    exactly `latest`: the new run's step 3, not the old run's higher-numbered step 6."""
+    d = str(tmp_path)
+    ckpt.publish(d, stage(d, 6), dataclasses.replace(PROGRESS, step=6), world=2)
+    for step in (1, 2, 3):
+        ckpt.publish(d, stage(d, step), dataclasses.replace(PROGRESS, step=step), world=2)
+        ckpt.rotate(d, keep_last=1)
+        assert sorted(os.listdir(d)) == ["latest", f"step{step:07d}"]
+    assert ckpt.find(d, "auto").progress.step == 3
+
+
+def test_latest_naming_a_missing_checkpoint_is_an_error_not_another_checkpoint(tmp_path):
+    d = str(tmp_path)
+    ckpt.publish(d, stage(d, 2), PROGRESS, world=2)
+    ckpt.publish(d, stage(d, 4), dataclasses.replace(PROGRESS, step=4), world=2)
+    import shutil
+
+    shutil.rmtree(os.path.join(d, "step0000004"))
+    with pytest.raises(FileNotFoundError, match="latest names step0000004, which is not a published checkpoint"):
+        ckpt.find(d, "auto")

@@ -71,3 +71,34 @@ def test_split_recipe_args():
     assert split_recipe_args(["r.yml"]) == ("r.yml", [])
     assert split_recipe_args(["train.lr=1", "x.yaml"]) == (None, ["train.lr=1", "x.yaml"])
     assert split_recipe_args([]) == (None, [])
+
+
+def test_values_are_finite_and_in_range_and_yaml_is_strict(tmp_path):
+    """NaN and infinities enter no option (they passed for lr, tau, lam and grad_clip); a malformed override
+    value, a key given twice in a recipe and a chat template file that does not exist are clear errors."""
+    for o in ("train.lr=.nan", "resure.tau=.nan", "resure.lam=.inf", "train.grad_clip=-.inf", "stats.decay=.nan"):
+        with pytest.raises(ConfigError, match=rf"{o.split('=')[0]}: must be a finite number"):
+            load_config(None, [o])
+    with pytest.raises(ConfigError, match="train.max_bad_steps: must be >= 0"):
+        load_config(None, ["train.max_bad_steps=-1"])
+    with pytest.raises(ConfigError, match=r"override 'train.lr=\[': the value is not valid YAML"):
+        load_config(None, ["train.lr=["])
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
+    with pytest.raises(ConfigError, match="dup.yaml: invalid YAML: key 'lr' given twice"):
+        load_config(str(dup))
+    with pytest.raises(ConfigError, match="model.chat_template: '/nope/t.jinja' is neither a file nor Jinja text"):
+        load_config(None, ["model.chat_template=/nope/t.jinja"])
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert load_config(None, [f"model.chat_template={tmp_path / 't.jinja'}"]).model.chat_template.endswith("t.jinja")
+
+
+def test_a_model_path_that_is_not_a_model_is_named(tmp_path):
+    from resure_ds.models import check_model_folder
+
+    with pytest.raises(FileNotFoundError, match="model.path=.*nope: no such folder"):
+        check_model_folder(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder .*lacks config.json, tokenizer.json"):
+        check_model_folder(str(tmp_path / "empty"))
+    check_model_folder("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id is left to transformers

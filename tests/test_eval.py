@@ -30,3 +30,30 @@ def test_eval_matches_direct_token_loss(tmp_path, tiny_model_path, tokenizer):
     assert abs(res["loss"] - nll / n) < 1e-4
     assert abs(res["turn_loss"] - sum(per_turn) / len(per_turn)) < 1e-4
     assert set(res["per_depth"]) == {0, 1}
+
+
+def test_eval_and_report_commands_name_bad_paths_without_a_traceback(tmp_path, tiny_model_path):
+    import json
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+
+    out = run("resure_ds.eval", tiny_model_path, str(tmp_path / "missing.jsonl"))
+    assert out.returncode == 1 and "missing.jsonl" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = run("resure_ds.eval", str(tmp_path / "no-model"), str(tmp_path / "missing.jsonl"))
+    assert out.returncode == 1 and "no-model: no such folder" in out.stderr and "Traceback" not in out.stderr
+    from resure_ds.report.audit import AuditLog
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"data": {"train": "x.jsonl"}}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    log = AuditLog(str(run_dir), 0)
+    log.add([{"source": "s", "dialogue_id": "a", "turn": 0, "loss": 2.0, "z": 0.0, "weight": 1.0, "warm": True,
+              "step": 1, "partial": False}])
+    log.flush()
+    (tmp_path / "a-file").write_text("x")  # an output path that cannot be written: under a file
+    out = run("resure_ds.report", str(run_dir), "--export", str(tmp_path / "a-file" / "v.parquet"))
+    assert out.returncode == 1 and "a-file/v.parquet" in out.stderr and "Traceback" not in out.stderr, out.stderr

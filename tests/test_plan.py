@@ -88,3 +88,13 @@ def test_order_does_not_depend_on_world_size():
         return [row for _ in range(n) for it in its for row in next(it)]
 
     assert stream(2, 2, 10) == stream(1, 4, 10) == stream(4, 1, 10)
+
+
+def test_a_source_with_nothing_to_draw_is_refused_not_spun_on():
+    """A held-out split that takes a whole source (or every source) would leave an epoch that never
+    ends (a division by zero, or a loop at 100% CPU): the plan refuses it."""
+    keep = [np.arange(5, dtype=np.int64), np.zeros(0, np.int64)]
+    with pytest.raises(ValueError, match=r"no dialogue to draw \(drawable per source: \[5, 0\]\)"):
+        Plan([lengths(5, 1), lengths(3, 2)], [1.0, 1.0], 0, 256, True, 8, keep=keep)
+    with pytest.raises(ValueError, match="no dialogue to draw"):
+        Plan([lengths(3, 2)], [1.0], 0, 256, True, 8, keep=[np.zeros(0, np.int64)])

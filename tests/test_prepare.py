@@ -3,6 +3,7 @@ found before training (located error or counted skip), several workers and sever
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -233,3 +234,54 @@ def test_a_killed_worker_is_one_clear_error_and_prepare_resumes(tmp_path, tiny_m
     assert f"8 unit(s), {8 - done} for this task" in again.stderr
     m = json.load(open(os.path.join(again.stdout.strip().splitlines()[-1], "manifest.json")))
     assert len(m["shards"]) == 8 and m["counts"]["records"] == 320
+
+
+def test_a_shard_damaged_after_prepare_is_named_before_use(tmp_path, tiny_model_path, tokenizer):
+    """A prepared shard truncated, or changed at its size, after it was written: the cache hit names the
+    shard and the fix instead of handing it to a loader worker (which once hung a one-rank job)."""
+    chitchat_jsonl(tmp_path / "data", n_files=2, per_file=30)
+    c = cfg(tiny_model_path, str(tmp_path / "data"), tmp_path / "prep")
+    [p] = prepare(c, tokenizer, tiny_model_path)
+    shard = os.path.join(p.folder, p.manifest["shards"][1]["file"])
+    assert p.manifest["shards"][1]["bytes"] == os.path.getsize(shard)
+    data = open(shard, "rb").read()
+    with open(shard, "wb") as f:  # same size, one byte flipped
+        f.write(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    with pytest.raises(DataError, match=r"00001.arrow: its SHA-256 differs .*delete .* and prepare again"):
+        prepare(c, tokenizer, tiny_model_path)
+    assert ensure_prepared(c, tokenizer, tiny_model_path, progress=False, checksums=False)[0].hit  # sizes only
+    with open(shard, "wb") as f:
+        f.write(data[:len(data) // 2])
+    for checksums in (True, False):
+        with pytest.raises(DataError, match=rf"00001.arrow: {len(data) // 2} bytes, {len(data)} were written"):
+            ensure_prepared(c, tokenizer, tiny_model_path, progress=False, checksums=checksums)
+    with pytest.raises(DataError, match="00001.arrow: its SHA-256|00001.arrow: .* bytes"):  # given by its folder
+        prepare(cfg(tiny_model_path, p.folder, tmp_path / "prep"), tokenizer, tiny_model_path)
+    os.remove(shard)
+    with pytest.raises(DataError, match="00001.arrow: a shard of this prepared folder is missing"):
+        prepare(c, tokenizer, tiny_model_path)
+
+
+def test_lone_surrogates_in_any_string_of_a_record_are_found_not_crashed_on(tmp_path, tiny_model_path, tokenizer):
+    """Not only contents: an id, a tool call's name, a tool message's name or a tools schema holding a lone
+    surrogate is one located error, or a counted skip under data.skip_invalid (it used to stop prepare
+    with a pyarrow UnicodeEncodeError traceback, skip_invalid or not)."""
+    ok = '{"id": "fine", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+    bad = [
+        ('{"id": "a\\udc31", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
+         "id"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": '
+         '[{"type": "function", "function": {"name": "f\\udc31", "arguments": {}}}]}, {"role": "tool", "content": '
+         '"1"}, {"role": "assistant", "content": "done"}]}', "message 1 (assistant) tool_calls[0] function name"),
+        ('{"tools": [{"type": "function", "function": {"name": "g", "description": "\\udc31"}}], "messages": '
+         '[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', "tools[0] function description"),
+    ]
+    for i, (line, where) in enumerate(bad):
+        path = tmp_path / f"bad{i}.jsonl"
+        path.write_text(ok + "\n" + line + "\n")
+        msg = rf"bad{i}.jsonl line 2: {re.escape(where)} holds a lone surrogate '\\udc31'"
+        with pytest.raises(DataError, match=msg):
+            prepare(cfg(tiny_model_path, str(path), tmp_path / f"p{i}"), tokenizer, tiny_model_path)
+        [p] = prepare(cfg(tiny_model_path, str(path), tmp_path / f"q{i}", "data.skip_invalid=true"), tokenizer,
+                      tiny_model_path)
+        assert p.manifest["counts"]["skipped"] == {"bad_text": 1} and p.manifest["counts"]["dialogues"] == 1

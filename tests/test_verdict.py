@@ -102,3 +102,62 @@ def test_filter_writes_each_source_in_its_own_format(tmp_path, unit):
         assert [r["id"] for r in b] == ["b1", "b2"] and [m["value"] for m in b[1]["conversations"]] == ["q0", "a0"]
     with open(tmp_path / "out" / "filter_counts.json") as f:
         assert json.load(f)["records"] == 9
+
+
+def test_filter_never_writes_over_into_or_around_an_input(tmp_path):
+    """The corpus in iter/00-a/a.jsonl, filtered into iter (which holds it), into its own folder, or into a
+    used output: each is one clear error, and the source is left byte for byte as it was."""
+    src = tmp_path / "iter" / "00-a" / "a.jsonl"
+    os.makedirs(src.parent)
+    src.write_text("".join(json.dumps(dialog(f"a{i}", 2)) + "\n" for i in range(3)))
+    before = src.read_bytes()
+    write_run(tmp_path / "run", [{"path": str(src), "name": "a"}], [row("a", "a0", 1, 0.1, 1), row("a", "a1", 0, 1, 1)])
+    for out in (tmp_path / "iter", tmp_path / "iter" / "00-a", tmp_path):
+        with pytest.raises(ValueError, match="an input of this run"):
+            filter_corpus(str(tmp_path / "run"), str(out), 0.5)
+    assert src.read_bytes() == before and sorted(os.listdir(src.parent)) == ["a.jsonl"]
+    write_run(tmp_path / "run2", [{"path": str(src.parent), "name": "a"}], [row("a", "a0", 1, 0.1, 1)])
+    with pytest.raises(ValueError, match="is inside .*00-a, an input of this run"):  # a folder source
+        filter_corpus(str(tmp_path / "run2"), str(src.parent / "filtered"), 0.5)
+    c = filter_corpus(str(tmp_path / "run"), str(tmp_path / "out"), 0.5)
+    assert c["dropped"] == 1 and sorted(os.listdir(tmp_path)) == ["iter", "out", "run", "run2"]  # no .partial left
+    with pytest.raises(ValueError, match="exists and is not an empty folder"):
+        filter_corpus(str(tmp_path / "run"), str(tmp_path / "out"), 0.5)
+    assert src.read_bytes() == before
+
+
+def test_report_command_refuses_bad_filter_arguments(tmp_path):
+    import subprocess
+    import sys
+
+    write_run(tmp_path / "run", "x.jsonl", [row("s", "a", 0, 0.3, 1)])
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    for args, msg in ((["--min-weight", "nan"], "--min-weight must be in"), (["--top", "-1"], "--top must be"),
+                      (["--min-weight", "2"], "--min-weight must be in")):
+        out = subprocess.run([sys.executable, "-m", "resure_ds.report", str(tmp_path / "run"), "--filter",
+                              str(tmp_path / "o"), *args], capture_output=True, text=True)
+        assert out.returncode == 2 and msg in out.stderr, out.stderr
+    os.rename(tmp_path / "run" / "audit", tmp_path / "run" / "no-audit")
+    out = subprocess.run([sys.executable, "-m", "resure_ds.report", str(tmp_path / "run"), "--filter",
+                          str(tmp_path / "o")], capture_output=True, text=True)
+    assert out.returncode == 1 and "has no turn audit" in out.stderr and not os.path.exists(tmp_path / "o")
+
+
+def test_filter_refuses_a_source_edited_since_the_run(tmp_path):
+    """Records without an id are keyed file:line: one line inserted before filtering would make the verdict
+    drop the wrong records. The run records its sources' fingerprints; the filter refuses a change."""
+    from resure_ds.config.sources import SourceSpec
+    from resure_ds.data.sources import resolve, source_fingerprint
+    from resure_ds.report.run_files import write_sources
+
+    src = tmp_path / "a.jsonl"
+    lines = [json.dumps({"messages": dialog("x", 2)["messages"]}) for _ in range(3)]  # no ids: keyed by line
+    src.write_text("\n".join(lines) + "\n")
+    write_run(tmp_path / "run", [{"path": str(src), "name": "a"}], [row("a", "a.jsonl:2", 0, 0.1, 1)])
+    write_sources(str(tmp_path / "run"), [{"name": "a", "files": source_fingerprint(resolve(SourceSpec(str(src))))}])
+    assert filter_corpus(str(tmp_path / "run"), str(tmp_path / "ok"), 0.5)["dropped"] == 1
+    src.write_text(lines[0] + "\n" + json.dumps(dialog("new", 1)) + "\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(ValueError, match=r"a.jsonl has \d+ bytes \(the run read \d+\) since the run trained on "
+                                         "source a"):
+        filter_corpus(str(tmp_path / "run"), str(tmp_path / "edited"), 0.5)
+    assert not os.path.exists(tmp_path / "edited")

@@ -11,6 +11,8 @@ import ast
 import dataclasses
 import importlib.util
 import inspect
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -162,6 +164,8 @@ class TrainConfig:
     stop_after: int = 0
     """Stop after this many optimizer steps of this invocation (counted from where it started or
     resumed): checkpoint saved, exit status 75; the same command continues. 0 = run to max_steps."""
+    max_bad_steps: int = 3
+    """The run has diverged after this many consecutive optimizer steps whose loss or gradient norm is not finite, that trained no turn with a finite loss, or that DeepSpeed skipped (overflow): it stops with an error and exports nothing (no checkpoint is saved during such a streak; the last one stays). 0 = never stop for it."""
     time_limit: str | float = ""
     """Wall-clock budget of this invocation: seconds, or 90m, 4h, 1:30:00. The run stops at the last
     step boundary that leaves time to save (checkpoint, exit status 75). Empty = none."""
@@ -277,13 +281,15 @@ def _check_type(value: Any, tp: Any) -> Any:
         return value
     if tp is dict and isinstance(value, dict):
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 reads 3e-5 (no dot) as a string; accept what Python reads as a number
-            return float(value)
+            x = float(value)
         except ValueError:
-            pass
+            x = None
+        if x is not None and not math.isfinite(x):  # .nan, .inf: no option means anything with them
+            raise ValueError(f"must be a finite number, got {value!r}")
+        if x is not None:
+            return x
     if tp in (int, bool, str) and type(value) is tp:
         return value
     raise TypeError(f"must be {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
@@ -311,8 +317,17 @@ def _build(cls, data: dict, prefix: str, errors: list[str]):
     return cls(**kwargs)
 
 
+def is_template_text(value: str) -> bool:
+    """model.chat_template: Jinja text holds a {{ or {% tag; anything else names a file."""
+    return "{{" in value or "{%" in value
+
+
 def _validate(c: Config) -> list[str]:
     e: list[str] = []
+    t = c.model.chat_template
+    if t is not None and not is_template_text(t) and not os.path.isfile(t):
+        e.append(f"model.chat_template: {t!r} is neither a file nor Jinja text (no {{{{ or {{% tag); give the "
+                 "path of a .jinja file that exists, or the template itself")
     layout, errs = parse_layout(c.data.format, c.data.columns, "data.")
     e += errs + parse_train(c.data.train, layout)[1]
     pos = [("data.max_length", c.data.max_length), ("data.pack_window", c.data.pack_window),
@@ -327,6 +342,7 @@ def _validate(c: Config) -> list[str]:
               ("resure.warmup_steps", c.resure.warmup_steps), ("train.lr_warmup_steps", c.train.lr_warmup_steps),
               ("train.grad_clip", c.train.grad_clip), ("train.weight_decay", c.train.weight_decay),
               ("checkpoint.every", c.checkpoint.every), ("train.stop_after", c.train.stop_after),
+              ("train.max_bad_steps", c.train.max_bad_steps),
               ("eval.every", c.eval.every),
               ("checkpoint.keep_last", c.checkpoint.keep_last), ("output.report_top", c.output.report_top),
               ("loss_truncation.min_count", c.loss_truncation.min_count),
@@ -400,7 +416,27 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key.sub=value (e.g. train.lr=1e-5)")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.strip().split("."), yaml.load(raw, Loader=UniqueKeyLoader) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote "
+                          "text with brackets or colons, e.g. key='[a, b]'") from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML would keep
+    the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                break  # PyYAML's own error follows
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", k.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def split_recipe_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -416,7 +452,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
     if recipe:
         try:
             with open(recipe, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
+                data = yaml.load(f, Loader=UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"{recipe}: no such recipe file (see recipes/)") from None
         except yaml.YAMLError as e:

@@ -1,21 +1,21 @@
 """A prepared folder's manifest.json: what it was made from, its shards and its counts."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 from ..config.sources import SourceSpec, parse_layout
 from ..errors import DataError
+from ..files import write_json
 from .sources import PREPARED_FORMAT
 
-FORMAT_VERSION = 1  # of the prepared folder: shards and manifest
+FORMAT_VERSION = 2  # of the prepared folder: shards and manifest (2: each shard's size and SHA-256)
 
 
 def write_manifest(folder: str, manifest: dict) -> None:
-    tmp = os.path.join(folder, f"manifest.json.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": PREPARED_FORMAT, "version": FORMAT_VERSION, **manifest}, f, indent=2)
-    os.replace(tmp, os.path.join(folder, "manifest.json"))
+    write_json(os.path.join(folder, "manifest.json"), {"format": PREPARED_FORMAT, "version": FORMAT_VERSION,
+                                                       **manifest}, indent=2)
 
 
 def read_manifest(folder: str) -> dict:
@@ -37,3 +37,32 @@ def manifest_source(folder: str) -> SourceSpec:
     src = read_manifest(folder)["source"]
     lay = src.get("layout") or {}
     return SourceSpec(src["path"], layout=parse_layout(lay.get("format"), lay.get("columns"), "")[0])
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    """(size in bytes, SHA-256 hex) of a file, read in 8 MiB blocks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def verify_shards(folder: str, manifest: dict, checksums: bool = True) -> None:
+    """Every shard the manifest lists is there with the size (and SHA-256) it was written with: a
+    shard damaged after prepare (truncated, overwritten, half copied) is named here, before any
+    rank or loader worker reads it."""
+    for s in manifest["shards"]:
+        path = os.path.join(folder, s["file"])
+        fix = (f"delete {folder} and prepare again (python -m resure_ds.data.prepare RECIPE), or restore "
+               "the folder from where it was copied")
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise DataError(f"{path}: a shard of this prepared folder is missing; {fix}") from None
+        if size != s["bytes"]:
+            raise DataError(f"{path}: {size} bytes, {s['bytes']} were written (damaged after prepare); {fix}")
+        if checksums and file_digest(path)[1] != s["sha256"]:
+            raise DataError(f"{path}: its SHA-256 differs from the one recorded at prepare (damaged after "
+                            f"prepare); {fix}")

@@ -30,10 +30,18 @@ class TrainingData:
         self.cfg, self.pad_id = cfg, tokenizer.pad_token_id
         # A cache hit when launch/train.sh prepared the data before starting the ranks; otherwise one
         # rank prepares (file-locked) while the others wait, before any collective.
-        self.prepared: list[Prepared] = ensure_prepared(cfg, tokenizer, model_path, progress=rank == 0)
+        # Ranks check the shards' sizes; launch/train.sh's prepare step has checked their SHA-256 sums.
+        self.prepared: list[Prepared] = ensure_prepared(cfg, tokenizer, model_path, progress=rank == 0,
+                                                        checksums=False)
         frac = holdout(cfg)
         corpus = Corpus([p.folder for p in self.prepared]) if frac else None
         self.keep, held = corpus.split(frac) if corpus is not None else (None, None)
+        empty = [p.spec.label for p, k in zip(self.prepared, self.keep or []) if len(k) == 0]
+        if empty:
+            raise DataError(f"data.eval={frac}: the held-out split takes every dialogue of {empty} "
+                            f"({', '.join(str(p.manifest['counts']['dialogues']) for p in self.prepared)} dialogues "
+                            "per source), so nothing of it is left to train on; lower data.eval, give a "
+                            "validation source instead, or add data")
         self.validation_rows = self._validation_rows(tokenizer, model_path, corpus, held, rank)
 
     def _validation_rows(self, tok, model_path: str, corpus: Corpus | None, held: np.ndarray | None,
@@ -43,7 +51,7 @@ class TrainingData:
         if cfg.data.eval is None:
             return None
         if corpus is None:
-            src = PreparedSource(ensure_eval_prepared(cfg, tok, model_path, progress=rank == 0).folder)
+            src = PreparedSource(ensure_eval_prepared(cfg, tok, model_path, progress=rank == 0, checksums=False).folder)
             return [src.row(i) for i in range(len(src))]
         rows = [corpus.row(int(i))[1] for i in held]
         if not rows:
@@ -69,6 +77,27 @@ class TrainingData:
         frac = holdout(self.cfg)
         return [{"name": p.spec.label, "key": p.manifest.get("key", os.path.basename(p.folder)),
                  "weight": p.spec.weight, **({"holdout": frac} if frac else {})} for p in self.prepared]
+
+    def source_files(self) -> list[dict]:
+        """Per source, the fingerprints of the raw files it was prepared from (path, size, mtime, head
+        and tail hash): what the filter checks before it applies this run's verdict to them."""
+        return [{"name": p.spec.label, "files": p.manifest["source"]["files"]} for p in self.prepared]
+
+    def describe_change(self, saved: list[dict]) -> str:
+        """What differs between a checkpoint's data identity and this run's, in the options' words."""
+        now = self.identity()
+        if [s["name"] for s in saved] != [s["name"] for s in now]:
+            return f"sources {[s['name'] for s in saved]}, now {[s['name'] for s in now]} (data.train)"
+        out = []
+        for s, n in zip(saved, now):
+            if s.get("key") != n.get("key"):
+                out.append(f"{n['name']}: prepared as {s.get('key')}, now {n.get('key')} (its files, the tokenizer, "
+                           "the chat template, data.max_length or data.skip_invalid changed)")
+            if s.get("weight") != n.get("weight"):
+                out.append(f"{n['name']}: weight {s.get('weight')}, now {n.get('weight')} (data.train)")
+            if s.get("holdout") != n.get("holdout"):
+                out.append(f"{n['name']}: held-out fraction {s.get('holdout')}, now {n.get('holdout')} (data.eval)")
+        return "; ".join(out)
 
     def counts(self) -> dict:
         """Skipped records per kind and dialogues cut, over all sources (from their manifests)."""

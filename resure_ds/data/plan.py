@@ -84,6 +84,8 @@ class Plan:
                  packing: bool, window: int, keep: list[np.ndarray] | None = None):
         self.keep = keep if keep is not None else [np.arange(len(x), dtype=np.int64) for x in lengths]
         self.sizes = [len(k) for k in self.keep]  # drawable dialogues per source
+        if not lengths or 0 in self.sizes:  # an epoch of such a source never ends: refuse, never spin
+            raise ValueError(f"a source has no dialogue to draw (drawable per source: {self.sizes})")
         self.offsets = np.concatenate([[0], np.cumsum([len(x) for x in lengths])]).astype(np.int64)
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
         self.weights, self.seed = list(weights), seed

@@ -42,10 +42,11 @@ from dataclasses import dataclass
 from ..config import Config, ConfigError, load_config, split_recipe_args
 from ..config.sources import Layout, SourceSpec, config_layout, train_specs
 from ..errors import DataError
+from ..files import write_json
 from ..models import cache_root, load_tokenizer, resolve_model_path
 from .records import SkipCounter, unit_dialogues
 from .render import RENDER_VERSION, Renderer
-from .manifest import FORMAT_VERSION, read_manifest, write_manifest
+from .manifest import FORMAT_VERSION, file_digest, read_manifest, verify_shards, write_manifest
 from .shards import ShardWriter
 from .sources import Source, Unit, resolve, source_fingerprint, units_of
 
@@ -124,14 +125,13 @@ def prepare_unit(unit: Unit, index: int, partial_dir: str) -> dict:
         if tick is not None:
             tick(len(batch))
     writer.close()
-    stats = {"file": f"{index:05d}.arrow", "input": unit.path, "dialogues": writer.dialogues,
+    size, sha = file_digest(writer.path)
+    stats = {"file": f"{index:05d}.arrow", "input": unit.path, "bytes": size, "sha256": sha,
+             "dialogues": writer.dialogues,
              "tokens": writer.tokens, "trained_tokens": writer.trained, "cut_by_max_length": writer.partial,
              "no_trained_token": no_trained, "skipped": dict(skipped), "seconds": time.perf_counter() - t0}
     os.makedirs(os.path.dirname(_unit_record(partial_dir, index)), exist_ok=True)
-    tmp = _unit_record(partial_dir, index) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(stats, f)
-    os.replace(tmp, _unit_record(partial_dir, index))
+    write_json(_unit_record(partial_dir, index), stats)  # tasks of several machines share the folder
     return stats
 
 
@@ -198,7 +198,7 @@ def _merge(partial_dir: str, n_units: int, meta: dict) -> dict:
     counts["skipped"] = dict(sorted(skipped.items()))
     counts["records"] = counts["dialogues"] + counts["no_trained_token"] + sum(skipped.values())
     return {**meta, "counts": counts,
-            "shards": [{k: u[k] for k in ("file", "input", "dialogues", "tokens")} for u in units]}
+            "shards": [{k: u[k] for k in ("file", "input", "bytes", "sha256", "dialogues", "tokens")} for u in units]}
 
 
 def task_of_env() -> tuple[int, int]:
@@ -218,8 +218,11 @@ def _empty_error(spec: SourceSpec, m: dict) -> DataError:
 
 
 def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, workers: int,
-                   task: tuple[int, int] = (0, 1), progress: bool = True, wait_s: float = 86400) -> Prepared:
-    """Make sure one source is prepared; returns where. Task 0 of several publishes the manifest."""
+                   task: tuple[int, int] = (0, 1), progress: bool = True, wait_s: float = 86400,
+                   checksums: bool = True) -> Prepared:
+    """Make sure one source is prepared; returns where. Task 0 of several publishes the manifest.
+    A prepared folder found ready is verified against its manifest first (sizes, and SHA-256 sums
+    where `checksums`: the prepare command checks them, training ranks check sizes)."""
     from filelock import FileLock
 
     src = resolve(spec)
@@ -231,7 +234,8 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         if have != want:
             diff = ", ".join(k for k in want if have[k] != want[k])
             raise DataError(f"{src.files[0]}: prepared with another {diff} than this recipe's; prepare the raw "
-                            "source again with this recipe (python -m resure_ds.prepare RECIPE)")
+                            "source again with this recipe (python -m resure_ds.data.prepare RECIPE)")
+        verify_shards(src.files[0], m, checksums)
         return Prepared(spec, src.files[0], m, True)
     key = source_key(src, fps, cfg)
     root = prepared_root(cfg)
@@ -246,6 +250,7 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
             m = read_manifest(folder)
             if m["counts"]["dialogues"] == 0:
                 raise _empty_error(spec, m)
+            verify_shards(folder, m, checksums)
             return Prepared(spec, folder, m, True)
         units = units_of(src)
         partial = folder + ".partial"
@@ -312,20 +317,22 @@ def default_workers(cfg: Config) -> int:
 
 
 def ensure_prepared(cfg: Config, tokenizer, model_path: str, workers: int | None = None,
-                    task: tuple[int, int] = (0, 1), progress: bool = True) -> list[Prepared]:
+                    task: tuple[int, int] = (0, 1), progress: bool = True, checksums: bool = True) -> list[Prepared]:
     """Every source of data.train, prepared (or found prepared)."""
     specs = train_specs(cfg.data)  # validated by load_config
     workers = workers or default_workers(cfg)
-    return [prepare_source(s, cfg, tokenizer, model_path, workers, task, progress) for s in specs]
+    return [prepare_source(s, cfg, tokenizer, model_path, workers, task, progress, checksums=checksums)
+            for s in specs]
 
 
 def ensure_eval_prepared(cfg: Config, tokenizer, model_path: str, workers: int | None = None,
-                         task: tuple[int, int] = (0, 1), progress: bool = True) -> Prepared | None:
+                         task: tuple[int, int] = (0, 1), progress: bool = True, checksums: bool = True) -> Prepared | None:
     """data.eval when it names a source (a fraction is held out of the training sources instead)."""
     if not isinstance(cfg.data.eval, str):
         return None
     spec = SourceSpec(cfg.data.eval, name="eval", layout=config_layout(cfg.data))
-    return prepare_source(spec, cfg, tokenizer, model_path, workers or default_workers(cfg), task, progress)
+    return prepare_source(spec, cfg, tokenizer, model_path, workers or default_workers(cfg), task, progress,
+                          checksums=checksums)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,11 +58,26 @@ class Dialogue:
 
 
 def _check_text(text: str, i: int, role: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # valid JSON ("\udc31") but not text any tokenizer can take
-        raise InvalidRecord("bad_text", f"message {i} ({role}) holds a lone surrogate {text[e.start]!r} "
-                            f"at character {e.start}") from None
+    _check_strings(text, f"message {i} ({role})")
+
+
+def _check_strings(value: Any, at: str) -> None:
+    """Every string in a record's value (ids, names, tool calls and schemas, not only contents) must
+    be text: valid JSON can hold a lone surrogate ("\udc31") that no tokenizer, Arrow column or
+    UTF-8 file takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRecord("bad_text", f"{at} holds a lone surrogate {value[e.start]!r} "
+                                f"at character {e.start}") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(k, f"{at}: a key")
+            _check_strings(v, at if k == "content" else f"{at} {k}")
+    elif isinstance(value, list):
+        for j, v in enumerate(value):
+            _check_strings(v, f"{at}[{j}]")
 
 
 def normalise(record: Any, layout: Layout = Layout()) -> tuple[list[dict], Any]:
@@ -238,7 +253,12 @@ def to_dialogue(unit: Unit, where: str, record: Any) -> Dialogue:
     """Validate one record read from a unit. Raises InvalidRecord."""
     messages, own_id = normalise(record, unit.layout)
     did = str(own_id) if own_id is not None else default_id(unit, where)
-    return Dialogue(did, messages, f"{unit.path} {where}", record_tools(record, unit.layout))
+    tools = record_tools(record, unit.layout)
+    _check_strings(did, "id")
+    for i, m in enumerate(messages):
+        _check_strings(m, f"message {i} ({m['role']})")
+    _check_strings(tools, "tools")
+    return Dialogue(did, messages, f"{unit.path} {where}", tools)
 
 
 class SkipCounter(dict):

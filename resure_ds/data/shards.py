@@ -52,7 +52,7 @@ class ShardWriter:
     """Appends Examples to one shard; the file appears complete (rename) on close()."""
 
     def __init__(self, path: str):
-        self.path, self.tmp = path, path + ".tmp"
+        self.path, self.tmp = path, f"{path}.tmp{os.getpid()}"
         self.writer = pa.ipc.new_file(self.tmp, SCHEMA)
         self.rows: list[Example] = []
         self.dialogues = self.tokens = self.trained = self.partial = 0

@@ -22,7 +22,8 @@ from ..data.collate import collate_examples
 from ..data.holdout import held_out
 from ..data.records import read_dialogues
 from ..data.render import Renderer
-from ..models import load_tokenizer
+from ..errors import DataError
+from ..models import check_model_folder, load_tokenizer
 from ..runtime.nll import token_nll
 from ..stats.turns import TurnLosses, shift_targets, turn_losses
 from .depth import DepthSums
@@ -78,6 +79,7 @@ def evaluate(model, tokenizer, source, max_length: int = 256, batch_size: int = 
 def load_model(model_dir: str):
     from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
 
+    check_model_folder(model_dir)
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), load_tokenizer(model_dir)
 
 
@@ -101,7 +103,11 @@ def main() -> None:
     if errors:
         ap.error("; ".join(errors))
     source = SourceSpec(a.data, layout=layout)
-    print(json.dumps(evaluate_folder(a.model_dir, source, a.max_length, a.batch_size, a.holdout), indent=2))
+    try:
+        res = evaluate_folder(a.model_dir, source, a.max_length, a.batch_size, a.holdout)
+    except (DataError, OSError) as e:
+        raise SystemExit(f"[resure_ds] error: {e}") from None
+    print(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unit", choices=("dialogue", "turn"), default="dialogue",
                     help="filter whole dialogues (default), or cut each dialogue before its first low turn")
     a = ap.parse_args(argv)
+    if a.top < 0:
+        ap.error(f"--top must be >= 0, got {a.top}")
+    if not 0.0 < a.min_weight <= 1.0:  # NaN fails too
+        ap.error(f"--min-weight must be in (0, 1] (weights are in [0, 1]), got {a.min_weight}")
     need = [n for n in ("config.json", "metrics.jsonl") if not os.path.exists(os.path.join(a.run_dir, n))]
     if not need and os.path.isdir(os.path.join(a.run_dir, "audit")) and not segments(a.run_dir):
         raise SystemExit(f"{a.run_dir}/audit holds no Parquet segments (a run of an older version wrote "
@@ -32,17 +36,31 @@ def main(argv: list[str] | None = None) -> None:
     if need or not read_metrics(a.run_dir):
         raise SystemExit(f"{a.run_dir}: not a run folder with a logged step ({', '.join(need) or 'metrics.jsonl is empty'}"
                          "); give runs/<output.name> of a run that has trained at least one step")
-    if a.export:
-        print(f"{export(a.run_dir, a.export):,} turns written to {a.export}")
+    try:
+        if a.export:
+            try:
+                print(f"{export(a.run_dir, a.export):,} turns written to {a.export}")
+            except OSError as e:
+                raise OSError(f"--export {a.export} cannot be written ({e})") from None
+        if a.filter:
+            if not segments(a.run_dir):
+                raise ValueError(f"{a.run_dir} has no turn audit (audit/*.parquet), so it has no verdict: every "
+                                 "record would be kept as never trained; filter with a run that audited its turns")
+            c = filter_corpus(a.run_dir, a.filter, a.min_weight, a.unit)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"[resure_ds] error: {e}") from None
     if a.filter:
-        c = filter_corpus(a.run_dir, a.filter, a.min_weight, a.unit)
         print(f"filter (weight < {a.min_weight}, by {a.unit}): {c['records']:,} records read; {c['kept']:,} kept, "
               f"{c['dropped']:,} dropped, {c['cut']:,} cut, {c['turns_removed']:,} turns removed; kept as they are: "
               f"{c['not_trained_kept']:,} never trained, {c['invalid_kept']:,} invalid; unreadable lines dropped: "
               f"{c['unreadable_dropped']:,}. Written to {a.filter} (counts in filter_counts.json)")
     if a.export or a.filter:
         return
-    text, rows = build_report(a.run_dir, None, True, True, max(a.top, 50))
+    try:
+        text, rows = build_report(a.run_dir, None, True, True, max(a.top, 50))
+    except OSError as e:
+        raise SystemExit(f"[resure_ds] error: {e}; the report is written into the run folder, which must be "
+                         "writable") from None
     print(text)
     print("\nmost down-weighted turns (last-seen weight):")
     for r in rows[:a.top]:

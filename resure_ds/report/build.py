@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from ..config.sources import train_specs
 from ..data.records import read_dialogues
+from ..files import write_json, write_text
 from .audit import read_audit
 from .html import render
 from .plots import training_png
@@ -97,8 +98,7 @@ def build_report(run_dir: str, data: dict | None, with_plot: bool, html: bool, t
     t0 = time.perf_counter()
     path = os.path.join(run_dir, DATA_COUNTS)
     if data is not None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f)
+        write_json(path, data)
     elif os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -114,11 +114,8 @@ def build_report(run_dir: str, data: dict | None, with_plot: bool, html: bool, t
                       group_stats(verdict, "source"),
                       group_stats(verdict, "turn", cap=cfg["stats"]["num_buckets"] - 1), rows, with_plot)
         out = os.path.join(run_dir, "report.html")
-        with open(out + ".tmp", "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(out + ".tmp", out)
+        write_text(out, page)
         lines.append(f"report: {out} ({os.path.getsize(out) / 1e6:.2f} MB, built in {time.perf_counter() - t0:.1f} s)")
     text = "\n".join(lines)
-    with open(os.path.join(run_dir, "summary.txt"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    write_text(os.path.join(run_dir, "summary.txt"), text + "\n")
     return text, rows

@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pyarrow as pa
 
+from ..files import temp_name
+
 
 def plot_loss(ax, metrics: list[dict]) -> None:
     steps = [m["step"] for m in metrics]
@@ -77,6 +79,7 @@ def training_png(run_dir: str, metrics: list[dict], audit: pa.Table) -> str:
     plot_weight_hist(ax[1, 1], audit.column("weight").to_numpy())
     fig.tight_layout()
     out = os.path.join(run_dir, "training.png")
-    fig.savefig(out, dpi=90)
+    fig.savefig(temp_name(out), dpi=90, format="png")
+    os.replace(temp_name(out), out)
     plt.close(fig)
     return out

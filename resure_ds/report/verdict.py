@@ -14,6 +14,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -23,9 +25,10 @@ import pyarrow.parquet as pq
 from ..config.sources import train_specs
 from ..data.manifest import manifest_source
 from ..data.records import InvalidRecord, record_format, to_dialogue
-from ..data.sources import load_hf, read_unit, resolve, units_of
+from ..files import temp_name
+from ..data.sources import load_hf, read_unit, resolve, source_fingerprint, units_of
 from .audit import read_audit
-from .run_files import read_config
+from .run_files import read_config, read_sources
 
 KEY = ["source", "dialogue_id", "turn"]
 
@@ -47,7 +50,9 @@ def export(run_dir: str, path: str) -> int:
     """Write the last-seen verdict of every trained turn as Parquet; returns the number of turns."""
     v = last_seen(read_audit(run_dir))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pq.write_table(v, path, compression="zstd")
+    tmp = temp_name(path)
+    pq.write_table(v, tmp, compression="zstd")
+    os.replace(tmp, path)  # never a torn file under the final name
     return v.num_rows
 
 
@@ -158,14 +163,19 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
     if unit not in ("dialogue", "turn"):
         raise ValueError(f"--unit must be 'dialogue' or 'turn', got {unit!r}")
     cfg = read_config(run_dir)
+    sources = []
+    for spec in train_specs(cfg["data"]):
+        src = resolve(spec)
+        sources.append((spec, resolve(manifest_source(src.files[0])) if src.kind == "prepared" else src))
+    _check_output(out_dir, [s for _, s in sources])
+    _check_unchanged(run_dir, sources)
+    final, out_dir = out_dir, f"{out_dir.rstrip(os.sep)}.partial{os.getpid()}"  # renamed when complete
+    shutil.rmtree(out_dir, ignore_errors=True)
     trained, low = _verdict_by_dialogue(run_dir, min_weight)
     counts = {"min_weight": min_weight, "unit": unit, "records": 0, "kept": 0, "dropped": 0, "cut": 0,
               "turns_removed": 0, "not_trained_kept": 0, "invalid_kept": 0,
               "unreadable_dropped": 0, "outputs": []}
-    for i, spec in enumerate(train_specs(cfg["data"])):
-        src = resolve(spec)
-        if src.kind == "prepared":
-            src = resolve(manifest_source(src.files[0]))
+    for i, (spec, src) in enumerate(sources):
         folder = os.path.join(out_dir, f"{i:02d}-{_slug(spec.label)}")
         writers: dict[str, _Writer] = {}
         for u in units_of(src):
@@ -204,11 +214,58 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
                     w.add(kept, index, True)
         for w in writers.values():
             w.close()
-            counts["outputs"].append(w.path)
+            counts["outputs"].append(os.path.join(final, os.path.relpath(w.path, out_dir)))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "filter_counts.json"), "w", encoding="utf-8") as f:
         json.dump(counts, f, indent=1)
+    if os.path.isdir(final):
+        os.rmdir(final)  # empty (checked above)
+    os.replace(out_dir, final)
     return counts
+
+
+def _check_unchanged(run_dir: str, sources: list) -> None:
+    """The verdict names records by id, or by file:line where they have none: applied to a file
+    edited since the run (a line inserted), it would drop the wrong records. Refuse a source whose
+    files differ from the fingerprints the run recorded."""
+    recorded = read_sources(run_dir)
+    if recorded is None:
+        print(f"[resure_ds] warning: {run_dir} records no source fingerprints (an older version's run): "
+              "the filter cannot check that the sources are unchanged since it trained", file=sys.stderr)
+        return
+    for spec, src in sources:
+        was = {f[0]: f for f in recorded.get(spec.label, [])}
+        now = {f[0]: f for f in source_fingerprint(src)}
+        changed = [p for p in sorted(was.keys() | now.keys()) if was.get(p) != now.get(p)]
+        if changed:
+            p = changed[0]
+            what = ("is new" if p not in was else "is gone" if p not in now else
+                    f"has {now[p][1]} bytes (the run read {was[p][1]})" if was[p][1] != now[p][1] else
+                    "was modified (another mtime or content)")
+            raise ValueError(f"{p} {what} since the run trained on source {spec.label}"
+                             f"{f' ({len(changed)} files differ)' if len(changed) > 1 else ''}: its verdict "
+                             "names records of the files as they were; filter the files the run read, or train "
+                             "on the edited ones")
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_output(out_dir: str, sources: list) -> None:
+    """The filter never writes over, into or around an input of the run, nor into a used folder: its
+    output would replace a source, or be read back as one by the next prepare of that folder."""
+    for src in sources:
+        folders = [src.spec.path] if os.path.isdir(src.spec.path) else []
+        for f in [*src.files, *folders]:
+            if _inside(f, out_dir) or (f in folders and _inside(out_dir, f)):
+                raise ValueError(f"--filter {out_dir}: {'holds' if _inside(f, out_dir) else 'is inside'} {f}, "
+                                 f"an input of this run (source {src.spec.label}); write the filtered corpus "
+                                 "to a new folder outside the training data")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ValueError(f"--filter {out_dir}: exists and is not an empty folder (an earlier filter's output?); "
+                         "give a new folder, or remove this one first")
 
 
 def _slug(label: str) -> str:

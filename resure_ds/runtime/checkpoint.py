@@ -1,7 +1,7 @@
 """Checkpoint layout, save and resume. Everything of ours is JSON (nothing executes on load).
 
     <run>/checkpoints/
-      latest                    the newest published tag (moved last)
+      latest                    the tag a resume takes (moved last by every publish)
       step0000012/              DeepSpeed's model, optimizer and scheduler files, plus
         rank_state_00000.json   this rank's RNG states
         progress.json           step, data cursor, Welford and histogram state, world size,
@@ -14,8 +14,10 @@
 Publish, then rotate: every rank writes into <tag>.saving; after a barrier,
 rank 0 checks that every rank's files are there and not empty, writes
 progress.json with the inventory, renames the folder to <tag> (atomic on
-one filesystem), then moves `latest`, and only then deletes older tags. A
-job killed at any point of a save resumes from the previous published tag.
+one filesystem), then moves `latest`, and only then deletes the tags
+published before the last keep_last (by publish order; never the one
+`latest` names). A job killed at any point of a save resumes from the
+previous published tag; checkpoint.resume=auto takes exactly `latest`.
 On resume the inventory is checked first: a missing or truncated file is
 named, instead of failing deep inside a loader. (A checkpoint folder is
 assumed to be on a filesystem every node sees, as DeepSpeed also assumes
@@ -39,20 +41,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..files import write_json as _write_json, write_text as _write_atomic
 from . import dist, faults
 
 PROGRESS = "progress.json"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj) -> None:
-    _write_atomic(path, json.dumps(obj))
 
 
 def _read_json(path: str):
@@ -96,16 +90,24 @@ class Progress:
     data: list[dict]             # what the cursor points into (data/pipeline.py identity)
     method: dict                 # stats/method.py Method.state_dict(): Welford and histogram state
     best_val: float | None = None  # lowest validation loss so far (eval.keep_best)
+    trained_on: dict = field(default_factory=dict)  # model shape, seed, packing: what resume must match
 
     def to_json(self) -> dict:
         return {"step": self.step, "cursor": self.cursor, "world_size": self.world_size,
                 "global_batch": self.global_batch, "data": self.data, "best_val": self.best_val,
-                "welford": self.method["welford"], "hist": self.method.get("hist")}
+                "welford": self.method["welford"], "hist": self.method.get("hist"), "trained_on": self.trained_on}
 
     @classmethod
     def from_json(cls, d: dict) -> "Progress":
         return cls(d["step"], d["cursor"], d["world_size"], d.get("global_batch", 0), d["data"],
-                   {"welford": d["welford"], "hist": d.get("hist")}, d.get("best_val"))
+                   {"welford": d["welford"], "hist": d.get("hist")}, d.get("best_val"), d.get("trained_on", {}))
+
+
+def differences(saved: dict, now: dict) -> list[str]:
+    """'key: checkpoint A, this run B' for every key whose value differs (keys only one side has are
+    not compared: a checkpoint of an older version records fewer)."""
+    return [f"{k}: checkpoint {saved[k]!r}, this run {now[k]!r}" for k in sorted(saved.keys() & now.keys())
+            if saved[k] != now[k]]
 
 
 # -- save -------------------------------------------------------------------------------
@@ -181,19 +183,32 @@ def clear_staging(ckpt_dir: str) -> None:
 
 
 def rotate(ckpt_dir: str, keep_last: int) -> None:
-    """Rank 0, after a publish: delete all but the newest keep_last published tags (and their
-    universal forms)."""
+    """Rank 0, after a publish: delete all but the keep_last most recently published tags (and their
+    universal forms). Never the one `latest` names. Publish order, not the step in the name: a new
+    run in a used folder (checkpoint.resume=none) publishes lower steps than an old run left."""
+    keep = {latest_tag(ckpt_dir)}
     for old in published(ckpt_dir)[:-keep_last]:
-        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-        shutil.rmtree(os.path.join(ckpt_dir, old + ".universal"), ignore_errors=True)
+        if old not in keep:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+            shutil.rmtree(os.path.join(ckpt_dir, old + ".universal"), ignore_errors=True)
 
 
 def published(ckpt_dir: str) -> list[str]:
-    """Published tags, oldest first."""
+    """Published tags, in the order they were published (progress.json is written last)."""
     if not os.path.isdir(ckpt_dir):
         return []
-    return sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step") and "." not in t
-                  and os.path.exists(os.path.join(ckpt_dir, t, PROGRESS)))
+    tags = [t for t in os.listdir(ckpt_dir) if t.startswith("step") and "." not in t
+            and os.path.exists(os.path.join(ckpt_dir, t, PROGRESS))]
+    return sorted(tags, key=lambda t: (os.stat(os.path.join(ckpt_dir, t, PROGRESS)).st_mtime_ns, t))
+
+
+def latest_tag(ckpt_dir: str) -> str | None:
+    """The tag `latest` names (moved last by every publish), or None."""
+    try:
+        with open(os.path.join(ckpt_dir, "latest"), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 # -- resume -------------------------------------------------------------------------------
@@ -215,12 +230,18 @@ class Found:
 
 
 def find(ckpt_dir: str, spec: str) -> Found | None:
-    """The checkpoint checkpoint.resume names: auto = the newest complete tag in the run, if any."""
+    """The checkpoint checkpoint.resume names: auto = the one `latest` names, if any."""
     if spec == "none":
         return None
     if spec == "auto":
-        tags = published(ckpt_dir)
-        return verified(ckpt_dir, tags[-1]) if tags else None
+        tag = latest_tag(ckpt_dir)
+        if tag is None:
+            return None
+        if not os.path.exists(os.path.join(ckpt_dir, tag, PROGRESS)):
+            raise FileNotFoundError(f"{ckpt_dir}/latest names {tag}, which is not a published checkpoint there; "
+                                    "point checkpoint.resume at a step folder of this run, or start afresh "
+                                    "with checkpoint.resume=none")
+        return verified(ckpt_dir, tag)
     d, tag = os.path.dirname(spec.rstrip("/")), os.path.basename(spec.rstrip("/"))
     if not os.path.exists(os.path.join(d, tag, PROGRESS)):
         raise FileNotFoundError(f"checkpoint.resume={spec}: no published checkpoint there (no {PROGRESS}); "

@@ -271,6 +271,10 @@ class Engine:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
+    def skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed skipped (overflow) so far in this process."""
+        return int(getattr(self.engine, "skipped_steps", 0) or 0)
+
     def grad_norm(self) -> float | None:
         g = self.engine.get_global_grad_norm()
         return None if g is None else float(g)

@@ -18,6 +18,7 @@ import uuid
 
 from ..config.sources import tracker_names
 from ..errors import ConfigError
+from ..files import write_text
 
 def scalars(row: dict) -> dict[str, float]:
     """The numbers of a metrics row: scalars as they are, per-depth lists as name/depth (NaN dropped)."""
@@ -43,8 +44,7 @@ def _stored_id(run_dir: str, name: str, start_step: int) -> str | None:
 
 
 def _store_id(run_dir: str, name: str, rid: str) -> str:
-    with open(os.path.join(run_dir, f".{name}_run_id"), "w", encoding="utf-8") as f:
-        f.write(rid)
+    write_text(os.path.join(run_dir, f".{name}_run_id"), rid)
     return rid
 
 
