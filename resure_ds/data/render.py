@@ -32,6 +32,17 @@ end-of-turn token that follows it. Checked: the probe's differing text holds the
 the spans come in order, and the content (or, where the template keeps only the reply after a
 `</think>`, that reply) is in its span; else the dialogue is refused (template_rewrites).
 
+Tool calls (tool_calls, tool messages, a tools list) get a check no template can fool, on every
+path: a calling turn's trained text must hold its call (function name and every argument value,
+as the template writes them), no trained text may hold a tool message's output, a reply's must
+hold its content. A template that writes the tool's response inside the model's turn (Gemma 4)
+gets the turn cut where the response starts (sub-turn masking: the call trains, the response is
+context). Arguments go to the template as an object or as JSON text and an empty reply as "" or
+null, whichever form the template renders the calls with (decided once per template). A template
+that refuses a placeholder in place of a call (gpt-oss: a tool message must follow its call)
+locates that call by the prefix definition. What fails is refused with its cause
+(template_drops_calls, template_drops_tools, template_tool_output), never trained.
+
 Tokens: the rendering is tokenized piece by piece (untrained text, trained
 span, untrained text, ...), exactly as at inference, where the prompt ends
 with the generation prompt and the model produces the reply's tokens, so a
@@ -41,6 +52,7 @@ tokenizer. Text past what max_length tokens can cover is never tokenized.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -50,7 +62,7 @@ from . import IGNORE
 from ..errors import DataError, InvalidRecord, record_error
 from .records import Dialogue
 
-RENDER_VERSION = 2  # part of the prepared-data cache key: bump when the rendered tokens would change
+RENDER_VERSION = 3  # part of the prepared-data cache key: bump when the rendered tokens would change
 _PLACEHOLDER = "\ue000{}\ue001"  # private-use code points: never in real text, never trimmed
 _LAYOUT_CACHE_SIZE = 4096
 _GUESS_CHARS_PER_TOKEN = 5  # English BPE averages about 4; later rounds fetch what a guess missed
@@ -97,6 +109,7 @@ class Renderer:
         self._layouts: dict[tuple, _Layout | None] = {}
         self._prefixes: dict[tuple, tuple[str, str] | None] = {}
         self._render = self._direct_renderer()
+        self._call_form: tuple[bool, bool] | None = None  # (arguments as text, empty reply as null)
 
     # -- template ---------------------------------------------------------
     def _direct_renderer(self):
@@ -127,13 +140,41 @@ class Renderer:
 
     def _template(self, messages, gen: bool, tools: list | None = None, plain: bool = True) -> str:
         """The template's text. plain: {role, content} messages and no tools (the direct
-        renderer was checked on those); anything else goes through apply_chat_template."""
+        renderer was checked on those); anything else goes through apply_chat_template, with
+        tool-call arguments in the form this template takes (an object, or its JSON text: decided
+        once, by the first dialogue with a call that renders only one way)."""
         try:
             if self._render is not None and plain and not tools:
                 return self._render(messages, gen)
+            if any(m.get("tool_calls") for m in messages):
+                return self._with_calls(messages, gen, tools)
             return self.tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
         except Exception as e:  # jinja raises for roles or orders the template refuses
             raise InvalidRecord("template_refused", f"the chat template refused this dialogue ({e})") from None
+
+    def _with_calls(self, messages: list[dict], gen: bool, tools: list | None) -> str:
+        """Render messages with tool calls in the form this template consumes: arguments as an object
+        or as JSON text (DeepSeek's templates concatenate them as text), an empty reply as "" or
+        null (DeepSeek R1's writes the calls only when the content is null). Decided once, by the
+        first dialogue that renders with every call's function name in its text under some form;
+        where no form shows them, the first that renders (the span check then refuses it)."""
+        forms = [self._call_form] if self._call_form is not None else _CALL_FORMS
+        first, error = None, None
+        for form in forms:
+            try:
+                text = self.tok.apply_chat_template(_call_form(messages, form), tools=tools, tokenize=False,
+                                                    add_generation_prompt=gen)
+            except Exception as e:  # noqa: BLE001 - the next form may render
+                error = error or e
+                continue
+            names = [c.get("function", c).get("name", "") for m in messages for c in m.get("tool_calls", ())]
+            if self._call_form is not None or all(n in text for n in names):
+                self._call_form = form
+                return text
+            first = first if first is not None else text
+        if first is None:
+            raise error
+        return first
 
     def _end_of_turn(self, tail: str) -> int:
         """Characters of `tail` (text after an assistant content) that are trained: up to and
@@ -275,6 +316,10 @@ class Renderer:
             try:
                 other = self._template(probe, False, d.tools, plain=d.plain)
             except InvalidRecord:
+                local = self._local_span(d, j, full) if m.get("tool_calls") else None
+                if local is not None and local[0] >= floor:  # harmony: a tool message needs its call
+                    spans.append(local)
+                    continue
                 raise InvalidRecord("template_rewrites", f"the chat template renders this dialogue but refuses it with "
                                     f"assistant message {j} as plain text (a template that checks role order with "
                                     "tool calls left out), so that message cannot be located; set "
@@ -282,14 +327,138 @@ class Renderer:
             a = _common_prefix(full, other)
             b = _common_suffix(full, other, min(len(full), len(other)) - a)
             s, e = a, len(full) - b
-            if mark not in other[a:len(other) - b] or s < floor or not _shows(m, full[s:e]):
+            calling = bool(m.get("tool_calls"))  # its span may run over a tool's output: cut and ordered later
+            if mark not in other[a:len(other) - b] or (s < floor and not calling) or not _shows(m, full[s:e]):
                 raise InvalidRecord("template_rewrites", f"assistant message {j} could not be located in the rendering "
                                     "of this dialogue: the chat template rewrites it, or changes other messages "
                                     "with it; set model.chat_template to a template that renders it as given")
             e += self._end_of_turn_after(full, e)
             spans.append((s, e))
-            floor = e
+            floor = floor if calling else e
         return spans
+
+    def _local_span(self, d: Dialogue, j: int, full: str) -> tuple[int, int] | None:
+        """Calling message j by the prefix definition, where the template refuses a placeholder in its
+        place (gpt-oss: a tool message must follow a call): from the end of the rendering up to j
+        with the generation prompt (a prefix of `full`) as far as `full` goes on like the rendering
+        through j, whole special tokens only. None where the template is not prefix-stable there."""
+        try:
+            p = self._template(d.messages[:j], True, d.tools, plain=False)
+            q = self._template(d.messages[:j + 1], False, d.tools, plain=False)
+        except InvalidRecord:
+            return None
+        if not full.startswith(p):
+            return None
+        e = self._snap(full, len(p), _common_prefix(full, q))
+        s = len(p) + len(full[len(p):e]) - len(full[len(p):e].lstrip())
+        return (s, s + len(full[s:e].rstrip())) if e > s else None
+
+    def _snap(self, text: str, s: int, cut: int) -> int:
+        """cut, moved back to the start of a special token it would split."""
+        for sp in self.specials:
+            at = text.rfind(sp, s, cut + len(sp) - 1)
+            if at >= 0 and at < cut < at + len(sp):
+                cut = at
+        return cut
+
+    def _tool_regions(self, d: Dialogue, text: str) -> list[tuple[int, int]]:
+        """Where each tool message's content is in `text` (the whole dialogue's rendering): located
+        like an assistant message, by a probe with its content replaced by a placeholder; where the
+        template refuses that probe, every place the content appears."""
+        regions = []
+        for j, m in enumerate(d.messages):
+            if m["role"] != "tool" or not m["content"].strip():
+                continue
+            mark = _PLACEHOLDER.format(j)
+            try:
+                other = self._template([*d.messages[:j], {**m, "content": mark}, *d.messages[j + 1:]], False,
+                                       d.tools, plain=False)
+            except InvalidRecord:
+                other = None
+            if other is not None and mark in other:
+                a = _common_prefix(text, other)
+                regions.append((a, len(text) - _common_suffix(text, other, min(len(text), len(other)) - a)))
+                continue
+            needle = m["content"].strip()
+            needle = needle if needle in text else json.dumps(needle, ensure_ascii=False)[1:-1]
+            at = text.find(needle)
+            while at >= 0:
+                regions.append((at, at + len(needle)))
+                at = text.find(needle, at + 1)
+        return regions
+
+    def _call_start(self, d: Dialogue, j: int, text: str, s: int) -> int:
+        """Where calling message j's own text starts: a routing header the model writes before the call
+        (`<|start|>assistant to=get_weather<|message|>`: the model writes ` to=get_weather`) is
+        between the generation prompt and the located call; it is the model's text too. Only plain
+        text on the header's line is taken over this way (no markup, no line break, no special token:
+        a template's own `<think></think>` before a call stays context, as before a reply)."""
+        try:
+            p = self._template(d.messages[:j], True, d.tools, plain=False)
+        except InvalidRecord:
+            return s
+        gap = text[len(p):s]
+        plain = gap.strip() and len(gap) < 64 and not any(c in gap for c in "<>\n[]")
+        if text.startswith(p) and plain and not any(sp in gap for sp in self.specials):
+            return len(p) + len(gap) - len(gap.lstrip())
+        return s
+
+    def _call_end(self, d: Dialogue, j: int, text: str, s: int, limit: int) -> int:
+        """Where calling message j's own text ends in `text`, before `limit` (a tool's output that the
+        template writes inside the same turn): as far as `text` goes on like the rendering of the
+        dialogue up to message j, which ends with what the template writes after a call when
+        nothing follows (its end-of-call or end-of-turn markers), and never inside a special token."""
+        try:
+            upto = self._template(d.messages[:j + 1], False, d.tools, plain=False)
+            a = _common_prefix(text, upto)
+        except InvalidRecord:
+            a = 0
+        return self._snap(text, s, min(a, limit) if a > s else limit)
+
+    def _check_tool_spans(self, d: Dialogue, text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The check no template can fool, for dialogues with tools or tool messages: a trained span
+        holds no text of a tool message (a template that writes the tool's response inside the
+        model's own turn, as Gemma 4's do, gets the span cut where the response starts: the call
+        trains, the response is context), a calling turn's span holds the call (its function name
+        and every argument value, as the template writes them), and a reply's span its content.
+        Anything else is one located error (or a counted skip), never trained."""
+        regions = self._tool_regions(d, text)
+        assistant = [j for j, m in enumerate(d.messages) if m["role"] == "assistant"]
+        out = []
+        for t, ((s, e), j) in enumerate(zip(spans, assistant)):
+            m = d.messages[j]
+            inside = sorted(r for r in regions if r[0] < e and r[1] > s)
+            if inside:
+                cut = self._call_end(d, j, text, s, inside[0][0]) if inside[0][0] > s else s
+                if cut <= s or text[s:cut].strip() == "":
+                    raise InvalidRecord("template_tool_output", f"assistant message {t}'s text cannot be told apart "
+                                        "from a tool's output in this template's rendering (the span would train "
+                                        "the tool's response); set model.chat_template to one that renders it apart")
+                e = s + len(text[s:cut].rstrip())
+            if m.get("tool_calls"):
+                s = self._call_start(d, j, text, s)
+            span = text[s:e]
+            for call in m.get("tool_calls", ()):
+                fn = call.get("function", call)
+                missing = [v for v in [fn.get("name", ""), *_leaf_values(fn.get("arguments"))]
+                           if v and not _written(v, span)]
+                if missing:
+                    raise InvalidRecord("template_drops_calls", f"the chat template does not write assistant turn {t}'s "
+                                        f"tool call into its reply ({missing[0]!r} is not in the trained text): it "
+                                        "renders none of the turn's calls, or only some (one call per message), so "
+                                        "the turn would train a reply without its call; set model.chat_template to "
+                                        "a template that renders them, or give one call per message")
+            content = m["content"].strip()
+            if content and content not in span and not ("</think>" in content
+                                                        and content.rsplit("</think>", 1)[1].strip() in span):
+                raise InvalidRecord("template_rewrites", f"assistant message {t}'s content is not in its trained text "
+                                    "(the chat template rewrites it); set model.chat_template to one that keeps it")
+            if out and s < out[-1][1]:
+                raise InvalidRecord("template_rewrites", f"assistant message {t} could not be located apart from the "
+                                    "message before it in the rendering of this dialogue; set model.chat_template "
+                                    "to a template that renders it as given")
+            out.append((s, e))
+        return out
 
     def _end_of_turn_after(self, text: str, at: int) -> int:
         """Characters after `at` that are trained as the end of turn: the first special token when
@@ -328,6 +497,8 @@ class Renderer:
                         raise
         if spans is None:  # (a plain dialogue's whole rendering is `text` already)
             k, text = n, text if d.plain else self._template(d.messages, False, d.tools, plain=False)
+            if not d.plain:
+                _check_rendered(d, text)
             try:
                 spans = self.located_spans(d, text)
             except InvalidRecord as bad:
@@ -337,6 +508,8 @@ class Renderer:
                     spans = list(self.prefix_spans(d, text))
                 except InvalidRecord:
                     raise bad from None
+        if not d.plain:
+            spans = self._check_tool_spans(d, text, spans)
         out, prev, chars = [], 0, 0
         for t, (s, e) in enumerate(spans):
             for piece, tid in ((text[prev:s], -1), (text[s:e], t)):
@@ -465,6 +638,65 @@ def _common_prefix(a: str, b: str) -> int:
 def _common_suffix(a: str, b: str, limit: int) -> int:
     """Length of the longest common suffix, at most `limit`."""
     return _longest(limit, lambda m: a[len(a) - m:] == b[len(b) - m:])
+
+
+_CALL_FORMS = [(False, False), (True, False), (False, True), (True, True)]  # (args as text, null content)
+
+
+def _call_form(messages: list[dict], form: tuple[bool, bool]) -> list[dict]:
+    """Messages with their tool calls in a form: arguments as JSON text (the OpenAI wire form)
+    instead of the object, and an empty reply as null."""
+    as_text, null = form
+
+    def call(c):
+        fn = c.get("function", c)
+        args = fn.get("arguments")
+        fn = {**fn, "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}
+        return {**c, "function": fn} if "function" in c else fn
+
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [call(c) for c in m["tool_calls"]] if as_text else m["tool_calls"],
+                 "content": None if null and not m["content"].strip() else m["content"]}
+        out.append(m)
+    return out
+
+
+def _check_rendered(d: Dialogue, text: str) -> None:
+    """A template that leaves out tool calls or tool messages (Llama 3.0's, LFM2's, Phi-3's) cannot
+    train them: refused with the cause, before any span is looked for."""
+    for j, m in enumerate(d.messages):
+        for c in m.get("tool_calls", ()):
+            name = c.get("function", c).get("name", "")
+            if name and name not in text:
+                raise InvalidRecord("template_drops_calls", f"the chat template does not render tool calls (message "
+                                    f"{j} calls {name!r}, which is not in its rendering), so the turn would train an "
+                                    "empty reply; set model.chat_template to a template that renders tool_calls")
+        if m["role"] == "tool" and m["content"].strip() and not _written(m["content"].strip(), text):
+            raise InvalidRecord("template_drops_tools", f"the chat template does not render tool messages (message {j}'s "
+                                "output is not in its rendering), so a reply would train without the output it "
+                                "answers; set model.chat_template to a template with a tool role")
+
+
+def _leaf_values(args) -> list[str]:
+    """The argument values a rendered call must show: every string, number and boolean leaf."""
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return [args]
+    if isinstance(args, dict):
+        return [v for x in args.values() for v in _leaf_values(x)]
+    if isinstance(args, list):
+        return [v for x in args for v in _leaf_values(x)]
+    return [] if args is None else [str(args) if not isinstance(args, bool) else str(args).lower()]
+
+
+def _written(value: str, text: str) -> bool:
+    """value is in text as written, or JSON-escaped, or (a boolean) in Python's spelling."""
+    return any(v in text for v in (value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1],
+                                   value.capitalize()))
 
 
 def _shows(m: dict, span: str) -> bool:
