@@ -111,3 +111,20 @@ def test_length_scaled_z_compares_a_turn_with_the_spread_of_its_length():
     assert r.w.tolist() == [[1.0, 0.0]]
     st.length_scaled = False  # the paper's z: both turns alike
     assert resure_weights(loss, present, st, cfg(tau=1.5), 0, count).z[0].tolist() == [0.25, 0.25]
+
+
+def test_a_fixed_tau_cannot_flag_a_large_cluster_and_the_quantile_threshold_can():
+    """docs/method.md s.4: a cluster that is a share p of its bucket reaches at most z = sqrt((1-p)/p).
+    40% of a bucket at loss 8 among 60% at 2: the cluster's z is sqrt(0.6/0.4) = 1.22 < tau = 1.5, so the
+    paper's rule gives it weight 1 however far off it is. resure.threshold=quantile with down_share=0.4
+    puts the threshold at the bucket's 60% loss quantile: the cluster, and only it, is down-weighted."""
+    losses = torch.tensor([2.0] * 60 + [8.0] * 40, dtype=torch.float64)
+    for threshold, want_down in (("z", 0), ("quantile", 40)):
+        c = ResureConfig(weight_fn="hard", min_count=2, threshold=threshold, down_share=0.4)
+        st = Welford(1, histograms=threshold == "quantile")
+        st.sync_update(losses, torch.zeros(100, dtype=torch.long))
+        z = (8.0 - st.mean[0].item()) / st.std[0].item()
+        assert abs(z - math.sqrt(0.6 / 0.4) * math.sqrt(99 / 100)) < 1e-9  # the ceiling (sample std)
+        loss = losses[None, :]
+        w = resure_weights(loss, torch.ones_like(loss, dtype=torch.bool), st, c, 0).w[0]
+        assert int((w < 1).sum()) == want_down and bool((w[60:] < 1).all()) == (want_down == 40)

@@ -122,7 +122,11 @@ class ResureConfig:
     weight_fn: Literal["hard", "exp", "sigmoid"] = "exp"
     """z -> weight: hard (0 above tau), exp (exp(-lam*max(0, z-tau))), sigmoid (1/(1+exp((z-tau)/s)))."""
     tau: float = 1.5
-    """z threshold above which a turn counts as unreliable."""
+    """z threshold above which a turn counts as unreliable (resure.threshold=z)."""
+    threshold: Literal["z", "quantile"] = "z"
+    """z: the fixed tau (the paper's rule). quantile (beyond the paper): per turn-depth bucket, the z of its (1 - down_share) loss quantile, so a set share of each bucket is down-weighted; a fixed tau cannot flag a cluster that is more than 1 / (1 + tau^2) of its bucket (docs/method.md s.4). Not with stats.length_scaled or resure.two_sided."""
+    down_share: float = 0.1
+    """resure.threshold=quantile: the share of each bucket's turn losses past the threshold."""
     lam: float = 1.0
     """Decay rate of the exp weight past tau."""
     s: float = 0.5
@@ -353,6 +357,11 @@ def _validate(c: Config) -> list[str]:
     if c.stats.scale == "mad" and c.stats.length_scaled:
         e.append("stats.scale=mad with stats.length_scaled: the robust scale has no per-token form; "
                  "set one of them")
+    if not 0.0 < c.resure.down_share < 1.0:
+        e.append(f"resure.down_share: must be in (0, 1), got {c.resure.down_share}")
+    if c.resure.threshold == "quantile" and (c.stats.length_scaled or c.resure.two_sided):
+        e.append("resure.threshold=quantile with stats.length_scaled or resure.two_sided: the bucket's loss "
+                 "quantile has no per-length or lower-tail form; set one of them")
     if not 0.0 <= c.resure.floor <= 1.0:
         e.append(f"resure.floor: must be in [0, 1], got {c.resure.floor}")
     if not 0.0 < c.loss_truncation.drop_fraction < 1.0:

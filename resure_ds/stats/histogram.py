@@ -79,6 +79,10 @@ class LossHistogram:
         out = torch.gather(torch.gather(dev, 1, order), 1, i).squeeze(1)
         return torch.where(total.squeeze(1) > 0, out, torch.full_like(out, float("nan")))
 
+    def quantile(self, q: float) -> torch.Tensor:
+        """[K] q-quantile per bucket, interpolated within its bin (NaN for an empty bucket)."""
+        return _quantile(self.counts, q, self.width)
+
     def upper_quantile(self, q: float, bucket: int = 0) -> float:
         """Upper edge of the bin where the bucket's cumulative share first reaches q (loss truncation's
         threshold: conservative by less than one bin)."""

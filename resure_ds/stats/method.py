@@ -24,7 +24,8 @@ TRUNCATION_BINS = 4000  # loss truncation's quantile: 0.005 nats a bin over [0, 
 class Method:
     def __init__(self, cfg: Config):
         self.cfg, s = cfg, cfg.stats
-        self.stats = Welford(s.num_buckets, s.decay, s.length_scaled, s.scale)
+        self.stats = Welford(s.num_buckets, s.decay, s.length_scaled, s.scale,
+                             histograms=cfg.resure.threshold == "quantile")
         self.hist = LossHistogram(1, bins=TRUNCATION_BINS) if cfg.train.method == "loss_truncation" else None
 
     def weigh(self, turns: TurnLosses, step: int) -> Weights:
@@ -47,7 +48,7 @@ class Method:
         st = self.stats
         return {"bucket_n": st.n.tolist(), "bucket_mean": st.mean.tolist(), "bucket_std": st.std.tolist(),
                 "nonfinite_total": int(st.nonfinite.sum().item()),
-                **({} if st.robust is None else {"bucket_median": st.center.tolist(),
+                **({} if st.scale != "mad" else {"bucket_median": st.center.tolist(),
                                                  "bucket_scale": st.spread.tolist()})}
 
     def state_dict(self) -> dict:

@@ -35,14 +35,27 @@ def zscores(loss: torch.Tensor, stats: Welford, eps: float, count: torch.Tensor 
     return (loss.double() - mean) / (std + eps)
 
 
-def weight_fn(z: torch.Tensor, cfg: ResureConfig) -> torch.Tensor:
+def weight_fn(z: torch.Tensor, cfg: ResureConfig, tau: torch.Tensor | float | None = None) -> torch.Tensor:
+    """z -> weight past the threshold tau (resure.tau, or per bucket with resure.threshold=quantile)."""
+    tau = cfg.tau if tau is None else tau
     if cfg.two_sided:
         z = z.abs()
     if cfg.weight_fn == "hard":
-        return (z <= cfg.tau).double()
+        return (z <= tau).double()
     if cfg.weight_fn == "exp":
-        return torch.exp(-cfg.lam * (z - cfg.tau).clamp(min=0))
-    return torch.sigmoid(-(z - cfg.tau) / cfg.s)
+        return torch.exp(-cfg.lam * (z - tau).clamp(min=0))
+    return torch.sigmoid(-(z - tau) / cfg.s)
+
+
+def quantile_tau(stats: Welford, cfg: ResureConfig, T: int, device) -> torch.Tensor:
+    """resure.threshold=quantile: per bucket, the z of its (1 - resure.down_share) loss quantile, so the
+    share of a bucket past the threshold is set directly. The paper's fixed tau cannot do that: a
+    cluster that is a share p of its bucket can reach at most z = sqrt((1 - p) / p) (docs/method.md
+    s.4), so past p = 1 / (1 + tau^2) nothing is down-weighted, however far off the cluster is."""
+    b = stats.bucket(torch.arange(T, device=stats.state.device))
+    q = stats.robust.quantile(1.0 - cfg.down_share).to(stats.state.device)
+    tau = (q - stats.center) / (stats.spread + cfg.eps)
+    return tau[b].to(device)
 
 
 def resure_weights(loss: torch.Tensor, present: torch.Tensor, stats: Welford,
@@ -53,7 +66,8 @@ def resure_weights(loss: torch.Tensor, present: torch.Tensor, stats: Welford,
     z = zscores(loss, stats, cfg.eps, count)
     nb = stats.n[stats.bucket(torch.arange(T, device=stats.state.device))].to(loss.device)
     warm = (nb >= max(cfg.min_count, 2)) & (step >= cfg.warmup_steps)
-    w = torch.where(warm & torch.isfinite(z), weight_fn(z, cfg), torch.ones_like(z))
+    tau = quantile_tau(stats, cfg, T, loss.device) if cfg.threshold == "quantile" else None
+    w = torch.where(warm & torch.isfinite(z), weight_fn(z, cfg, tau), torch.ones_like(z))
     w = torch.where(present, w, torch.ones_like(w))
     if cfg.propagate == "forward":
         w = torch.cummin(w, dim=1).values

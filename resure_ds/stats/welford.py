@@ -87,14 +87,16 @@ class Welford:
     `scale="mad"`: z's center and spread are the bucket's median and 1.4826 * MAD, from
     per-bucket loss histograms kept alongside (histogram.py); n still counts the warm-up."""
 
-    def __init__(self, num_buckets: int = 8, decay: float = 1.0, length_scaled: bool = False, scale: str = "std"):
+    def __init__(self, num_buckets: int = 8, decay: float = 1.0, length_scaled: bool = False, scale: str = "std",
+                 histograms: bool = False):
         if num_buckets < 1 or not 0.0 < decay <= 1.0:
             raise ValueError("num_buckets >= 1 and 0 < decay <= 1 are required")
         if scale not in ("std", "mad") or (scale == "mad" and length_scaled):
             raise ValueError("stats.scale is std or mad, and mad does not combine with stats.length_scaled")
         self.num_buckets, self.decay, self.length_scaled, self.scale = num_buckets, decay, length_scaled, scale
         self.state = torch.zeros(num_buckets, COLUMNS, dtype=torch.float64)
-        self.robust = LossHistogram(num_buckets, decay=decay) if scale == "mad" else None
+        # per-bucket loss histograms: the robust z's median and MAD, or a per-bucket quantile threshold
+        self.robust = LossHistogram(num_buckets, decay=decay) if scale == "mad" or histograms else None
 
     def bucket(self, turn: torch.Tensor) -> torch.Tensor:
         return turn.clamp(max=self.num_buckets - 1)
@@ -117,12 +119,12 @@ class Welford:
     @property
     def center(self) -> torch.Tensor:
         """What z measures a turn from, per bucket: the mean, or the median (scale=mad)."""
-        return self.mean if self.robust is None else self.robust.median().to(self.state.device)
+        return self.mean if self.scale != "mad" else self.robust.median().to(self.state.device)
 
     @property
     def spread(self) -> torch.Tensor:
         """What z divides by, per bucket: the std, or 1.4826 * MAD (scale=mad); NaN while n < 2."""
-        if self.robust is None:
+        if self.scale != "mad":
             return self.std
         n = self.state[:, N]
         scale = self.robust.scale().to(self.state.device)
@@ -168,6 +170,9 @@ class Welford:
         if sd.get("scale", "std") != self.scale:
             raise ValueError(f"checkpoint's statistics have stats.scale={sd.get('scale', 'std')}, config says "
                              f"{self.scale}; resume with the checkpoint's setting")
+        if self.robust is not None and sd.get("robust") is None:
+            raise ValueError("checkpoint's statistics keep no loss histograms, this run needs them "
+                             "(resure.threshold=quantile); resume with the checkpoint's setting")
         if self.robust is not None:
             self.robust.load_state_dict(sd["robust"])
         state = torch.as_tensor(sd["state"], dtype=torch.float64).clone()
