@@ -11,23 +11,17 @@ the end-of-run report.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import random
 import sys
 import time
 import traceback
-
-import numpy as np
-import torch
 
 from .config import Config, load_config, parse_duration, split_recipe_args, to_dict
 from .data.pipeline import TrainingData
 from .data.plan import Cursor
 from .errors import ConfigError, DataError, TrainingError
-from .files import write_json
 from .eval.validation import Validation
+from .files import write_json
 from .models import load_tokenizer, model_shape, resolve_model_path
 from .report import audit
 from .report.build import write_report
@@ -35,20 +29,12 @@ from .report.run_files import write_sources
 from .runtime import checkpoint, dist
 from .runtime.engine import Engine, init_distributed, to_universal
 from .runtime.metrics import MetricsLogger
-from .runtime.stop import EXIT_RESUME, SIGNALS, StopPolicy
+from .runtime.stop import EXIT_RESUME, SIGNALS, Divergence, StopPolicy
 from .runtime.trackers import open_trackers
 from .stats.method import Method
 from .step import Stepper
 
-PACKING_TOLERANCE = 0.05  # bf16 noise is ~1e-2 of the logit scale; a leak changes logits by O(1)
-
 print0 = dist.print0
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 class Recipe:
@@ -59,20 +45,20 @@ class Recipe:
         self.step, self.cursor, self.best_val = 0, Cursor(), None
         self.logger: MetricsLogger | None = None
         self.startup: dict = {}  # seconds spent in each phase before the first step
-        self.bad_since: int | None = None  # first step of the current streak of diverged steps
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, t0 = self.cfg, time.perf_counter()
         self.stop = StopPolicy(cfg.train.stop_after, parse_duration(cfg.train.time_limit))
         self.stop.install()  # a SIGTERM/SIGUSR1 from here on stops at a step boundary with a checkpoint
+        self.divergence = Divergence(cfg.train.max_bad_steps, cfg.train.lr)
         self.rank, self.world = init_distributed(cfg.dist.timeout)
         self.run_dir = os.path.join(cfg.output.dir, cfg.output.name)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             write_json(os.path.join(self.run_dir, "config.json"), to_dict(cfg), indent=2)
-        seed_all(cfg.train.seed + self.rank)
+        checkpoint.seed_all(cfg.train.seed + self.rank)
         model_path = resolve_model_path(cfg.model.path)  # file-locked: one rank converts, others wait
         self.model_shape = model_shape(model_path)
         self.tokenizer = load_tokenizer(model_path, cfg.model.chat_template, cfg.model.trust_remote_code)
@@ -89,16 +75,10 @@ class Recipe:
         # The loader's workers start now, so their start-up overlaps the engine's.
         self.batches = self.data.batches(self.rank, self.world, self.cursor, ignore_signals=SIGNALS)
         self.engine = Engine(cfg, model_path, universal=self.found is not None and self.found.universal)
-        if cfg.data.packing and self.engine.packing_leaks(len(self.tokenizer)) > PACKING_TOLERANCE:
-            raise ConfigError(f"{model_path}: this model does not confine attention to each dialogue of a packed "
-                              "row (it ignores restarting position ids), so packed dialogues would see each other. "
-                              "Set data.packing=false, or use a model class with packed-sequence support")
-        print0(f"model {model_path}, {self.world} rank(s), ZeRO-{cfg.train.zero_stage}, {self.engine.dtype} "
-               f"(model.dtype={cfg.model.dtype}), method {cfg.train.method}, "
-               f"{'packed' if cfg.data.packing else 'padded'} rows of {cfg.data.max_length} tokens, "
-               f"{cfg.model.attn_implementation} attention, "
-               f"{'fused LM head and loss' if self.engine.fused else 'logits path'}"
-               + (f", validation on {self.validation.dialogues:,} dialogues" if self.validation else ""))
+        if cfg.data.packing:
+            self.engine.check_packing(len(self.tokenizer))
+        print0(self.engine.describe(self.world) + (f", validation on {self.validation.dialogues:,} dialogues"
+                                                    if self.validation else ""))
         self.method = Method(cfg)
         self.audit = audit.AuditLog(self.run_dir, self.rank)
         self.stepper = Stepper(cfg, self.engine, self.method, self.audit, self.data.source_names, self.rank)
@@ -142,7 +122,7 @@ class Recipe:
         if rng is not None:
             checkpoint.set_rng_state(rng)
         else:  # another world size: fresh per-rank streams, still a function of seed, rank and step
-            seed_all(self.cfg.train.seed + 1000003 * self.step + self.rank)
+            checkpoint.seed_all(self.cfg.train.seed + 1000003 * self.step + self.rank)
         self._truncate_audit(self.step)
         self.startup["resume"] = time.perf_counter() - t0
         print0(f"resumed from {found.path} at step {self.step} (rows seen {self.cursor.rows_seen}, epoch "
@@ -180,31 +160,15 @@ class Recipe:
             signalled, out_of_time = row.pop("stop_signal"), row.pop("stop_time")
             if self.logger is not None:
                 self.logger.log(row)
-            self.check_diverged(row)
+            self.divergence.check(self.step, row)
             if self.step < cfg.train.max_steps:
                 reason = ("a signal (SIGTERM/SIGUSR1)" if signalled else "train.time_limit" if out_of_time
                           else "train.stop_after" if self.step >= end else None)
-            if every and self.step % every == 0 and self.step < end and reason is None and self.bad_since is None:
+            if every and self.step % every == 0 and self.step < end and reason is None and self.divergence.healthy:
                 self.save_checkpoint()
-        if self.step > start and self.bad_since is None:
+        if self.step > start and self.divergence.healthy:
             self.save_checkpoint()
         return reason
-
-    def check_diverged(self, row: dict) -> None:
-        """Every rank sees the same row (all-reduced), so all stop together."""
-        bad = (not math.isfinite(row["loss"]) or row["skipped_step"]
-               or (row["trained_tokens"] > 0 and row["turns"] == 0)
-               or (row["grad_norm"] is not None and not math.isfinite(row["grad_norm"])))
-        self.bad_since = (self.bad_since or self.step) if bad else None
-        limit = self.cfg.train.max_bad_steps
-        if limit and bad and self.step - self.bad_since + 1 >= limit:
-            raise TrainingError(
-                f"the run diverged: {limit} consecutive optimizer steps ({self.bad_since}-{self.step}) had a "
-                f"non-finite loss or gradient norm, no turn with a finite loss, or were skipped by DeepSpeed "
-                f"(last: loss {row['loss']}, grad norm {row['grad_norm']}, {row['nonfinite_turns']} non-finite "
-                f"turns). Nothing was exported and no checkpoint of these steps was saved. Lower train.lr "
-                f"(now {self.cfg.train.lr}), keep train.grad_clip on, check the data for extreme records, and "
-                "start afresh or resume from the last checkpoint (train.max_bad_steps sets the limit)")
 
     def validate(self) -> dict:
         """Validation metrics for this step (every rank); a new best is exported when eval.keep_best."""

@@ -95,3 +95,27 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert fewer.returncode == 0 and "test loss" not in fewer.stdout, fewer.stderr[-4000:]
     other = study(tmp_path, 29613, "lr=0.5")
     assert other.returncode != 0 and "holds runs made with other settings" in other.stderr
+
+
+def test_round4_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
+    """Round 4 (benchmarks/noisy_mix/round4.py) end to end on the tiny model: every arm on every seed,
+    paired intervals against sft, the oracle's gap, generation measures, detection per score."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "round4.py"), "--profile",
+                          "quick", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "MASTER_PORT": "29655"})
+    assert out.returncode == 0, out.stderr[-4000:]
+    with open(tmp_path / "results.json", encoding="utf-8") as f:
+        res = json.load(f)
+    arms = {"sft", "resure", "resure_mad", "resure_quantile", "loss_truncation", "prefilter", "oracle", "clean"}
+    assert {r["arm"] for r in res["runs"]} == arms and len(res["runs"]) == 2 * len(arms)
+    cell = res["summary"]["0.3"]
+    assert set(cell["arms"]) == arms and cell["arms"]["oracle"]["oracle_gap_recovered"]["test_loss"] == 1.0
+    for arm, c in cell["arms"].items():
+        d = c["minus_sft"]["test_loss"]
+        assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"], arm
+    assert set(cell["detection"]) == {"raw loss", "z (std)", "z (mad)", "base-model loss", "excess loss"}
+    assert all(len(c) == 8 for c in cell["contamination_per_bucket"])
+    oracle = [r for r in res["runs"] if r["arm"] == "oracle"]
+    sft = {r["seed"]: r for r in res["runs"] if r["arm"] == "sft"}
+    assert all(r["train_dialogues"] < sft[r["seed"]]["train_dialogues"] for r in oracle)  # it dropped the noise
+    assert (tmp_path / "results.md").exists()

@@ -71,6 +71,12 @@ def rng_state() -> dict:
             "torch": torch.get_rng_state().tolist()}
 
 
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(st: dict) -> None:
     py = st["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))

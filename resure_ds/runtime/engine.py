@@ -22,6 +22,8 @@ from ..data import IGNORE
 from ..errors import ConfigError
 from .nll import token_nll
 
+PACKING_TOLERANCE = 0.05  # bf16 noise is ~1e-2 of the logit scale; a leak changes logits by O(1)
+
 
 def init_distributed(timeout_s: int) -> tuple[int, int]:
     """Join the process group: launcher env vars, or MPI (mpirun) via mpi4py discovery.
@@ -148,7 +150,7 @@ class Engine:
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
-        self.cfg = cfg
+        self.cfg, self.model_path = cfg, model_path
         conf = ds_config(cfg, universal)
         # Must exist before from_pretrained so weights load straight into ZeRO-3
         # partitions (zero.Init): no rank ever holds the whole model.
@@ -239,6 +241,21 @@ class Engine:
         if self.fused:
             return self.engine(**self._inputs(batch), targets=targets)
         return token_nll(self.forward(batch), targets)
+
+    def describe(self, world: int) -> str:
+        """The start-up line: what trains, where, how."""
+        c = self.cfg
+        return (f"model {self.model_path}, {world} rank(s), ZeRO-{c.train.zero_stage}, {self.dtype} "
+                f"(model.dtype={c.model.dtype}), method {c.train.method}, "
+                f"{'packed' if c.data.packing else 'padded'} rows of {c.data.max_length} tokens, "
+                f"{c.model.attn_implementation} attention, {'fused LM head and loss' if self.fused else 'logits path'}")
+
+    def check_packing(self, vocab: int) -> None:
+        """Refuse a model that lets packed dialogues see each other (every rank calls)."""
+        if self.packing_leaks(vocab) > PACKING_TOLERANCE:
+            raise ConfigError(f"{self.model_path}: this model does not confine attention to each dialogue of a "
+                              "packed row (it ignores restarting position ids), so packed dialogues would see each "
+                              "other. Set data.packing=false, or use a model class with packed-sequence support")
 
     @torch.no_grad()
     def packing_leaks(self, vocab: int) -> float:

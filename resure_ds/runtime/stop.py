@@ -10,8 +10,11 @@ requeues itself on that status.
 """
 from __future__ import annotations
 
+import math
 import signal
 import time
+
+from ..errors import TrainingError
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: stopped early on purpose, a checkpoint is saved; run again to continue
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -48,3 +51,32 @@ class StopPolicy:
 
     def local_request(self) -> dict[str, float]:
         return {"stop_signal": float(self.signalled is not None), "stop_time": float(self.out_of_time())}
+
+
+class Divergence:
+    """A run that stops learning stops itself: after `limit` consecutive optimizer steps whose loss or
+    gradient norm is not finite, that trained no turn with a finite loss, or that DeepSpeed skipped
+    (train.max_bad_steps; 0 = never). Every rank sees the same metrics row (all-reduced), so every
+    rank stops at the same step. While a streak lasts no checkpoint is saved (`healthy`)."""
+
+    def __init__(self, limit: int, lr: float):
+        self.limit, self.lr = limit, lr
+        self.since: int | None = None  # first step of the current streak
+
+    @property
+    def healthy(self) -> bool:
+        return self.since is None
+
+    def check(self, step: int, row: dict) -> None:
+        bad = (not math.isfinite(row["loss"]) or row["skipped_step"]
+               or (row["trained_tokens"] > 0 and row["turns"] == 0)
+               or (row["grad_norm"] is not None and not math.isfinite(row["grad_norm"])))
+        self.since = (self.since or step) if bad else None
+        if self.limit and bad and step - self.since + 1 >= self.limit:
+            raise TrainingError(
+                f"the run diverged: {self.limit} consecutive optimizer steps ({self.since}-{step}) had a "
+                f"non-finite loss or gradient norm, no turn with a finite loss, or were skipped by DeepSpeed "
+                f"(last: loss {row['loss']}, grad norm {row['grad_norm']}, {row['nonfinite_turns']} non-finite "
+                f"turns). Nothing was exported and no checkpoint of these steps was saved. Lower train.lr "
+                f"(now {self.lr}), keep train.grad_clip on, check the data for extreme records, and start "
+                "afresh or resume from the last checkpoint (train.max_bad_steps sets the limit)")
