@@ -68,10 +68,13 @@ def corrupt(kind: str, messages: list[dict], j: int, pool: list[str], rng: rando
     raise ValueError(f"unknown corruption kind {kind!r}; known: {KINDS}")
 
 
-def choose(rows: list[dict], noise: float, rng: random.Random) -> list[tuple[int, int]]:
+def choose(rows: list[dict], noise: float, rng: random.Random, trained: list[int] | None = None
+           ) -> list[tuple[int, int]]:
     """(row, assistant turn) to corrupt: a `noise` share of the rows, one turn each, drawn with
-    weights 1 / (training turns at that depth) so every depth bucket gets about the pooled rate."""
-    turns = [sum(m["role"] == "assistant" for m in r["messages"]) for r in rows]
+    weights 1 / (training turns at that depth) so every depth bucket gets about the pooled rate.
+    trained: per row, how many of its turns train whole within max_length (default: all); a
+    corruption past the cut would never be trained, so only those turns are drawn."""
+    turns = trained if trained is not None else [sum(m["role"] == "assistant" for m in r["messages"]) for r in rows]
     at_depth = Counter(t for n in turns for t in range(n))
     picked = rng.sample([i for i, n in enumerate(turns) if n], round(noise * sum(1 for n in turns if n)))
     out = []
@@ -81,11 +84,11 @@ def choose(rows: list[dict], noise: float, rng: random.Random) -> list[tuple[int
     return out
 
 
-def contamination(rows: list[dict], chosen: list[tuple[int, int]], buckets: int = 8) -> list[float]:
-    """Corrupted share of the training turns per depth bucket (depth min(t, buckets - 1))."""
+def contamination(turns: list[int], chosen: list[tuple[int, int]], buckets: int = 8) -> list[float]:
+    """Corrupted share of the trained turns per depth bucket (depth min(t, buckets - 1)); turns: per
+    row, its turns that train whole."""
     total, bad = Counter(), Counter()
-    for r in rows:
-        n = sum(m["role"] == "assistant" for m in r["messages"])
+    for n in turns:
         for t in range(n):
             total[min(t, buckets - 1)] += 1
     for _, t in chosen:

@@ -63,7 +63,7 @@ PROFILES = {
     "quick": dict(model="tiny", max_length=64, micro_batch_size=8, size=32, lr=1e-3, min_count=4, seeds=[0, 1],
                   main_noise=0.3, other_noises={}, eval_limit=16, probe_limit=8, gen_limit=3, gen_tokens=12),
     "cpu": dict(model="smollm2", max_length=128, micro_batch_size=4, size=64, lr=1e-4, min_count=8,
-                seeds=[0, 1, 2, 3, 4], main_noise=0.3, other_noises={"0.0": ["resure", "resure_quantile"]},
+                seeds=[0, 1, 2, 3, 4], main_noise=0.3, other_noises={},
                 eval_limit=64, probe_limit=24, gen_limit=8, gen_tokens=32),
     "gpu": dict(model="smollm2", max_length=512, micro_batch_size=16, size=1024, lr=1e-4, min_count=32,
                 seeds=[0, 1, 2, 3, 4], main_noise=0.3,
@@ -129,7 +129,8 @@ def seed_data(splits: dict, p: dict, noise: float, seed: int, base: Generator, o
     train = [r for r in splits["train"] if any(m["role"] == "assistant" for m in r["messages"])]
     sample = rng.sample(train, p["size"])
     pool = [m["content"] for r in train for m in r["messages"] if m["role"] == "assistant"]
-    chosen = choose(sample, noise, random.Random(f"round4-choose-{seed}"))
+    whole = whole_turns(sample, base.tok, p["max_length"])
+    chosen = choose(sample, noise, random.Random(f"round4-choose-{seed}"), whole)
     noisy, labels = [json.loads(json.dumps(r)) for r in sample], []
     krng = random.Random(f"round4-kind-{seed}")
     for k, (i, t) in enumerate(chosen):
@@ -146,11 +147,24 @@ def seed_data(splits: dict, p: dict, noise: float, seed: int, base: Generator, o
         paths[name] = os.path.join(folder, f"{name}.jsonl")
         write_jsonl(paths[name], rows)
     meta = {"paths": paths, "labels": labels, "size": len(sample), "corrupted": len(labels),
-            "contamination_per_bucket": contamination(sample, chosen)}
+            "contamination_per_bucket": contamination(whole, chosen), "whole_turns": sum(whole)}
     write_jsonl(os.path.join(folder, "labels.jsonl"), labels)
     with open(meta_path, "w", encoding="utf-8") as f:
         json.dump(meta, f)
     return meta
+
+
+def whole_turns(rows: list[dict], tokenizer, max_length: int) -> list[int]:
+    """Per row, how many of its assistant turns train whole within max_length (the rest are cut)."""
+    from resure_ds.data.records import Dialogue
+    from resure_ds.data.render import Renderer
+
+    r = Renderer(tokenizer, max_length)
+    out = []
+    for row in rows:
+        ex = r.render(Dialogue(row["id"], row["messages"], "study"))
+        out.append(0 if ex is None else int((~ex.partial).sum()))
+    return out
 
 
 def base_turn_losses(model_dir: str, path: str, max_length: int) -> dict:
