@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import random
 import re
-import string
 from collections import Counter
+
+from benchmarks.noisy_mix.corrupt import corrupt_reply
 
 KINDS = ("weak", "generic", "offtopic", "repeat", "truncate", "random")
 GENERIC = (
@@ -45,26 +46,15 @@ def corrupt(kind: str, messages: list[dict], j: int, pool: list[str], rng: rando
             weak: str | None = None) -> str:
     """The reply at message j, corrupted by `kind` (weak: the base model's reply, given)."""
     text = messages[j]["content"]
-    words = text.split()
     if kind == "weak":
         return weak if weak and weak.strip() and weak.strip() != text.strip() else rng.choice(GENERIC)
     if kind == "generic":
         return rng.choice(GENERIC)
-    if kind == "offtopic":
-        other = rng.choice(pool)
-        while other == text and len(set(pool)) > 1:
-            other = rng.choice(pool)
-        return other
     if kind == "repeat":
         s = first_sentence(text)
         return " ".join([s] * rng.randint(3, 5))
-    if kind == "truncate":
-        if len(words) < 3:
-            return text[: max(1, len(text) // 2)]
-        return " ".join(words[: max(1, int(len(words) * rng.uniform(0.2, 0.6)))])
-    if kind == "random":
-        alphabet = string.ascii_letters + string.digits + string.punctuation + " "
-        return "".join(rng.choice(alphabet) for _ in range(max(8, len(text))))
+    if kind in ("offtopic", "truncate", "random"):  # the earlier rounds' swap, truncate and random
+        return corrupt_reply("swap" if kind == "offtopic" else kind, messages, j, pool, rng)
     raise ValueError(f"unknown corruption kind {kind!r}; known: {KINDS}")
 
 
