@@ -85,7 +85,8 @@ class Stepper:
             self.audit.add(audit_rows(step, b, turns, wts, self.source_names))
         clock.mark("bookkeeping")
         dt, n, nturn = time.perf_counter() - t0, max(n_tokens, 1), max(g["turns"], 1.0)
-        skipped, self.skipped = self.engine.skipped_steps() - self.skipped, self.engine.skipped_steps()
+        now = self.engine.skipped_steps()
+        skipped, self.skipped = now - self.skipped, now
         row = {
             "step": step, "loss": g["nll"] / n, "weighted_loss": g["weighted_nll"] / n,
             "lr": self.engine.lr(), "grad_norm": self.engine.grad_norm(), "trained_tokens": n_tokens,

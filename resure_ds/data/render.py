@@ -324,11 +324,10 @@ class Renderer:
                                     f"assistant message {j} as plain text (a template that checks role order with "
                                     "tool calls left out), so that message cannot be located; set "
                                     "model.chat_template to one that renders it") from None
-            a = _common_prefix(full, other)
-            b = _common_suffix(full, other, min(len(full), len(other)) - a)
-            s, e = a, len(full) - b
+            s, e = _differing(full, other)
+            b = len(full) - e
             calling = bool(m.get("tool_calls"))  # its span may run over a tool's output: cut and ordered later
-            if mark not in other[a:len(other) - b] or (s < floor and not calling) or not _shows(m, full[s:e]):
+            if mark not in other[s:len(other) - b] or (s < floor and not calling) or not _shows(m, full[s:e]):
                 raise InvalidRecord("template_rewrites", f"assistant message {j} could not be located in the rendering "
                                     "of this dialogue: the chat template rewrites it, or changes other messages "
                                     "with it; set model.chat_template to a template that renders it as given")
@@ -376,8 +375,7 @@ class Renderer:
             except InvalidRecord:
                 other = None
             if other is not None and mark in other:
-                a = _common_prefix(text, other)
-                regions.append((a, len(text) - _common_suffix(text, other, min(len(text), len(other)) - a)))
+                regions.append(_differing(text, other))
                 continue
             needle = m["content"].strip()
             needle = needle if needle in text else json.dumps(needle, ensure_ascii=False)[1:-1]
@@ -448,9 +446,7 @@ class Renderer:
                                         "renders none of the turn's calls, or only some (one call per message), so "
                                         "the turn would train a reply without its call; set model.chat_template to "
                                         "a template that renders them, or give one call per message")
-            content = m["content"].strip()
-            if content and content not in span and not ("</think>" in content
-                                                        and content.rsplit("</think>", 1)[1].strip() in span):
+            if m["content"].strip() and not _shows(m, span):
                 raise InvalidRecord("template_rewrites", f"assistant message {t}'s content is not in its trained text "
                                     "(the chat template rewrites it); set model.chat_template to one that keeps it")
             if out and s < out[-1][1]:
@@ -633,6 +629,12 @@ def _longest(hi: int, same) -> int:
 
 def _common_prefix(a: str, b: str) -> int:
     return _longest(min(len(a), len(b)), lambda m: a[:m] == b[:m])
+
+
+def _differing(full: str, other: str) -> tuple[int, int]:
+    """The span of `full` that differs from `other` (their common prefix and suffix cut away)."""
+    a = _common_prefix(full, other)
+    return a, len(full) - _common_suffix(full, other, min(len(full), len(other)) - a)
 
 
 def _common_suffix(a: str, b: str, limit: int) -> int:
