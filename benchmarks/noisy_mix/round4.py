@@ -100,11 +100,8 @@ def load_splits(source: str) -> dict:
 class Generator:
     """Greedy replies of a model folder for given contexts (the weak kind, the generation measures)."""
 
-    def __init__(self, model_dir: str, max_new: int):
-        from resure_ds.eval.offline import load_model
-
-        self.model, self.tok = load_model(model_dir)
-        self.max_new = max_new
+    def __init__(self, model, tok, max_new: int):
+        self.model, self.tok, self.max_new = model, tok, max_new
 
     def reply(self, messages: list[dict]) -> str:
         import torch
@@ -205,11 +202,9 @@ def probe_files(test: list[dict], pool: list[str], base: Generator, out: str) ->
     return paths
 
 
-def margins(model_dir: str, paths: dict, max_length: int) -> dict:
+def margins(model, tok, paths: dict, max_length: int) -> dict:
     """Uptake margin per kind: token-mean loss of the corrupted first reply minus the genuine one."""
-    from resure_ds.eval.offline import load_model, turn_scores
-
-    model, tok = load_model(model_dir)
+    from resure_ds.eval.offline import turn_scores
 
     def first(path):
         return {d: (nll, c) for d, t, nll, c in turn_scores(model, tok, path, max_length) if t == 0}
@@ -225,8 +220,17 @@ def margins(model_dir: str, paths: dict, max_length: int) -> dict:
     return out
 
 
-def generations(model_dir: str, test: list[dict], p: dict) -> dict:
-    g = Generator(model_dir, p["gen_tokens"])
+def outcomes(model_dir: str, probe: dict, test: list[dict], p: dict, out: str) -> dict:
+    """Clean test loss, uptake margins and generation measures of one model folder (loaded once)."""
+    from resure_ds.eval.offline import evaluate, load_model
+
+    model, tok = load_model(model_dir)
+    return {"test": evaluate(model, tok, os.path.join(out, "test-eval.jsonl"), p["max_length"]),
+            "margins": margins(model, tok, probe, p["max_length"]),
+            "generation": generations(Generator(model, tok, p["gen_tokens"]), test, p)}
+
+
+def generations(g: Generator, test: list[dict], p: dict) -> dict:
     contexts = [r["messages"][:next(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")]
                 for r in test if any(m["role"] == "assistant" for m in r["messages"])][: p["gen_limit"]]
     return generation_measures([g.reply(c) for c in contexts])
@@ -281,7 +285,6 @@ def run_name(spec: dict) -> str:
 
 def one_run(spec: dict, p: dict, model: str, meta: dict, base_losses: dict, probe: dict, test_rows: list,
             out: str) -> dict:
-    from resure_ds.eval.offline import evaluate_folder
     from resure_ds.report.audit import read_audit
 
     method, extra, data = ARMS[spec["arm"]]
@@ -293,8 +296,7 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, base_losses: dict, prob
     export = os.path.join(run_dir, "export")
     audit = read_audit(run_dir).to_pylist()
     res = {**spec, "name": run_name(spec), "train_dialogues": n_rows, "steps": steps,
-           "test": evaluate_folder(export, os.path.join(out, "test-eval.jsonl"), p["max_length"]),
-           "margins": margins(export, probe, p["max_length"]), "generation": generations(export, test_rows, p)}
+           **outcomes(export, probe, test_rows, p, out)}
     if data == "noisy":
         res["weights"] = weights_on_corrupted(audit, meta["labels"])
         if spec["arm"] in ("sft", "resure_mad"):  # sft's audit holds the raw loss and z (std); mad's its z
@@ -422,16 +424,14 @@ def main() -> None:
     splits = load_splits(a.data)
     test = splits["test"]
     write_jsonl(os.path.join(out, "test-eval.jsonl"), test[: p["eval_limit"]])
-    gen = Generator(model, p["gen_tokens"])
+    from resure_ds.eval.offline import load_model
+
+    gen = Generator(*load_model(model), p["gen_tokens"])
     pool = [m["content"] for r in splits["train"] for m in r["messages"] if m["role"] == "assistant"]
     probe = probe_files(test[: p["probe_limit"]], pool, gen, out)
     base_path = os.path.join(out, "base.json")
     if not os.path.exists(base_path):
-        from resure_ds.eval.offline import evaluate_folder
-
-        base = {"test": evaluate_folder(model, os.path.join(out, "test-eval.jsonl"), p["max_length"]),
-                "margins": margins(model, probe, p["max_length"]),
-                "generation": generations(model, test, p)}
+        base = outcomes(model, probe, test, p, out)
         with open(base_path, "w", encoding="utf-8") as f:
             json.dump(base, f)
     with open(base_path, encoding="utf-8") as f:
