@@ -102,12 +102,12 @@ def check_model_folder(model_path: str) -> None:
     if not os.path.isdir(model_path):
         raise FileNotFoundError(f"model.path={model_path}: no such folder; give a Hugging Face model folder "
                                 "(config.json, weights, tokenizer) or 'smollm2' for the embedded model")
-    missing = [n for n in ("config.json",) if not os.path.exists(os.path.join(model_path, n))]
-    tokenizer = any(os.path.exists(os.path.join(model_path, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
-    if missing or not tokenizer:
+    missing = [] if os.path.exists(os.path.join(model_path, "config.json")) else ["config.json"]
+    if not any(os.path.exists(os.path.join(model_path, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+        missing.append("tokenizer.json")
+    if missing:
         raise FileNotFoundError(f"model.path={model_path}: not a Hugging Face model folder (it lacks "
-                                f"{', '.join(missing + ([] if tokenizer else ['tokenizer.json']))}); give the "
-                                "folder that from_pretrained would load")
+                                f"{', '.join(missing)}); give the folder that from_pretrained would load")
 
 
 def load_tokenizer(model_path: str, chat_template: str | None = None, trust_remote_code: bool = False):

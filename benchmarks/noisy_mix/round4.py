@@ -348,7 +348,6 @@ def summarise(results: list[dict], base: dict, p: dict) -> dict:
                     o, s, v = cell["oracle"]["mean"].get(m), cell["sft"]["mean"].get(m), c["mean"].get(m)
                     if None not in (o, s, v) and abs(o - s) > 1e-12:
                         c["oracle_gap_recovered"][m] = (v - s) / (o - s)
-        aur = [r["auroc"] for r in at if r.get("auroc")]
         det = {}
         for arm in ("sft", "resure_mad"):
             runs = [r["auroc"] for r in at if r["arm"] == arm and r.get("auroc")]
@@ -358,7 +357,7 @@ def summarise(results: list[dict], base: dict, p: dict) -> dict:
                 det[name] = {k: t_interval([x[f][k] for x in runs if x[f].get(k) is not None])
                              for k in ("all", *KINDS)}
         contam = [r["contamination_per_bucket"] for r in base.get("seed_meta", {}).get(str(noise), [])]
-        out[str(noise)] = {"arms": cell, "detection": det, "contamination_per_bucket": contam} if aur or cell else {}
+        out[str(noise)] = {"arms": cell, "detection": det, "contamination_per_bucket": contam}
     return out
 
 

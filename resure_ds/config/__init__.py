@@ -290,9 +290,9 @@ def _check_type(value: Any, tp: Any) -> Any:
             x = float(value)
         except ValueError:
             x = None
-        if x is not None and not math.isfinite(x):  # .nan, .inf: no option means anything with them
-            raise ValueError(f"must be a finite number, got {value!r}")
         if x is not None:
+            if not math.isfinite(x):  # .nan, .inf: no option means anything with them
+                raise ValueError(f"must be a finite number, got {value!r}")
             return x
     if tp in (int, bool, str) and type(value) is tp:
         return value
