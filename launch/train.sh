@@ -53,5 +53,12 @@ fi
 launcher+=(${LAUNCHER_ARGS:-})
 # Before any rank starts: check the recipe, convert the embedded model once, and prepare the
 # data (a cache hit when unchanged). Bad config or data stops here, with one clear error.
-"$PYTHON" -m resure_ds.data.prepare "${ARGS[@]}" >/dev/null
+# With stats.reference, sources without reference losses are scored once (status 3 says so).
+status=0
+"$PYTHON" -m resure_ds.data.prepare --check-reference "${ARGS[@]}" >/dev/null || status=$?
+if [[ $status == 3 ]]; then
+  "$PYTHON" -m resure_ds.eval.reference "${ARGS[@]}" >/dev/null
+elif [[ $status != 0 ]]; then
+  exit "$status"
+fi
 exec "${launcher[@]}" "$0" "${ARGS[@]}"

@@ -50,10 +50,11 @@ class Stepper:
         clock.mark("forward")
         faults.point("step", step, self.rank)
         turns = turn_losses(nll, tg, len(batch["dialogue_ids"]), batch["partial"].shape[1])
-        wts = self.method.weigh(turns, step - 1)  # statistics as they stood before this micro-step
+        seen = self.method.statistic(turns, batch.get("ref_loss"))  # loss, or excess loss (stats.reference)
+        wts = self.method.weigh(seen, step - 1)  # statistics as they stood before this micro-step
         loss_sum = weighted_loss_sum(turns, wts.w.to(dev))
         clock.mark("resure")
-        self.method.merge(turns, (turns.count > 0) & ~batch["partial"].to(dev), dev)
+        self.method.merge(seen, (turns.count > 0) & ~batch["partial"].to(dev), dev)
         clock.mark("collectives")
         self.engine.backward(loss_sum, global_tokens)
         clock.mark("backward")
@@ -121,7 +122,8 @@ def audit_rows(step: int, batch: dict, turns: TurnLosses, wts: Weights, names: l
     mean, z, wv = turns.mean[rows].tolist(), wts.z.to(dev)[rows].tolist(), wts.w.to(dev)[rows].tolist()
     warm = wts.warm.to(dev)[rows].tolist()
     part = batch["partial"][rows[0].cpu(), rows[1].cpu()].tolist()
+    ref = batch["ref_loss"][rows[0].cpu(), rows[1].cpu()].tolist() if "ref_loss" in batch else [None] * len(mean)
     src = batch["sources"]
     return [{"dialogue_id": batch["dialogue_ids"][d], "source": names[src[d]], "turn": t, "loss": m,
-             "z": None if zz != zz else zz, "weight": ww, "warm": wm, "step": step, "partial": p}
-            for d, t, m, zz, ww, wm, p in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, warm, part)]
+             "z": None if zz != zz else zz, "weight": ww, "warm": wm, "step": step, "partial": p, "ref_loss": r}
+            for d, t, m, zz, ww, wm, p, r in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, warm, part, ref)]

@@ -113,6 +113,8 @@ class StatsConfig:
     """Length-aware z (beyond the paper): a turn's loss is a mean over its c trained tokens, so a short reply's varies far more than a long one's. On: statistics weighted by c estimate a per-token spread sigma, and z = (L - mean) / (sigma / sqrt(c) + eps), so short replies are not flagged first for being short. Off: the paper's z (docs/method.md s.3-4)."""
     scale: Literal["std", "mad"] = "std"
     """What z measures a turn against: std = the bucket's mean and standard deviation (the paper); mad = its median and 1.4826 * median absolute deviation (beyond the paper), which the corrupted turns themselves pull far less (docs/method.md s.3). Not with stats.length_scaled."""
+    reference: str | None = None
+    """Reference-aware statistics (beyond the paper; RHO-LOSS's idea): a model folder, or `base` for model.path. The statistics and weights then see each turn's excess loss, its loss minus the reference model's loss on the same tokens, scored once beside the prepared shards (resure-ds score RECIPE; launch/train.sh runs it when scores are missing), so hard but learnable turns stop looking like noise (docs/method.md s.8). None: the turn's own loss (the paper)."""
 
 
 @dataclass
@@ -357,6 +359,8 @@ def _validate(c: Config) -> list[str]:
     if c.stats.scale == "mad" and c.stats.length_scaled:
         e.append("stats.scale=mad with stats.length_scaled: the robust scale has no per-token form; "
                  "set one of them")
+    if c.stats.reference is not None and not c.stats.reference:
+        e.append("stats.reference: a model folder, base (model.path), or null")
     if not 0.0 < c.resure.down_share < 1.0:
         e.append(f"resure.down_share: must be in (0, 1), got {c.resure.down_share}")
     if c.resure.threshold == "quantile" and (c.stats.length_scaled or c.resure.two_sided):

@@ -29,6 +29,7 @@ class Dlg(Protocol):  # render.Example and shards.Row both qualify
     input_ids: np.ndarray
     turn_ids: np.ndarray
     partial: np.ndarray
+    ref_loss: np.ndarray | None
 
 
 def collate(rows: Sequence[Sequence[Dlg]], pad_id: int, packed: bool,
@@ -43,6 +44,8 @@ def collate(rows: Sequence[Sequence[Dlg]], pad_id: int, packed: bool,
     doc = np.full((B, S), -1, dtype=np.int64)
     pos = np.zeros((B, S), dtype=np.int64)
     partial = np.zeros((len(dlgs), T), dtype=bool)
+    refs = [getattr(d, "ref_loss", None) for d in dlgs]
+    ref = np.full((len(dlgs), T), np.nan) if any(r is not None for r in refs) else None
     slot = 0
     for b, row in enumerate(rows):
         at = 0
@@ -53,6 +56,8 @@ def collate(rows: Sequence[Sequence[Dlg]], pad_id: int, packed: bool,
             doc[b, at:at + n] = slot
             pos[b, at:at + n] = np.arange(n)
             partial[slot, :len(d.partial)] = d.partial
+            if ref is not None and refs[slot] is not None:
+                ref[slot, :len(refs[slot])] = refs[slot]
             at, slot = at + n, slot + 1
         pos[b, at:] = np.arange(S - at)  # padding: one more pseudo-dialogue, never trained
     labels = np.where(turn >= 0, ids, IGNORE)
@@ -63,6 +68,8 @@ def collate(rows: Sequence[Sequence[Dlg]], pad_id: int, packed: bool,
         "dialogue_ids": [d.dialogue_id for d in dlgs],
         "sources": [s for row in sources for s in row] if sources is not None else [0] * len(dlgs),
     }
+    if ref is not None:
+        batch["ref_loss"] = torch.from_numpy(ref)
     if packed:
         batch["position_ids"] = torch.from_numpy(pos)
     else:

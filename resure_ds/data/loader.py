@@ -19,17 +19,22 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .collate import collate
 from .holdout import held_out
 from .plan import Cursor, Plan
+from .reference import ReferenceLosses
 from .shards import PreparedSource
 
 
 class Corpus:
-    """Several prepared sources as one index space (source order = data.train order)."""
+    """Several prepared sources as one index space (source order = data.train order); with
+    `references` (per source the key of its reference losses, stats.reference), every row carries
+    its turns' reference losses."""
 
-    def __init__(self, folders: list[str]):
+    def __init__(self, folders: list[str], references: list[str] | None = None):
         self.sources = [PreparedSource(f) for f in folders]
+        self.refs = [ReferenceLosses(f, k) for f, k in zip(folders, references)] if references else None
         self.offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.sources])]).astype(np.int64)
 
     def lengths(self) -> list[np.ndarray]:
@@ -37,7 +42,15 @@ class Corpus:
 
     def row(self, i: int):
         s = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return s, self.sources[s].row(int(i - self.offsets[s]))
+        row = self.sources[s].row(int(i - self.offsets[s]))
+        if self.refs is not None:
+            row.ref_loss = self.refs[s].turns(int(i - self.offsets[s]))
+            trained = np.unique(row.turn_ids[row.turn_ids >= 0])
+            if len(row.ref_loss) != len(row.partial) or not np.isfinite(row.ref_loss[trained]).all():
+                raise DataError(f"{self.refs[s].folder}: dialogue {row.dialogue_id} has no reference loss for "
+                                "every trained turn (the scores do not match the shards); delete the folder and "
+                                "score again (resure-ds score RECIPE)")
+        return s, row
 
     def split(self, fraction: float) -> tuple[list[np.ndarray], np.ndarray]:
         """(per source: local indices kept for training; global indices held out for validation)."""
@@ -61,6 +74,7 @@ class Stream:
     micro_batch: int         # rows per micro-batch and rank
     pad_id: int
     keep: list[np.ndarray] | None = None  # per source, the indices training may draw (held-out split)
+    references: list[str] | None = None   # per source, the key of its reference losses (stats.reference)
 
 
 class RankBatches(torch.utils.data.IterableDataset):
@@ -78,7 +92,7 @@ class RankBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         me, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         s = self.stream
-        corpus = Corpus(s.folders)  # opened in the process that iterates: maps are per process
+        corpus = Corpus(s.folders, s.references)  # opened in the process that iterates: maps are per process
         rows = self.plan(corpus).rows_from(self.cursor)
         per_step = self.world * s.micro_batch
         lo = self.rank * s.micro_batch

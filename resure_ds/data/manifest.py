@@ -25,10 +25,10 @@ def read_manifest(folder: str) -> dict:
             m = json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(f"{folder}: no readable manifest.json ({e}); prepare the data again "
-                        "(python -m resure_ds.prepare RECIPE)") from None
+                        "(python -m resure_ds.data.prepare RECIPE)") from None
     if m.get("format") != PREPARED_FORMAT or m.get("version") != FORMAT_VERSION:
         raise DataError(f"{path}: not a resure-ds prepared folder of format version {FORMAT_VERSION}; "
-                        "prepare the data again (python -m resure_ds.prepare RECIPE)")
+                        "prepare the data again (python -m resure_ds.data.prepare RECIPE)")
     return m
 
 

@@ -17,6 +17,7 @@ from ..errors import DataError
 from .loader import Corpus, RankBatches, Stream, make_loader
 from .plan import Cursor
 from .prepare import Prepared, ensure_eval_prepared, ensure_prepared
+from .reference import model_fingerprint, reference_model, scored_key
 from .shards import PreparedSource
 
 
@@ -43,6 +44,22 @@ class TrainingData:
                             "per source), so nothing of it is left to train on; lower data.eval, give a "
                             "validation source instead, or add data")
         self.validation_rows = self._validation_rows(tokenizer, model_path, corpus, held, rank)
+        self.references = self._references(model_path) if cfg.stats.reference is not None else None
+
+    def _references(self, model_path: str) -> list[str]:
+        """stats.reference: per source the key of its reference losses, which must be there (scored by
+        `resure-ds score`, which launch/train.sh runs when they are missing)."""
+        cfg = self.cfg
+        ref = reference_model(cfg, model_path)
+        fp = model_fingerprint(ref)
+        keys = [scored_key(p.folder, p.manifest, fp, cfg.model.dtype) for p in self.prepared]
+        missing = [p.folder for p, k in zip(self.prepared, keys) if k is None]
+        if missing:
+            raise DataError(f"stats.reference={cfg.stats.reference}: no reference losses of {ref} "
+                            f"(model.dtype={cfg.model.dtype}) beside the prepared data {', '.join(missing)}; score "
+                            "them once with the same recipe and overrides: resure-ds score RECIPE [key=value ...] "
+                            "(launch/train.sh does this before it starts the ranks)")
+        return keys
 
     def _validation_rows(self, tok, model_path: str, corpus: Corpus | None, held: np.ndarray | None,
                          rank: int) -> list | None:
@@ -67,16 +84,18 @@ class TrainingData:
         """This rank's micro-batches from a global cursor on (background workers per data.num_workers)."""
         d, t = self.cfg.data, self.cfg.train
         stream = Stream([p.folder for p in self.prepared], [p.spec.weight for p in self.prepared], t.seed,
-                        d.max_length, d.packing, d.pack_window, t.micro_batch_size, self.pad_id, self.keep)
+                        d.max_length, d.packing, d.pack_window, t.micro_batch_size, self.pad_id, self.keep,
+                        self.references)
         return make_loader(RankBatches(stream, rank, world, cursor), d.num_workers, d.prefetch,
                            pin_memory=torch.cuda.is_available(), ignore_signals=ignore_signals)
 
     def identity(self) -> list[dict]:
         """What the data cursor points into: the prepared sources, their keys and weights, and the
         held-out validation fraction (it changes which dialogues are drawn)."""
-        frac = holdout(self.cfg)
+        frac, refs = holdout(self.cfg), self.references or [None] * len(self.prepared)
         return [{"name": p.spec.label, "key": p.manifest.get("key", os.path.basename(p.folder)),
-                 "weight": p.spec.weight, **({"holdout": frac} if frac else {})} for p in self.prepared]
+                 "weight": p.spec.weight, **({"holdout": frac} if frac else {}), **({"reference": r} if r else {})}
+                for p, r in zip(self.prepared, refs)]
 
     def source_files(self) -> list[dict]:
         """Per source, the fingerprints of the raw files it was prepared from (path, size, mtime, head
@@ -95,6 +114,9 @@ class TrainingData:
                            "the chat template, data.max_length or data.skip_invalid changed)")
             if s.get("weight") != n.get("weight"):
                 out.append(f"{n['name']}: weight {s.get('weight')}, now {n.get('weight')} (data.train)")
+            if s.get("reference") != n.get("reference"):
+                out.append(f"{n['name']}: reference losses {s.get('reference')}, now {n.get('reference')} "
+                           "(stats.reference, its model files or model.dtype)")
             if s.get("holdout") != n.get("holdout"):
                 out.append(f"{n['name']}: held-out fraction {s.get('holdout')}, now {n.get('holdout')} (data.eval)")
         return "; ".join(out)

@@ -47,10 +47,12 @@ from ..models import cache_root, load_tokenizer, resolve_model_path
 from .records import SkipCounter, unit_dialogues
 from .render import RENDER_VERSION, Renderer
 from .manifest import FORMAT_VERSION, file_digest, read_manifest, verify_shards, write_manifest
+from .reference import model_fingerprint, reference_model, scored_key
 from .shards import ShardWriter
 from .sources import Source, Unit, resolve, source_fingerprint, units_of
 
 RENDER_BATCH = 256  # dialogues tokenized per Rust call
+UNSCORED = 3  # exit status of --check-reference when stats.reference has sources left to score
 
 
 @dataclass
@@ -342,18 +344,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks-from-env", action="store_true",
                     help="one of several tasks (launch/prepare.sh under srun/mpirun): take a share of the units")
     ap.add_argument("--wait", type=float, default=86400, help="task 0: seconds to wait for the other tasks")
+    ap.add_argument("--check-reference", action="store_true",
+                    help=f"exit with status {UNSCORED} when stats.reference is set and a source has no reference "
+                         "losses yet (launch/train.sh then runs resure-ds score)")
     a = ap.parse_args(argv)
     try:
         cfg = load_config(*split_recipe_args(a.args))
         model_path = resolve_model_path(cfg.model.path)
         tok = load_tokenizer(model_path, cfg.model.chat_template, cfg.model.trust_remote_code)
         task = task_of_env() if a.tasks_from_env else (0, 1)
-        found = ensure_prepared(cfg, tok, model_path, a.workers, task)
-        found += [p for p in [ensure_eval_prepared(cfg, tok, model_path, a.workers, task)] if p is not None]
+        train = ensure_prepared(cfg, tok, model_path, a.workers, task)
+        found = train + [p for p in [ensure_eval_prepared(cfg, tok, model_path, a.workers, task)] if p is not None]
         for p in found:
             if p.hit:
                 log(f"{p.spec.label}: ready (cache hit) at {p.folder}")
             print(p.folder)
+        if a.check_reference and cfg.stats.reference is not None:
+            fp = model_fingerprint(reference_model(cfg, model_path))
+            if any(scored_key(p.folder, p.manifest, fp, cfg.model.dtype) is None for p in train if p.manifest):
+                return UNSCORED
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"[resure_ds] error: {e}", file=sys.stderr, flush=True)
         return 2

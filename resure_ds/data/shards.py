@@ -101,6 +101,7 @@ class Row:
     input_ids: np.ndarray   # [n] int32 (a view of the mapped file)
     turn_ids: np.ndarray    # [n] int32, -1 untrained
     partial: np.ndarray     # [turns] bool
+    ref_loss: np.ndarray | None = None  # [turns] float32: the reference model's loss per turn (stats.reference)
 
 
 class _Chunk:

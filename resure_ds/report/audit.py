@@ -15,6 +15,8 @@ One row per turn per optimizer step that trained it (a turn seen in two epochs h
     step          the optimizer step that trained it
     partial       data.max_length cut the turn
     rank          the rank that trained it
+    ref_loss      the reference model's loss of the turn (stats.reference; null without): the
+                  statistics and z saw loss - ref_loss
 
 Rows are buffered in memory and written as a new segment every FLUSH_ROWS rows
 and at every checkpoint save, so memory stays bounded on any corpus and the
@@ -36,7 +38,7 @@ FLUSH_ROWS = 65536
 SCHEMA = pa.schema([
     ("source", pa.string()), ("dialogue_id", pa.string()), ("turn", pa.int32()), ("loss", pa.float64()),
     ("z", pa.float64()), ("weight", pa.float64()), ("warm", pa.bool_()), ("step", pa.int32()),
-    ("partial", pa.bool_()), ("rank", pa.int32()),
+    ("partial", pa.bool_()), ("rank", pa.int32()), ("ref_loss", pa.float64()),
 ])
 _NAME = re.compile(r"rank(\d{5})-seg(\d{6})\.parquet$")
 
@@ -101,4 +103,4 @@ def read_audit(run_dir: str, columns: list[str] | None = None) -> pa.Table:
     parts = [pq.read_table(p, columns=columns) for p in segments(run_dir)]
     if not parts:
         return SCHEMA.empty_table() if columns is None else pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
-    return pa.concat_tables(parts)
+    return pa.concat_tables(parts, promote_options="default")  # segments written before ref_loss existed

@@ -10,7 +10,8 @@ their own z mostly stayed under tau. The median and the median absolute deviatio
 move little with a minority of outliers.
 
 A streaming median needs the distribution, so each bucket keeps a histogram of its turn
-losses over [0, max_loss) nats (losses at or above max_loss count in the last bin). Every
+losses over [min_loss, max_loss) nats (losses outside count in the first or last bin; the range
+is [-10, 10) for the excess losses of stats.reference, [0, 20) otherwise). Every
 micro-step the ranks add their counts with one all-reduce of a fixed-shape [K, bins] tensor
 (also from a rank with no turns, so none can hang); integer counts add exactly, so every
 rank holds the same histogram. center_b = median, scale_b = 1.4826 * MAD (equal to the
@@ -35,13 +36,15 @@ MAD_TO_STD = 1.4826  # 1 / Phi^-1(3/4): the MAD of a normal distribution times t
 
 
 class LossHistogram:
-    def __init__(self, num_buckets: int = 1, bins: int = 2000, max_loss: float = 20.0, decay: float = 1.0):
+    def __init__(self, num_buckets: int = 1, bins: int = 2000, max_loss: float = 20.0, decay: float = 1.0,
+                 min_loss: float = 0.0):
         self.num_buckets, self.bins, self.max_loss, self.decay = num_buckets, bins, max_loss, decay
+        self.min_loss = min_loss
         self.counts = torch.zeros(num_buckets, bins, dtype=torch.float64)
 
     @property
     def width(self) -> float:
-        return self.max_loss / self.bins
+        return (self.max_loss - self.min_loss) / self.bins
 
     @property
     def total(self) -> float:
@@ -54,7 +57,7 @@ class LossHistogram:
         v = values.detach().double().reshape(-1)
         b = torch.zeros_like(v, dtype=torch.long) if buckets is None else buckets.reshape(-1).to(v.device).long()
         ok = torch.isfinite(v)
-        idx = (v[ok].clamp(min=0) / self.width).long().clamp(max=self.bins - 1)
+        idx = ((v[ok] - self.min_loss).clamp(min=0) / self.width).long().clamp(max=self.bins - 1)
         flat = torch.bincount(b[ok] * self.bins + idx, minlength=self.num_buckets * self.bins)
         return flat.double().view(self.num_buckets, self.bins)
 
@@ -64,13 +67,13 @@ class LossHistogram:
 
     def median(self) -> torch.Tensor:
         """[K] median per bucket, interpolated within its bin (NaN for an empty bucket)."""
-        return _quantile(self.counts, 0.5, self.width)
+        return self.min_loss + _quantile(self.counts, 0.5, self.width)
 
     def mad(self) -> torch.Tensor:
         """[K] median absolute deviation from the median (NaN for an empty bucket): the weighted
         median of |bin center - median| over the bins."""
         med = self.median()
-        centers = (torch.arange(self.bins, dtype=torch.float64, device=med.device) + 0.5) * self.width
+        centers = self.min_loss + (torch.arange(self.bins, dtype=torch.float64, device=med.device) + 0.5) * self.width
         dev = (centers[None, :] - med[:, None]).abs()
         order = torch.argsort(dev, dim=1)
         cum = torch.cumsum(torch.gather(self.counts, 1, order), 1)
@@ -81,14 +84,14 @@ class LossHistogram:
 
     def quantile(self, q: float) -> torch.Tensor:
         """[K] q-quantile per bucket, interpolated within its bin (NaN for an empty bucket)."""
-        return _quantile(self.counts, q, self.width)
+        return self.min_loss + _quantile(self.counts, q, self.width)
 
     def upper_quantile(self, q: float, bucket: int = 0) -> float:
         """Upper edge of the bin where the bucket's cumulative share first reaches q (loss truncation's
         threshold: conservative by less than one bin)."""
         cum = torch.cumsum(self.counts[bucket].cpu(), 0)
         i = int(torch.searchsorted(cum, torch.tensor(q * float(cum[-1]), dtype=torch.float64)))
-        return (min(i, self.bins - 1) + 1) * self.width
+        return self.min_loss + (min(i, self.bins - 1) + 1) * self.width
 
     def scale(self) -> torch.Tensor:
         """[K] 1.4826 * MAD, at least one bin wide."""
@@ -99,15 +102,18 @@ class LossHistogram:
         nz = torch.nonzero(self.counts.cpu())
         vals = self.counts.cpu()[nz[:, 0], nz[:, 1]]
         return {"num_buckets": self.num_buckets, "bins": self.bins, "max_loss": self.max_loss,
+                **({"min_loss": self.min_loss} if self.min_loss else {}),
                 "cells": [[int(k), int(i), float(c)] for (k, i), c in zip(nz.tolist(), vals.tolist())]}
 
     def load_state_dict(self, sd: dict) -> None:
         if "counts" in sd:  # loss truncation's one-bucket histogram before 0.5: dense counts
             sd = {"num_buckets": 1, "bins": sd["bins"], "max_loss": sd["max_loss"],
                   "cells": [[0, i, c] for i, c in enumerate(sd["counts"]) if c]}
-        if (sd["bins"], sd["max_loss"]) != (self.bins, self.max_loss):
-            raise ValueError(f"checkpoint's loss histograms have {sd['bins']} bins over [0, {sd['max_loss']}), "
-                             f"this build {self.bins} over [0, {self.max_loss})")
+        low = sd.get("min_loss", 0.0)
+        if (sd["bins"], low, sd["max_loss"]) != (self.bins, self.min_loss, self.max_loss):
+            raise ValueError(f"checkpoint's loss histograms have {sd['bins']} bins over [{low}, {sd['max_loss']}), "
+                             f"this run {self.bins} over [{self.min_loss}, {self.max_loss}) (stats.reference "
+                             "changes the range); resume with the checkpoint's settings")
         if sd["num_buckets"] != self.num_buckets:
             raise ValueError(f"checkpoint's loss histograms have {sd['num_buckets']} buckets, config says "
                              f"{self.num_buckets}; resume with stats.num_buckets={sd['num_buckets']}")

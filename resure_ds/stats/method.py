@@ -2,8 +2,9 @@
 histogram for loss truncation) and its rule from a micro-batch's turn losses to weights.
 
     method = Method(cfg)
-    w = method.weigh(turns, step)        # from the statistics as they stood (docs/method.md s.4)
-    method.merge(turns, complete, dev)   # then this micro-step's complete turns, on every rank
+    seen = method.statistic(turns, ref)  # the turn losses, or their excess over a reference (s.8)
+    w = method.weigh(seen, step)         # from the statistics as they stood (docs/method.md s.4)
+    method.merge(seen, complete, dev)    # then this micro-step's complete turns, on every rank
 
 Its state is JSON (state_dict / load_state_dict), the part of a checkpoint's progress record
 that is ours to restore.
@@ -18,15 +19,28 @@ from .turns import TurnLosses
 from .weighting import Weights, resure_weights, sft_weights, truncation_weights
 from .welford import Welford
 
-TRUNCATION_BINS = 4000  # loss truncation's quantile: 0.005 nats a bin over [0, 20)
+TRUNCATION_BINS = 4000  # loss truncation's quantile: 0.005 nats a bin over 20 nats
+EXCESS_LOW = -10.0      # histograms of excess losses (stats.reference) span [-10, 10) nats
 
 
 class Method:
     def __init__(self, cfg: Config):
         self.cfg, s = cfg, cfg.stats
+        low = EXCESS_LOW if s.reference is not None else 0.0
         self.stats = Welford(s.num_buckets, s.decay, s.length_scaled, s.scale,
-                             histograms=cfg.resure.threshold == "quantile")
-        self.hist = LossHistogram(1, bins=TRUNCATION_BINS) if cfg.train.method == "loss_truncation" else None
+                             histograms=cfg.resure.threshold == "quantile", min_loss=low)
+        self.hist = (LossHistogram(1, bins=TRUNCATION_BINS, min_loss=low, max_loss=low + 20.0)
+                     if cfg.train.method == "loss_truncation" else None)
+
+    def statistic(self, turns: TurnLosses, ref: torch.Tensor | None) -> TurnLosses:
+        """What the statistics and the weights see: each turn's loss, or with stats.reference its excess
+        loss, the loss minus the reference model's on the same tokens ([D, T] `ref`, from the batch).
+        The sum, which carries the gradient, is the turn's own loss either way."""
+        if self.cfg.stats.reference is None:
+            return turns
+        if ref is None:
+            raise ValueError("stats.reference is set but the batch carries no reference losses")
+        return turns._replace(mean=turns.mean - ref.to(turns.mean.device, torch.float64))
 
     def weigh(self, turns: TurnLosses, step: int) -> Weights:
         cfg, present = self.cfg, turns.count > 0

@@ -88,7 +88,7 @@ class Welford:
     per-bucket loss histograms kept alongside (histogram.py); n still counts the warm-up."""
 
     def __init__(self, num_buckets: int = 8, decay: float = 1.0, length_scaled: bool = False, scale: str = "std",
-                 histograms: bool = False):
+                 histograms: bool = False, min_loss: float = 0.0):
         if num_buckets < 1 or not 0.0 < decay <= 1.0:
             raise ValueError("num_buckets >= 1 and 0 < decay <= 1 are required")
         if scale not in ("std", "mad") or (scale == "mad" and length_scaled):
@@ -96,7 +96,9 @@ class Welford:
         self.num_buckets, self.decay, self.length_scaled, self.scale = num_buckets, decay, length_scaled, scale
         self.state = torch.zeros(num_buckets, COLUMNS, dtype=torch.float64)
         # per-bucket loss histograms: the robust z's median and MAD, or a per-bucket quantile threshold
-        self.robust = LossHistogram(num_buckets, decay=decay) if scale == "mad" or histograms else None
+        # over [min_loss, min_loss + 20) nats: min_loss < 0 for excess losses (stats.reference)
+        self.robust = (LossHistogram(num_buckets, decay=decay, min_loss=min_loss, max_loss=min_loss + 20.0)
+                       if scale == "mad" or histograms else None)
 
     def bucket(self, turn: torch.Tensor) -> torch.Tensor:
         return turn.clamp(max=self.num_buckets - 1)

@@ -1,0 +1,215 @@
+"""Reference-aware statistics (stats.reference): the scores beside the shards, the refusal of a
+corpus without them, and real 2-rank runs whose statistics track the excess loss exactly, resumed
+like a straight run."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from resure_ds.config import load_config
+from resure_ds.data.collate import collate
+from resure_ds.data.loader import Corpus
+from resure_ds.data.pipeline import TrainingData
+from resure_ds.data.prepare import UNSCORED, ensure_prepared
+from resure_ds.data.prepare import main as prepare_main
+from resure_ds.data.reference import ReferenceLosses, model_fingerprint
+from resure_ds.errors import DataError
+from resure_ds.eval.offline import load_model, turn_scores
+from resure_ds.eval.reference import score_all
+from resure_ds.models import random_llama
+from resure_ds.stats.histogram import LossHistogram
+from resure_ds.stats.method import Method
+from resure_ds.stats.turns import TurnLosses
+from tests.conftest import ROOT
+from tests.e2e_common import COMMON, EXIT_RESUME, assert_same_training, audit, launch, metrics
+from tests.test_prepare import chitchat_jsonl
+from tests.welford_ref import welford_pass
+
+ARGS = ["data.max_length=96", "data.skip_invalid=true", "model.dtype=fp32", "stats.reference=base"]
+
+
+def config(model, data, prepared, *extra):
+    return load_config(None, [f"model.path={model}", f"data.train={data}", f"data.prepared_dir={prepared}",
+                              *ARGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_model_path, tokenizer):
+    """Three JSONL files of real chitchat dialogues, prepared and scored once by the tiny model."""
+    root = tmp_path_factory.mktemp("reference")
+    chitchat_jsonl(root / "data", per_file=40)
+    c = config(tiny_model_path, str(root / "data"), root / "prep")
+    [key] = score_all(c, progress=False)
+    [p] = ensure_prepared(c, tokenizer, tiny_model_path, progress=False)
+    return root, c, p, key
+
+
+def test_scores_are_each_turns_loss_on_the_trained_tokens(corpus, tiny_model_path):
+    """Every trained turn's reference loss equals resure_ds.eval's per-turn loss of the same model on
+    the same dialogues (cut at data.max_length alike), and only trained turns have one."""
+    root, c, p, key = corpus
+    ref = ReferenceLosses(p.folder, key)
+    assert p.manifest["counts"]["cut_by_max_length"] > 0  # partial turns are scored too
+    model, tok = load_model(tiny_model_path)
+    want = {(d, t): s / n for d, t, s, n in turn_scores(model, tok, str(root / "data"), max_length=96)}
+    ids = Corpus([p.folder]).sources[0].dialogue_ids()
+    got = {}
+    for i, d in enumerate(ids):
+        for t, v in enumerate(ref.turns(i).tolist()):
+            if not math.isnan(v):
+                got[(d, t)] = v
+    assert set(got) == set(want) and len(got) > 150
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-5), k
+    meta = ref.meta
+    assert meta["dtype"] == "fp32" and meta["turns"] == len(got) and meta["dialogues"] == len(ids)
+
+
+def test_a_second_score_is_a_cache_hit_and_another_reference_is_another_key(corpus, tiny_model_path, tmp_path):
+    root, c, p, key = corpus
+    folder = ReferenceLosses(p.folder, key).folder
+    before = os.stat(os.path.join(folder, "turn_loss.npy")).st_mtime_ns
+    assert score_all(c, progress=False) == [key]
+    assert os.stat(os.path.join(folder, "turn_loss.npy")).st_mtime_ns == before
+    other = str(tmp_path / "other")
+    random_llama(tiny_model_path, other, seed=1)  # the same shape, other weights
+    assert model_fingerprint(other) != model_fingerprint(tiny_model_path)
+    c2 = config(tiny_model_path, str(root / "data"), root / "prep", f"stats.reference={other}")
+    with pytest.raises(DataError, match="no reference losses of .*other.* resure-ds score"):
+        TrainingData(c2, load_model(tiny_model_path)[1], tiny_model_path, 0)
+
+
+def test_an_unscored_corpus_is_refused_with_the_command_that_scores_it(tmp_path, tiny_model_path, tokenizer):
+    chitchat_jsonl(tmp_path / "data", n_files=1, per_file=30)
+    args = [f"model.path={tiny_model_path}", f"data.train={tmp_path / 'data'}", f"data.prepared_dir={tmp_path / 'p'}",
+            *ARGS]
+    c = load_config(None, args)
+    with pytest.raises(DataError) as e:
+        TrainingData(c, tokenizer, tiny_model_path, 0)
+    [p] = ensure_prepared(c, tokenizer, tiny_model_path, progress=False)
+    assert p.folder in str(e.value) and "resure-ds score RECIPE" in str(e.value)
+    # launch/train.sh asks prepare whether scores are missing (status 3), then scores
+    assert prepare_main(["--check-reference", *args]) == UNSCORED
+    assert prepare_main(["--check-reference", *args[:-1]]) == 0  # stats.reference unset: nothing to score
+    score_all(c, progress=False)
+    assert prepare_main(["--check-reference", *args]) == 0
+    assert TrainingData(c, tokenizer, tiny_model_path, 0).references
+
+
+def test_damaged_or_mismatched_scores_are_named(corpus, tmp_path):
+    root, c, p, key = corpus
+    copy = tmp_path / "copy"
+    shutil.copytree(p.folder, copy)
+    ref = os.path.join(copy, f"reference-{key}")
+    offsets = np.load(os.path.join(ref, "offsets.npy"))
+    np.save(os.path.join(ref, "offsets.npy"), offsets[:-5])
+    with pytest.raises(DataError, match="reference losses for .* dialogues, the prepared folder holds"):
+        Corpus([str(copy)], [key])
+    np.save(os.path.join(ref, "offsets.npy"), offsets)
+    losses = np.load(os.path.join(ref, "turn_loss.npy"))
+    losses[:] = np.nan  # scores of something else: no loss for a trained turn
+    np.save(os.path.join(ref, "turn_loss.npy"), losses)
+    with pytest.raises(DataError, match="has no reference loss for every trained turn"):
+        Corpus([str(copy)], [key]).row(0)
+
+
+def test_rows_carry_reference_losses_into_the_batch(corpus):
+    root, c, p, key = corpus
+    corp = Corpus([p.folder], [key])
+    rows = [corp.row(i)[1] for i in range(6)]
+    b = collate([[r] for r in rows[:3]] + [rows[3:]], pad_id=0, packed=True)  # 3 rows, then 3 packed in one
+    assert b["ref_loss"].shape == b["partial"].shape and b["ref_loss"].dtype == torch.float64
+    for d, r in enumerate(rows):
+        n = len(r.ref_loss)
+        assert np.array_equal(b["ref_loss"][d, :n].numpy(), r.ref_loss.astype(np.float64), equal_nan=True)
+        assert torch.isnan(b["ref_loss"][d, n:]).all()
+    assert "ref_loss" not in collate([[Corpus([p.folder]).row(0)[1]]], 0, packed=False)
+
+
+def test_the_method_sees_excess_loss_and_its_histograms_reach_below_zero():
+    c = load_config(None, ["stats.reference=base", "resure.threshold=quantile"])
+    m = Method(c)
+    mean = torch.tensor([[2.0, 3.0], [4.0, float("nan")]], dtype=torch.float64)
+    turns = TurnLosses(mean.clone(), torch.tensor([[5, 5], [5, 0]]), mean)
+    seen = m.statistic(turns, torch.tensor([[2.5, 1.0], [4.0, float("nan")]], dtype=torch.float64))
+    assert seen.mean[0].tolist() == [-0.5, 2.0] and seen.mean[1, 0] == 0 and seen.sum is turns.sum
+    with pytest.raises(ValueError, match="no reference losses"):
+        m.statistic(turns, None)
+    assert Method(load_config(None, [])).statistic(turns, None) is turns
+    h = LossHistogram(1, min_loss=-10.0, max_loss=10.0)
+    h.counts = h.local_counts(torch.linspace(-3, 3, 6001, dtype=torch.float64))
+    assert float(h.median()[0]) == pytest.approx(0.0, abs=0.011)
+    assert float(h.quantile(0.9)[0]) == pytest.approx(2.4, abs=0.011)
+    assert float(h.scale()[0]) == pytest.approx(1.4826 * 1.5, abs=0.02)
+    with pytest.raises(ValueError, match="stats.reference changes the range"):
+        LossHistogram(1).load_state_dict(h.state_dict())
+
+
+# -- real 2-rank runs -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ref_runs(tmp_path_factory, tiny_model_path):
+    """A straight 6-step run with stats.reference=base (launch/train.sh scores the corpus first),
+    and the same command stopped after step 3 and run again."""
+    out = str(tmp_path_factory.mktemp("ref-runs"))
+    args = ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, f"output.dir={out}",
+            "stats.reference=base"]
+    straight = launch("train.sh", [*args, "output.name=straight"])
+    launch("train.sh", [*args, "output.name=resumed", "train.stop_after=3"], status=EXIT_RESUME)
+    launch("train.sh", [*args, "output.name=resumed"])
+    return os.path.join(out, "straight"), os.path.join(out, "resumed"), straight
+
+
+@pytest.mark.slow
+def test_two_ranks_merge_the_excess_loss_exactly(ref_runs):
+    """Every rank's statistics end equal to one float64 pass over the audit's complete turns'
+    loss - ref_loss; at step 1 (the reference is the starting model) every excess is ~0."""
+    run, _, _ = ref_runs
+    rows = audit(run)
+    assert rows and all(r["ref_loss"] is not None for r in rows)
+    assert max(abs(r["loss"] - r["ref_loss"]) for r in rows if r["step"] == 1) < 1e-4
+    done = [r for r in rows if not r["partial"]]
+    K = len(metrics(run)[-1]["bucket_n"])
+    n, mean, m2, _ = welford_pass([r["loss"] - r["ref_loss"] for r in done], [r["turn"] for r in done], K)
+    last = metrics(run)[-1]
+    assert last["bucket_n"] == n and sum(n) > 20
+    for b in range(K):
+        if n[b]:
+            assert last["bucket_mean"][b] == pytest.approx(mean[b], rel=1e-9, abs=1e-12)
+        if n[b] > 1:
+            assert last["bucket_std"][b] == pytest.approx(math.sqrt(m2[b] / (n[b] - 1)), rel=1e-9)
+    assert min(last["bucket_mean"][b] for b in range(K) if n[b]) < 0  # excess, not raw loss (about 10.8)
+
+
+@pytest.mark.slow
+def test_a_stopped_reference_run_resumes_like_a_straight_run(ref_runs):
+    straight, resumed, _ = ref_runs
+    assert_same_training(straight, resumed)
+
+
+@pytest.mark.slow
+def test_two_scoring_tasks_write_what_one_does(corpus, tmp_path):
+    """`--tasks-from-env` on 2 processes (as under torchrun): each scores half, task 0 publishes."""
+    root, c, p, key = corpus
+    shutil.copytree(root / "prep", tmp_path / "prep")
+    for f in os.listdir(tmp_path / "prep"):
+        shutil.rmtree(tmp_path / "prep" / f / f"reference-{key}", ignore_errors=True)
+    args = [sys.executable, "-m", "resure_ds.eval.reference", f"model.path={c.model.path}",
+            f"data.train={root / 'data'}", f"data.prepared_dir={tmp_path / 'prep'}", *ARGS, "--tasks-from-env"]
+    procs = [subprocess.Popen(args, cwd=ROOT, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    outs = [pr.communicate(timeout=600) for pr in procs]
+    assert [pr.returncode for pr in procs] == [0, 0], outs
+    assert outs[1][0].split()[-1] == key and key not in outs[0][0]  # task 0 publishes and prints the key
+    folder = os.path.join(tmp_path / "prep", os.path.basename(p.folder))
+    one, two = ReferenceLosses(p.folder, key), ReferenceLosses(folder, key)
+    assert np.array_equal(one.offsets, two.offsets)
+    np.testing.assert_allclose(two.loss, one.loss, rtol=1e-5)
+    assert not os.path.exists(os.path.join(folder, f"reference-{key}.parts"))
+    with open(os.path.join(folder, f"reference-{key}", "reference.json"), encoding="utf-8") as f:
+        assert json.load(f)["tasks"] == 2
