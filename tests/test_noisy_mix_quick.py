@@ -106,14 +106,18 @@ def test_round4_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert out.returncode == 0, out.stderr[-4000:]
     with open(tmp_path / "results.json", encoding="utf-8") as f:
         res = json.load(f)
-    arms = {"sft", "resure", "resure_mad", "resure_quantile", "loss_truncation", "prefilter", "oracle", "clean"}
+    arms = {"sft", "resure", "resure_mad", "resure_quantile", "loss_truncation", "prefilter", "oracle", "clean",
+            "resure_excess", "resure_excess_quantile"}
     assert {r["arm"] for r in res["runs"]} == arms and len(res["runs"]) == 2 * len(arms)
     cell = res["summary"]["0.3"]
     assert set(cell["arms"]) == arms and cell["arms"]["oracle"]["oracle_gap_recovered"]["test_loss"] == 1.0
     for arm, c in cell["arms"].items():
         d = c["minus_sft"]["test_loss"]
         assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"], arm
-    assert set(cell["detection"]) == {"raw loss", "z (std)", "z (mad)", "base-model loss", "excess loss"}
+    assert set(cell["detection"]) == {"raw loss", "z (std)", "z (mad)", "base-model loss", "excess loss",
+                                      "z of the excess loss (in training)"}
+    excess = [r for r in res["runs"] if r["arm"] == "resure_excess"]
+    assert all(r["weights"]["mean_w_corrupted"] is not None for r in excess)
     assert all(len(c) == 8 for c in cell["contamination_per_bucket"])
     oracle = [r for r in res["runs"] if r["arm"] == "oracle"]
     sft = {r["seed"]: r for r in res["runs"] if r["arm"] == "sft"}

@@ -213,3 +213,24 @@ def test_two_scoring_tasks_write_what_one_does(corpus, tmp_path):
     assert not os.path.exists(os.path.join(folder, f"reference-{key}.parts"))
     with open(os.path.join(folder, f"reference-{key}", "reference.json"), encoding="utf-8") as f:
         assert json.load(f)["tasks"] == 2
+
+
+@pytest.mark.slow
+def test_two_scorers_of_one_corpus_at_once_publish_one_folder(corpus, tmp_path):
+    """Two runs of one study (or two users) scoring the same prepared corpus at the same time: one
+    scores, the other waits and reuses its scores (it once failed renaming onto the published folder)."""
+    root, c, p, key = corpus
+    shutil.copytree(root / "prep", tmp_path / "prep")
+    for f in os.listdir(tmp_path / "prep"):
+        shutil.rmtree(tmp_path / "prep" / f / f"reference-{key}", ignore_errors=True)
+    args = [sys.executable, "-m", "resure_ds.eval.reference", f"model.path={c.model.path}",
+            f"data.train={root / 'data'}", f"data.prepared_dir={tmp_path / 'prep'}", *ARGS]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [pr.communicate(timeout=600) for pr in procs]
+    assert [pr.returncode for pr in procs] == [0, 0], outs
+    assert all(o[0].split()[-1] == key for o in outs)
+    folder = os.path.join(tmp_path / "prep", os.path.basename(p.folder))
+    assert sorted(f for f in os.listdir(folder) if f.startswith("reference-")) == [f"reference-{key}",
+                                                                                   f"reference-{key}.lock"]
+    np.testing.assert_allclose(ReferenceLosses(folder, key).loss, ReferenceLosses(p.folder, key).loss, rtol=1e-5)

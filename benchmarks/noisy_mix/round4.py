@@ -20,6 +20,11 @@ sample and seed:
   oracle           exactly the corrupted dialogues dropped; one epoch over the rest (the most any
                    weighting of dialogues could reach)
   clean            the same sample without its corruptions (SFT on clean data)
+  resure_excess    reference-aware statistics (stats.reference=base): z of the excess loss, the turn's
+                   loss minus the base model's, with the paper's fixed tau (added after the first 32
+                   runs: the detection table showed the excess loss ranks weak, generic and repeat
+                   replies where the raw loss cannot)
+  resure_excess_quantile  the same with the threshold at each bucket's 80% quantile (budget 0.2)
 
 Every filter or weighting gets the same 20% budget, fixed before the results. Outcomes: clean test
 loss; the uptake margin per kind on clean test contexts (loss of a corrupted first reply minus the
@@ -58,6 +63,9 @@ ARMS = {  # arm -> (method, overrides, data: noisy | clean | oracle | prefilter)
     "prefilter": ("sft", {}, "prefilter"),
     "oracle": ("sft", {}, "oracle"),
     "clean": ("sft", {}, "clean"),
+    "resure_excess": ("resure", {"stats.reference": "base"}, "noisy"),
+    "resure_excess_quantile": ("resure", {"stats.reference": "base", "resure.threshold": "quantile",
+                                          "resure.down_share": BUDGET}, "noisy"),
 }
 PROFILES = {
     "quick": dict(model="tiny", max_length=64, micro_batch_size=8, size=32, lr=1e-3, min_count=4, seeds=[0, 1],
@@ -299,7 +307,7 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, base_losses: dict, prob
            **outcomes(export, probe, test_rows, p, out)}
     if data == "noisy":
         res["weights"] = weights_on_corrupted(audit, meta["labels"])
-        if spec["arm"] in ("sft", "resure_mad"):  # sft's audit holds the raw loss and z (std); mad's its z
+        if spec["arm"] in ("sft", "resure_mad", "resure_excess"):  # sft's audit: raw loss, z (std); the others their z
             res["auroc"] = {f: scores_auroc(audit, meta["labels"], base_losses, f)
                             for f in (("loss", "z", "base", "excess") if spec["arm"] == "sft" else ("z",))}
     return res
@@ -349,11 +357,11 @@ def summarise(results: list[dict], base: dict, p: dict) -> dict:
                     if None not in (o, s, v) and abs(o - s) > 1e-12:
                         c["oracle_gap_recovered"][m] = (v - s) / (o - s)
         det = {}
-        for arm in ("sft", "resure_mad"):
+        for arm in ("sft", "resure_mad", "resure_excess"):
             runs = [r["auroc"] for r in at if r["arm"] == arm and r.get("auroc")]
             for f in (runs[0] if runs else {}):
-                name = {"loss": "raw loss", "z": "z (std)" if arm == "sft" else "z (mad)", "base": "base-model loss",
-                        "excess": "excess loss"}[f]
+                z = {"sft": "z (std)", "resure_mad": "z (mad)", "resure_excess": "z of the excess loss (in training)"}
+                name = {"loss": "raw loss", "z": z[arm], "base": "base-model loss", "excess": "excess loss"}[f]
                 det[name] = {k: t_interval([x[f][k] for x in runs if x[f].get(k) is not None])
                              for k in ("all", *KINDS)}
         contam = [r["contamination_per_bucket"] for r in base.get("seed_meta", {}).get(str(noise), [])]
@@ -408,6 +416,8 @@ def main() -> None:
     ap.add_argument("--worker", default=None, metavar="I/N", help="only runs i, i+N, ... of the grid (then run "
                     "without --worker to write the tables)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no run after this many seconds")
+    ap.add_argument("--only", default=None, help="comma-separated arms: run only these (the tables still read "
+                    "every finished run)")
     a = ap.parse_args()
     p = PROFILES[a.profile]
     out = os.path.abspath(a.out or os.path.join(ROOT, "benchmarks", "noisy_mix", "work", f"round4-{a.profile}"))
@@ -436,6 +446,8 @@ def main() -> None:
     with open(base_path, encoding="utf-8") as f:
         base = json.load(f)
     specs = plan(p)
+    if a.only:
+        specs = [x for x in specs if x["arm"] in a.only.split(",")]
     if worker:
         specs = specs[worker[0]::worker[1]]
     log = os.path.join(out, f"runs-{worker[0]}of{worker[1]}.jsonl" if worker else "runs.jsonl")

@@ -111,7 +111,12 @@ def train_one(name: str, data_path: str, model_path: str, p: dict, method: str, 
             "data.num_workers=0",  # dozens of short runs in one process: no loader process to start each time
             f"output.dir={out}", f"output.name={name}"]
     over += [f"{k}={v}" for k, v in extra.items()]
-    run_recipe(load_config(None, over))
+    cfg = load_config(None, over)
+    if cfg.stats.reference is not None:  # what launch/train.sh does first: score the corpus once
+        from resure_ds.eval.reference import score_all
+
+        score_all(cfg, progress=False)
+    run_recipe(cfg)
     return os.path.join(out, name)
 
 

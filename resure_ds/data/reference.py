@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -33,6 +34,9 @@ _EDGE = 1 << 20  # bytes hashed at each end of a model file
 def model_fingerprint(model_dir: str) -> dict:
     """A model folder's identity for cache keys: per file (weights, config, tokenizer) its name,
     size and the SHA-256 of its first and last MiB. The same files copied elsewhere keep it."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"stats.reference={model_dir}: no such folder; give a local Hugging Face model "
+                                "folder (a hub id is not scored: download it first), or base for model.path")
     files = {}
     for name in sorted(os.listdir(model_dir)):
         path = os.path.join(model_dir, name)
@@ -71,7 +75,7 @@ def reference_folder(prepared: str, key: str) -> str:
 
 def write_reference(folder: str, losses: list[np.ndarray], meta: dict) -> None:
     """Per dialogue (row order) its per-turn reference losses -> `folder`, which appears complete
-    (rename) or not at all."""
+    (rename) or not at all. If another process published it first, theirs is kept."""
     tmp = f"{folder}.tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     offsets = np.zeros(len(losses) + 1, dtype=np.int64)
@@ -82,7 +86,12 @@ def write_reference(folder: str, losses: list[np.ndarray], meta: dict) -> None:
     with open(os.path.join(tmp, "reference.json"), "w", encoding="utf-8") as f:
         json.dump({"format": REFERENCE_FORMAT, "version": REFERENCE_VERSION, "dialogues": len(losses),
                    "turns": int(np.isfinite(flat).sum()), **meta}, f, indent=2)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not os.path.exists(os.path.join(folder, "reference.json")):
+            raise
+        shutil.rmtree(tmp)  # the same scores, published by another process of this machine
 
 
 def scored_key(prepared: str, manifest: dict, fingerprint: dict, dtype: str) -> str | None:

@@ -21,12 +21,14 @@ is its own base model (stats.reference=base) every excess loss is close to zero.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from ..config import Config, ConfigError, load_config, split_recipe_args
 from ..data.collate import collate
@@ -121,8 +123,18 @@ def score_source(p: Prepared, model, ref_dir: str, fp: dict, cfg: Config, dtype:
     (None on tasks other than 0, which only write their part)."""
     key = reference_key(fp, cfg.model.dtype, p.manifest)
     folder = reference_folder(p.folder, key)
-    if scored_key(p.folder, p.manifest, fp, cfg.model.dtype):
-        return key
+    me, tasks = task
+    # one process of this machine scores, the others wait and reuse (tasks of a multi-task scoring
+    # split the dialogues instead)
+    with FileLock(folder + ".lock") if tasks == 1 else contextlib.nullcontext():
+        if scored_key(p.folder, p.manifest, fp, cfg.model.dtype):
+            return key
+        return _score_share(p, model, folder, ref_dir, fp, cfg, dtype, pad_id, task, batch_tokens, wait_s,
+                            progress, key)
+
+
+def _score_share(p: Prepared, model, folder: str, ref_dir: str, fp: dict, cfg: Config, dtype: str, pad_id: int,
+                 task: tuple[int, int], batch_tokens: int, wait_s: float, progress: bool, key: str) -> str | None:
     me, tasks = task
     part = _part(folder, me, tasks)
     if not os.path.exists(part):
@@ -215,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in score_all(cfg, task, a.batch_tokens):
             if key is not None:
                 print(key)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, OSError) as e:  # OSError: e.g. a read-only prepared folder
         print(f"[resure_ds] error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
