@@ -108,7 +108,11 @@ def test_round4_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
         res = json.load(f)
     arms = {"sft", "resure", "resure_mad", "resure_quantile", "loss_truncation", "prefilter", "oracle", "clean",
             "resure_excess", "resure_excess_quantile"}
-    assert {r["arm"] for r in res["runs"]} == arms and len(res["runs"]) == 2 * len(arms)
+    main = [r for r in res["runs"] if r["noise"] == 0.3]
+    assert {r["arm"] for r in main} == arms and len(main) == 2 * len(arms)
+    clean = res["summary"]["0.0"]["arms"]  # 0% noise: fewer arms and seeds; nothing corrupted to weigh
+    assert set(clean) == {"sft", "resure_excess_quantile"} and clean["sft"]["n"] == 1
+    assert clean["resure_excess_quantile"]["weights"]["mean_w_corrupted"] is None
     cell = res["summary"]["0.3"]
     assert set(cell["arms"]) == arms and cell["arms"]["oracle"]["oracle_gap_recovered"]["test_loss"] == 1.0
     for arm, c in cell["arms"].items():

@@ -69,9 +69,11 @@ ARMS = {  # arm -> (method, overrides, data: noisy | clean | oracle | prefilter)
 }
 PROFILES = {
     "quick": dict(model="tiny", max_length=64, micro_batch_size=8, size=32, lr=1e-3, min_count=4, seeds=[0, 1],
-                  main_noise=0.3, other_noises={}, eval_limit=16, probe_limit=8, gen_limit=3, gen_tokens=12),
+                  main_noise=0.3, other_noises={"0.0": ["sft", "resure_excess_quantile"]}, other_seeds=[0],
+                  eval_limit=16, probe_limit=8, gen_limit=3, gen_tokens=12),
     "cpu": dict(model="smollm2", max_length=128, micro_batch_size=4, size=64, lr=1e-4, min_count=8,
-                seeds=[0, 1, 2, 3, 4], main_noise=0.3, other_noises={},
+                seeds=[0, 1, 2, 3, 4], main_noise=0.3,
+                other_noises={"0.0": ["sft", "resure", "resure_excess_quantile"]}, other_seeds=[0, 1, 2],
                 eval_limit=64, probe_limit=24, gen_limit=8, gen_tokens=32),
     "gpu": dict(model="smollm2", max_length=512, micro_batch_size=16, size=1024, lr=1e-4, min_count=32,
                 seeds=[0, 1, 2, 3, 4], main_noise=0.3,
@@ -282,8 +284,8 @@ def weights_on_corrupted(audit_rows: list[dict], labels: list[dict]) -> dict:
 # -- the grid -----------------------------------------------------------------------------------------
 def plan(p: dict) -> list[dict]:
     runs = [dict(noise=p["main_noise"], arm=a, seed=s) for s in p["seeds"] for a in ARMS]
-    runs += [dict(noise=float(n), arm=a, seed=s) for n, arms in p["other_noises"].items() for s in p["seeds"]
-             for a in arms]
+    runs += [dict(noise=float(n), arm=a, seed=s) for n, arms in p["other_noises"].items()
+             for s in p.get("other_seeds", p["seeds"]) for a in arms]
     return runs
 
 
@@ -347,7 +349,8 @@ def summarise(results: list[dict], base: dict, p: dict) -> dict:
                                                       for s in sorted(runs) if s in ref])
             ws = [r["weights"] for r in runs.values() if r.get("weights")]
             if ws:
-                c["weights"] = {k: sum(w[k] for w in ws if w[k] is not None) / len(ws) for k in ws[0]}
+                c["weights"] = {k: (sum(v) / len(v) if (v := [w[k] for w in ws if w[k] is not None]) else None)
+                                for k in ws[0]}
             cell[arm] = c
         if "oracle" in cell and "sft" in cell:
             for arm, c in cell.items():
