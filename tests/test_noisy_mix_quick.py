@@ -127,3 +127,4 @@ def test_round4_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     sft = {r["seed"]: r for r in res["runs"] if r["arm"] == "sft"}
     assert all(r["train_dialogues"] < sft[r["seed"]]["train_dialogues"] for r in oracle)  # it dropped the noise
     assert (tmp_path / "results.md").exists()
+    assert os.path.getsize(tmp_path / "round4-noise0.30.png") > 10000 and (tmp_path / "round4-noise0.00.png").exists()

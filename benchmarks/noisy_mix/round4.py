@@ -411,6 +411,51 @@ def write_markdown(out: str, summary: dict, base: dict, p: dict) -> None:
         f.write("\n".join(lines))
 
 
+def write_plots(out: str, summary: dict) -> list[str]:
+    """Per noise rate, one figure: each arm's paired difference from sft in clean test loss (95% t
+    bars), and its mean difference in uptake margin per kind (above zero: learned that noise less)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for noise, s in summary.items():
+        arms = [a for a in s.get("arms", {}) if a != "sft"]
+        if not arms:
+            continue
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 0.45 * len(arms) + 2), gridspec_kw={"width_ratios": [1, 1.4]})
+        for i, a in enumerate(arms):
+            d = s["arms"][a]["minus_sft"]["test_loss"]
+            if d["mean"] is None:
+                continue
+            err = None if d["lo"] is None else [[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]]
+            ax.errorbar(d["mean"], i, xerr=err, fmt="o", color="C0", capsize=3)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(arms)), arms)
+        ax.invert_yaxis()
+        ax.set_xlabel("clean test loss minus sft (nats; 95% t, paired by seed)")
+        grid = [[(s["arms"][a]["minus_sft"].get(f"margin_{k}") or {}).get("mean") for k in KINDS] for a in arms]
+        vals = [[float("nan") if v is None else v for v in row] for row in grid]
+        lim = max([abs(v) for row in vals for v in row if v == v] or [1.0])
+        im = bx.imshow(vals, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        for i, row in enumerate(vals):
+            for j, v in enumerate(row):
+                if v == v:
+                    bx.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=8)
+        bx.set_xticks(range(len(KINDS)), KINDS)
+        bx.set_yticks(range(len(arms)), arms)
+        bx.set_title("uptake margin minus sft (nats; > 0: learned that noise less)", fontsize=9)
+        fig.colorbar(im, ax=bx, fraction=0.03)
+        fig.suptitle(f"noisy-mix round 4, noise {float(noise):.0%}")
+        fig.tight_layout()
+        path = os.path.join(out, f"round4-noise{float(noise):.2f}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
@@ -486,6 +531,7 @@ def main() -> None:
                    "base": base, "summary": summary, "runs": results, "runs_left": len(specs) - len(results),
                    "wall_s": time.time() - t0}, f, indent=1)
     write_markdown(out, summary, base, p)
+    write_plots(out, summary)
     print(f"[round4] {len(results)} of {len(specs)} runs -> {out}/results.md", flush=True)
     from resure_ds.train import cleanup
 
