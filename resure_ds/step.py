@@ -52,7 +52,9 @@ class Stepper:
         turns = turn_losses(nll, tg, len(batch["dialogue_ids"]), batch["partial"].shape[1])
         seen = self.method.statistic(turns, batch.get("ref_loss"))  # loss, or excess loss (stats.reference)
         wts = self.method.weigh(seen, step - 1)  # statistics as they stood before this micro-step
-        loss_sum = weighted_loss_sum(turns, wts.w.to(dev))
+        scaled = self.method.token_loss(nll)  # DFT's per-token scaling; statistics and audit keep the NLL
+        trained = turns if scaled is None else turn_losses(scaled, tg, len(batch["dialogue_ids"]), turns.count.shape[1])
+        loss_sum = weighted_loss_sum(trained, wts.w.to(dev))
         clock.mark("resure")
         self.method.merge(seen, (turns.count > 0) & ~batch["partial"].to(dev), dev)
         clock.mark("collectives")

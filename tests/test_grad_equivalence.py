@@ -24,7 +24,7 @@ def dialogues():
     return [Dialogue(f"d{i}", m, "test") for i, m in enumerate([recs[0], sg, recs[1], recs[2]])]
 
 
-def worker(rank, world, model_path, grad_accum, run_dir):
+def worker(rank, world, model_path, grad_accum, run_dir, method="sft"):
     from transformers import AutoTokenizer
 
     from resure_ds.runtime import engine as ds
@@ -37,7 +37,7 @@ def worker(rank, world, model_path, grad_accum, run_dir):
 
     per_rank = GLOBAL // world
     mb = per_rank // grad_accum
-    cfg = load_config(None, [f"model.path={model_path}", "model.dtype=fp32", "train.method=sft",
+    cfg = load_config(None, [f"model.path={model_path}", "model.dtype=fp32", f"train.method={method}",
                              f"train.grad_accum={grad_accum}", f"train.micro_batch_size={mb}",
                              "train.grad_clip=0", "train.zero_stage=3"])
     torch.manual_seed(0)
@@ -88,3 +88,35 @@ def test_same_gradient_for_world_size_and_accumulation(tmp_path, tiny_model_path
         # Same turns merged; their fp32 losses differ at rounding level between batch shapes
         # (padding changes matmul blocking). Exactness on equal inputs: test_welford_distributed.
         torch.testing.assert_close(r["stats"], base["stats"], rtol=1e-5, atol=1e-6)
+
+
+def test_dft_gradient_is_the_probability_scaled_nll_on_two_ranks(tmp_path, tiny_model_path):
+    """train.method=dft on 2 ranks of ZeRO-3: the gradient of sum over trained tokens of
+    p.detach() * nll, divided by the global trained-token count, as plain torch computes it on one
+    process from the same model and examples (and not SFT's gradient)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from resure_ds.data.collate import collate_examples
+    from resure_ds.data.render import Renderer
+
+    res = run_ranks(worker, 2, (tiny_model_path, 1, str(tmp_path / "run"), "dft"), str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    b = collate_examples([Renderer(tok, 96).render(d) for d in dialogues()], tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    labels = b["labels"][:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
+                          ignore_index=-100)
+    trained = labels.reshape(-1) != -100
+    assert res[0]["n"] == int(trained.sum())
+    (nll[trained] * torch.exp(-nll[trained].detach())).sum().div(res[0]["n"]).backward()
+    want = {n: p.grad for n, p in model.named_parameters()}
+    scale = max(g.abs().max().item() for g in want.values())
+    sft = run_ranks(worker, 1, (tiny_model_path, 1, str(tmp_path / "sft")), str(tmp_path))[0]["grads"]
+    for r in res:
+        assert set(r["grads"]) == set(want)
+        for name, g in want.items():
+            assert (r["grads"][name] - g).abs().max().item() <= 1e-5 * max(scale, 1.0), name
+    assert max((sft[n] - g).abs().max().item() for n, g in want.items()) > 1e-3 * scale  # not SFT's

@@ -101,3 +101,19 @@ def test_chunked_nll_value_and_gradient_match_cross_entropy():
         assert a.grad.dtype == dtype
         assert torch.allclose(a.grad.float(), b.grad, atol=tol)
         assert (a.grad[tgt == IGNORE] == 0).all()
+
+
+def test_dft_scales_each_token_by_its_detached_probability():
+    """train.method=dft: token loss p.detach() * nll, so d/d nll = p (the scale carries no gradient);
+    the other methods train the NLL itself (token_loss is None)."""
+    from resure_ds.config import load_config
+    from resure_ds.stats.method import Method
+
+    nll = torch.tensor([[0.1, 2.0, 0.0, 7.0]], dtype=torch.float32, requires_grad=True)
+    out = Method(load_config(None, ["train.method=dft"])).token_loss(nll)
+    torch.testing.assert_close(out, nll.detach() * torch.exp(-nll.detach()))
+    out.sum().backward()
+    torch.testing.assert_close(nll.grad, torch.exp(-nll.detach()))
+    assert out[0, 2] == 0  # an untrained position (NLL 0) stays 0
+    for m in ("sft", "resure", "loss_truncation"):
+        assert Method(load_config(None, [f"train.method={m}"])).token_loss(nll) is None

@@ -107,7 +107,7 @@ def test_round4_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     with open(tmp_path / "results.json", encoding="utf-8") as f:
         res = json.load(f)
     arms = {"sft", "resure", "resure_mad", "resure_quantile", "loss_truncation", "prefilter", "oracle", "clean",
-            "resure_excess", "resure_excess_quantile"}
+            "resure_excess", "resure_excess_quantile", "dft"}
     main = [r for r in res["runs"] if r["noise"] == 0.3]
     assert {r["arm"] for r in main} == arms and len(main) == 2 * len(arms)
     clean = res["summary"]["0.0"]["arms"]  # 0% noise: fewer arms and seeds; nothing corrupted to weigh

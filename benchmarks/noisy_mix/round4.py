@@ -25,6 +25,8 @@ sample and seed:
                    runs: the detection table showed the excess loss ranks weak, generic and repeat
                    replies where the raw loss cannot)
   resure_excess_quantile  the same with the threshold at each bucket's 80% quantile (budget 0.2)
+  dft              Dynamic Fine-Tuning (train.method=dft, Wu et al. 2025): each token's loss scaled by
+                   its detached probability, the baseline LLaMA-Factory, TRL and ms-swift ship
 
 Every filter or weighting gets the same 20% budget, fixed before the results. Outcomes: clean test
 loss; the uptake margin per kind on clean test contexts (loss of a corrupted first reply minus the
@@ -66,6 +68,7 @@ ARMS = {  # arm -> (method, overrides, data: noisy | clean | oracle | prefilter)
     "resure_excess": ("resure", {"stats.reference": "base"}, "noisy"),
     "resure_excess_quantile": ("resure", {"stats.reference": "base", "resure.threshold": "quantile",
                                           "resure.down_share": BUDGET}, "noisy"),
+    "dft": ("dft", {}, "noisy"),
 }
 PROFILES = {
     "quick": dict(model="tiny", max_length=64, micro_batch_size=8, size=32, lr=1e-3, min_count=4, seeds=[0, 1],

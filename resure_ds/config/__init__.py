@@ -159,8 +159,8 @@ class LossTruncationConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["resure", "sft", "loss_truncation"] = "resure"
-    """sft: weights 1 (statistics still tracked); resure; loss_truncation (baseline)."""
+    method: Literal["resure", "sft", "loss_truncation", "dft"] = "resure"
+    """sft: weights 1 (statistics still tracked); resure; loss_truncation (baseline); dft (baseline, Wu et al. 2025): weights 1 and each token's loss scaled by its detached probability exp(-loss) (docs/method.md s.6)."""
     micro_batch_size: int = 4
     """Sequences per rank per micro-step."""
     grad_accum: int = 1

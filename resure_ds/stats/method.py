@@ -32,6 +32,14 @@ class Method:
         self.hist = (LossHistogram(1, bins=TRUNCATION_BINS, min_loss=low, max_loss=low + 20.0)
                      if cfg.train.method == "loss_truncation" else None)
 
+    def token_loss(self, nll: torch.Tensor) -> torch.Tensor | None:
+        """What the gradient takes per token when it is not the NLL itself: DFT (train.method=dft) scales
+        each token's NLL by its probability under the model, detached (exp(-nll), no gradient), so
+        tokens the model finds unlikely count less. None for the other methods."""
+        if self.cfg.train.method != "dft":
+            return None
+        return nll * torch.exp(-nll.detach())
+
     def statistic(self, turns: TurnLosses, ref: torch.Tensor | None) -> TurnLosses:
         """What the statistics and the weights see: each turn's loss, or with stats.reference its excess
         loss, the loss minus the reference model's on the same tokens ([D, T] `ref`, from the batch).
