@@ -169,7 +169,8 @@ def ref_runs(tmp_path_factory, tiny_model_path):
 def test_two_ranks_merge_the_excess_loss_exactly(ref_runs):
     """Every rank's statistics end equal to one float64 pass over the audit's complete turns'
     loss - ref_loss; at step 1 (the reference is the starting model) every excess is ~0."""
-    run, _, _ = ref_runs
+    run, _, launched = ref_runs
+    assert "method resure on the excess loss over base" in launched.stderr  # the start-up line says so
     rows = audit(run)
     assert rows and all(r["ref_loss"] is not None for r in rows)
     assert max(abs(r["loss"] - r["ref_loss"]) for r in rows if r["step"] == 1) < 1e-4

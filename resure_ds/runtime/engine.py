@@ -246,7 +246,8 @@ class Engine:
         """The start-up line: what trains, where, how."""
         c = self.cfg
         return (f"model {self.model_path}, {world} rank(s), ZeRO-{c.train.zero_stage}, {self.dtype} "
-                f"(model.dtype={c.model.dtype}), method {c.train.method}, "
+                f"(model.dtype={c.model.dtype}), method {c.train.method}"
+                f"{'' if c.stats.reference is None else f' on the excess loss over {c.stats.reference}'}, "
                 f"{'packed' if c.data.packing else 'padded'} rows of {c.data.max_length} tokens, "
                 f"{c.model.attn_implementation} attention, {'fused LM head and loss' if self.fused else 'logits path'}")
 
