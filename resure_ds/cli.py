@@ -3,6 +3,7 @@
     resure-ds train   [RECIPE.yaml] [key=value ...]    launch/train.sh: all ranks of this node (DeepSpeed launcher)
     resure-ds prepare [RECIPE.yaml] [key=value ...]    tokenize the data into prepared shards once
     resure-ds score   [RECIPE.yaml] [key=value ...]    reference losses beside the shards (stats.reference)
+    resure-ds plan    [RECIPE.yaml] [key=value ...] [--gpus N --gpu-memory GB --nodes M]   memory per GPU, fits?
     resure-ds eval    EXPORT DATA [--holdout F] ...    held-out per-turn loss of an exported model
     resure-ds report  RUN [--export P | --filter OUT --min-weight W]   report.html, the verdict
 
@@ -17,7 +18,7 @@ import sys
 from .config import markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = {"prepare": "resure_ds.data.prepare", "score": "resure_ds.eval.reference", "eval": "resure_ds.eval", "report": "resure_ds.report"}
+MODULES = {"prepare": "resure_ds.data.prepare", "score": "resure_ds.eval.reference", "plan": "resure_ds.plan", "eval": "resure_ds.eval", "report": "resure_ds.report"}
 
 
 def recipes() -> list[str]:
