@@ -23,13 +23,12 @@ prepared, optimizer steps per epoch.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from dataclasses import dataclass, replace
 
-from .config import Config, ConfigError, load_config, split_recipe_args
+from .config import Config, ConfigError, load_config, recipe_parser, split_recipe_args
 from .config.sources import train_specs
 from .data.prepare import _slug, prepared_root, source_key, tokenizer_fingerprints
 from .data.sources import resolve
@@ -159,13 +158,12 @@ def steps_per_epoch(cfg: Config, tokens_per_step: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("args", nargs="*", help="[RECIPE.yaml] then dotted key=value overrides")
+    ap = recipe_parser(__doc__)
     ap.add_argument("--gpus", type=int, default=8, help="GPUs per node (default 8)")
     ap.add_argument("--gpu-memory", type=float, default=80.0, help="memory per GPU in GB (default 80)")
     ap.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     ap.add_argument("--config", default=None, help="a folder with the model's config.json (default: model.path)")
-    a = ap.parse_intermixed_args(argv)  # options before, between or after the overrides
+    a = ap.parse_intermixed_args(argv)
     try:
         cfg = load_config(*split_recipe_args(a.args))
         where = a.config or resolve_model_path(cfg.model.path)

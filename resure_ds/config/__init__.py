@@ -7,6 +7,7 @@ launches.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import importlib.util
@@ -457,6 +458,14 @@ def split_recipe_args(args: list[str]) -> tuple[str | None, list[str]]:
     if args and args[0].endswith((".yaml", ".yml")):
         return args[0], list(args[1:])
     return None, list(args)
+
+
+def recipe_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a command that takes [RECIPE.yaml] and dotted key=value overrides, as training
+    does; parse with parse_intermixed_args, so its options may come before, between or after them."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("args", nargs="*", help="[RECIPE.yaml] then dotted key=value overrides")
+    return ap
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) -> Config:

@@ -25,7 +25,6 @@ prepare resumes where it stopped.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import itertools
@@ -39,7 +38,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-from ..config import Config, ConfigError, load_config, split_recipe_args
+from ..config import Config, ConfigError, load_config, recipe_parser, split_recipe_args
 from ..config.sources import Layout, SourceSpec, config_layout, train_specs
 from ..errors import DataError
 from ..files import write_json
@@ -338,8 +337,7 @@ def ensure_eval_prepared(cfg: Config, tokenizer, model_path: str, workers: int |
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("args", nargs="*", help="[RECIPE.yaml] then dotted key=value overrides")
+    ap = recipe_parser(__doc__)
     ap.add_argument("--workers", type=int, default=None, help="worker processes (default: data.prepare_workers)")
     ap.add_argument("--tasks-from-env", action="store_true",
                     help="one of several tasks (launch/prepare.sh under srun/mpirun): take a share of the units")
@@ -347,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-reference", action="store_true",
                     help=f"exit with status {UNSCORED} when stats.reference is set and a source has no reference "
                          "losses yet (launch/train.sh then runs resure-ds score)")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     try:
         cfg = load_config(*split_recipe_args(a.args))
         model_path = resolve_model_path(cfg.model.path)

@@ -20,7 +20,6 @@ is its own base model (stats.reference=base) every excess loss is close to zero.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from ..config import Config, ConfigError, load_config, split_recipe_args
+from ..config import Config, ConfigError, load_config, recipe_parser, split_recipe_args
 from ..data.collate import collate
 from ..data.prepare import Prepared, ensure_prepared, log, task_of_env
 from ..data.reference import (model_fingerprint, reference_folder, reference_key, reference_model, scored_key,
@@ -215,12 +214,11 @@ def score_all(cfg: Config, task: tuple[int, int] = (0, 1), batch_tokens: int = B
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("args", nargs="*", help="[RECIPE.yaml] then dotted key=value overrides")
+    ap = recipe_parser(__doc__)
     ap.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS, help="padded tokens per forward")
     ap.add_argument("--tasks-from-env", action="store_true",
                     help="one of several tasks (torchrun, srun, mpirun): score a share of the dialogues")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     try:
         cfg = load_config(*split_recipe_args(a.args))
         task = task_of_env() if a.tasks_from_env else (0, 1)
