@@ -114,7 +114,9 @@ def test_round4_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert set(clean) == {"sft", "resure_excess_quantile"} and clean["sft"]["n"] == 1
     assert clean["resure_excess_quantile"]["weights"]["mean_w_corrupted"] is None
     cell = res["summary"]["0.3"]
-    assert set(cell["arms"]) == arms and cell["arms"]["oracle"]["oracle_gap_recovered"]["test_loss"] == 1.0
+    assert set(cell["arms"]) == arms
+    gap = cell["arms"]["oracle"]["oracle_gap_recovered"]  # 1 where the oracle's gain is resolved, else None
+    assert gap and all(v in (None, 1.0) for v in gap.values())
     for arm, c in cell["arms"].items():
         d = c["minus_sft"]["test_loss"]
         assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"], arm
