@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 from .config import Config, ConfigError, load_config, recipe_parser, split_recipe_args
 from .config.sources import train_specs
-from .data.prepare import _slug, prepared_root, source_key, tokenizer_fingerprints
+from .data.prepare import prepared_folder, tokenizer_fingerprints
 from .data.sources import resolve
 from .errors import DataError
 from .models import load_tokenizer, resolve_model_path
@@ -118,12 +118,10 @@ def estimate(s: Shape, cfg: Config, gpus: int, nodes: int) -> dict:
 
 def remedies(cfg: Config) -> list[tuple[str, Config]]:
     """Changes tried in order when a plan does not fit: each one more than the last."""
-    t, m = cfg.train, cfg.model
-    out = []
-    if not m.gradient_checkpointing:
-        out.append(("model.gradient_checkpointing=true", replace(cfg, model=replace(m, gradient_checkpointing=True))))
-        m = out[-1][1].model
-    c = replace(cfg, model=m)
+    t, c, out = cfg.train, cfg, []
+    if not c.model.gradient_checkpointing:
+        c = replace(c, model=replace(c.model, gradient_checkpointing=True))
+        out.append(("model.gradient_checkpointing=true", c))
     if t.micro_batch_size > 1:
         k = t.micro_batch_size
         c = replace(c, train=replace(c.train, micro_batch_size=1, grad_accum=t.grad_accum * k))
@@ -148,8 +146,7 @@ def steps_per_epoch(cfg: Config, tokens_per_step: int) -> str:
         tokens = 0
         for spec in train_specs(cfg.data):
             src = resolve(spec)
-            folder = src.files[0] if src.kind == "prepared" else os.path.join(
-                prepared_root(cfg), f"{_slug(spec.label)}-{source_key(src, fps, cfg)}")
+            folder = src.files[0] if src.kind == "prepared" else prepared_folder(spec, src, fps, cfg)
             with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
                 tokens += json.load(f)["counts"]["tokens"]
     except (OSError, DataError, ValueError):
@@ -196,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     nodes = nodes_needed(s, cfg, a.gpus, a.nodes, a.gpu_memory * GB)
     more = f"; or {nodes} nodes of {a.gpus} GPUs as it is" if nodes else ""
-    for what, c in remedies(cfg):
-        total = estimate(model_shape(where, c) if c.model.lora != cfg.model.lora else s, c, a.gpus, a.nodes)["total"]
+    for what, c in remedies(cfg):  # none changes the model, so its shape stands
+        total = estimate(s, c, a.gpus, a.nodes)["total"]
         if total <= a.gpu_memory * GB:
             print(f"does not fit: {e['total'] / GB:.1f} GB > {a.gpu_memory:g} GB per GPU. It fits with {what} "
                   f"({total / GB:.1f} GB){more}")

@@ -24,12 +24,11 @@ import torch
 from . import IGNORE
 
 
-class Dlg(Protocol):  # render.Example and shards.Row both qualify
+class Dlg(Protocol):  # render.Example and shards.Row both qualify; a Row may carry ref_loss too
     dialogue_id: str
     input_ids: np.ndarray
     turn_ids: np.ndarray
     partial: np.ndarray
-    ref_loss: np.ndarray | None
 
 
 def collate(rows: Sequence[Sequence[Dlg]], pad_id: int, packed: bool,

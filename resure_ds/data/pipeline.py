@@ -17,7 +17,7 @@ from ..errors import DataError
 from .loader import Corpus, RankBatches, Stream, make_loader
 from .plan import Cursor
 from .prepare import Prepared, ensure_eval_prepared, ensure_prepared
-from .reference import model_fingerprint, reference_model, scored_key
+from .reference import scored_keys
 from .shards import PreparedSource
 
 
@@ -50,10 +50,8 @@ class TrainingData:
         """stats.reference: per source the key of its reference losses, which must be there (scored by
         `resure-ds score`, which launch/train.sh runs when they are missing)."""
         cfg = self.cfg
-        ref = reference_model(cfg, model_path)
-        fp = model_fingerprint(ref)
-        keys = [scored_key(p.folder, p.manifest, fp, cfg.model.dtype) for p in self.prepared]
-        missing = [p.folder for p, k in zip(self.prepared, keys) if k is None]
+        ref, _, keys, there = scored_keys(cfg, model_path, self.prepared)
+        missing = [p.folder for p, ok in zip(self.prepared, there) if not ok]
         if missing:
             raise DataError(f"stats.reference={cfg.stats.reference}: no reference losses of {ref} "
                             f"(model.dtype={cfg.model.dtype}) beside the prepared data {', '.join(missing)}; score "

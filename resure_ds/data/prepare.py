@@ -46,7 +46,7 @@ from ..models import cache_root, load_tokenizer, resolve_model_path
 from .records import SkipCounter, unit_dialogues
 from .render import RENDER_VERSION, Renderer
 from .manifest import FORMAT_VERSION, file_digest, read_manifest, verify_shards, write_manifest
-from .reference import model_fingerprint, reference_model, scored_key
+from .reference import scored_keys
 from .shards import ShardWriter
 from .sources import Source, Unit, resolve, source_fingerprint, units_of
 
@@ -79,6 +79,11 @@ def _slug(text: str) -> str:
 
 def prepared_root(cfg: Config) -> str:
     return cfg.data.prepared_dir or os.path.join(cache_root(), "prepared")
+
+
+def prepared_folder(spec: SourceSpec, src: Source, fps: dict, cfg: Config) -> str:
+    """Where a raw source's shards go (or are found): <data.prepared_dir>/<name>-<key>."""
+    return os.path.join(prepared_root(cfg), f"{_slug(spec.label)}-{source_key(src, fps, cfg)}")
 
 
 def source_key(src: Source, fps: dict, cfg: Config) -> str:
@@ -240,7 +245,7 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         return Prepared(spec, src.files[0], m, True)
     key = source_key(src, fps, cfg)
     root = prepared_root(cfg)
-    folder = os.path.join(root, f"{_slug(spec.label)}-{key}")
+    folder = prepared_folder(spec, src, fps, cfg)
     os.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
     me, tasks = task
@@ -358,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{p.spec.label}: ready (cache hit) at {p.folder}")
             print(p.folder)
         if a.check_reference and cfg.stats.reference is not None:
-            fp = model_fingerprint(reference_model(cfg, model_path))
-            if any(scored_key(p.folder, p.manifest, fp, cfg.model.dtype) is None for p in train if p.manifest):
+            if not all(scored_keys(cfg, model_path, [p for p in train if p.manifest])[3]):
                 return UNSCORED
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"[resure_ds] error: {e}", file=sys.stderr, flush=True)

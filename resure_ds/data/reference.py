@@ -73,6 +73,11 @@ def reference_folder(prepared: str, key: str) -> str:
     return os.path.join(prepared, f"reference-{key}")
 
 
+def published(folder: str) -> bool:
+    """Scores are there once their reference.json is (the folder appears whole, by a rename)."""
+    return os.path.exists(os.path.join(folder, "reference.json"))
+
+
 def write_reference(folder: str, losses: list[np.ndarray], meta: dict) -> None:
     """Per dialogue (row order) its per-turn reference losses -> `folder`, which appears complete
     (rename) or not at all. If another process published it first, theirs is kept."""
@@ -89,15 +94,18 @@ def write_reference(folder: str, losses: list[np.ndarray], meta: dict) -> None:
     try:
         os.replace(tmp, folder)
     except OSError:
-        if not os.path.exists(os.path.join(folder, "reference.json")):
+        if not published(folder):
             raise
         shutil.rmtree(tmp)  # the same scores, published by another process of this machine
 
 
-def scored_key(prepared: str, manifest: dict, fingerprint: dict, dtype: str) -> str | None:
-    """The key of this reference's scores of a prepared folder when they are there, else None."""
-    key = reference_key(fingerprint, dtype, manifest)
-    return key if os.path.exists(os.path.join(reference_folder(prepared, key), "reference.json")) else None
+def scored_keys(cfg: Config, model_path: str, prepared: list) -> tuple[str, dict, list[str], list[bool]]:
+    """stats.reference against prepared sources (each with .folder and .manifest): the reference
+    model folder, its fingerprint, and per source the key of its scores and whether they are there."""
+    ref = reference_model(cfg, model_path)
+    fp = model_fingerprint(ref)
+    keys = [reference_key(fp, cfg.model.dtype, p.manifest) for p in prepared]
+    return ref, fp, keys, [published(reference_folder(p.folder, k)) for p, k in zip(prepared, keys)]
 
 
 class ReferenceLosses:

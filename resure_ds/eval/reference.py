@@ -32,8 +32,7 @@ from filelock import FileLock
 from ..config import Config, ConfigError, load_config, recipe_parser, split_recipe_args
 from ..data.collate import collate
 from ..data.prepare import Prepared, ensure_prepared, log, task_of_env
-from ..data.reference import (model_fingerprint, reference_folder, reference_key, reference_model, scored_key,
-                              write_reference)
+from ..data.reference import published, reference_folder, scored_keys, write_reference
 from ..data.shards import PreparedSource
 from ..errors import DataError
 from ..models import load_tokenizer, resolve_model_path
@@ -115,18 +114,16 @@ def _wait(paths: list[str], wait_s: float) -> None:
         time.sleep(1.0)
 
 
-def score_source(p: Prepared, model, ref_dir: str, fp: dict, cfg: Config, dtype: str, pad_id: int,
+def score_source(p: Prepared, key: str, model, ref_dir: str, fp: dict, cfg: Config, dtype: str, pad_id: int,
                  task: tuple[int, int] = (0, 1), batch_tokens: int = BATCH_TOKENS, wait_s: float = 86400,
                  progress: bool = True) -> str | None:
-    """Scores of one prepared source by this reference model (reused when there); returns the key
-    (None on tasks other than 0, which only write their part)."""
-    key = reference_key(fp, cfg.model.dtype, p.manifest)
+    """Scores of one prepared source by this reference model under `key` (reused when there); returns
+    the key (None on tasks other than 0, which only write their part)."""
     folder = reference_folder(p.folder, key)
-    me, tasks = task
     # one process of this machine scores, the others wait and reuse (tasks of a multi-task scoring
     # split the dialogues instead)
-    with FileLock(folder + ".lock") if tasks == 1 else contextlib.nullcontext():
-        if scored_key(p.folder, p.manifest, fp, cfg.model.dtype):
+    with FileLock(folder + ".lock") if task[1] == 1 else contextlib.nullcontext():
+        if published(folder):
             return key
         return _score_share(p, model, folder, ref_dir, fp, cfg, dtype, pad_id, task, batch_tokens, wait_s,
                             progress, key)
@@ -202,15 +199,14 @@ def score_all(cfg: Config, task: tuple[int, int] = (0, 1), batch_tokens: int = B
     tok = load_tokenizer(model_path, cfg.model.chat_template, cfg.model.trust_remote_code)
     # every task needs every prepared source: one process prepares (file-locked), the others wait
     prepared = ensure_prepared(cfg, tok, model_path, progress=progress and task[0] == 0)
-    ref_dir = reference_model(cfg, model_path)
-    fp, dtype = model_fingerprint(ref_dir), resolve_dtype(cfg)
-    todo = {p.folder for p in prepared if not scored_key(p.folder, p.manifest, fp, cfg.model.dtype)}
-    model = load_reference(ref_dir, dtype, cfg) if todo else None
-    if todo and progress:
-        log(f"scoring {len(todo)} source(s) with the reference model {ref_dir} ({dtype})")
-    return [score_source(p, model, ref_dir, fp, cfg, dtype, tok.pad_token_id, task, batch_tokens,
-                         progress=progress and task[0] == 0)
-            if p.folder in todo else reference_key(fp, cfg.model.dtype, p.manifest) for p in prepared]
+    ref_dir, fp, keys, there = scored_keys(cfg, model_path, prepared)
+    dtype = resolve_dtype(cfg)
+    model = load_reference(ref_dir, dtype, cfg) if not all(there) else None
+    if model is not None and progress:
+        log(f"scoring {there.count(False)} source(s) with the reference model {ref_dir} ({dtype})")
+    return [key if ok else score_source(p, key, model, ref_dir, fp, cfg, dtype, tok.pad_token_id, task, batch_tokens,
+                                        progress=progress and task[0] == 0)
+            for p, key, ok in zip(prepared, keys, there)]
 
 
 def main(argv: list[str] | None = None) -> int:
