@@ -66,3 +66,19 @@ def test_report_scale_measures_a_run(tmp_path, straight):
     assert res["audited_rows"] == sum(r["turns"] for r in map(json.loads, open(run_dir / "metrics.jsonl")))
     assert 0 < res["distinct_turns"] <= res["audited_rows"] and res["report_bytes"] > 10_000
     assert res["filter_records"] == 7168  # the whole embedded corpus, read and written back
+
+
+def test_overflow_benchmark_accounts_for_every_turn(tmp_path):
+    """benchmarks/overflow.py on 40 real dialogues at 96 tokens: each policy's turns trained whole,
+    partially and never add up to the turns of the whole renderings; split never loses one."""
+    from tests.test_prepare import chitchat_jsonl
+
+    chitchat_jsonl(tmp_path / "data", n_files=1, per_file=40)
+    out = subprocess.run([sys.executable, "benchmarks/overflow.py", f"--data={tmp_path / 'data'}", "--max-length=96",
+                          "--workers=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = {r["policy"]: r for r in json.loads(out.stdout)["results"]}
+    for r in res.values():
+        assert r["turns_whole"] + r["turns_partial"] + r["turns_not_trained"] == json.loads(out.stdout)["turns"]
+    assert res["split"]["turns_not_trained"] == 0 < res["cut"]["turns_not_trained"]
+    assert res["drop"]["dialogues"] < res["cut"]["dialogues"] <= res["split"]["dialogues"] < res["split"]["rows"]

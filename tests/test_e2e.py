@@ -31,6 +31,11 @@ def test_straight_run_outputs(straight):
         summary = f.read()
     assert "final loss" in summary and "no_assistant_turn=3150" in summary and "validation loss at step 6" in summary
     assert all(r["source"] == "chitchat" for r in audit(straight))
+    # data.overflow=split (the default): long dialogues are trained as windows, each reply once (within
+    # the run's first epoch) under its own index in the dialogue, and summary.txt says what was split
+    keys = [(r["dialogue_id"], r["turn"]) for r in audit(straight)]
+    assert len(keys) == len(set(keys)) and max(t for _, t in keys) >= 8
+    assert "(data.overflow=split): " in summary and " dialogue(s) split into " in summary
     assert os.path.getsize(os.path.join(straight, "training.png")) > 10000
     with open(os.path.join(straight, "report.html"), encoding="utf-8") as f:
         page = f.read()

@@ -50,7 +50,7 @@ def rows(folder):
 
 def test_shards_hold_exactly_the_rendered_dialogues(tmp_path, tiny_model_path, tokenizer):
     chitchat_jsonl(tmp_path / "data")
-    c = cfg(tiny_model_path, str(tmp_path / "data"), tmp_path / "prep")
+    c = cfg(tiny_model_path, str(tmp_path / "data"), tmp_path / "prep", "data.overflow=cut")  # split: test_overflow
     [p] = prepare(c, tokenizer, tiny_model_path, workers=2)  # 3 units on 2 worker processes
     assert not p.hit and p.manifest["counts"]["dialogues"] > 200
     expected = [e for e in Renderer(tokenizer, 96).render_many(list(read_dialogues(str(tmp_path / "data"))))
@@ -63,7 +63,7 @@ def test_shards_hold_exactly_the_rendered_dialogues(tmp_path, tiny_model_path, t
     m = p.manifest
     assert m["counts"]["tokens"] == sum(len(e.input_ids) for e in expected)
     assert m["counts"]["trained_tokens"] == sum(int((e.turn_ids >= 0).sum()) for e in expected)
-    assert m["counts"]["cut_by_max_length"] == sum(bool(e.partial.any()) for e in expected) > 0
+    assert m["counts"]["partial_turns"] == sum(bool(e.partial.any()) for e in expected) > 0
     assert len(m["shards"]) == 3 and m["max_length"] == 96
 
 
@@ -203,7 +203,7 @@ def test_several_tasks_share_the_units_and_task_0_publishes(tmp_path, tiny_model
     [single] = prepare(load_config(None, [*args, f"data.prepared_dir={tmp_path / 'one'}"]), tokenizer,
                        tiny_model_path)
     a, b = rows(folder), rows(single.folder)
-    assert [r.dialogue_id for r in a] == [r.dialogue_id for r in b] and len(a) == manifest["counts"]["dialogues"] > 50
+    assert [r.dialogue_id for r in a] == [r.dialogue_id for r in b] and len(a) == manifest["counts"]["rows"] > 50
     assert all(np.array_equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
 
 

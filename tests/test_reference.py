@@ -52,10 +52,10 @@ def corpus(tmp_path_factory, tiny_model_path, tokenizer):
 
 def test_scores_are_each_turns_loss_on_the_trained_tokens(corpus, tiny_model_path):
     """Every trained turn's reference loss equals resure_ds.eval's per-turn loss of the same model on
-    the same dialogues (cut at data.max_length alike), and only trained turns have one."""
+    the same dialogues (split into the same rows at data.max_length), and only trained turns have one."""
     root, c, p, key = corpus
     ref = ReferenceLosses(p.folder, key)
-    assert p.manifest["counts"]["cut_by_max_length"] > 0  # partial turns are scored too
+    assert p.manifest["counts"]["overflow"]["split"] > 0  # every window of a long dialogue is scored
     model, tok = load_model(tiny_model_path)
     want = {(d, t): s / n for d, t, s, n in turn_scores(model, tok, str(root / "data"), max_length=96)}
     ids = Corpus([p.folder]).sources[0].dialogue_ids()
@@ -68,7 +68,7 @@ def test_scores_are_each_turns_loss_on_the_trained_tokens(corpus, tiny_model_pat
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-5), k
     meta = ref.meta
-    assert meta["dtype"] == "fp32" and meta["turns"] == len(got) and meta["dialogues"] == len(ids)
+    assert meta["dtype"] == "fp32" and meta["turns"] == len(got) and meta["rows"] == len(ids)
 
 
 def test_a_second_score_is_a_cache_hit_and_another_reference_is_another_key(corpus, tiny_model_path, tmp_path):
@@ -109,7 +109,7 @@ def test_damaged_or_mismatched_scores_are_named(corpus, tmp_path):
     ref = os.path.join(copy, f"reference-{key}")
     offsets = np.load(os.path.join(ref, "offsets.npy"))
     np.save(os.path.join(ref, "offsets.npy"), offsets[:-5])
-    with pytest.raises(DataError, match="reference losses for .* dialogues, the prepared folder holds"):
+    with pytest.raises(DataError, match="reference losses for .* rows, the prepared folder holds"):
         Corpus([str(copy)], [key])
     np.save(os.path.join(ref, "offsets.npy"), offsets)
     losses = np.load(os.path.join(ref, "turn_loss.npy"))

@@ -48,7 +48,7 @@ def _losses(model, tok, path: str, max_length: int) -> dict:
     from resure_ds.eval.offline import turn_scores
 
     out: dict = {}
-    for did, t, nll, count in turn_scores(model, tok, path, max_length):
+    for did, t, nll, count in turn_scores(model, tok, path, max_length, overflow="cut"):
         out.setdefault(did, {})[t] = (nll, count)
     return out
 

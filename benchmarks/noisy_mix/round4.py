@@ -183,7 +183,7 @@ def base_turn_losses(model_dir: str, path: str, max_length: int) -> dict:
     from resure_ds.eval.offline import load_model, turn_scores
 
     model, tok = load_model(model_dir)
-    return {(d, t): nll / c for d, t, nll, c in turn_scores(model, tok, path, max_length)}
+    return {(d, t): nll / c for d, t, nll, c in turn_scores(model, tok, path, max_length, overflow="cut")}
 
 
 def prefilter_file(meta: dict, base_losses: dict, folder: str) -> str:
@@ -221,7 +221,7 @@ def margins(model, tok, paths: dict, max_length: int) -> dict:
     from resure_ds.eval.offline import turn_scores
 
     def first(path):
-        return {d: (nll, c) for d, t, nll, c in turn_scores(model, tok, path, max_length) if t == 0}
+        return {d: (nll, c) for d, t, nll, c in turn_scores(model, tok, path, max_length, overflow="cut") if t == 0}
 
     clean = first(paths["clean"])
     out = {}
@@ -239,7 +239,7 @@ def outcomes(model_dir: str, probe: dict, test: list[dict], p: dict, out: str) -
     from resure_ds.eval.offline import evaluate, load_model
 
     model, tok = load_model(model_dir)
-    return {"test": evaluate(model, tok, os.path.join(out, "test-eval.jsonl"), p["max_length"]),
+    return {"test": evaluate(model, tok, os.path.join(out, "test-eval.jsonl"), p["max_length"], overflow="cut"),
             "margins": margins(model, tok, probe, p["max_length"]),
             "generation": generations(Generator(model, tok, p["gen_tokens"]), test, p)}
 

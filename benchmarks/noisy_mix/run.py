@@ -91,7 +91,7 @@ def prefilter_drops(model_path: str, rows: list[dict], q: float, max_length: int
     path = os.path.join(work, "prefilter-input.jsonl")
     write_jsonl(path, rows)
     model, tok = load_model(model_path)
-    scored = [(nll / count, did) for did, _, nll, count in turn_scores(model, tok, path, max_length)]
+    scored = [(nll / count, did) for did, _, nll, count in turn_scores(model, tok, path, max_length, overflow="cut")]
     scored.sort(reverse=True)
     return {did for _, did in scored[: int(round(q * len(scored)))]}
 
@@ -108,6 +108,7 @@ def train_one(name: str, data_path: str, model_path: str, p: dict, method: str, 
             "checkpoint.resume=none", f"resure.min_count={p['min_count']}",
             f"loss_truncation.min_count={p['min_count']}", "output.report_to=none", "output.plot=false",
             "output.report=false",
+            "data.overflow=cut",  # rounds 1-4 were measured so: their labels are the turns whole within max_length
             "data.num_workers=0",  # dozens of short runs in one process: no loader process to start each time
             f"output.dir={out}", f"output.name={name}"]
     over += [f"{k}={v}" for k, v in extra.items()]

@@ -82,7 +82,12 @@ class DataConfig:
     output: answer}; ours: messages role content conversations from value instruction input output system prompt
     completion id. A data.train entry's own `columns` add to these."""
     max_length: int = 256
-    """Tokens per row; a longer dialogue is cut and its last turn flagged partial."""
+    """Tokens per row; a longer dialogue goes as data.overflow says."""
+    overflow: Literal["split", "cut", "drop"] = "split"
+    """A dialogue longer than max_length: split = several rows, each ending at the end of a reply, so every
+    reply trains once, whole, at its true depth, after as much history as fits (a reply longer than max_length
+    alone trains its first tokens, flagged partial); cut = its first max_length tokens (later replies never
+    train); drop = left out. Counts in the manifest and summary.txt (resure_ds/data/overflow.py)."""
     skip_invalid: bool = False
     """Skip bad records (and template refusals) and report counts per kind, instead of stopping with an error."""
     packing: bool = True

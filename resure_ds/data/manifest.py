@@ -10,7 +10,8 @@ from ..errors import DataError
 from ..files import write_json
 from .sources import PREPARED_FORMAT
 
-FORMAT_VERSION = 2  # of the prepared folder: shards and manifest (2: each shard's size and SHA-256)
+FORMAT_VERSION = 3  # of the prepared folder: shards and manifest (2: each shard's size and SHA-256;
+                   # 3: rows apart from dialogues, data.overflow's counts)
 
 
 def write_manifest(folder: str, manifest: dict) -> None:

@@ -109,7 +109,7 @@ class TrainingData:
         for s, n in zip(saved, now):
             if s.get("key") != n.get("key"):
                 out.append(f"{n['name']}: prepared as {s.get('key')}, now {n.get('key')} (its files, the tokenizer, "
-                           "the chat template, data.max_length or data.skip_invalid changed)")
+                           "the chat template, data.max_length, data.overflow or data.skip_invalid changed)")
             if s.get("weight") != n.get("weight"):
                 out.append(f"{n['name']}: weight {s.get('weight')}, now {n.get('weight')} (data.train)")
             if s.get("reference") != n.get("reference"):
@@ -120,12 +120,17 @@ class TrainingData:
         return "; ".join(out)
 
     def counts(self) -> dict:
-        """Skipped records per kind and dialogues cut, over all sources (from their manifests)."""
+        """Over all sources (from their manifests): skipped records per kind, dialogues and rows, what
+        data.overflow did, and dialogues left with no trained token."""
         skipped: dict[str, int] = {}
-        cut = no_token = 0
+        out = {"overflow": {}, "dialogues": 0, "rows": 0, "no_trained_token": 0, "policy": self.cfg.data.overflow,
+               "max_length": self.cfg.data.max_length}
         for p in self.prepared:
             c = p.manifest["counts"]
             for k, v in c["skipped"].items():
                 skipped[k] = skipped.get(k, 0) + v
-            cut, no_token = cut + c["cut_by_max_length"], no_token + c["no_trained_token"]
-        return {"skipped": skipped, "cut_by_max_length": cut, "no_trained_token": no_token}
+            for k in ("dialogues", "rows", "no_trained_token"):
+                out[k] += c[k]
+            for k, v in c["overflow"].items():
+                out["overflow"][k] = out["overflow"].get(k, 0) + v
+        return {"skipped": skipped, **out}

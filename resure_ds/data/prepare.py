@@ -6,7 +6,7 @@ token shards (data/shards.py) with a manifest; training only maps and batches.
 The same recipe and overrides as training. Each source lands in
 `<data.prepared_dir>/<name>-<key>/`, where the key hashes the source files'
 fingerprints (path, size, mtime, head and tail bytes), the tokenizer, the
-chat template, data.max_length and data.skip_invalid: running it again on
+chat template, data.max_length, data.overflow and data.skip_invalid: running it again on
 unchanged inputs is a cache hit that reads no record. Every invalid record,
 template refusal and dialogue left with nothing to train is found here,
 before any training rank starts: one error naming file and record, or
@@ -44,6 +44,8 @@ from ..errors import DataError
 from ..files import write_json
 from ..models import cache_root, load_tokenizer, resolve_model_path
 from .records import SkipCounter, unit_dialogues
+from . import overflow
+from .overflow import OverflowCounts
 from .render import RENDER_VERSION, Renderer
 from .manifest import FORMAT_VERSION, file_digest, read_manifest, verify_shards, write_manifest
 from .reference import scored_keys
@@ -89,7 +91,8 @@ def prepared_folder(spec: SourceSpec, src: Source, fps: dict, cfg: Config) -> st
 def source_key(src: Source, fps: dict, cfg: Config) -> str:
     blob = json.dumps({"version": FORMAT_VERSION, "render": RENDER_VERSION, "kind": src.kind,
                        "files": source_fingerprint(src), **fps,
-                       "max_length": cfg.data.max_length, "skip_invalid": cfg.data.skip_invalid,
+                       "max_length": cfg.data.max_length, "overflow": cfg.data.overflow,
+                       "skip_invalid": cfg.data.skip_invalid,
                        # the default layout adds nothing, so caches made before layouts existed still hit
                        **({"layout": src.spec.layout.to_dict()} if src.spec.layout != Layout() else {})},
                       sort_keys=True)
@@ -100,11 +103,23 @@ def source_key(src: Source, fps: dict, cfg: Config) -> str:
 _W: dict = {}
 
 
-def _init_worker(model_path: str, chat_template: str | None, trust_remote_code: bool, max_length: int,
-                 skip_invalid: bool, queue) -> None:
+def _setup(tokenizer, cfg_data: dict, tick) -> None:
+    """This process's renderer: it tokenizes max_length tokens under cut, whole dialogues under split
+    and drop (their rows are made from the whole rendering, data/overflow.py)."""
+    L, policy = cfg_data["max_length"], cfg_data["overflow"]
+    _W.update(renderer=Renderer(tokenizer, L if policy == "cut" else None), max_length=L, overflow=policy,
+              skip=cfg_data["skip_invalid"], tick=tick)
+
+
+def _init_worker(model_path: str, chat_template: str | None, trust_remote_code: bool, cfg_data: dict,
+                 queue) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; the pool is the parallelism
-    _W.update(renderer=Renderer(load_tokenizer(model_path, chat_template, trust_remote_code), max_length),
-              skip=skip_invalid, tick=queue.put if queue is not None else None)
+    _setup(load_tokenizer(model_path, chat_template, trust_remote_code), cfg_data,
+           queue.put if queue is not None else None)
+
+
+def _data_options(cfg: Config) -> dict:
+    return {"max_length": cfg.data.max_length, "overflow": cfg.data.overflow, "skip_invalid": cfg.data.skip_invalid}
 
 
 def _unit_record(partial_dir: str, index: int) -> str:
@@ -114,9 +129,9 @@ def _unit_record(partial_dir: str, index: int) -> str:
 def prepare_unit(unit: Unit, index: int, partial_dir: str) -> dict:
     """Render one unit into <partial_dir>/<index>.arrow; returns (and records) its counts."""
     r, skip, tick = _W["renderer"], _W["skip"], _W["tick"]
-    skipped, t0 = SkipCounter(), time.perf_counter()
+    skipped, over, t0 = SkipCounter(), OverflowCounts(), time.perf_counter()
     writer = ShardWriter(os.path.join(partial_dir, f"{index:05d}.arrow"))
-    no_trained = 0
+    no_trained = kept = 0
     dialogues = unit_dialogues(unit, skip, skipped)
     while True:
         batch = list(itertools.islice(dialogues, RENDER_BATCH))
@@ -126,16 +141,20 @@ def prepare_unit(unit: Unit, index: int, partial_dir: str) -> dict:
         for ex in r.render_many(batch, skipped if skip else None):
             if ex is None:
                 no_trained += 1
-            else:
-                writer.add(ex)
+                continue
+            rows = overflow.apply(ex, _W["overflow"], _W["max_length"], over)
+            kept += bool(rows)
+            for row in rows:
+                writer.add(row)
         if tick is not None:
             tick(len(batch))
     writer.close()
     size, sha = file_digest(writer.path)
     stats = {"file": f"{index:05d}.arrow", "input": unit.path, "bytes": size, "sha256": sha,
-             "dialogues": writer.dialogues,
-             "tokens": writer.tokens, "trained_tokens": writer.trained, "cut_by_max_length": writer.partial,
-             "no_trained_token": no_trained, "skipped": dict(skipped), "seconds": time.perf_counter() - t0}
+             "dialogues": kept, "rows": writer.rows_written,
+             "tokens": writer.tokens, "trained_tokens": writer.trained, "partial_turns": writer.partial,
+             "no_trained_token": no_trained, "overflow": over.to_dict(), "skipped": dict(skipped),
+             "seconds": time.perf_counter() - t0}
     os.makedirs(os.path.dirname(_unit_record(partial_dir, index)), exist_ok=True)
     write_json(_unit_record(partial_dir, index), stats)  # tasks of several machines share the folder
     return stats
@@ -153,8 +172,7 @@ def _run_units(todo: list[tuple[Unit, int, str]], workers: int, model_path: str,
     bar = tqdm(desc="prepare", unit=" dlg", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     try:
         if workers <= 1 or len(todo) <= 1:
-            _W.update(renderer=Renderer(tokenizer, cfg.data.max_length), skip=cfg.data.skip_invalid,
-                      tick=bar.update)
+            _setup(tokenizer, _data_options(cfg), bar.update)
             for job in todo:
                 prepare_unit(*job)
             return
@@ -165,7 +183,7 @@ def _run_units(todo: list[tuple[Unit, int, str]], workers: int, model_path: str,
         queue = ctx.Queue()
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
                                  initargs=(model_path, cfg.model.chat_template, cfg.model.trust_remote_code,
-                                           cfg.data.max_length, cfg.data.skip_invalid, queue)) as pool:
+                                           _data_options(cfg), queue)) as pool:
             pending = {pool.submit(_prepare_unit_in_worker, job) for job in todo}
             try:
                 while pending:
@@ -199,10 +217,12 @@ def _merge(partial_dir: str, n_units: int, meta: dict) -> dict:
     for u in units:
         for k, v in u["skipped"].items():
             skipped.add(k, v)
-    counts = {k: sum(u[k] for u in units) for k in ("dialogues", "tokens", "trained_tokens",
-                                                     "cut_by_max_length", "no_trained_token")}
+    counts = {k: sum(u[k] for u in units) for k in ("dialogues", "rows", "tokens", "trained_tokens",
+                                                     "partial_turns", "no_trained_token")}
+    counts["overflow"] = {k: sum(u["overflow"][k] for u in units) for k in OverflowCounts().to_dict()}
     counts["skipped"] = dict(sorted(skipped.items()))
-    counts["records"] = counts["dialogues"] + counts["no_trained_token"] + sum(skipped.values())
+    counts["records"] = (counts["dialogues"] + counts["no_trained_token"] + counts["overflow"]["dropped"]
+                         + sum(skipped.values()))
     return {**meta, "counts": counts,
             "shards": [{k: u[k] for k in ("file", "input", "bytes", "sha256", "dialogues", "tokens")} for u in units]}
 
@@ -220,7 +240,9 @@ def _empty_error(spec: SourceSpec, m: dict) -> DataError:
     c = m["counts"]
     return DataError(f"{spec.label}: no trainable dialogue (records read: {c['records']}; invalid skipped: "
                      f"{SkipCounter(c['skipped']).summary()}; left with no trained token by data.max_length="
-                     f"{m['max_length']}: {c['no_trained_token']}). Add data, fix the records or raise data.max_length")
+                     f"{m['max_length']}: {c['no_trained_token']}; longer than data.max_length, dropped "
+                     f"(data.overflow=drop): {c['overflow']['dropped']}). Add data, fix the records, raise "
+                     "data.max_length or set data.overflow=split")
 
 
 def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, workers: int,
@@ -235,7 +257,7 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
     fps = tokenizer_fingerprints(tokenizer)
     if src.kind == "prepared":
         m = read_manifest(src.files[0])
-        want = {**fps, "max_length": cfg.data.max_length}
+        want = {**fps, "max_length": cfg.data.max_length, "overflow": cfg.data.overflow}
         have = {k: m.get(k) for k in want}
         if have != want:
             diff = ", ".join(k for k in want if have[k] != want[k])
@@ -282,7 +304,7 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         meta = {"source": {"path": spec.path, "kind": src.kind, "files": source_fingerprint(src),
                            "layout": spec.layout.to_dict()},
                 "name": spec.label, "key": key, **fps, "max_length": cfg.data.max_length,
-                "skip_invalid": cfg.data.skip_invalid, "workers": workers, "tasks": tasks,
+                "overflow": cfg.data.overflow, "skip_invalid": cfg.data.skip_invalid, "workers": workers, "tasks": tasks,
                 "seconds": round(time.perf_counter() - t0, 2)}
         m = _merge(partial, len(units), meta)
         shutil.rmtree(os.path.join(partial, "units"))
@@ -291,11 +313,11 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
     c = m["counts"]
     if progress:
         dt = max(time.perf_counter() - t0, 1e-9)
-        log(f"prepared {spec.label}: {c['dialogues']:,} dialogues, {c['tokens']:,} tokens "
+        log(f"prepared {spec.label}: {c['dialogues']:,} dialogues in {c['rows']:,} rows, {c['tokens']:,} tokens "
             f"({c['trained_tokens']:,} trained) in {dt:.1f} s ({c['dialogues'] / dt:,.0f} dialogues/s, "
             f"{c['tokens'] / dt:,.0f} tokens/s); skipped: {SkipCounter(c['skipped']).summary()}; "
-            f"last turn cut by max_length: {c['cut_by_max_length']:,}; "
-            f"no trained token left: {c['no_trained_token']:,}")
+            f"over data.max_length ({cfg.data.overflow}): {overflow.summary(c)}; "
+            f"no trained token: {c['no_trained_token']:,}")
     if c["dialogues"] == 0:
         raise _empty_error(spec, m)
     return Prepared(spec, folder, m, False)

@@ -79,7 +79,7 @@ def published(folder: str) -> bool:
 
 
 def write_reference(folder: str, losses: list[np.ndarray], meta: dict) -> None:
-    """Per dialogue (row order) its per-turn reference losses -> `folder`, which appears complete
+    """Per row (in order) its per-turn reference losses -> `folder`, which appears complete
     (rename) or not at all. If another process published it first, theirs is kept."""
     tmp = f"{folder}.tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
@@ -89,7 +89,7 @@ def write_reference(folder: str, losses: list[np.ndarray], meta: dict) -> None:
     np.save(os.path.join(tmp, "turn_loss.npy"), flat)
     np.save(os.path.join(tmp, "offsets.npy"), offsets)
     with open(os.path.join(tmp, "reference.json"), "w", encoding="utf-8") as f:
-        json.dump({"format": REFERENCE_FORMAT, "version": REFERENCE_VERSION, "dialogues": len(losses),
+        json.dump({"format": REFERENCE_FORMAT, "version": REFERENCE_VERSION, "rows": len(losses),
                    "turns": int(np.isfinite(flat).sum()), **meta}, f, indent=2)
     try:
         os.replace(tmp, folder)
@@ -121,10 +121,10 @@ class ReferenceLosses:
         except (OSError, ValueError) as e:
             raise DataError(f"{self.folder}: unreadable reference losses ({e}); delete the folder and score "
                             "again (resure-ds score RECIPE)") from None
-        rows = read_manifest(prepared)["counts"]["dialogues"]
+        rows = read_manifest(prepared)["counts"]["rows"]
         if self.meta.get("version") != REFERENCE_VERSION or len(self.offsets) != rows + 1 \
                 or int(self.offsets[-1]) != len(self.loss):
-            raise DataError(f"{self.folder}: reference losses for {len(self.offsets) - 1} dialogues, the prepared "
+            raise DataError(f"{self.folder}: reference losses for {len(self.offsets) - 1} rows, the prepared "
                             f"folder holds {rows} (damaged or of another version); delete it and score again "
                             "(resure-ds score RECIPE)")
 

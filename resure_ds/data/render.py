@@ -65,6 +65,7 @@ from .records import Dialogue
 RENDER_VERSION = 3  # part of the prepared-data cache key: bump when the rendered tokens would change
 _PLACEHOLDER = "\ue000{}\ue001"  # private-use code points: never in real text, never trimmed
 _LAYOUT_CACHE_SIZE = 4096
+_UNBOUNDED = 2 ** 40  # max_length None: the whole dialogue (data.overflow split and drop)
 _GUESS_CHARS_PER_TOKEN = 5  # English BPE averages about 4; later rounds fetch what a guess missed
 
 
@@ -91,21 +92,22 @@ _DROPPED = object()  # a dialogue skipped while re-rendering in full
 
 
 class Renderer:
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int | None):
+        """max_length: tokens rendered (the rest of the dialogue is never tokenized); None: all."""
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("the tokenizer must be a fast (Rust) tokenizer: turn spans need exact token pieces")
         if not tokenizer.chat_template:
             raise DataError("the tokenizer has no chat template; set model.chat_template to a Jinja template")
         self.tok = tokenizer
         self.backend = tokenizer.backend_tokenizer
-        self.max_length = max_length
+        self.max_length = max_length or _UNBOUNDED
         # Longest first, so '<|im_end|>' wins over a shorter special token it contains.
         specials = set(tokenizer.all_special_tokens) | {str(t) for t in tokenizer.get_added_vocab()}
         self.specials = sorted((s for s in specials if s), key=len, reverse=True)
         # No token covers more characters than its vocabulary string (a byte-level BPE string has one
         # character per byte), so text beyond max_length * longest can never fall inside the cut.
         longest = max(max(len(s) for s in tokenizer.get_vocab()), max(map(len, self.specials), default=1))
-        self.char_cap = max_length * longest
+        self.char_cap = self.max_length * longest
         self._layouts: dict[tuple, _Layout | None] = {}
         self._prefixes: dict[tuple, tuple[str, str] | None] = {}
         self._render = self._direct_renderer()

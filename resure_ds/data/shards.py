@@ -1,11 +1,12 @@
 """Prepared token shards: Arrow IPC files, memory-mapped for training.
 
 One shard per unit of input (see sources.py), record batches of up to 1,024
-dialogues, one row per dialogue:
+rows, one row per dialogue (several for a dialogue that data.overflow=split
+made into windows, each with the dialogue's id):
 
   dialogue_id  string
-  input_ids    list<int32>   the rendering's tokens, cut at max_length
-  turns        list<int32>   turn id (assistant message index) of each trained span
+  input_ids    list<int32>   the rendering's tokens (a window of them), at most max_length
+  turns        list<int32>   turn id (assistant message index in the dialogue) of each trained span
   turn_starts  list<int32>   token offset where the span starts
   turn_ends    list<int32>   ... and ends (exclusive)
   last_partial bool          the last span was cut by max_length
@@ -55,11 +56,11 @@ class ShardWriter:
         self.path, self.tmp = path, f"{path}.tmp{os.getpid()}"
         self.writer = pa.ipc.new_file(self.tmp, SCHEMA)
         self.rows: list[Example] = []
-        self.dialogues = self.tokens = self.trained = self.partial = 0
+        self.rows_written = self.tokens = self.trained = self.partial = 0
 
     def add(self, ex: Example) -> None:
         self.rows.append(ex)
-        self.dialogues += 1
+        self.rows_written += 1
         self.tokens += len(ex.input_ids)
         self.trained += int((ex.turn_ids >= 0).sum())
         self.partial += bool(ex.partial.any())

@@ -1,9 +1,10 @@
 """Held-out evaluation: clean per-turn loss of a plain HF model folder, no DeepSpeed.
 
-    python -m resure_ds.eval MODEL_DIR DATA [--max-length 256] [--batch-size 8] [--holdout F]
+    python -m resure_ds.eval MODEL_DIR DATA [--max-length 256] [--overflow split] [--batch-size 8] [--holdout F]
 
 Reports the token-mean loss over all assistant tokens, the mean of per-turn
-losses, and both per turn depth (the same turn spans as training).
+losses, and both per turn depth (the same turn spans and, for a dialogue
+longer than --max-length, the same rows as training under data.overflow).
 --holdout F evaluates only the dialogues that data.eval=F holds out of DATA
 (the split training validated on, by the same hash of the dialogue id).
 """
@@ -20,6 +21,7 @@ import yaml
 from ..config.sources import SourceSpec, parse_layout
 from ..data.collate import collate_examples
 from ..data.holdout import held_out
+from ..data.overflow import POLICIES, OverflowCounts, apply as apply_overflow
 from ..data.records import read_dialogues
 from ..data.render import Renderer
 from ..errors import DataError
@@ -31,10 +33,12 @@ from .depth import DepthSums
 
 @torch.no_grad()
 def batch_turns(model, tokenizer, source, max_length: int = 256, batch_size: int = 8, skip_invalid: bool = True,
-                holdout: float | None = None) -> Iterator[tuple[list[str], TurnLosses]]:
+                holdout: float | None = None, overflow: str = "split") -> Iterator[tuple[list[str], TurnLosses]]:
     """Yield (dialogue ids, TurnLosses) a batch at a time over a source (only its held-out split when
-    holdout is a fraction)."""
-    renderer = Renderer(tokenizer, max_length)
+    holdout is a fraction); a dialogue longer than max_length as data.overflow makes it (several
+    rows under split, each with the dialogue's id)."""
+    renderer = Renderer(tokenizer, max_length if overflow == "cut" else None)
+    counts = OverflowCounts()
     dialogues = read_dialogues(source, skip_invalid)
     if holdout:
         dialogues = (d for d in dialogues if held_out([d.dialogue_id], holdout)[0])
@@ -44,7 +48,8 @@ def batch_turns(model, tokenizer, source, max_length: int = 256, batch_size: int
         chunk = list(itertools.islice(dialogues, batch_size))
         if not chunk:
             return
-        exs = [e for e in renderer.render_many(chunk, {} if skip_invalid else None) if e is not None]
+        exs = [row for e in renderer.render_many(chunk, {} if skip_invalid else None) if e is not None
+               for row in apply_overflow(e, overflow, max_length, counts)]
         if not exs:
             continue
         b = collate_examples(exs, tokenizer.pad_token_id)
@@ -54,17 +59,18 @@ def batch_turns(model, tokenizer, source, max_length: int = 256, batch_size: int
 
 
 def turn_scores(model, tokenizer, source, max_length: int = 256, batch_size: int = 8,
-                skip_invalid: bool = True, holdout: float | None = None) -> Iterator[tuple[str, int, float, int]]:
+                skip_invalid: bool = True, holdout: float | None = None,
+                overflow: str = "split") -> Iterator[tuple[str, int, float, int]]:
     """Yield (dialogue_id, turn, summed token NLL, trained tokens) for every turn of a source."""
-    for ids, turns in batch_turns(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout):
+    for ids, turns in batch_turns(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout, overflow):
         for s, t in torch.nonzero(turns.count > 0).tolist():
             yield ids[s], t, float(turns.sum[s, t]), int(turns.count[s, t])
 
 
 def evaluate(model, tokenizer, source, max_length: int = 256, batch_size: int = 8,
-             skip_invalid: bool = True, holdout: float | None = None) -> dict:
+             skip_invalid: bool = True, holdout: float | None = None, overflow: str = "split") -> dict:
     sums, dialogues = DepthSums(), set()
-    for ids, turns in batch_turns(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout):
+    for ids, turns in batch_turns(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout, overflow):
         dialogues.update(ids[s] for s in torch.nonzero((turns.count > 0).any(1)).flatten().tolist())
         sums.add(turns)
     s = sums.summary()
@@ -84,9 +90,9 @@ def load_model(model_dir: str):
 
 
 def evaluate_folder(model_dir: str, source, max_length: int = 256, batch_size: int = 8,
-                    holdout: float | None = None) -> dict:
+                    holdout: float | None = None, overflow: str = "split") -> dict:
     model, tok = load_model(model_dir)
-    return evaluate(model, tok, source, max_length, batch_size, holdout=holdout)
+    return evaluate(model, tok, source, max_length, batch_size, holdout=holdout, overflow=overflow)
 
 
 def main() -> None:
@@ -94,6 +100,8 @@ def main() -> None:
     ap.add_argument("model_dir")
     ap.add_argument("data")
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--overflow", choices=POLICIES, default="split",
+                    help="a dialogue longer than --max-length, as data.overflow (default: split)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--holdout", type=float, default=None, help="only the split data.eval=F holds out of DATA")
     ap.add_argument("--format", default=None, help="record layout, as data.format (default: detected)")
@@ -104,7 +112,7 @@ def main() -> None:
         ap.error("; ".join(errors))
     source = SourceSpec(a.data, layout=layout)
     try:
-        res = evaluate_folder(a.model_dir, source, a.max_length, a.batch_size, a.holdout)
+        res = evaluate_folder(a.model_dir, source, a.max_length, a.batch_size, a.holdout, a.overflow)
     except (DataError, OSError) as e:
         raise SystemExit(f"[resure_ds] error: {e}") from None
     print(json.dumps(res, indent=2))

@@ -151,9 +151,9 @@ def _score_share(p: Prepared, model, folder: str, ref_dir: str, fp: dict, cfg: C
     scores: dict[int, np.ndarray] = {}
     for path in parts:
         scores.update(_load_part(path))
-    n = p.manifest["counts"]["dialogues"]
+    n = p.manifest["counts"]["rows"]
     if sorted(scores) != list(range(n)):
-        raise DataError(f"{folder}.parts: the parts score {len(scores)} of {n} dialogues; delete the folder and "
+        raise DataError(f"{folder}.parts: the parts score {len(scores)} of {n} rows; delete the folder and "
                         "score again")
     write_reference(folder, [scores[i] for i in range(n)],
                     {"reference": ref_dir, "fingerprint": fp, "dtype": dtype, "config_dtype": cfg.model.dtype,

@@ -23,7 +23,7 @@ class Validation:
             raise ValueError("the validation split is empty")
         self.rows, self.pad_id, self.micro_batch = rows, pad_id, micro_batch
         self.depth = max(max(len(r.partial) for r in rows), 1)  # the same on every rank
-        self.dialogues = len(rows)
+        self.dialogues = len({r.dialogue_id for r in rows})  # a long dialogue may be several rows (data.overflow)
 
     @torch.no_grad()
     def run(self, engine) -> dict:

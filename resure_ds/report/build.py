@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config.sources import train_specs
+from ..data import overflow
 from ..data.records import read_dialogues
 from ..files import write_json, write_text
 from .audit import read_audit
@@ -45,7 +46,8 @@ def summary_lines(run_dir: str, metrics: list[dict], audit: pa.Table, data: dict
     if data is not None:
         skipped = data["skipped"]
         lines.append(f"invalid records skipped: {', '.join(f'{k}={v}' for k, v in sorted(skipped.items())) or 'none'}")
-        lines.append(f"dialogues whose last turn was cut by data.max_length: {data['cut_by_max_length']}; "
+        lines.append(f"dialogues longer than data.max_length={data['max_length']} (data.overflow={data['policy']}): "
+                     f"{overflow.summary(data)}; {data['dialogues']:,} dialogues trained from {data['rows']:,} rows; "
                      f"left with no trained token (skipped): {data['no_trained_token']}")
     return lines
 
