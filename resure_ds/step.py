@@ -3,7 +3,7 @@
 Take grad_accum micro-batches, count their trained tokens and sum the count over ranks (N, one
 all-reduce); then per micro-batch: forward -> per-token NLL -> per-turn losses -> weights from the
 statistics as they stood -> merge this micro-batch's complete turns into the statistics on every
-rank -> backward of sum(w * NLL) / N -> step. The step's metrics travel in one all-reduce by name,
+rank -> backward of sum(w * data weight * NLL) / N -> step. The step's metrics travel in one all-reduce by name,
 with every rank's stop request; the audit rows are read to the host after the optimizer.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Stepper:
         wts = self.method.weigh(seen, step - 1)  # statistics as they stood before this micro-step
         scaled = self.method.token_loss(nll)  # DFT's per-token scaling; statistics and audit keep the NLL
         trained = turns if scaled is None else turn_losses(scaled, tg, len(batch["dialogue_ids"]), turns.count.shape[1])
-        loss_sum = weighted_loss_sum(trained, wts.w.to(dev))
+        loss_sum = weighted_loss_sum(trained, wts.w.to(dev) * batch["data_weight"].to(dev))  # x the records' weights
         clock.mark("resure")
         self.method.merge(seen, (turns.count > 0) & ~batch["partial"].to(dev), dev)
         clock.mark("collectives")
@@ -125,7 +125,10 @@ def audit_rows(step: int, batch: dict, turns: TurnLosses, wts: Weights, names: l
     warm = wts.warm.to(dev)[rows].tolist()
     part = batch["partial"][rows[0].cpu(), rows[1].cpu()].tolist()
     ref = batch["ref_loss"][rows[0].cpu(), rows[1].cpu()].tolist() if "ref_loss" in batch else [None] * len(mean)
+    dw = batch["data_weight"][rows[0].cpu(), rows[1].cpu()].tolist()
     src = batch["sources"]
     return [{"dialogue_id": batch["dialogue_ids"][d], "source": names[src[d]], "turn": t, "loss": m,
-             "z": None if zz != zz else zz, "weight": ww, "warm": wm, "step": step, "partial": p, "ref_loss": r}
-            for d, t, m, zz, ww, wm, p, r in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, warm, part, ref)]
+             "z": None if zz != zz else zz, "weight": ww, "warm": wm, "step": step, "partial": p, "ref_loss": r,
+             "data_weight": x}
+            for d, t, m, zz, ww, wm, p, r, x in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, warm, part, ref,
+                                                    dw)]

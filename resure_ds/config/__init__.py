@@ -80,7 +80,7 @@ class DataConfig:
     columns: dict = field(default_factory=dict)
     """Your field names for ours, e.g. {messages: dialog, role: speaker, content: text} or {instruction: question,
     output: answer}; ours: messages role content conversations from value instruction input output system prompt
-    completion id. A data.train entry's own `columns` add to these."""
+    completion id tools tool_calls train weight reasoning_content. A data.train entry's own `columns` add to these."""
     max_length: int = 256
     """Tokens per row; a longer dialogue goes as data.overflow says."""
     overflow: Literal["split", "cut", "drop"] = "split"
@@ -88,6 +88,10 @@ class DataConfig:
     reply trains once, whole, at its true depth, after as much history as fits (a reply longer than max_length
     alone trains its first tokens, flagged partial); cut = its first max_length tokens (later replies never
     train); drop = left out. Counts in the manifest and summary.txt (resure_ds/data/overflow.py)."""
+    train_reasoning: bool = True
+    """An assistant message's reasoning_content, where the chat template renders it (Qwen3: the replies after the
+    last user message), trains with the reply; false: it is context. A reasoning the template leaves out is
+    counted (manifest: reasoning_not_rendered)."""
     skip_invalid: bool = False
     """Skip bad records (and template refusals) and report counts per kind, instead of stopping with an error."""
     packing: bool = True

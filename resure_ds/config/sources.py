@@ -12,7 +12,7 @@ from typing import Any
 
 FORMATS = ("auto", "openai", "sharegpt", "alpaca", "prompt_completion")
 FIELDS = ("messages", "role", "content", "conversations", "from", "value", "instruction", "input", "output",
-          "system", "prompt", "completion", "id", "tools", "tool_calls")
+          "system", "prompt", "completion", "id", "tools", "tool_calls", "train", "weight", "reasoning_content")
 
 
 @dataclass(frozen=True)

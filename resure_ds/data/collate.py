@@ -6,6 +6,7 @@ D dialogues, T = most turns):
   input_ids [B, S] long, labels [B, S] long (-100 untrained),
   turn_ids [B, S] long (-1 untrained), doc_ids [B, S] long (dialogue slot,
   -1 padding), partial [D, T] bool (turn cut by max_length),
+  data_weight [D, T] float32 (the records' per-turn data weights, 1 where none),
   dialogue_ids: D strings, sources: D source indices;
   padded:  attention_mask [B, S] (1 = token, 0 = padding);
   packed:  position_ids [B, S], restarting at 0 for every dialogue, and no
@@ -43,6 +44,7 @@ def collate(rows: Sequence[Sequence[Dlg]], pad_id: int, packed: bool,
     doc = np.full((B, S), -1, dtype=np.int64)
     pos = np.zeros((B, S), dtype=np.int64)
     partial = np.zeros((len(dlgs), T), dtype=bool)
+    data_weight = np.ones((len(dlgs), T), dtype=np.float32)
     refs = [getattr(d, "ref_loss", None) for d in dlgs]
     ref = np.full((len(dlgs), T), np.nan) if any(r is not None for r in refs) else None
     slot = 0
@@ -55,6 +57,9 @@ def collate(rows: Sequence[Sequence[Dlg]], pad_id: int, packed: bool,
             doc[b, at:at + n] = slot
             pos[b, at:at + n] = np.arange(n)
             partial[slot, :len(d.partial)] = d.partial
+            w = getattr(d, "weights", None)
+            if w is not None:
+                data_weight[slot, :min(T, len(w))] = w[:T]
             if ref is not None and refs[slot] is not None:
                 ref[slot, :len(refs[slot])] = refs[slot]
             at, slot = at + n, slot + 1
@@ -63,7 +68,7 @@ def collate(rows: Sequence[Sequence[Dlg]], pad_id: int, packed: bool,
     batch = {
         "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
         "turn_ids": torch.from_numpy(turn), "doc_ids": torch.from_numpy(doc),
-        "partial": torch.from_numpy(partial),
+        "partial": torch.from_numpy(partial), "data_weight": torch.from_numpy(data_weight),
         "dialogue_ids": [d.dialogue_id for d in dlgs],
         "sources": [s for row in sources for s in row] if sources is not None else [0] * len(dlgs),
     }

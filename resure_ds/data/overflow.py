@@ -90,7 +90,7 @@ def _window(ex: Example, a: int, b: int, keep: np.ndarray, partial: bool) -> Exa
     tids[~np.isin(tids, keep)] = -1
     flags = np.zeros(int(keep.max()) + 1, dtype=bool)
     flags[-1] = partial
-    return Example(ex.dialogue_id, ex.input_ids[a:b].copy(), tids, flags)
+    return Example(ex.dialogue_id, ex.input_ids[a:b].copy(), tids, flags, ex.weights)
 
 
 def apply(ex: Example, policy: str, max_length: int, counts: OverflowCounts) -> list[Example]:

@@ -6,7 +6,7 @@ token shards (data/shards.py) with a manifest; training only maps and batches.
 The same recipe and overrides as training. Each source lands in
 `<data.prepared_dir>/<name>-<key>/`, where the key hashes the source files'
 fingerprints (path, size, mtime, head and tail bytes), the tokenizer, the
-chat template, data.max_length, data.overflow and data.skip_invalid: running it again on
+chat template, data.max_length, data.overflow, data.train_reasoning and data.skip_invalid: running it again on
 unchanged inputs is a cache hit that reads no record. Every invalid record,
 template refusal and dialogue left with nothing to train is found here,
 before any training rank starts: one error naming file and record, or
@@ -92,7 +92,7 @@ def source_key(src: Source, fps: dict, cfg: Config) -> str:
     blob = json.dumps({"version": FORMAT_VERSION, "render": RENDER_VERSION, "kind": src.kind,
                        "files": source_fingerprint(src), **fps,
                        "max_length": cfg.data.max_length, "overflow": cfg.data.overflow,
-                       "skip_invalid": cfg.data.skip_invalid,
+                       "skip_invalid": cfg.data.skip_invalid, "train_reasoning": cfg.data.train_reasoning,
                        # the default layout adds nothing, so caches made before layouts existed still hit
                        **({"layout": src.spec.layout.to_dict()} if src.spec.layout != Layout() else {})},
                       sort_keys=True)
@@ -107,8 +107,8 @@ def _setup(tokenizer, cfg_data: dict, tick) -> None:
     """This process's renderer: it tokenizes max_length tokens under cut, whole dialogues under split
     and drop (their rows are made from the whole rendering, data/overflow.py)."""
     L, policy = cfg_data["max_length"], cfg_data["overflow"]
-    _W.update(renderer=Renderer(tokenizer, L if policy == "cut" else None), max_length=L, overflow=policy,
-              skip=cfg_data["skip_invalid"], tick=tick)
+    _W.update(renderer=Renderer(tokenizer, L if policy == "cut" else None, cfg_data["train_reasoning"]), max_length=L,
+              overflow=policy, skip=cfg_data["skip_invalid"], tick=tick)
 
 
 def _init_worker(model_path: str, chat_template: str | None, trust_remote_code: bool, cfg_data: dict,
@@ -119,7 +119,8 @@ def _init_worker(model_path: str, chat_template: str | None, trust_remote_code: 
 
 
 def _data_options(cfg: Config) -> dict:
-    return {"max_length": cfg.data.max_length, "overflow": cfg.data.overflow, "skip_invalid": cfg.data.skip_invalid}
+    return {"max_length": cfg.data.max_length, "overflow": cfg.data.overflow, "skip_invalid": cfg.data.skip_invalid,
+            "train_reasoning": cfg.data.train_reasoning}
 
 
 def _unit_record(partial_dir: str, index: int) -> str:
@@ -129,7 +130,7 @@ def _unit_record(partial_dir: str, index: int) -> str:
 def prepare_unit(unit: Unit, index: int, partial_dir: str) -> dict:
     """Render one unit into <partial_dir>/<index>.arrow; returns (and records) its counts."""
     r, skip, tick = _W["renderer"], _W["skip"], _W["tick"]
-    skipped, over, t0 = SkipCounter(), OverflowCounts(), time.perf_counter()
+    skipped, over, t0, notes = SkipCounter(), OverflowCounts(), time.perf_counter(), dict(r.notes)
     writer = ShardWriter(os.path.join(partial_dir, f"{index:05d}.arrow"))
     no_trained = kept = 0
     dialogues = unit_dialogues(unit, skip, skipped)
@@ -154,6 +155,7 @@ def prepare_unit(unit: Unit, index: int, partial_dir: str) -> dict:
              "dialogues": kept, "rows": writer.rows_written,
              "tokens": writer.tokens, "trained_tokens": writer.trained, "partial_turns": writer.partial,
              "no_trained_token": no_trained, "overflow": over.to_dict(), "skipped": dict(skipped),
+             "reasoning_not_rendered": r.notes.get("reasoning_not_rendered", 0) - notes.get("reasoning_not_rendered", 0),
              "seconds": time.perf_counter() - t0}
     os.makedirs(os.path.dirname(_unit_record(partial_dir, index)), exist_ok=True)
     write_json(_unit_record(partial_dir, index), stats)  # tasks of several machines share the folder
@@ -218,7 +220,7 @@ def _merge(partial_dir: str, n_units: int, meta: dict) -> dict:
         for k, v in u["skipped"].items():
             skipped.add(k, v)
     counts = {k: sum(u[k] for u in units) for k in ("dialogues", "rows", "tokens", "trained_tokens",
-                                                     "partial_turns", "no_trained_token")}
+                                                     "partial_turns", "no_trained_token", "reasoning_not_rendered")}
     counts["overflow"] = {k: sum(u["overflow"][k] for u in units) for k in OverflowCounts().to_dict()}
     counts["skipped"] = dict(sorted(skipped.items()))
     counts["records"] = (counts["dialogues"] + counts["no_trained_token"] + counts["overflow"]["dropped"]
@@ -317,7 +319,9 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
             f"({c['trained_tokens']:,} trained) in {dt:.1f} s ({c['dialogues'] / dt:,.0f} dialogues/s, "
             f"{c['tokens'] / dt:,.0f} tokens/s); skipped: {SkipCounter(c['skipped']).summary()}; "
             f"over data.max_length ({cfg.data.overflow}): {overflow.summary(c)}; "
-            f"no trained token: {c['no_trained_token']:,}")
+            f"no trained token: {c['no_trained_token']:,}"
+            + (f"; reasoning_content the chat template does not render: {c['reasoning_not_rendered']:,}"
+               if c["reasoning_not_rendered"] else ""))
     if c["dialogues"] == 0:
         raise _empty_error(spec, m)
     return Prepared(spec, folder, m, False)

@@ -9,6 +9,14 @@ its content may then be empty), a tool message keeps its `tool_call_id` and `nam
 record's `tools` list (JSON schemas) becomes `Dialogue.tools`, passed to the template. The keys
 exist only where the record has them: templates test for them (`'tool_calls' in message`).
 
+Per-message control (names mappable with data.columns): an assistant message may carry `train`
+(false: context only, never trained, never in the statistics) and `weight` (a number >= 0 that
+multiplies the turn's loss weight; 0 is context only); a record may carry `weight` too, which
+multiplies every turn's. An assistant message's `reasoning_content` goes to the chat template,
+which renders it or not (Qwen3 does for the replies after the last user message); it trains with
+the reply unless data.train_reasoning=false. They become `Dialogue.weights` (one per assistant
+message) and stay off the messages, so a plain dialogue stays plain.
+
 Four layouts are accepted, detected per record from its fields (data.format=auto) or set per
 source (data.format, or a data.train entry's format), under the field names of data.columns:
   openai             {"messages": [{"role": ..., "content": ...}, ...]}
@@ -23,6 +31,7 @@ count it under data.skip_invalid.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterator
@@ -49,6 +58,7 @@ class Dialogue:
     messages: list[dict]
     where: str
     tools: list | None = None
+    weights: tuple[float, ...] | None = None  # per assistant message: its data weight (0: context only)
 
     @cached_property
     def plain(self) -> bool:
@@ -94,9 +104,9 @@ def normalise(record: Any, layout: Layout = Layout()) -> tuple[list[dict], Any]:
                             f"+ {c('output')!r} (Alpaca), {c('prompt')!r} + {c('completion')!r}; name yours with "
                             "data.columns, or set data.format")
     if fmt == "openai":
-        messages = _turns(_field(record, c("messages"), fmt), c("role"), c("content"), None, c("tool_calls"))
+        messages = _turns(_field(record, c("messages"), fmt), c("role"), c("content"), None, c("tool_calls"), c)
     elif fmt == "sharegpt":
-        messages = _turns(_field(record, c("conversations"), fmt), c("from"), c("value"), SHAREGPT_ROLES, None)
+        messages = _turns(_field(record, c("conversations"), fmt), c("from"), c("value"), SHAREGPT_ROLES, None, c)
     elif fmt == "alpaca":
         messages = _alpaca(record, c)
     else:
@@ -132,10 +142,12 @@ def _field(record: dict, name: str, fmt: str) -> Any:
     return record[name]
 
 
-def _turns(raw: Any, role_key: str, text_key: str, role_map: dict | None, calls_key: str | None) -> list[dict]:
+def _turns(raw: Any, role_key: str, text_key: str, role_map: dict | None, calls_key: str | None,
+           col=lambda f: f) -> list[dict]:
     """A list of messages -> normalised messages. calls_key: where OpenAI-style records keep an
     assistant's tool calls; ShareGPT (calls_key None) writes a call as a `function_call` turn
-    whose value is the call's JSON."""
+    whose value is the call's JSON. col names the per-message controls (module docstring); an
+    assistant message's data weight rides under WEIGHT until to_dialogue takes it off."""
     if not isinstance(raw, list) or not raw:
         raise InvalidRecord("empty_conversation", "the conversation is empty")
     messages = []
@@ -160,8 +172,43 @@ def _turns(raw: Any, role_key: str, text_key: str, role_map: dict | None, calls_
                                 f"message {i} ({role}) has {text_key!r} of type {type(content).__name__}, not a string")
         if role == "tool":
             msg.update({k: m[k] for k in TOOL_KEYS if isinstance(m.get(k), str)})
+        weight = _message_weight(m, i, role, col)
+        if role == "assistant":
+            reasoning = m.get(col("reasoning_content"))
+            if reasoning is not None and not isinstance(reasoning, str):
+                raise InvalidRecord("non_string_content", f"message {i} (assistant) has reasoning_content of type "
+                                    f"{type(reasoning).__name__}, not a string")
+            if reasoning:
+                msg["reasoning_content"] = reasoning
+            if weight is not None:
+                msg[WEIGHT] = weight
         messages.append(msg)
     return messages
+
+
+WEIGHT = "\ue000weight"  # a message's data weight between _turns and to_dialogue (no record key can be it)
+
+
+def _message_weight(m: dict, i: int, role: str, col) -> float | None:
+    """A message's `train` flag and `weight`, as one weight (None: neither given). Only assistant
+    messages train: another message may say it is not trained, never that it is."""
+    flag, w = m.get(col("train")), m.get(col("weight"))
+    if flag is None and w is None:
+        return None
+    if flag is not None and not isinstance(flag, bool):
+        raise InvalidRecord("bad_weight", f"message {i} ({role}) has train={flag!r}; expected true or false")
+    weight = (1.0 if flag is None or flag else 0.0) * (1.0 if w is None else _weight(w, f"message {i} ({role})"))
+    if role != "assistant" and weight > 0:
+        raise InvalidRecord("bad_weight", f"message {i} ({role}) asks to be trained (train/weight), but only "
+                            "assistant messages train; give it train: false or weight: 0, or leave the keys out")
+    return weight
+
+
+def _weight(w: Any, at: str) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise InvalidRecord("bad_weight", f"{at} has weight {w!r}; expected a finite number >= 0 "
+                            "(0: context only, never trained)")
+    return float(w)
 
 
 def _tool_calls(calls: Any, i: int) -> list[dict]:
@@ -246,7 +293,7 @@ def _side(value: Any, role: str, c) -> list[dict]:
     conversational prompt-completion)."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    return _turns(value, c("role"), c("content"), None, c("tool_calls"))
+    return _turns(value, c("role"), c("content"), None, c("tool_calls"), c)
 
 
 def to_dialogue(unit: Unit, where: str, record: Any) -> Dialogue:
@@ -258,7 +305,18 @@ def to_dialogue(unit: Unit, where: str, record: Any) -> Dialogue:
     for i, m in enumerate(messages):
         _check_strings(m, f"message {i} ({m['role']})")
     _check_strings(tools, "tools")
-    return Dialogue(did, messages, f"{unit.path} {where}", tools)
+    return Dialogue(did, messages, f"{unit.path} {where}", tools, _weights(record, messages, unit.layout))
+
+
+def _weights(record: dict, messages: list[dict], layout: Layout) -> tuple[float, ...] | None:
+    """Each assistant message's data weight (its own times the record's), taken off the messages;
+    None where the record gives none."""
+    own = record.get(layout.col("weight"))
+    scale = 1.0 if own is None else _weight(own, "the record")
+    per = [m.pop(WEIGHT, 1.0) for m in messages if m["role"] == "assistant"]
+    if own is None and all(w == 1.0 for w in per):
+        return None
+    return tuple(w * scale for w in per)
 
 
 class SkipCounter(dict):

@@ -75,6 +75,7 @@ class Example:
     input_ids: np.ndarray  # [n] int32
     turn_ids: np.ndarray   # [n] int32, -1 = untrained
     partial: np.ndarray    # [turns present] bool: cut by max_length
+    weights: np.ndarray | None = None  # [assistant messages] float32: data weights (records.py); None: all 1
 
     @property
     def labels(self) -> np.ndarray:
@@ -92,8 +93,12 @@ _DROPPED = object()  # a dialogue skipped while re-rendering in full
 
 
 class Renderer:
-    def __init__(self, tokenizer, max_length: int | None):
-        """max_length: tokens rendered (the rest of the dialogue is never tokenized); None: all."""
+    def __init__(self, tokenizer, max_length: int | None, train_reasoning: bool = True):
+        """max_length: tokens rendered (the rest of the dialogue is never tokenized); None: all.
+        train_reasoning: an assistant message's reasoning_content, where the template renders it,
+        is in its trained span (else context). `notes` counts what the template left out."""
+        self.train_reasoning = train_reasoning
+        self.notes: dict[str, int] = {}
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("the tokenizer must be a fast (Rust) tokenizer: turn spans need exact token pieces")
         if not tokenizer.chat_template:
@@ -303,8 +308,11 @@ class Renderer:
             if at < 0:
                 raise InvalidRecord("template_rewrites", f"the chat template rewrites assistant message {j}; "
                                     "its text is not in the rendering")
-            c_end = at + len(content)
-            yield len(p) + at, len(p) + c_end + self._end_of_turn(seg[c_end:])
+            c_end, start = at + len(content), at
+            thought = m.get("reasoning_content", "").strip() if self.train_reasoning else ""
+            if thought and 0 <= seg.find(thought) < at:  # the reasoning the template writes before the reply
+                start = seg.find(thought)
+            yield len(p) + start, len(p) + c_end + self._end_of_turn(seg[c_end:])
 
     def located_spans(self, d: Dialogue, full: str) -> list[tuple[int, int]]:
         """Spans read off `full` (the rendering of the whole dialogue) by one probe rendering per
@@ -314,7 +322,9 @@ class Renderer:
             if m["role"] != "assistant":
                 continue
             mark = _PLACEHOLDER.format(j)
-            probe = [*d.messages[:j], {"role": "assistant", "content": mark}, *d.messages[j + 1:]]
+            keep = {} if self.train_reasoning or "reasoning_content" not in m else {
+                "reasoning_content": m["reasoning_content"]}  # the same in both: not in the span
+            probe = [*d.messages[:j], {"role": "assistant", "content": mark, **keep}, *d.messages[j + 1:]]
             try:
                 other = self._template(probe, False, d.tools, plain=d.plain)
             except InvalidRecord:
@@ -458,6 +468,14 @@ class Renderer:
             out.append((s, e))
         return out
 
+    def _note_reasoning(self, d: Dialogue, text: str) -> None:
+        """Count the reasoning_content the template leaves out of the rendering (Qwen3 keeps only the
+        replies' after the last user message): nothing is dropped without a count."""
+        lost = sum(1 for m in d.messages if m.get("reasoning_content", "").strip()
+                   and m["reasoning_content"].strip() not in text)
+        if lost:
+            self.notes["reasoning_not_rendered"] = self.notes.get("reasoning_not_rendered", 0) + lost
+
     def _end_of_turn_after(self, text: str, at: int) -> int:
         """Characters after `at` that are trained as the end of turn: the first special token when
         only white space comes before it, else none."""
@@ -508,9 +526,10 @@ class Renderer:
                     raise bad from None
         if not d.plain:
             spans = self._check_tool_spans(d, text, spans)
+            self._note_reasoning(d, text)
         out, prev, chars = [], 0, 0
-        for t, (s, e) in enumerate(spans):
-            for piece, tid in ((text[prev:s], -1), (text[s:e], t)):
+        for t, (s, e) in enumerate(spans):  # a context-only reply (data weight 0) is a piece apart, untrained
+            for piece, tid in ((text[prev:s], -1), (text[s:e], t if d.weights is None or d.weights[t] > 0 else -1)):
                 out.append((piece, tid))
                 chars += len(piece)
             prev = e
@@ -563,7 +582,7 @@ class Renderer:
                 kept.append(d)
                 all_pieces.append(got[0])
                 whole.append(got[1])
-        out = self.assemble_many([d.dialogue_id for d in kept], all_pieces)
+        out = _weighed(kept, self.assemble_many([d.dialogue_id for d in kept], all_pieces))
         # a head that max_length tokens did not fill: render the whole dialogue after all
         redo = [i for i, (ex, complete) in enumerate(zip(out, whole))
                 if not complete and (ex is None or len(ex.input_ids) < self.max_length)]
@@ -576,7 +595,8 @@ class Renderer:
                 else:
                     pieces.append(got[0])
                     ok.append(i)
-            for i, ex in zip(ok, self.assemble_many([kept[i].dialogue_id for i in ok], pieces)):
+            for i, ex in zip(ok, _weighed([kept[i] for i in ok], self.assemble_many([kept[i].dialogue_id for i in ok],
+                                                                                    pieces))):
                 out[i] = ex
             out = [ex for ex in out if ex is not _DROPPED]
         return out
@@ -614,6 +634,14 @@ class Renderer:
     def render(self, d: Dialogue) -> Example | None:
         """None when max_length truncation leaves no trained token."""
         return self.render_many([d])[0]
+
+
+def _weighed(dialogues: list[Dialogue], examples: list[Example | None]) -> list[Example | None]:
+    """Examples with their dialogues' data weights (per assistant message) attached."""
+    for d, ex in zip(dialogues, examples):
+        if ex is not None and d.weights is not None:
+            ex.weights = np.asarray(d.weights, dtype=np.float32)
+    return examples
 
 
 def _longest(hi: int, same) -> int:

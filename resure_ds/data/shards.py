@@ -9,6 +9,7 @@ made into windows, each with the dialogue's id):
   turns        list<int32>   turn id (assistant message index in the dialogue) of each trained span
   turn_starts  list<int32>   token offset where the span starts
   turn_ends    list<int32>   ... and ends (exclusive)
+  span_weights list<float32> data weight of each trained span's turn (records.py; 1 by default)
   last_partial bool          the last span was cut by max_length
   length       int32         len(input_ids)
 
@@ -33,6 +34,7 @@ SCHEMA = pa.schema([
     ("turns", pa.list_(pa.int32())),
     ("turn_starts", pa.list_(pa.int32())),
     ("turn_ends", pa.list_(pa.int32())),
+    ("span_weights", pa.list_(pa.float32())),
     ("last_partial", pa.bool_()),
     ("length", pa.int32()),
 ])
@@ -75,6 +77,8 @@ class ShardWriter:
             pa.array([e.dialogue_id for e in self.rows], pa.string()),
             _list([e.input_ids for e in self.rows]),
             _list([s[0] for s in sp]), _list([s[1] for s in sp]), _list([s[2] for s in sp]),
+            _list([np.ones(len(s[0]), np.float32) if e.weights is None else e.weights[s[0]]
+                   for e, s in zip(self.rows, sp)], np.float32),
             pa.array([bool(e.partial.any()) for e in self.rows], pa.bool_()),
             pa.array([len(e.input_ids) for e in self.rows], pa.int32()),
         ]
@@ -87,11 +91,11 @@ class ShardWriter:
         os.replace(self.tmp, self.path)
 
 
-def _list(arrays: list[np.ndarray]) -> pa.ListArray:
+def _list(arrays: list[np.ndarray], dtype=np.int32) -> pa.ListArray:
     lens = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum(lens, out=offsets[1:])
-    values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+    values = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
@@ -102,6 +106,7 @@ class Row:
     input_ids: np.ndarray   # [n] int32 (a view of the mapped file)
     turn_ids: np.ndarray    # [n] int32, -1 untrained
     partial: np.ndarray     # [turns] bool
+    weights: np.ndarray | None = None   # [turns] float32: data weights (1 where the records give none)
     ref_loss: np.ndarray | None = None  # [turns] float32: the reference model's loss per turn (stats.reference)
 
 
@@ -118,6 +123,7 @@ class _Chunk:
         self.span_off, self.turns = lst("turns")
         _, self.starts = lst("turn_starts")
         _, self.ends = lst("turn_ends")
+        _, self.span_weights = lst("span_weights")
         self.last_partial = batch.column("last_partial").to_numpy(zero_copy_only=False)
         self.length = batch.column("length").to_numpy()
 
@@ -132,7 +138,11 @@ class _Chunk:
         partial = np.zeros(n_turns, dtype=bool)
         if self.last_partial[i] and n_turns:
             partial[n_turns - 1] = True
-        return Row(self.ids[i].as_py(), ids, turn_ids, partial)
+        sw, weights = self.span_weights[a:b], None
+        if (sw != 1).any():
+            weights = np.ones(n_turns, dtype=np.float32)
+            weights[turns] = sw
+        return Row(self.ids[i].as_py(), ids, turn_ids, partial, weights)
 
 
 class PreparedSource:

@@ -17,6 +17,8 @@ One row per turn per optimizer step that trained it (a turn seen in two epochs h
     rank          the rank that trained it
     ref_loss      the reference model's loss of the turn (stats.reference; null without): the
                   statistics and z saw loss - ref_loss
+    data_weight   the records' weight of the turn (train/weight keys, 1 by default): its loss
+                  trained with weight * data_weight
 
 Rows are buffered in memory and written as a new segment every FLUSH_ROWS rows
 and at every checkpoint save, so memory stays bounded on any corpus and the
@@ -38,7 +40,7 @@ FLUSH_ROWS = 65536
 SCHEMA = pa.schema([
     ("source", pa.string()), ("dialogue_id", pa.string()), ("turn", pa.int32()), ("loss", pa.float64()),
     ("z", pa.float64()), ("weight", pa.float64()), ("warm", pa.bool_()), ("step", pa.int32()),
-    ("partial", pa.bool_()), ("rank", pa.int32()), ("ref_loss", pa.float64()),
+    ("partial", pa.bool_()), ("rank", pa.int32()), ("ref_loss", pa.float64()), ("data_weight", pa.float64()),
 ])
 _NAME = re.compile(r"rank(\d{5})-seg(\d{6})\.parquet$")
 
