@@ -20,6 +20,7 @@ from .report.audit import AuditLog
 from .runtime import dist, faults
 from .runtime.clock import Clock
 from .runtime.engine import Engine
+from .runtime.sequence import SequenceParallel
 from .runtime.stop import StopPolicy
 from .stats.method import Method
 from .stats.turns import TurnLosses, shift_targets, turn_losses, weighted_loss_sum
@@ -28,39 +29,49 @@ from .stats.weighting import Weights
 
 class Stepper:
     def __init__(self, cfg: Config, engine: Engine, method: Method, audit: AuditLog, source_names: list[str],
-                 rank: int = 0):
+                 rank: int = 0, sp: SequenceParallel | None = None):
         self.cfg, self.engine, self.method, self.audit = cfg, engine, method, audit
         self.source_names, self.rank = source_names, rank
+        self.sp = sp if sp is not None else SequenceParallel(1, 0, 1)  # train.sequence_parallel (runtime/sequence.py)
         self.clock = Clock(engine.device)  # the step's time split
         self.skipped = engine.skipped_steps()
 
     def global_token_count(self, micro: list[dict]) -> int:
         """N: trained tokens of this optimizer step over all micro-batches and ranks (one all-reduce)."""
         local = sum(int((shift_targets(b["labels"], b["turn_ids"], b["doc_ids"]).labels != IGNORE).sum())
-                    for b in micro)
+                    for b in micro) if self.sp.leader else 0  # a sequence-parallel group holds the same rows
         return int(dist.all_reduce_sum(torch.tensor([local], dtype=torch.float64), self.engine.device)[0])
 
     def micro_backward(self, batch: dict, step: int, global_tokens: int, acc: dict) -> tuple[TurnLosses, Weights]:
         """Forward, weights, statistics merge and backward of one micro-batch of optimizer step `step`
         (no optimizer step). Returns its turn losses and weights for the audit, which the step writes
         after the optimizer (reading them to the host here would stall a GPU before its backward)."""
-        clock, dev = self.clock, self.engine.device
+        clock, dev, sp = self.clock, self.engine.device, self.sp
         tg = shift_targets(batch["labels"].to(dev), batch["turn_ids"].to(dev), batch["doc_ids"].to(dev))
-        nll = self.engine.token_nll(batch, tg.labels)
+        D, T = len(batch["dialogue_ids"]), batch["partial"].shape[1]
+        if sp.on:  # this rank's chunk of every row; the whole rows' NLL gathered from the group
+            local, tg_mine = sp.shard(batch, tg)
+            nll_mine = self.engine.token_nll(local, tg_mine.labels)
+            nll = sp.gather(nll_mine, tg.labels.shape[1])
+        else:
+            nll = nll_mine = self.engine.token_nll(batch, tg.labels)
+            tg_mine = tg
         clock.mark("forward")
         faults.point("step", step, self.rank)
-        turns = turn_losses(nll, tg, len(batch["dialogue_ids"]), batch["partial"].shape[1])
+        turns = turn_losses(nll, tg, D, T)  # the whole rows' turns, whatever the sharding
         seen = self.method.statistic(turns, batch.get("ref_loss"))  # loss, or excess loss (stats.reference)
         wts = self.method.weigh(seen, step - 1)  # statistics as they stood before this micro-step
-        scaled = self.method.token_loss(nll)  # DFT's per-token scaling; statistics and audit keep the NLL
-        trained = turns if scaled is None else turn_losses(scaled, tg, len(batch["dialogue_ids"]), turns.count.shape[1])
-        loss_sum = weighted_loss_sum(trained, wts.w.to(dev) * batch["data_weight"].to(dev))  # x the records' weights
+        scaled = self.method.token_loss(nll_mine)  # DFT's per-token scaling; statistics and audit keep the NLL
+        mine = turns if scaled is None and not sp.on else turn_losses(nll_mine if scaled is None else scaled,
+                                                                       tg_mine, D, T)
+        # this rank's part of sum(w * data weight * NLL) over the turns whole rows can train
+        loss_sum = weighted_loss_sum(turns._replace(sum=mine.sum), wts.w.to(dev) * batch["data_weight"].to(dev))
         clock.mark("resure")
-        self.method.merge(seen, (turns.count > 0) & ~batch["partial"].to(dev), dev)
+        self.method.merge(seen, (turns.count > 0) & ~batch["partial"].to(dev) & sp.leader, dev)
         clock.mark("collectives")
         self.engine.backward(loss_sum, global_tokens)
         clock.mark("backward")
-        _accumulate(batch, turns, wts, loss_sum, acc)
+        _accumulate(batch, turns, wts, loss_sum, acc, sp.leader)
         clock.mark("bookkeeping")
         return turns, wts
 
@@ -85,7 +96,8 @@ class Stepper:
         g = dist.all_reduce_dict({**acc, **stop.local_request()}, device=self.engine.device)
         clock.mark("collectives")
         for b, turns, wts in done:
-            self.audit.add(audit_rows(step, b, turns, wts, self.source_names))
+            if self.sp.leader:
+                self.audit.add(audit_rows(step, b, turns, wts, self.source_names))
         clock.mark("bookkeeping")
         dt, n, nturn = time.perf_counter() - t0, max(n_tokens, 1), max(g["turns"], 1.0)
         now = self.engine.skipped_steps()
@@ -103,8 +115,10 @@ class Stepper:
         return row, cursor
 
 
-def _accumulate(batch: dict, turns: TurnLosses, wts: Weights, loss_sum: torch.Tensor, acc: dict) -> None:
-    """Add this micro-batch to the step's metric sums (by name, on the device: no sync here)."""
+def _accumulate(batch: dict, turns: TurnLosses, wts: Weights, loss_sum: torch.Tensor, acc: dict,
+                leader: bool = True) -> None:
+    """Add this micro-batch to the step's metric sums (by name, on the device: no sync here). Of a
+    sequence-parallel group only the leader counts the rows; every rank its own part of the loss."""
     dev = turns.sum.device
     w_all, present, finite = wts.w.to(dev), turns.count > 0, torch.isfinite(turns.mean)
     ok = present & finite
@@ -113,7 +127,7 @@ def _accumulate(batch: dict, turns: TurnLosses, wts: Weights, loss_sum: torch.Te
                  "weighted_nll": loss_sum.detach(), "turns": ok.sum(), "weight_sum": w.sum(),
                  "w_lt_1": (w < 1).sum(), "w_lt_half": (w < 0.5).sum(), "nonfinite": (present & ~finite).sum(),
                  "real_tokens": (batch["doc_ids"] >= 0).sum()}.items():
-        acc[k] = acc.get(k, 0.0) + v.double().to(dev)
+        acc[k] = acc.get(k, 0.0) + v.double().to(dev) * (leader or k == "weighted_nll")
 
 
 def audit_rows(step: int, batch: dict, turns: TurnLosses, wts: Weights, names: list[str]) -> list[dict]:

@@ -29,6 +29,7 @@ from .report.run_files import write_sources
 from .runtime import checkpoint, dist
 from .runtime.engine import Engine, init_distributed, to_universal
 from .runtime.metrics import MetricsLogger
+from .runtime.sequence import SequenceParallel
 from .runtime.stop import EXIT_RESUME, SIGNALS, Divergence, StopPolicy
 from .runtime.trackers import open_trackers
 from .stats.method import Method
@@ -53,6 +54,7 @@ class Recipe:
         self.stop.install()  # a SIGTERM/SIGUSR1 from here on stops at a step boundary with a checkpoint
         self.divergence = Divergence(cfg.train.max_bad_steps, cfg.train.lr)
         self.rank, self.world = init_distributed(cfg.dist.timeout)
+        self.sp = SequenceParallel(cfg.train.sequence_parallel, self.rank, self.world)  # 1: every rank its rows
         self.run_dir = os.path.join(cfg.output.dir, cfg.output.name)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         if self.rank == 0:
@@ -67,21 +69,23 @@ class Recipe:
         if self.rank == 0:
             write_sources(self.run_dir, self.data.source_files())
         rows = self.data.validation_rows
-        self.validation = Validation(rows, self.tokenizer.pad_token_id, cfg.eval.micro_batch_size) if rows else None
+        self.validation = Validation(rows, self.tokenizer.pad_token_id, cfg.eval.micro_batch_size,
+                                     self.sp) if rows else None
         t2 = time.perf_counter()
         self.found = self.resume_point()
         if self.found is not None:
             self.cursor = Cursor(**self.found.progress.cursor)
         # The loader's workers start now, so their start-up overlaps the engine's.
-        self.batches = self.data.batches(self.rank, self.world, self.cursor, ignore_signals=SIGNALS)
+        self.batches = self.data.batches(self.sp.dp_rank, self.sp.dp_world, self.cursor, ignore_signals=SIGNALS)
         self.engine = Engine(cfg, model_path, universal=self.found is not None and self.found.universal)
         if cfg.data.packing:
             self.engine.check_packing(len(self.tokenizer))
+        self.sp.install(self.engine.module.config, cfg.model.attn_implementation)  # after the whole-row checks
         print0(self.engine.describe(self.world) + (f", validation on {self.validation.dialogues:,} dialogues"
                                                     if self.validation else ""))
         self.method = Method(cfg)
         self.audit = audit.AuditLog(self.run_dir, self.rank)
-        self.stepper = Stepper(cfg, self.engine, self.method, self.audit, self.data.source_names, self.rank)
+        self.stepper = Stepper(cfg, self.engine, self.method, self.audit, self.data.source_names, self.rank, self.sp)
         self.startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
 
     def resume_point(self) -> checkpoint.Found | None:
@@ -192,7 +196,7 @@ class Recipe:
     def progress(self) -> checkpoint.Progress:
         t = self.cfg.train
         return checkpoint.Progress(self.step, self.cursor.to_dict(), self.world,
-                                   self.world * t.micro_batch_size * t.grad_accum, self.data.identity(),
+                                   self.sp.dp_world * t.micro_batch_size * t.grad_accum, self.data.identity(),
                                    self.method.state_dict(), self.best_val, self.trained_on())
 
     def save_checkpoint(self) -> None:

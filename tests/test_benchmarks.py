@@ -82,3 +82,16 @@ def test_overflow_benchmark_accounts_for_every_turn(tmp_path):
         assert r["turns_whole"] + r["turns_partial"] + r["turns_not_trained"] == json.loads(out.stdout)["turns"]
     assert res["split"]["turns_not_trained"] == 0 < res["cut"]["turns_not_trained"]
     assert res["drop"]["dialogues"] < res["cut"]["dialogues"] <= res["split"]["dialogues"] < res["split"]["rows"]
+
+
+@pytest.mark.slow
+def test_sequence_parallel_benchmark_runs_both_ways(tmp_path):
+    """benchmarks/sequence_parallel.py at 256 tokens on 2 gloo ranks: SP=1 and SP=2 each record a
+    peak and a speed, and the longest row within the budget."""
+    res = tmp_path / "sp.json"
+    run("benchmarks/sequence_parallel.py", "--lengths", "256", "--steps", "2", "--budget-mib", "100000",
+        f"--results={res}")
+    out = json.loads(res.read_text())
+    assert [(r["sp"], r["length"]) for r in out["results"]] == [(1, 256), (2, 256)]
+    assert all(r["peak_mib_per_rank"] >= 0 and r["tokens_per_s"] > 0 for r in out["results"])
+    assert out["longest_within_budget"] == {"1": 256, "2": 256}

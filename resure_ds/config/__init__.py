@@ -199,6 +199,10 @@ class TrainConfig:
     """Global gradient-norm clip; 0 disables."""
     zero_stage: int = 3
     """DeepSpeed ZeRO stage 0-3."""
+    sequence_parallel: int = 1
+    """Ulysses sequence parallelism (DeepSpeed's): each row is cut along the sequence over this many ranks, for
+    rows longer than one rank holds; it must divide the ranks and the model's attention heads. The per-turn
+    losses, statistics and weights are the whole row's (resure_ds/runtime/sequence.py). 1 = off."""
     ds_config: str | None = None
     """Optional DeepSpeed JSON merged over the generated config (e.g. recipes/ds_offload.json)."""
     seed: int = 1234
@@ -350,6 +354,7 @@ def _validate(c: Config) -> list[str]:
            ("data.prefetch", c.data.prefetch),
            ("stats.num_buckets", c.stats.num_buckets), ("train.micro_batch_size", c.train.micro_batch_size),
            ("train.grad_accum", c.train.grad_accum), ("train.max_steps", c.train.max_steps),
+           ("train.sequence_parallel", c.train.sequence_parallel),
            ("train.log_every", c.train.log_every), ("eval.micro_batch_size", c.eval.micro_batch_size),
            ("dist.timeout", c.dist.timeout),
            ("resure.s", c.resure.s), ("resure.eps", c.resure.eps), ("train.lr", c.train.lr)]
@@ -364,6 +369,9 @@ def _validate(c: Config) -> list[str]:
               ("loss_truncation.min_count", c.loss_truncation.min_count),
               ("data.prepare_workers", c.data.prepare_workers), ("data.num_workers", c.data.num_workers)]
     e += [f"{k}: must be >= 0, got {v}" for k, v in nonneg if v < 0]
+    if c.train.sequence_parallel > 1 and c.model.attn_implementation == "eager":
+        e.append("train.sequence_parallel with model.attn_implementation=eager: DeepSpeed's Ulysses attention "
+                 "runs sdpa or flash_attention_2; set one of them")
     if not 0.0 < c.stats.decay <= 1.0:
         e.append(f"stats.decay: must be in (0, 1], got {c.stats.decay}")
     if c.stats.scale == "mad" and c.stats.length_scaled:

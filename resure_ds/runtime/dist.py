@@ -82,3 +82,26 @@ def all_gather_cat(t: torch.Tensor, device: torch.device | str | None = None, to
     dist.all_gather(parts, t)
     out = torch.cat(parts)
     return out.cpu() if to_cpu else out
+
+
+def new_groups(size: int):
+    """Groups of `size` consecutive ranks (every rank must call this, in the same order); returns
+    this rank's group, or None where size is 1."""
+    if size == 1 or not active():
+        return None
+    mine = None
+    for start in range(0, world(), size):
+        g = dist.new_group(list(range(start, start + size)))
+        if start <= rank() < start + size:
+            mine = g
+    return mine
+
+
+def group_gather_cat(t: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """The tensors of every rank of `group` (one shape), detached and concatenated along `dim` in
+    rank order, on t's device (sequence parallelism: the whole row's per-token losses)."""
+    if group is None:
+        return t.detach()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=dim)

@@ -249,7 +249,8 @@ class Engine:
                 f"(model.dtype={c.model.dtype}), method {c.train.method}"
                 f"{'' if c.stats.reference is None else f' on the excess loss over {c.stats.reference}'}, "
                 f"{'packed' if c.data.packing else 'padded'} rows of {c.data.max_length} tokens, "
-                f"{c.model.attn_implementation} attention, {'fused LM head and loss' if self.fused else 'logits path'}")
+                f"{c.model.attn_implementation} attention, {'fused LM head and loss' if self.fused else 'logits path'}"
+                + (f", sequence parallel {c.train.sequence_parallel} (Ulysses)" if c.train.sequence_parallel > 1 else ""))
 
     def check_packing(self, vocab: int) -> None:
         """Refuse a model that lets packed dialogues see each other (every rank calls)."""
