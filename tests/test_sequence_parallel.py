@@ -9,7 +9,7 @@ import torch
 from tests.dist import run_ranks
 from tests.test_grad_equivalence import dialogues
 
-pytestmark = pytest.mark.slow  # real multi-process runs
+slow = pytest.mark.slow  # real multi-process runs
 
 
 def worker(rank, world, model_path, sp, packed, run_dir):
@@ -45,6 +45,7 @@ def worker(rank, world, model_path, sp, packed, run_dir):
             "S": batch["input_ids"].shape[1], "local": local}
 
 
+@slow
 @pytest.mark.parametrize("packed", [False, True])
 def test_two_way_sequence_parallel_equals_one_rank(tmp_path, tiny_model_path, packed):
     base = run_ranks(worker, 1, (tiny_model_path, 1, packed, str(tmp_path / "a")), str(tmp_path))[0]
@@ -69,6 +70,7 @@ def test_packed_rows_attend_within_each_dialogue():
     assert _segments(pos) == [([0, 3, 5], [3, 5, 6]), ([0], [6]), ([0, 2], [2, 6])]
 
 
+@slow
 def test_a_sequence_parallel_run_trains_like_the_straight_run_and_resumes_on_one_rank(straight, tiny_model_path):
     """The recipe end to end: 2 ranks as one sequence-parallel group (SP=2, 4 rows a step, packed,
     validation on), stopped after step 3 and resumed on 1 rank without SP: the same steps, turns,
@@ -93,3 +95,19 @@ def test_a_sequence_parallel_run_trains_like_the_straight_run_and_resumes_on_one
     key = lambda r: sorted((x["step"], x["dialogue_id"], x["turn"]) for x in audit(r))  # noqa: E731
     assert key(straight) == key(os.path.join(out, "sp2"))  # each turn once: the group's first rank writes it
     assert {x["rank"] for x in audit(os.path.join(out, "sp2")) if x["step"] <= 3} == {0}
+
+
+def test_what_cannot_be_cut_is_refused_with_the_reason(smollm2_path):
+    from transformers import AutoConfig
+
+    from resure_ds.config import ConfigError, load_config
+    from resure_ds.runtime.sequence import SequenceParallel
+
+    with pytest.raises(ConfigError, match="train.sequence_parallel=3 must divide the number of ranks \\(2\\)"):
+        SequenceParallel(3, 0, 2)
+    with pytest.raises(ConfigError, match="9 attention heads and 3 key-value heads"):  # SmolLM2-135M
+        SequenceParallel(2, 0, 2).install(AutoConfig.from_pretrained(smollm2_path), "sdpa")
+    with pytest.raises(ConfigError, match="eager"):
+        load_config(None, ["train.sequence_parallel=2", "model.attn_implementation=eager"])
+    with pytest.raises(ConfigError, match="train.sequence_parallel: must be > 0"):
+        load_config(None, ["train.sequence_parallel=0"])
