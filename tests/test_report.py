@@ -36,7 +36,7 @@ def run(tmp_path_factory, tiny_model_path):
             f.write(json.dumps(r) + "\n")
     train = f'[{{path: {d}/clean.jsonl, name: clean}}, {{path: {d}/web.jsonl, name: "web <b>x</b>"}}]'
     launch("train.sh", ["recipes/default.yaml", f"model.path={tiny_model_path}", f"data.train={train}",
-                        "train.max_steps=4", "data.max_length=128", "train.micro_batch_size=6", "resure.min_count=2",
+                        "train.max_steps=4", "data.max_length=128", "data.overflow=cut", "train.micro_batch_size=6", "resure.min_count=2",
                         "checkpoint.every=0", "checkpoint.export=false", "output.report_to=none",
                         "output.report_top=200", f"output.dir={d}", "output.name=run"], extra_env={"NUM_PROCS": "1"})
     return str(d / "run")

@@ -425,7 +425,7 @@ def base_outcomes(out: str, model: str, test_path: str, probe_paths: dict, max_l
     if not os.path.exists(path):
         from resure_ds.eval.offline import evaluate_folder
 
-        res = {"test": evaluate_folder(model, test_path, max_length), "probe": probe(model, probe_paths, max_length)}
+        res = {"test": evaluate_folder(model, test_path, max_length, overflow="cut"), "probe": probe(model, probe_paths, max_length)}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)
     with open(path, encoding="utf-8") as f:
@@ -532,7 +532,7 @@ def main() -> None:
         run_dir = train_one(name, path, model, p, "sft" if method in PREFILTERS else method, steps, seed,
                             extra, os.path.join(out, "runs"))
         export = os.path.join(run_dir, "export")
-        scores = evaluate_folder(export, os.path.join(d["dir"], "test-eval.jsonl"), p["max_length"])
+        scores = evaluate_folder(export, os.path.join(d["dir"], "test-eval.jsonl"), p["max_length"], overflow="cut")
         results.append({**spec, "name": name, "steps": steps, "train_dialogues": len(subset), "test": scores,
                         "detection": detection(run_dir, d["labels"]),
                         "probe": probe(export, probe_paths, p["max_length"]) if size == big else None,
