@@ -3,7 +3,8 @@ its true depth), cut and drop, on real chitchat dialogues, in the renderer and t
 import numpy as np
 import pytest
 
-from resure_ds.data.overflow import OverflowCounts, apply, turn_bounds, windows
+from resure_ds.data.overflow import OverflowCounts, apply, windows
+from resure_ds.data.shards import spans as turn_bounds
 from resure_ds.data.records import Dialogue, read_dialogues
 from resure_ds.data.render import Renderer
 from resure_ds.data.shards import PreparedSource

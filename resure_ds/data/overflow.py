@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .render import Example
+from .shards import spans
 
 POLICIES = ("split", "cut", "drop")
 
@@ -51,22 +52,13 @@ class OverflowCounts:
                 "dropped": self.dropped, "cut": self.cut}
 
 
-def turn_bounds(turn_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(turn, first token, one past the last token) of every trained turn, in order."""
-    idx = np.flatnonzero(turn_ids >= 0)
-    t = turn_ids[idx]
-    first = np.r_[True, t[1:] != t[:-1]] if len(t) else np.zeros(0, bool)
-    last = np.r_[first[1:], True] if len(t) else np.zeros(0, bool)
-    return t[first], idx[first], idx[last] + 1
-
-
 def windows(ex: Example, max_length: int) -> list[Example]:
     """A fully rendered dialogue -> its rows under `split` (module docstring). A dialogue that
     fits is its own single row, unchanged."""
     n = len(ex.input_ids)
     if n <= max_length:
         return [ex]
-    turns, starts, ends = turn_bounds(ex.turn_ids)
+    turns, starts, ends = spans(ex.turn_ids)  # a rendered turn is one contiguous span
     asks = np.r_[0, ends[:-1]]  # where the message a reply answers begins: after the reply before it
     out, u, L = [], 0, max_length
     while u < len(turns):

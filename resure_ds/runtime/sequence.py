@@ -5,9 +5,9 @@ The P ranks of a group (consecutive ranks, r // P the same) take the same rows; 
 positions are cut into P equal chunks (padded to a multiple of P) and rank p of the group runs
 the model on chunk p. Attention is the one part that needs every position: DeepSpeed's Ulysses
 attention trades sequence for heads (all-to-all), so each rank attends over the whole row with
-1/P of the heads, then trades back. Everything else in the model works per position. The
-attention behind it (`sdpa` here) gets the block-diagonal causal mask of the whole row, built from
-the gathered position ids, so packed dialogues still see only themselves.
+1/P of the heads, then trades back. Everything else in the model works per position. Behind it,
+`sdpa` runs causal attention once per dialogue of the whole row (found from the gathered position
+ids), so packed dialogues still see only themselves and no [S, S] mask is ever made.
 
 Around the model (step.py, eval/validation.py): targets are shifted over the whole row before it
 is cut, so each position keeps its own target; each rank's per-token NLL is gathered over the
@@ -88,8 +88,8 @@ class SequenceParallel:
 
     def shard(self, batch: dict, tg):
         """This rank's chunk of a batch and of its whole-row targets (stats.turns.Targets): input and
-        position ids only (a padded batch gets position ids 0..S-1 and no attention mask: its padding is at the end,
-        where causal attention never looks back from a real token)."""
+        position ids only (a padded batch gets position ids 0..S-1 and no attention mask: its
+        padding is at the end, where causal attention never looks back from a real token)."""
         ids = batch["input_ids"]
         S = ids.shape[1]
         pos = batch.get("position_ids")
