@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.e2e_common import COMMON, EXIT_RESUME, assert_same_training, audit, env, launch, metrics, shm_buffers
+from tests.e2e_common import (COMMON, EXIT_RESUME, HOLDOUT, assert_same_training, audit, env, launch, metrics,
+                              shm_buffers)
 
 pytestmark = pytest.mark.slow  # real multi-process runs: minutes
 
@@ -105,7 +106,7 @@ def test_validation_equals_eval_of_the_export(straight):
     over the same held-out split, per turn depth, within 1e-4."""
     row = [r for r in metrics(straight) if "val_loss" in r][-1]
     out = subprocess.run([sys.executable, "-m", "resure_ds.eval", os.path.join(straight, "export"), "chitchat",
-                          "--max-length", "128", "--holdout", "0.02"], cwd=ROOT, capture_output=True, text=True,
+                          "--max-length", "128", "--holdout", HOLDOUT], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     ref = json.loads(out.stdout)

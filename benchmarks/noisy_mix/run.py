@@ -35,7 +35,7 @@ from benchmarks.noisy_mix.probe import make_probe_data, probe  # noqa: E402
 # variants at main_noise and the largest size, first seed), seed_variants (ReSURE variants there for
 # every seed, reported beside the methods with paired differences).
 PROFILES = {
-    "quick": dict(model="tiny", max_length=64, micro_batch_size=8, sizes=[8, 16, 24, 32], epochs=1,
+    "quick": dict(model="tiny", max_length=64, micro_batch_size=8, sizes=[16, 32], epochs=1,
                   noises=[0.0, 0.3], curve_noises=[0.0, 0.3], seeds=[0, 1], seed_noises=[0.0, 0.3],
                   main_noise=0.3, sweep=[{"resure.two_sided": True}], seed_variants=[{"stats.scale": "mad"}],
                   eval_limit=24, probe_limit=8, lr=1e-3,
