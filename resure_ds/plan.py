@@ -14,7 +14,9 @@ architectures/llama3.1-8b), so an 8B or 70B recipe is planned on a laptop. Per G
                  a Llama-style block (norms, q/k/v/o, the MLP's gate, up and down inputs) in the
                  training dtype, with sdpa/flash attention (no [seq, seq] scores); with
                  model.gradient_checkpointing only each layer's input plus one layer's worth; plus
-                 the fused head's chunk of logits and the CUDA context
+                 the fused head's fp32 logits of one chunk (as many tokens as a chunk or the
+                 micro-step holds, whichever is fewer), twice for backward's softmax, and the CUDA
+                 context
   total          against --gpu-memory (GB = 10^9 bytes); past it, the first change of a fixed list
                  that fits is named, and the exit status is 2
 
@@ -34,11 +36,11 @@ from .data.prepare import prepared_folder, tokenizer_fingerprints
 from .data.sources import resolve
 from .errors import DataError
 from .models import load_tokenizer, resolve_model_path
+from .runtime.fused import chunk_rows
 from .runtime.lora import attach
 
 GB = 1e9
 CONTEXT_BYTES = 1.0e9       # CUDA context, NCCL buffers, allocator slack (an estimate)
-HEAD_CHUNK_BYTES = 2 * 256 * 2 ** 20  # the fused head's fp32 chunk of logits, forward and backward
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,9 @@ def activation_bytes(s: Shape, cfg: Config) -> float:
     per_layer = tokens * b * (6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate)
     layers = (tokens * b * s.hidden * s.layers + per_layer) if cfg.model.gradient_checkpointing \
         else per_layer * s.layers
-    return layers + 2 * tokens * b * s.hidden + HEAD_CHUNK_BYTES  # + embeddings out, final norm; the head
+    # the fused head's fp32 logits of one chunk of tokens (at most the micro-step's), and backward's softmax
+    head = 2 * 4 * s.vocab * min(tokens, chunk_rows(s.vocab))
+    return layers + 2 * tokens * b * s.hidden + head  # + embeddings out, final norm; the head
 
 
 def estimate(s: Shape, cfg: Config, gpus: int, nodes: int) -> dict:

@@ -42,6 +42,7 @@ def straight(tmp_path_factory, tiny_model_path) -> str:
     out = str(tmp_path_factory.mktemp("runs"))
     # every tracker (tests/test_e2e.py reads each back); wandb offline, MLflow in the run folder
     launch("train.sh", ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON,
-                        "output.report_to=[tensorboard,wandb,mlflow]", f"output.dir={out}", "output.name=straight"],
+                        "output.report_to=[tensorboard,wandb,mlflow]", f"output.dir={out}", "output.name=straight",
+                        "output.plot=true", "output.report=true"],
            extra_env={"WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": ""})
     return os.path.join(out, "straight")

@@ -13,7 +13,8 @@ HOLDOUT = "0.005"  # the held-out fraction: ~36 dialogues, some 180 rows under s
 COMMON = ["train.max_steps=6", "data.max_length=128", "train.micro_batch_size=2", "resure.min_count=4",
           "checkpoint.every=0", "output.report_to=tensorboard", f"data.prepared_dir={PREPARED}",
           f"data.eval={HOLDOUT}", "eval.every=3", "eval.micro_batch_size=32", "checkpoint.export_dtype=fp32",
-          "model.dtype=fp32"]  # the same arithmetic on every CPU (auto picks bf16 where AVX512-BF16 is)
+          "model.dtype=fp32",  # the same arithmetic on every CPU (auto picks bf16 where AVX512-BF16 is)
+          "output.plot=false", "output.report=false"]  # seconds a run; the straight run (conftest) makes both
 EXIT_RESUME = 75
 
 

@@ -1,5 +1,5 @@
-"""Every shell script and Docker image is checked by the linters that run here
-(no Docker engine: the images are linted, not built)."""
+"""Every shell script and Docker image is checked by the linters that run here (tests/test_docker.py
+builds the CPU image and runs it where a Docker engine is)."""
 import glob
 import os
 import shutil
@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import ROOT
 
 BIN = os.path.dirname(sys.executable)
-SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*"))) + [os.path.join(ROOT, ".ci", "run"),
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*")) + glob.glob(os.path.join(ROOT, "docker", "*.sh"))) + [os.path.join(ROOT, ".ci", "run"),
                                                                    os.path.join(ROOT, "benchmarks", "gpu", "run.sh")]
 DOCKERFILES = sorted(glob.glob(os.path.join(ROOT, "docker", "Dockerfile.*")))
 
