@@ -6,11 +6,12 @@ recipe's own step (step.py) on packed rows of real chitchat dialogues for a few 
 Per rank, the memory the engine and the steps added: on CPU the resident-set high-water mark
 (reset just before the engine is built: /proc/self/clear_refs) minus the resident set at that
 moment; on a GPU torch.cuda.max_memory_allocated. Beside it, what plan.estimate says for the same
-config on 2 GPUs of one node: model states plus activations (its CUDA context term left out,
-there is none on CPU). The plan is an estimate of a GPU's memory; on CPU the same tensors live in
+config on 2 GPUs of one node: model states, DeepSpeed's buffers and activations (its CUDA context
+term left out, there is none on CPU). On CPU the resident set counts only the pages written, so
+the part of DeepSpeed's gradient bucket that a small model never fills is planned but not measured. The plan is an estimate of a GPU's memory; on CPU the same tensors live in
 host memory, next to what the allocator and gloo keep, so a ratio near 1 says the arithmetic holds.
 
-    python benchmarks/plan_memory.py                                  # 2x256 (the default) and 4x1024
+    python benchmarks/plan_memory.py                                  # 2x256 (the default) and 2x1024
     python benchmarks/plan_memory.py --settings 2x256 --results benchmarks/results/plan_memory-cpu.json
 """
 from __future__ import annotations
@@ -106,16 +107,17 @@ def planned(model_path: str, micro: int, length: int, dtype: str, checkpointing:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", default="2x256,4x1024", help="micro-batch x row length, comma-separated")
+    ap.add_argument("--settings", default="2x256,2x1024", help="micro-batch x row length, comma-separated")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing=true")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--results", default=None, help="write the JSON here too")
+    ap.add_argument("--model", default=None, help="a model folder (default: the embedded SmolLM2-135M-Instruct)")
     a = ap.parse_args()
     from resure_ds.models import EMBEDDED, resolve_model_path
     from tests.dist import run_ranks
 
-    model, world = resolve_model_path(EMBEDDED), 2
+    model, world = a.model or resolve_model_path(EMBEDDED), 2
     backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
     rows = []
     for setting in a.settings.split(","):
@@ -125,17 +127,18 @@ def main() -> None:
             res = run_ranks(worker, world, (args,), out, backend=backend)
         plan = planned(model, micro, length, a.dtype, a.checkpointing, world)
         measured = max(r["peak_above_start_bytes"] for r in res)
-        est = plan["states"] + plan["activations"]
+        est = plan["states"] + plan["buffers"] + plan["activations"]
         rows.append({"micro_batch_size": micro, "max_length": length,
-                     "plan_states_mib": round(plan["states"] / MIB), "plan_activations_mib": round(plan["activations"] / MIB),
+                     "plan_states_mib": round(plan["states"] / MIB), "plan_buffers_mib": round(plan["buffers"] / MIB),
+                     "plan_activations_mib": round(plan["activations"] / MIB),
                      "plan_mib": round(est / MIB), "measured_peak_mib": round(measured / MIB),
                      "measured_over_plan": round(measured / est, 2)})
         r = rows[-1]
-        print(f"{micro} x {length}: plan {r['plan_mib']} MiB per rank (states {r['plan_states_mib']} + activations "
-              f"{r['plan_activations_mib']}), measured peak {r['measured_peak_mib']} MiB above start: "
+        print(f"{micro} x {length}: plan {r['plan_mib']} MiB per rank (states {r['plan_states_mib']} + buffers "
+              f"{r['plan_buffers_mib']} + activations {r['plan_activations_mib']}), measured peak {r['measured_peak_mib']} MiB above start: "
               f"{r['measured_over_plan']}x", file=sys.stderr, flush=True)
     out = {"device": torch.cuda.get_device_name(0) if backend == "nccl" else f"cpu ({platform.machine()})",
-           "model": "SmolLM2-135M-Instruct (embedded)", "ranks": world, "zero_stage": 3, "dtype": a.dtype,
+           "model": a.model or "SmolLM2-135M-Instruct (embedded)", "ranks": world, "zero_stage": 3, "dtype": a.dtype,
            "gradient_checkpointing": a.checkpointing, "steps": a.steps, "results": rows}
     if a.results:
         with open(a.results, "w", encoding="utf-8") as f:

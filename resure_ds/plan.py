@@ -10,6 +10,9 @@ architectures/llama3.1-8b), so an 8B or 70B recipe is planned on a laptop. Per G
                  from DeepSpeed's own estimators (ZeRO-2 and -3; stages 0 and 1 by the same
                  arithmetic: bf16 weights and gradients, fp32 master weights and two Adam moments);
                  with LoRA, the frozen base weights plus the adapters' states
+  buffers        what DeepSpeed allocates beside the states at the recipe's settings and its own
+                 defaults: the gradient bucket (reduce_bucket_size) and, at ZeRO-3, the parameters
+                 kept gathered between forward and backward (up to stage3_max_live_parameters)
   activations    this project's estimate, stated as one: per layer and token, what backward keeps of
                  a Llama-style block (norms, q/k/v/o, the MLP's gate, up and down inputs) in the
                  training dtype, with sdpa/flash attention (no [seq, seq] scores); with
@@ -75,13 +78,41 @@ def model_shape(config_dir: str, cfg: Config) -> Shape:
                  getattr(conf, "intermediate_size", 4 * conf.hidden_size), kv * head_dim, conf.vocab_size)
 
 
+def zero_settings(cfg: Config) -> dict:
+    """train.ds_config's zero_optimization (the recipe sets none of these keys itself)."""
+    if not cfg.train.ds_config:
+        return {}
+    with open(cfg.train.ds_config, encoding="utf-8") as f:
+        return json.load(f).get("zero_optimization", {})
+
+
 def offload(cfg: Config) -> tuple[bool, bool]:
     """(optimizer, parameters) offloaded to CPU by train.ds_config."""
-    if not cfg.train.ds_config:
-        return False, False
-    with open(cfg.train.ds_config, encoding="utf-8") as f:
-        z = json.load(f).get("zero_optimization", {})
+    z = zero_settings(cfg)
     return (z.get("offload_optimizer", {}).get("device") == "cpu", z.get("offload_param", {}).get("device") == "cpu")
+
+
+# DeepSpeed 0.19's defaults for the keys below
+REDUCE_BUCKET, MAX_LIVE, REUSE_DISTANCE = 5e8, 1e9, 1e9
+
+
+def buffer_bytes(s: Shape, cfg: Config) -> float:
+    """DeepSpeed's working memory beside the states, which its estimators leave out (measured:
+    benchmarks/plan_memory.py): the gradient bucket of reduce_bucket_size elements it allocates
+    whole at start (contiguous_gradients, the default; ZeRO-1/2 keep two with overlap_comm), and at
+    ZeRO-3 the parameters it keeps gathered between forward and backward, up to
+    stage3_max_live_parameters / stage3_max_reuse_distance (1e9 each: a model under a billion
+    parameters is held whole)."""
+    z, b = zero_settings(cfg), 4 if cfg.model.dtype == "fp32" else 2
+    stage = cfg.train.zero_stage
+    if stage == 0:
+        return 0.0
+    bucket = float(z.get("reduce_bucket_size", REDUCE_BUCKET)) * b if z.get("contiguous_gradients", True) else 0.0
+    if stage < 3:
+        return bucket * (2 if z.get("overlap_comm", False) else 1)
+    live = min(float(z.get("stage3_max_live_parameters", MAX_LIVE)),
+               float(z.get("stage3_max_reuse_distance", REUSE_DISTANCE)))
+    return bucket + min(float(s.params), live) * b
 
 
 def state_bytes(s: Shape, cfg: Config, gpus: int, nodes: int) -> float:
@@ -116,8 +147,9 @@ def activation_bytes(s: Shape, cfg: Config) -> float:
 
 
 def estimate(s: Shape, cfg: Config, gpus: int, nodes: int) -> dict:
-    states, acts = state_bytes(s, cfg, gpus, nodes), activation_bytes(s, cfg)
-    return {"states": states, "activations": acts, "context": CONTEXT_BYTES, "total": states + acts + CONTEXT_BYTES}
+    states, buffers, acts = state_bytes(s, cfg, gpus, nodes), buffer_bytes(s, cfg), activation_bytes(s, cfg)
+    return {"states": states, "buffers": buffers, "activations": acts, "context": CONTEXT_BYTES,
+            "total": states + buffers + acts + CONTEXT_BYTES}
 
 
 def remedies(cfg: Config) -> list[tuple[str, Config]]:
@@ -187,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{', optimizer offloaded' if opt_off else ''}{', parameters offloaded' if par_off else ''}; "
           f"{t.micro_batch_size} x {cfg.data.max_length} tokens per micro-step, gradient checkpointing "
           f"{'on' if cfg.model.gradient_checkpointing else 'off'}")
-    print(f"per GPU      model states {e['states'] / GB:.1f} GB + activations {e['activations'] / GB:.1f} GB "
+    print(f"per GPU      model states {e['states'] / GB:.1f} GB + DeepSpeed buffers {e['buffers'] / GB:.1f} GB + "
+          f"activations {e['activations'] / GB:.1f} GB "
           f"(estimate) + context {e['context'] / GB:.1f} GB = {e['total'] / GB:.1f} GB of {a.gpu_memory:g}")
     print(f"tokens/step  {per_step:,} at most ({world} GPUs x {t.micro_batch_size} x {t.grad_accum} x "
           f"{cfg.data.max_length})")

@@ -95,3 +95,13 @@ def test_sequence_parallel_benchmark_runs_both_ways(tmp_path):
     assert [(r["sp"], r["length"]) for r in out["results"]] == [(1, 256), (2, 256)]
     assert all(r["peak_mib_per_rank"] >= 0 and r["tokens_per_s"] > 0 for r in out["results"])
     assert out["longest_within_budget"] == {"1": 256, "2": 256}
+
+
+@pytest.mark.slow
+def test_plan_memory_measures_a_run_beside_the_plan(tmp_path, tiny_model_path):
+    out = tmp_path / "plan_memory.json"
+    run("benchmarks/plan_memory.py", f"--model={tiny_model_path}", "--settings=1x64", "--steps=1", f"--results={out}")
+    [r] = json.loads(out.read_text())["results"]
+    assert r["measured_peak_mib"] > 0 and r["plan_buffers_mib"] > 0 and r["measured_over_plan"] > 0
+    parts = r["plan_states_mib"] + r["plan_buffers_mib"] + r["plan_activations_mib"]
+    assert abs(r["plan_mib"] - parts) <= 2  # each part rounded on its own

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from resure_ds.config import load_config
-from resure_ds.plan import main, model_shape, state_bytes
+from resure_ds.plan import buffer_bytes, main, model_shape, state_bytes
 from tests.conftest import ROOT
 
 ARCH = os.path.join(ROOT, "tests", "fixtures", "architectures")
@@ -36,6 +36,26 @@ def test_states_follow_deepspeeds_arithmetic_and_lora_trains_the_adapters_only()
     f = model_shape(os.path.join(ARCH, "llama3.1-8b"), full)
     assert state_bytes(f, full, 8, 1) == pytest.approx(4 * f.largest_layer + 18 * f.params / 8, rel=1e-6)
     assert state_bytes(f, full, 8, 2) < state_bytes(f, full, 8, 1)  # more ranks, smaller shards
+
+
+def test_buffers_are_deepspeeds_bucket_and_gathered_parameters_at_the_recipes_settings(tmp_path, smollm2_path):
+    """What DeepSpeed allocates beside the states (benchmarks/plan_memory.py found a run here needs
+    them): the gradient bucket, and at ZeRO-3 the parameters held gathered, both from train.ds_config
+    or DeepSpeed's defaults."""
+    s8 = model_shape(os.path.join(ARCH, "llama3.1-8b"), load_config(None, []))
+    z3 = load_config(None, ["train.zero_stage=3", "model.dtype=bf16"])
+    assert buffer_bytes(s8, z3) == pytest.approx(2 * 5e8 + 2 * 1e9)  # 8B: a billion parameters held
+    fp32 = load_config(None, ["train.zero_stage=3", "model.dtype=fp32"])
+    small = model_shape(smollm2_path, fp32)  # 135 M parameters: held whole
+    assert buffer_bytes(small, fp32) == pytest.approx(4 * 5e8 + 4 * small.params)
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"reduce_bucket_size": 1e6, "stage3_max_live_parameters": 1e8}}')
+    tuned = load_config(None, ["train.zero_stage=3", "model.dtype=bf16", f"train.ds_config={ds}"])
+    assert buffer_bytes(s8, tuned) == pytest.approx(2 * 1e6 + 2 * 1e8)
+    ds.write_text('{"zero_optimization": {"overlap_comm": true}}')
+    z2 = load_config(None, ["train.zero_stage=2", "model.dtype=bf16", f"train.ds_config={ds}"])
+    assert buffer_bytes(s8, z2) == pytest.approx(2 * 2 * 5e8)  # two buckets with overlap_comm
+    assert buffer_bytes(s8, load_config(None, ["train.zero_stage=0"])) == 0
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
