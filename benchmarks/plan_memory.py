@@ -8,8 +8,10 @@ Per rank, the memory the engine and the steps added: on CPU the resident-set hig
 moment; on a GPU torch.cuda.max_memory_allocated. Beside it, what plan.estimate says for the same
 config on 2 GPUs of one node: model states, DeepSpeed's buffers and activations (its CUDA context
 term left out, there is none on CPU). On CPU the resident set counts only the pages written, so
-the part of DeepSpeed's gradient bucket that a small model never fills is planned but not measured. The plan is an estimate of a GPU's memory; on CPU the same tensors live in
-host memory, next to what the allocator and gloo keep, so a ratio near 1 says the arithmetic holds.
+the part of DeepSpeed's gradient bucket that a small model never fills is planned but not
+measured. The plan is an estimate of a GPU's memory; on CPU the same tensors live in host memory,
+next to what the allocator and gloo keep, so a ratio near 1 says the arithmetic holds, not more
+(docs/performance.md, "The plan against a run", says which terms differ here).
 
     python benchmarks/plan_memory.py                                  # 2x256 (the default) and 2x1024
     python benchmarks/plan_memory.py --settings 2x256 --results benchmarks/results/plan_memory-cpu.json
@@ -135,8 +137,8 @@ def main() -> None:
                      "measured_over_plan": round(measured / est, 2)})
         r = rows[-1]
         print(f"{micro} x {length}: plan {r['plan_mib']} MiB per rank (states {r['plan_states_mib']} + buffers "
-              f"{r['plan_buffers_mib']} + activations {r['plan_activations_mib']}), measured peak {r['measured_peak_mib']} MiB above start: "
-              f"{r['measured_over_plan']}x", file=sys.stderr, flush=True)
+              f"{r['plan_buffers_mib']} + activations {r['plan_activations_mib']}), measured peak "
+              f"{r['measured_peak_mib']} MiB above start: {r['measured_over_plan']}x", file=sys.stderr, flush=True)
     out = {"device": torch.cuda.get_device_name(0) if backend == "nccl" else f"cpu ({platform.machine()})",
            "model": a.model or "SmolLM2-135M-Instruct (embedded)", "ranks": world, "zero_stage": 3, "dtype": a.dtype,
            "gradient_checkpointing": a.checkpointing, "steps": a.steps, "results": rows}

@@ -31,10 +31,15 @@ if [[ "$pyver" != "3.11" ]]; then
   exit 2
 fi
 
+if ! docker info >/dev/null 2>&1; then
+  say "error: no Docker engine answers (start one as root: dockerd &, or systemctl start docker)"
+  exit 2
+fi
 if docker image inspect "$BASE_TAG" >/dev/null 2>&1; then
   say "base $BASE_TAG: present"
 else
   command -v debootstrap >/dev/null || { say "error: debootstrap not found (apt-get install debootstrap)"; exit 2; }
+  [[ $(id -u) == 0 ]] || { say "error: debootstrap makes the base as root: run this script as root (sudo)"; exit 2; }
   rootfs=$(mktemp -d)
   trap 'rm -rf "$rootfs"' EXIT
   say "base $BASE_TAG: debootstrap bookworm from $MIRROR"
