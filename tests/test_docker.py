@@ -49,20 +49,20 @@ def docker_run(*args, timeout=900):
 
 def test_the_image_trains_the_embedded_default_without_a_network(image, tmp_path):
     out = docker_run("-v", f"{tmp_path}:/workspace/resure-ds/runs", image, "recipes/default.yaml",
-                     "train.max_steps=3", "model.dtype=fp32", "checkpoint.every=0")
+                     "train.max_steps=2", "checkpoint.every=0")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     # the model and corpus came from the image's cache: prepared at build time, nothing prepared now
     assert "chitchat: ready (cache hit)" in out.stderr
     run = tmp_path / "resure-default"
     with open(run / "metrics.jsonl", encoding="utf-8") as f:
         steps = [json.loads(ln) for ln in f if ln.strip()]
-    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["loss"] > 0 for r in steps)
+    assert [r["step"] for r in steps] == [1, 2] and all(r["loss"] > 0 for r in steps)
     assert "final loss" in (run / "summary.txt").read_text()
     assert (run / "export" / "config.json").exists()
 
 
 def test_the_suites_quick_checks_pass_inside_the_image(image):
     out = docker_run("--entrypoint", "python", image, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                     "tests/test_welford.py", "tests/test_config.py", "tests/test_records.py", "tests/test_render.py")
+                     "tests/test_welford.py", "tests/test_config.py", "tests/test_records.py")
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
