@@ -6,15 +6,17 @@
 # 1. The base: Debian bookworm made with debootstrap from Debian's packages and `docker import`ed
 #    (once; kept as $BASE_TAG). Its apt sources are the mirror's bookworm main only.
 # 2. The wheels: every exact version in requirements.lock, the CPU build of torch, the embedded
-#    model's package and the setuptools of $PYTHON (torch needs one newer than Debian's), downloaded by the host's pip into $WHEELHOUSE (kept; a rerun fetches only
-#    what is missing); a package published only as source is built into a wheel here.
+#    model's package and the setuptools of $PYTHON (torch needs one newer than Debian's),
+#    downloaded by the host's pip into $WHEELHOUSE (kept; a rerun fetches only what is missing);
+#    a package published only as source is built into a wheel here.
 # 3. The build: docker/Dockerfile.cpu on that base, `--network host`, pip installing only from the
 #    wheels, which a local HTTP server hands to it (PIP_NO_INDEX, PIP_FIND_LINKS).
 #
 # Environment: BASE_TAG (resure-ds-base:bookworm), DEBIAN_MIRROR (http://deb.debian.org/debian),
-# WHEELHOUSE (~/.cache/resure_ds/wheelhouse), PYTHON (.venv/bin/python of `make setup`, else python3:
-# a Python 3.11, as in the image, with torch to build DeepSpeed's wheel). Where the host's pip would take torch from PyPI (a CUDA build), point it at the CPU
-# wheels first: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
+# WHEELHOUSE (~/.cache/resure_ds/wheelhouse), PYTHON (.venv/bin/python of `make setup`, else
+# python3: a Python 3.11, as in the image, with torch to build DeepSpeed's wheel). Where the host's
+# pip would take torch from PyPI (a CUDA build), point it at the CPU wheels first:
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TAG="${1:-resure-ds:cpu}"
@@ -41,7 +43,7 @@ else
   command -v debootstrap >/dev/null || { say "error: debootstrap not found (apt-get install debootstrap)"; exit 2; }
   [[ $(id -u) == 0 ]] || { say "error: debootstrap makes the base as root: run this script as root (sudo)"; exit 2; }
   rootfs=$(mktemp -d)
-  trap 'rm -rf "$rootfs"' EXIT
+  trap 'rm -rf "$rootfs" "$rootfs.log"' EXIT
   say "base $BASE_TAG: debootstrap bookworm from $MIRROR"
   debootstrap --variant=minbase bookworm "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1 \
     || { tail -20 "$rootfs.log" >&2; say "error: debootstrap failed (log above)"; exit 1; }

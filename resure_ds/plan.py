@@ -92,6 +92,12 @@ def offload(cfg: Config) -> tuple[bool, bool]:
     return (z.get("offload_optimizer", {}).get("device") == "cpu", z.get("offload_param", {}).get("device") == "cpu")
 
 
+def dtype_bytes(cfg: Config) -> int:
+    """Bytes per weight, gradient or activation element in training: 4 in fp32, else 2 (auto is
+    bf16 on a GPU)."""
+    return 4 if cfg.model.dtype == "fp32" else 2
+
+
 # DeepSpeed 0.19's defaults for the keys below
 REDUCE_BUCKET, MAX_LIVE, REUSE_DISTANCE = 5e8, 1e9, 1e9
 
@@ -103,7 +109,7 @@ def buffer_bytes(s: Shape, cfg: Config) -> float:
     ZeRO-3 the parameters it keeps gathered between forward and backward, up to
     stage3_max_live_parameters / stage3_max_reuse_distance (1e9 each: a model under a billion
     parameters is held whole)."""
-    z, b = zero_settings(cfg), 4 if cfg.model.dtype == "fp32" else 2
+    z, b = zero_settings(cfg), dtype_bytes(cfg)
     stage = cfg.train.zero_stage
     if stage == 0:
         return 0.0
@@ -137,7 +143,7 @@ def state_bytes(s: Shape, cfg: Config, gpus: int, nodes: int) -> float:
 def activation_bytes(s: Shape, cfg: Config) -> float:
     """Activations backward keeps on one GPU for one micro-step (an estimate, see the docstring)."""
     tokens = cfg.train.micro_batch_size * cfg.data.max_length
-    b = 4 if cfg.model.dtype == "fp32" else 2
+    b = dtype_bytes(cfg)
     per_layer = tokens * b * (6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate)
     layers = (tokens * b * s.hidden * s.layers + per_layer) if cfg.model.gradient_checkpointing \
         else per_layer * s.layers
