@@ -547,5 +547,5 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m resure_ds.config: the option table for the README
+if __name__ == "__main__":  # python -m resure_ds.config: the option table of docs/configuration.md
     print(markdown_table())
