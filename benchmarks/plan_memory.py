@@ -101,7 +101,7 @@ def worker(rank, world, args):
 
 def planned(model_path: str, micro: int, length: int, dtype: str, checkpointing: bool, world: int) -> dict:
     from resure_ds.config import load_config
-    from resure_ds.plan import estimate, model_shape
+    from resure_ds.runtime.memory import estimate, model_shape
 
     cfg = load_config(None, overrides(model_path, micro, length, dtype, checkpointing))
     return estimate(model_shape(model_path, cfg), cfg, world, 1)

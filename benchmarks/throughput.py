@@ -5,6 +5,7 @@ chitchat dialogues, rows of the same max_length, the same rows per step and
 the same number of timed steps, one process each, one after another:
 
   resure packed / padded   the recipe (launch/train.sh, 1 rank, ZeRO-0), train.method=resure
+  resure packed z3         the same at ZeRO-3 (on one rank: the cost of its gather/release hooks)
   sft packed / padded      the same with train.method=sft
   trl packed / padded      trl.SFTTrainer: packing=True (best-fit decreasing, padding-free,
                            position ids) and packing=False (padded batches)
@@ -14,10 +15,11 @@ the same number of timed steps, one process each, one after another:
 Real tokens are non-padding tokens. The first --warmup steps of each are not
 timed. Ratios printed at the end: resure packed against TRL's best, against
 the plain loop (the same batches, so the same tokens) and against sft.
-Extra dependencies: benchmarks/requirements.txt (trl). Dtype: what the
-recipe's model.dtype=auto picks here (fp32 on an AVX2-only CPU).
+Extra dependencies: benchmarks/requirements.txt (trl). Dtype: --dtype, else
+what the recipe's model.dtype=auto picks here (fp32 on an AVX2-only CPU); the
+results name the CPU's bf16 support and the dtype.
 
-    python benchmarks/throughput.py [--lengths 256 1024] [--tokens 1024] [--steps 5] [--warmup 2]
+    python benchmarks/throughput.py [--lengths 256 1024] [--tokens 1024] [--steps 5] [--warmup 2] [--dtype fp32]
 """
 from __future__ import annotations
 
@@ -31,20 +33,21 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "benchmarks", "work", "throughput")
-CONFIGS = ["resure-packed", "resure-padded", "sft-packed", "sft-padded", "trl-packed", "trl-padded", "plain"]
+CONFIGS = ["resure-packed", "resure-packed-z3", "resure-padded", "sft-packed", "sft-padded", "trl-packed", "trl-padded",
+           "plain"]
 SEED = 1234
 
 
 def recipe(name: str, length: int, mb: int, steps: int, overrides: tuple = (), quiet: bool = True) -> dict:
     """The recipe as a user runs it, one rank (ZeRO-0 unless overrides say otherwise; later
     overrides win); timing from its metrics.jsonl. quiet: keep the run's output."""
-    method, layout = name.split("-")
+    method, layout, *zero = name.split("-")
     env = {**os.environ, "NUM_PROCS": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     args = ["recipes/default.yaml", f"train.method={method}", f"data.packing={layout == 'packed'}".lower(),
             f"data.max_length={length}", f"train.micro_batch_size={mb}", "train.zero_stage=0",
             f"train.max_steps={steps}", f"train.seed={SEED}", "checkpoint.every=0", "checkpoint.keep_last=0",
             "checkpoint.export=false", "output.plot=false", "output.report=false", "output.report_to=none", f"output.dir={WORK}",
-            f"output.name={name}-{length}", *overrides]
+            f"output.name={name}-{length}", *(["train.zero_stage=3"] if zero == ["z3"] else []), *overrides]
     subprocess.run(["bash", "launch/train.sh", *args], cwd=ROOT, env=env, check=True, capture_output=quiet)
     with open(os.path.join(WORK, f"{name}-{length}", "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(ln) for ln in f]
@@ -66,15 +69,18 @@ def _setup(length: int, model_path: str | None = None, overrides: tuple = ()):
     return cfg, path, tok, resolve_dtype(cfg)
 
 
-def plain(length: int, mb: int, steps: int, model_path: str | None = None, overrides: tuple = ()) -> dict:
+def plain(length: int, mb: int, steps: int, model_path: str | None = None, overrides: tuple = (),
+          compile: bool = False) -> dict:
     """A plain loop on the recipe's packed batches (the same rows resure-packed trains on): the
-    model's own loss, AdamW (fused on CUDA), clipping. On CUDA, timed between synchronisations."""
+    model's own loss, AdamW (fused on CUDA), clipping; compile: under torch.compile. On CUDA, timed
+    between synchronisations."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from resure_ds.data.loader import RankBatches, Stream
     from resure_ds.data.plan import Cursor
     from resure_ds.data.prepare import ensure_prepared
+    from resure_ds.runtime import attention
 
     cfg, path, tok, dtype = _setup(length, model_path, overrides)
     prepared = ensure_prepared(cfg, tok, path, progress=False)
@@ -83,10 +89,14 @@ def plain(length: int, mb: int, steps: int, model_path: str | None = None, overr
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(SEED)
+    attention.register()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
-                                                 attn_implementation=cfg.model.attn_implementation).to(dev)
+                                                 attn_implementation=attention.resolve(cfg.model.attn_implementation)
+                                                 ).to(dev)
     model.config.use_cache = False
     model.train()
+    if compile:
+        model.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
     times, tokens = [], []
     for _ in range(steps):
@@ -104,8 +114,10 @@ def plain(length: int, mb: int, steps: int, model_path: str | None = None, overr
     return {"times": times, "tokens": tokens}
 
 
-def trl(packing: bool, length: int, mb: int, steps: int) -> dict:
-    """TRL's SFTTrainer on the same conversations (those with a reply), its defaults otherwise."""
+def trl(packing: bool, length: int, mb: int, steps: int, model_path: str | None = None,
+        dtype: str | None = None) -> dict:
+    """TRL's SFTTrainer on the same conversations (those with a reply), its defaults otherwise
+    (model_path: another model of SmolLM2's tokenizer; dtype: instead of the recipe's auto)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -113,7 +125,8 @@ def trl(packing: bool, length: int, mb: int, steps: int) -> dict:
 
     from resure_ds.data.chitchat import chitchat_records
 
-    _, path, tok, dtype = _setup(length)
+    _, path, tok, auto = _setup(length, model_path)
+    dtype = dtype or auto
     convs = [r["messages"] for _, r in chitchat_records(stop=3000)
              if any(m["role"] == "assistant" for m in r["messages"])]
     torch.manual_seed(SEED)
@@ -145,12 +158,13 @@ def trl(packing: bool, length: int, mb: int, steps: int) -> dict:
     return {"times": times, "tokens": tokens}
 
 
-def measure(name: str, length: int, mb: int, steps: int) -> dict:
+def measure(name: str, length: int, mb: int, steps: int, dtype: str | None) -> dict:
+    over = (f"model.dtype={dtype}",) if dtype else ()
     if name == "plain":
-        return plain(length, mb, steps)
+        return plain(length, mb, steps, overrides=over)
     if name.startswith("trl"):
-        return trl(name == "trl-packed", length, mb, steps)
-    return recipe(name, length, mb, steps)
+        return trl(name == "trl-packed", length, mb, steps, dtype=dtype)
+    return recipe(name, length, mb, steps, overrides=over)
 
 
 def summarize(res: dict, warmup: int) -> dict:
@@ -170,11 +184,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", nargs="+", choices=CONFIGS, default=CONFIGS)
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "throughput.json"))
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], help="default: what model.dtype=auto picks here")
     ap.add_argument("--worker", nargs=2, metavar=("NAME", "LENGTH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         name, length = a.worker[0], int(a.worker[1])
-        print("RESULT " + json.dumps(measure(name, length, max(1, a.tokens // length), a.steps + a.warmup)))
+        print("RESULT " + json.dumps(measure(name, length, max(1, a.tokens // length), a.steps + a.warmup, a.dtype)))
         return
     os.makedirs(WORK, exist_ok=True)
     table: dict = {}
@@ -182,7 +197,8 @@ def main() -> None:
         for name in a.only:
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, "--worker", name, str(length), f"--tokens={a.tokens}",
-                                  f"--steps={a.steps}", f"--warmup={a.warmup}"], cwd=ROOT, capture_output=True,
+                                  f"--steps={a.steps}", f"--warmup={a.warmup}",
+                                  *([f"--dtype={a.dtype}"] if a.dtype else [])], cwd=ROOT, capture_output=True,
                                  text=True, env={**os.environ, "PYTHONPATH": ROOT})
             if out.returncode != 0:
                 sys.exit(f"{name} at {length} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
@@ -204,13 +220,27 @@ def main() -> None:
             ratios[f"resure/trl_best@{length}"] = r["tokens_per_s"] / trl_best["tokens_per_s"]
         if g("plain"):
             ratios[f"resure_step/plain_step@{length}"] = r["step_s"] / g("plain")["step_s"]
+            if g("resure-packed-z3"):
+                ratios[f"resure_z3_step/plain_step@{length}"] = g("resure-packed-z3")["step_s"] / g("plain")["step_s"]
         if g("sft-packed"):
             ratios[f"resure_step/sft_step@{length}"] = r["step_s"] / g("sft-packed")["step_s"]
     for k, v in ratios.items():
         print(f"  {k:28s} {v:.2f}x")
     os.makedirs(os.path.dirname(os.path.abspath(a.results)), exist_ok=True)
     with open(a.results, "w", encoding="utf-8") as f:
-        json.dump({"args": vars(a), "table": table, "ratios": ratios}, f, indent=1)
+        json.dump({"args": vars(a), "machine": machine(a.dtype), "table": table, "ratios": ratios}, f, indent=1)
+
+
+def machine(dtype: str | None) -> dict:
+    """What the numbers were measured on: the CPU's bf16 support and the dtype trained."""
+    from resure_ds.runtime.engine import native_bf16
+
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    kind = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX2 only"
+    return {"cpu_bf16": kind, "cores": os.cpu_count(), "dtype": dtype or ("bf16" if native_bf16() else "fp32")}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import replace
 
 from .config import Config, load_config, parse_duration, split_recipe_args, to_dict
 from .data.pipeline import TrainingData
@@ -28,7 +29,9 @@ from .report.build import write_report
 from .report.run_files import write_sources
 from .runtime import checkpoint, dist
 from .runtime.engine import Engine, init_distributed, to_universal
+from .runtime.memory import auto_stage
 from .runtime.metrics import MetricsLogger
+from .runtime.profile import StepProfiler
 from .runtime.sequence import SequenceParallel
 from .runtime.stop import EXIT_RESUME, SIGNALS, Divergence, StopPolicy
 from .runtime.trackers import open_trackers
@@ -72,6 +75,8 @@ class Recipe:
         self.validation = Validation(rows, self.tokenizer.pad_token_id, cfg.eval.micro_batch_size,
                                      self.sp) if rows else None
         t2 = time.perf_counter()
+        if cfg.train.zero_stage == "auto":
+            cfg = self.cfg = self.auto_zero_stage(model_path)
         self.found = self.resume_point()
         if self.found is not None:
             self.cursor = Cursor(**self.found.progress.cursor)
@@ -80,7 +85,7 @@ class Recipe:
         self.engine = Engine(cfg, model_path, universal=self.found is not None and self.found.universal)
         if cfg.data.packing:
             self.engine.check_packing(len(self.tokenizer))
-        self.sp.install(self.engine.module.config, cfg.model.attn_implementation)  # after the whole-row checks
+        self.sp.install(self.engine.module.config, self.engine.attention)  # after the whole-row checks
         print0(self.engine.describe(self.world) + (f", validation on {self.validation.dialogues:,} dialogues"
                                                     if self.validation else ""))
         self.method = Method(cfg)
@@ -153,10 +158,13 @@ class Recipe:
         print0("startup (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.startup.items()))
         every, start = cfg.checkpoint.every, self.step
         end = self.stop.end_step(start, cfg.train.max_steps)
+        profiler = StepProfiler(cfg.train.profile_steps, self.run_dir, self.rank)
         reason = None
         while self.step < end and reason is None:
+            profiler.before(self.step + 1)
             row, self.cursor = self.stepper.run(self.batches, self.step + 1, self.stop)
             self.step += 1
+            profiler.after(self.step)
             self.stop.slowest_step = max(self.stop.slowest_step, row["step_time_s"])
             if self.validation is not None and (self.step == cfg.train.max_steps
                                                 or (cfg.eval.every and self.step % cfg.eval.every == 0)):
@@ -170,6 +178,7 @@ class Recipe:
                           else "train.stop_after" if self.step >= end else None)
             if every and self.step % every == 0 and self.step < end and reason is None and self.divergence.healthy:
                 self.save_checkpoint()
+        profiler.finish(self.step)  # a run that ended inside the profiled steps
         if self.step > start and self.divergence.healthy:
             self.save_checkpoint()
         return reason
@@ -188,10 +197,26 @@ class Recipe:
         return res
 
     # -- save ------------------------------------------------------------------------------
+    def auto_zero_stage(self, model_path: str) -> Config:
+        """train.zero_stage=auto resolved (resure_ds/runtime/memory.py): a resumed run keeps its checkpoint's
+        stage (its partitions follow it); else the lowest whose plan fits, the highest any rank needs."""
+        found = checkpoint.find(self.ckpt_dir, self.cfg.checkpoint.resume)
+        saved = found.progress.trained_on.get("train.zero_stage") if found is not None else None
+        if saved is not None:
+            stage, why = int(saved), f"the stage of the checkpoint it resumes ({found.path})"
+        else:
+            mine, why = auto_stage(self.cfg, model_path, self.world)
+            stage = int(dist.all_reduce_dict({"stage": float(mine)}, op="max")["stage"])
+            if stage != mine:
+                why = f"another rank has less memory than rank 0 ({why})"
+        print0(f"train.zero_stage=auto: ZeRO-{stage}, {why}")
+        return replace(self.cfg, train=replace(self.cfg.train, zero_stage=stage))
+
     def trained_on(self) -> dict:
         c = self.cfg
         return {"model": self.model_shape, "model.lora.rank": c.model.lora.rank, "train.seed": c.train.seed,
-                "data.packing": c.data.packing, "data.pack_window": c.data.pack_window}
+                "data.packing": c.data.packing, "data.pack_window": c.data.pack_window,
+                "train.zero_stage": c.train.zero_stage}
 
     def progress(self) -> checkpoint.Progress:
         t = self.cfg.train

@@ -104,3 +104,18 @@ def test_a_model_path_that_is_not_a_model_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder .*lacks config.json, tokenizer.json"):
         check_model_folder(str(tmp_path / "empty"))
     check_model_folder("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id is left to transformers
+
+
+def test_speed_options_refuse_what_they_cannot_do():
+    """train.zero_stage (0-3 or auto), train.profile_steps (A-B) and model.compile (not with sequence
+    parallelism): each bad value named with what to give."""
+    assert load_config(None, ["train.zero_stage=auto"]).train.zero_stage == "auto"
+    with pytest.raises(ConfigError, match="train.zero_stage: must be 0, 1, 2, 3 or auto, got 4"):
+        load_config(None, ["train.zero_stage=4"])
+    assert load_config(None, ["train.profile_steps=5-7"]).train.profile_steps == "5-7"
+    assert load_config(None, ["train.profile_steps=3"]).train.profile_steps == 3
+    for bad, why in (("0-2", "need 1 <= A <= B"), ("7-5", "need 1 <= A <= B"), ("x", "give the steps as A-B")):
+        with pytest.raises(ConfigError, match=f"train.profile_steps='{bad}': {why}"):
+            load_config(None, [f"train.profile_steps={bad}"])
+    with pytest.raises(ConfigError, match="model.compile with train.sequence_parallel"):
+        load_config(None, ["model.compile=true", "train.sequence_parallel=2"])

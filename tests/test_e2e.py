@@ -125,8 +125,10 @@ def test_resume_on_another_number_of_ranks(straight, stopped, before, after):
     """Stopped on `before` ranks, resumed on `after` with the same global batch (4 rows): the same
     dialogues in the same steps from the stop point, the same statistics, the same losses."""
     run, args = stopped(before, f"regrid{before}to{after}")
-    second = launch("train.sh", [*args, f"train.micro_batch_size={4 // after}"], extra_env={"NUM_PROCS": str(after)})
+    second = launch("train.sh", [*args, f"train.micro_batch_size={4 // after}", "train.zero_stage=auto"],
+                    extra_env={"NUM_PROCS": str(after)})
     assert f"saved on {before} rank(s), now {after}" in second.stderr
+    assert "train.zero_stage=auto: ZeRO-3, the stage of the checkpoint it resumes" in second.stderr
     a, b = metrics(straight), metrics(run)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and [r["rows_seen"] for r in b] == [4, 8, 12, 16, 20, 24]
     for ra, rb in zip(a, b):
@@ -187,12 +189,19 @@ def test_bad_data_is_one_clear_error(tmp_path, tiny_model_path):
     assert "data.skip_invalid=true" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_mpirun_launch_zero2_loss_truncation(tmp_path, tiny_model_path):
+def test_mpirun_launch_zero2_loss_truncation_varlen_profiled(tmp_path, tiny_model_path):
+    """mpirun, ZeRO-2, loss truncation, varlen attention (per dialogue, no mask; its numbers against
+    the mask: test_packing.py) through the start-up packing check, and step 2 profiled."""
     if shutil.which("mpirun", path=env()["PATH"]) is None:
         pytest.fail("mpirun is not installed: pip install -r requirements-dev.txt (mpich)")
-    launch("mpirun.sh", ["recipes/default.yaml", f"model.path={tiny_model_path}", "train.max_steps=2",
-                         "train.zero_stage=2", "train.method=loss_truncation", "data.max_length=96",
-                         f"output.dir={tmp_path}", "output.name=mpi"])
+    res = launch("mpirun.sh", ["recipes/default.yaml", f"model.path={tiny_model_path}", "train.max_steps=2",
+                               "train.zero_stage=2", "train.method=loss_truncation", "data.max_length=96",
+                               "model.attn_implementation=varlen", "train.profile_steps=2", f"output.dir={tmp_path}",
+                               "output.name=mpi"])
+    assert "ZeRO-2" in res.stderr and "varlen attention" in res.stderr
+    profile = (tmp_path / "mpi" / "profile.txt").read_text()
+    assert profile.startswith("steps 2-2: ") and "aten::mm" in profile and "Self CPU" in profile
+    assert json.loads((tmp_path / "mpi" / "profile.json").read_text())["traceEvents"]
     rows = metrics(os.path.join(tmp_path, "mpi"))
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["bucket_n"][0] > 0 for r in rows)
@@ -202,7 +211,7 @@ def test_mpirun_launch_zero2_loss_truncation(tmp_path, tiny_model_path):
     assert {v.dtype for v in weights.values()} == {torch.bfloat16}  # checkpoint.export_dtype default
 
 
-def test_slurm_script_single_node_zero0_sft_forwards_the_warning_and_requeues(tmp_path, tiny_model_path):
+def test_slurm_script_single_node_auto_zero_sft_forwards_the_warning_and_requeues(tmp_path, tiny_model_path):
     """slurm.sbatch on a one-node allocation: a local launch, no ssh needed. SIGUSR1 to the batch
     script (what --signal=B:USR1@300 sends) reaches the ranks, which save and exit 75; the script
     requeues the job, and the requeued job finishes it. (Multi-node needs a second machine: the
@@ -222,7 +231,7 @@ def test_slurm_script_single_node_zero0_sft_forwards_the_warning_and_requeues(tm
     def job():
         return subprocess.Popen(
             ["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "recipes/default.yaml",
-             f"model.path={tiny_model_path}", "train.max_steps=20", "train.zero_stage=0", "train.method=sft",
+             f"model.path={tiny_model_path}", "train.max_steps=20", "train.zero_stage=auto", "train.method=sft",
              "data.max_length=96", "checkpoint.export=false", "checkpoint.every=0", f"output.dir={tmp_path}",
              "output.name=slurm"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -238,6 +247,8 @@ def test_slurm_script_single_node_zero0_sft_forwards_the_warning_and_requeues(tm
     first.send_signal(signal.SIGUSR1)
     out, err = first.communicate(timeout=300)
     assert first.returncode == EXIT_RESUME, err[-5000:]
+    # a tiny model: every stage fits this machine's memory, so auto is ZeRO-0, kept on the requeue
+    assert "train.zero_stage=auto: ZeRO-0, the lowest stage whose plan fits 90%" in err
     assert "dist_world_size=2" in out + err  # the launcher logs to stdout
     assert "requeue 42" in calls.read_text() and "(a signal (SIGTERM/SIGUSR1))" in err
     stopped_at = len(metrics(run))
@@ -245,6 +256,7 @@ def test_slurm_script_single_node_zero0_sft_forwards_the_warning_and_requeues(tm
     second = job()
     out, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-5000:]
+    assert "train.zero_stage=auto: ZeRO-0, the stage of the checkpoint it resumes" in err
     assert calls.read_text().count("requeue") == 1  # a finished job is not requeued
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 21)) and all(r["mean_weight"] == 1.0 for r in rows)

@@ -1,5 +1,5 @@
-"""On a CUDA GPU: the fused loss in bf16, NCCL collectives and the statistics on the device, and
-DeepSpeed's fused Adam under the recipe's engine. Skipped without CUDA (CI has none); run by
+"""On a CUDA GPU: the fused loss in bf16, NCCL collectives and the statistics on the device,
+DeepSpeed's fused Adam under the recipe's engine, and the varlen attention kernel against the mask. Skipped without CUDA (CI has none); run by
 benchmarks/gpu/run.sh when the project is lent a GPU."""
 import os
 
@@ -91,3 +91,36 @@ def test_deepspeed_fused_adam_trains_bf16_zero3(tmp_path, gpu_model_path):
     (r,) = run_ranks(_fused_adam_steps, 1, (gpu_model_path,), str(tmp_path), backend="nccl")
     assert r["fused"] and "FusedAdam" in r["optimizer"], r
     assert r["losses"][-1] < r["losses"][0], r["losses"]
+
+
+def test_varlen_kernel_matches_the_mask_in_bf16(gpu_model_path, monkeypatch):
+    """model.attn_implementation=varlen on the GPU (PyTorch's variable-length flash kernel, boundaries
+    from the position ids) against sdpa under transformers' block-diagonal mask: the same packed rows,
+    the same per-token losses and gradient within bf16's noise."""
+    from transformers import AutoModelForCausalLM
+
+    from resure_ds.runtime import attention
+
+    assert attention.torch_varlen() is not None, f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    calls = []
+    kernel = attention._kernel
+    monkeypatch.setattr(attention, "_kernel", lambda *a: calls.append(1) or kernel(*a))
+    attention.register()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (2, 1024), generator=g).cuda()
+    rows = [[300, 500, 224], [1024]]  # dialogue lengths per row
+    pos = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in rows]).cuda()
+    out = {}
+    for attn in ("sdpa", "varlen"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(gpu_model_path, dtype=torch.bfloat16,
+                                                     attn_implementation=attn).cuda()
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        nll.sum().backward()
+        out[attn] = nll.detach(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+    assert calls, "the varlen path did not reach the GPU kernel"
+    torch.testing.assert_close(out["varlen"][0], out["sdpa"][0], rtol=0, atol=0.1)
+    assert (out["varlen"][0] - out["sdpa"][0]).abs().mean() < 0.01
+    cos = F.cosine_similarity(out["varlen"][1], out["sdpa"][1], dim=0)
+    assert cos > 0.99, cos

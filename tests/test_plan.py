@@ -7,7 +7,8 @@ import re
 import pytest
 
 from resure_ds.config import load_config
-from resure_ds.plan import buffer_bytes, main, model_shape, state_bytes
+from resure_ds.plan import main
+from resure_ds.runtime.memory import buffer_bytes, model_shape, state_bytes
 from tests.conftest import ROOT
 
 ARCH = os.path.join(ROOT, "tests", "fixtures", "architectures")
@@ -83,3 +84,34 @@ def test_a_job_that_cannot_fit_is_refused_with_the_change_that_fits(capsys):
 def test_the_embedded_default_plans_from_its_own_folder(capsys):
     status, out = plan(capsys, os.path.join(ROOT, "recipes", "default.yaml"), "--gpus", "2", "--gpu-memory", "24")
     assert status == 0 and "0.13 B parameters" in out and "steps/epoch" in out
+
+
+def test_auto_zero_stage_is_the_lowest_whose_plan_fits():
+    """train.zero_stage=auto (plan.choose_stage): the lowest stage whose plan fits 90% of a device;
+    ZeRO-3 with the reason when none does. The plan CLI resolves it the same way."""
+    from resure_ds.runtime.memory import GB, HEADROOM, choose_stage, estimate
+
+    from dataclasses import replace
+
+    cfg = load_config(None, ["train.zero_stage=auto", "model.dtype=bf16", "data.max_length=4096",
+                             "train.micro_batch_size=1", "model.gradient_checkpointing=true"])
+    s8 = model_shape(os.path.join(ARCH, "llama3.1-8b"), cfg)
+    totals = {z: estimate(s8, replace(cfg, train=replace(cfg.train, zero_stage=z)), 8, 1)["total"] for z in range(4)}
+    assert totals[0] > 80 * GB > HEADROOM * 80 * GB > totals[1]  # 16 bytes a parameter do not fit; sharded states do
+    stage, why = choose_stage(s8, cfg, 8, 1, 80 * GB)
+    assert stage == 1 and "the lowest stage" in why and f"ZeRO-0 {totals[0] / GB:.1f} GB" in why
+    assert choose_stage(s8, cfg, 8, 1, 200 * GB)[0] == 0  # room for everything: no sharding
+    assert choose_stage(s8, cfg, 1, 1, 80 * GB)[0] == 3  # one GPU: nothing fits
+    assert "no stage's plan fits" in choose_stage(s8, cfg, 1, 1, 80 * GB)[1]
+    # the boundary: a budget just under a stage's plan skips it
+    edge = totals[1] / HEADROOM
+    assert choose_stage(s8, cfg, 8, 1, edge * 1.001)[0] == 1 and choose_stage(s8, cfg, 8, 1, edge * 0.999)[0] > 1
+
+
+def test_the_plan_resolves_auto(capsys):
+    status, out = plan(capsys, os.path.join(ROOT, "recipes", "llama3.1-8b.yaml"), "train.zero_stage=auto",
+                       "--config", os.path.join(ARCH, "llama3.1-8b"))
+    assert status == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("zero stage"))
+    stage = int(re.search(r"auto: ZeRO-(\d)", line).group(1))
+    assert f"ZeRO-{stage}" in next(ln for ln in out.splitlines() if ln.startswith("job"))

@@ -62,14 +62,6 @@ def test_two_way_sequence_parallel_equals_one_rank(tmp_path, tiny_model_path, pa
             assert (r["grads"][name] - g).abs().max().item() <= 1e-5 * max(scale, 1.0), name
 
 
-def test_packed_rows_attend_within_each_dialogue():
-    """The dialogues of a packed row, where sequence-parallel sdpa runs causal attention once each."""
-    from resure_ds.runtime.sequence import _segments
-
-    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5], [5, 6, 0, 1, 2, 3]])
-    assert _segments(pos) == [([0, 3, 5], [3, 5, 6]), ([0], [6]), ([0, 2], [2, 6])]
-
-
 @slow
 def test_a_sequence_parallel_run_trains_like_the_straight_run_and_resumes_on_one_rank(straight, tiny_model_path):
     """The recipe end to end: 2 ranks as one sequence-parallel group (SP=2, 4 rows a step, packed,

@@ -35,14 +35,25 @@ LIMIT = 60 * 2 ** 20  # of the 64 MiB that travel; the repository itself takes t
 # ninja, py-cpuinfo, msgpack, einops, nvidia-ml-py are there). Pure Python unless listed in BINARY.
 # Versions: those of this environment (the ones the suite passes with here).
 PURE = ["transformers", "datasets", "dill", "hjson", "pydantic", "annotated-types", "typing-inspection", "chitchat-dataset",
-        "gguf"]  # gguf: the study converts the embedded model's GGUF there
+        "gguf",  # gguf: the study converts the embedded model's GGUF there
+        "trl"]  # bench.py's peer row (TRL's SFTTrainer); its version: benchmarks/requirements.txt
 BINARY = ["pydantic-core", "multiprocess"]
 
 
 def pinned(names: list[str]) -> list[str]:
-    from importlib.metadata import version
+    """name==version: this environment's version, or benchmarks/requirements.txt's pin for a
+    benchmark's package that is not installed here."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return [f"{n}=={version(n)}" for n in names]
+    with open(os.path.join(ROOT, "benchmarks", "requirements.txt"), encoding="utf-8") as f:
+        pins = dict(ln.strip().split("==") for ln in f if "==" in ln and not ln.startswith("#"))
+    out = []
+    for n in names:
+        try:
+            out.append(f"{n}=={version(n)}")
+        except PackageNotFoundError:
+            out.append(f"{n}=={pins[n]}")
+    return out
 
 
 def pip(*args: str) -> None:

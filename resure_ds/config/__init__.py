@@ -56,15 +56,21 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Let transformers run Python code that ships with the model folder (custom architectures).
     Off by default: a model folder from elsewhere then only loads weights and configuration."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernels: sdpa (torch's scaled-dot-product attention, any device), eager (plain
-    matmuls), flash_attention_2 (CUDA, needs the flash-attn package). Packing works with each: the
-    start-up check refuses a model that lets packed dialogues see each other."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"] = "auto"
+    """Attention kernels. Packed rows need attention within each dialogue: sdpa and eager get a dense
+    block-diagonal mask over the whole row from transformers; flash_attention_2 (CUDA, the flash-attn
+    package) and varlen (PyTorch's variable-length attention on CUDA in bf16; elsewhere sdpa once per
+    dialogue) take the dialogues' boundaries and skip what the mask would hide. auto: flash_attention_2
+    where flash-attn and a GPU are there, else varlen on a GPU, else sdpa. The start-up check refuses a
+    model that lets packed dialogues see each other (resure_ds/runtime/attention.py)."""
     fused_loss: Literal["auto", "true", "false"] = "auto"
     """LM head and per-token loss fused, a chunk of trained tokens at a time: the [tokens, vocab]
     logits are never held whole (resure_ds/runtime/fused.py). auto: where the model has a plain Linear head
     and the start-up check finds the same losses as its own logits, else the logits path; true:
     stop if it cannot; false: the logits path."""
+    compile: bool = False
+    """torch.compile the model (DeepSpeed's engine.compile, inductor): the first steps compile it,
+    later ones run fused kernels. Not with train.sequence_parallel (docs/performance.md)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -197,14 +203,22 @@ class TrainConfig:
     """Final learning rate as a fraction of lr."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
-    zero_stage: int = 3
-    """DeepSpeed ZeRO stage 0-3."""
+    zero_stage: int | Literal["auto"] = 3
+    """DeepSpeed ZeRO stage 0-3, or auto: the lowest stage whose planned memory per device (model and
+    optimizer states from DeepSpeed's estimators, DeepSpeed's buffers, activations: `resure-ds plan`)
+    fits 90% of the device's (a GPU's memory; on a CPU the host's available memory per local rank),
+    taken as the highest over ranks and printed at start-up with the reason. A resumed run keeps its
+    checkpoint's stage."""
     sequence_parallel: int = 1
     """Ulysses sequence parallelism (DeepSpeed's): each row is cut along the sequence over this many ranks, for
     rows longer than one rank holds; it must divide the ranks and the model's attention heads. The per-turn
     losses, statistics and weights are the whole row's (resure_ds/runtime/sequence.py). 1 = off."""
     ds_config: str | None = None
     """Optional DeepSpeed JSON merged over the generated config (e.g. recipes/ds_offload.json)."""
+    profile_steps: int | str | None = None
+    """Steps A-B (e.g. 5-7) under torch.profiler on rank 0: profile.txt (the operators and kernels with
+    the most self time; on a GPU, how busy the device was) and profile.json (a Chrome trace) in the
+    run folder (resure_ds/runtime/profile.py). Empty = off."""
     seed: int = 1234
     """Seeds data order, model-side RNG and everything else."""
     log_every: int = 1
@@ -275,6 +289,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def parse_steps(spec: str) -> tuple[int, int]:
+    """train.profile_steps: 'A-B' (or 'A') -> (A, B), 1 <= A <= B."""
+    try:
+        a, _, b = spec.partition("-")
+        first, last = int(a), int(b or a)
+    except ValueError:
+        raise ConfigError(f"train.profile_steps={spec!r}: give the steps as A-B (e.g. 5-7) or one step") from None
+    if not 1 <= first <= last:
+        raise ConfigError(f"train.profile_steps={spec!r}: need 1 <= A <= B")
+    return first, last
 
 
 def _check_type(value: Any, tp: Any) -> Any:
@@ -370,8 +396,16 @@ def _validate(c: Config) -> list[str]:
               ("data.prepare_workers", c.data.prepare_workers), ("data.num_workers", c.data.num_workers)]
     e += [f"{k}: must be >= 0, got {v}" for k, v in nonneg if v < 0]
     if c.train.sequence_parallel > 1 and c.model.attn_implementation == "eager":
-        e.append("train.sequence_parallel with model.attn_implementation=eager: DeepSpeed's Ulysses attention "
-                 "runs sdpa or flash_attention_2; set one of them")
+        e.append("train.sequence_parallel with model.attn_implementation=eager: "
+                 "DeepSpeed's Ulysses attention runs sdpa, varlen or flash_attention_2; set one of them (or auto)")
+    if c.train.profile_steps:
+        try:
+            parse_steps(str(c.train.profile_steps))
+        except ConfigError as err:
+            e.append(str(err))
+    if c.train.sequence_parallel > 1 and c.model.compile:
+        e.append("model.compile with train.sequence_parallel: the Ulysses attention is swapped in after the "
+                 "engine is built, under a compiled model; set one of them")
     if not 0.0 < c.stats.decay <= 1.0:
         e.append(f"stats.decay: must be in (0, 1], got {c.stats.decay}")
     if c.stats.scale == "mad" and c.stats.length_scaled:
@@ -406,8 +440,8 @@ def _validate(c: Config) -> list[str]:
             e.append(f"output.report_to: unknown tracker {t!r} (known: {', '.join(TRACKERS)}, none)")
         elif t != "tensorboard" and importlib.util.find_spec(t) is None:
             e.append(f"output.report_to: {t} is not installed (pip install {t}), or drop it from output.report_to")
-    if c.train.zero_stage not in (0, 1, 2, 3):
-        e.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {c.train.zero_stage}")
+    if c.train.zero_stage not in (0, 1, 2, 3, "auto"):
+        e.append(f"train.zero_stage: must be 0, 1, 2, 3 or auto, got {c.train.zero_stage}")
     try:
         parse_duration(c.train.time_limit)
     except ValueError as err:

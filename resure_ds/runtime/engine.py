@@ -16,7 +16,7 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from . import dist, fused, lora
+from . import attention, dist, fused, lora
 from ..config import Config
 from ..data import IGNORE
 from ..errors import ConfigError
@@ -143,6 +143,21 @@ def jit_arch_list(value: str | None) -> str | None:
     return None if fixed == value else fixed
 
 
+def compile_blocks(model) -> int:
+    """torch.compile each transformer block (the classes the model names in _no_split_modules), not
+    the whole model: the blocks share one compiled graph; what runs between them (the fused head's
+    trained-row selection, whose size is data) stays eager instead of breaking the graph. dynamic:
+    packed rows vary in length from step to step. Returns how many blocks were compiled."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ConfigError(f"model.compile: {type(model).__name__} names no transformer block class "
+                          "(_no_split_modules); set model.compile=false")
+    for b in blocks:
+        b.compile(dynamic=True)
+    return len(blocks)
+
+
 class Engine:
     """A Hugging Face causal LM under DeepSpeed (ZeRO 0-3), AdamW and a warm-up schedule."""
 
@@ -158,9 +173,11 @@ class Engine:
         # The model's dtype follows the final DeepSpeed config (train.ds_config may override bf16).
         self.dtype = "bf16" if conf.get("bf16", {}).get("enabled") else "fp32"
         dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        attention.register()
+        self.attention = attention.resolve(cfg.model.attn_implementation)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
                                                      trust_remote_code=cfg.model.trust_remote_code,
-                                                     attn_implementation=cfg.model.attn_implementation)
+                                                     attn_implementation=self.attention)
         model.config.use_cache = False
         if cfg.model.lora.rank:
             trainable, total = lora.attach(model, cfg.model.lora)
@@ -187,6 +204,9 @@ class Engine:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=conf,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
         self.world = dist.world()
+        if cfg.model.compile:
+            compiled = compile_blocks(self.module)
+            dist.print0(f"model.compile: {compiled} transformer blocks compiled (torch.compile, one graph for all)")
         if self.fused:
             self._check_fused()
 
@@ -249,7 +269,8 @@ class Engine:
                 f"(model.dtype={c.model.dtype}), method {c.train.method}"
                 f"{'' if c.stats.reference is None else f' on the excess loss over {c.stats.reference}'}, "
                 f"{'packed' if c.data.packing else 'padded'} rows of {c.data.max_length} tokens, "
-                f"{c.model.attn_implementation} attention, {'fused LM head and loss' if self.fused else 'logits path'}"
+                f"{self.attention} attention{' (auto)' if c.model.attn_implementation == 'auto' else ''}, "
+                f"{'fused LM head and loss' if self.fused else 'logits path'}{', compiled' if c.model.compile else ''}"
                 + (f", sequence parallel {c.train.sequence_parallel} (Ulysses)" if c.train.sequence_parallel > 1 else ""))
 
     def check_packing(self, vocab: int) -> None:

@@ -7,7 +7,8 @@ the model on chunk p. Attention is the one part that needs every position: DeepS
 attention trades sequence for heads (all-to-all), so each rank attends over the whole row with
 1/P of the heads, then trades back. Everything else in the model works per position. Behind it,
 `sdpa` runs causal attention once per dialogue of the whole row (found from the gathered position
-ids), so packed dialogues still see only themselves and no [S, S] mask is ever made.
+ids; attention.varlen_attention), so packed dialogues still see only themselves and no [S, S] mask
+is ever made.
 
 Around the model (step.py, eval/validation.py): targets are shifted over the whole row before it
 is cut, so each position keeps its own target; each rank's per-token NLL is gathered over the
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data import IGNORE
-from . import dist
+from . import attention, dist
 
 
 class SequenceParallel:
@@ -57,15 +58,12 @@ class SequenceParallel:
         core = ALL_ATTENTION_FUNCTIONS[attn_implementation]
 
         def attend(module, query, key, value, attention_mask, *args, position_ids=None, **kwargs):
-            if attn_implementation != "sdpa":  # flash-attention reads packed rows off position_ids itself
+            if attn_implementation != "sdpa":  # flash-attention and varlen read packed rows off position_ids
                 return core(module, query, key, value, attention_mask, *args, position_ids=position_ids, **kwargs)
-            # causal attention within each dialogue of the whole row, one kernel call per dialogue: no
-            # [S, S] mask (sdpa's memory-efficient causal kernels need none)
-            rows = []
-            for b, (s, e) in enumerate(_segments(position_ids)):
-                rows.append(torch.cat([core(module, query[b:b + 1, :, i:j], key[b:b + 1, :, i:j], value[b:b + 1, :, i:j],
-                                            None, *args, **kwargs)[0] for i, j in zip(s, e)], dim=1))
-            return torch.cat(rows, dim=0), None
+            # causal attention within each dialogue of the whole row (found from the gathered position
+            # ids): no [S, S] mask
+            return attention.varlen_attention(module, query, key, value, None, *args, position_ids=position_ids,
+                                              **kwargs)
 
         arch = model_config.get_text_config()
         heads, kv = arch.num_attention_heads, arch.num_key_value_heads
@@ -109,15 +107,6 @@ class SequenceParallel:
     def gather(self, nll_local: torch.Tensor, length: int) -> torch.Tensor:
         """The whole row's per-token NLL from every rank's chunk (detached), cut to `length`."""
         return dist.group_gather_cat(nll_local, self.group)[:, :length]
-
-
-def _segments(position_ids: torch.Tensor) -> list[tuple[list[int], list[int]]]:
-    """Per row, the (starts, ends) of its dialogues: a dialogue starts where its position id is 0."""
-    out = []
-    for row in position_ids:
-        starts = sorted({0, *torch.nonzero(row == 0).flatten().tolist()})
-        out.append((starts, starts[1:] + [len(row)]))
-    return out
 
 
 def _fit_batch(ulysses, batch_size: int) -> None:
