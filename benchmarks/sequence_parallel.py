@@ -60,7 +60,7 @@ def worker(rank, world, model_path, sp, length, steps):
                              f"data.max_length={length}"])
     engine = ds.Engine(cfg, model_path)
     group = SequenceParallel(sp, rank, world)
-    group.install(engine.module.config, cfg.model.attn_implementation)
+    group.install(engine.module.config, engine.attention)
     tok = load_tokenizer(model_path)
     ex = longest_dialogue(tok)
     ex.input_ids, ex.turn_ids = ex.input_ids[:length], ex.turn_ids[:length]

@@ -38,21 +38,25 @@ CONFIGS = ["resure-packed", "resure-packed-z3", "resure-padded", "sft-packed", "
 SEED = 1234
 
 
-def recipe(name: str, length: int, mb: int, steps: int, overrides: tuple = (), quiet: bool = True) -> dict:
+def recipe(name: str, length: int, mb: int, steps: int, overrides: tuple = (), quiet: bool = True,
+           run_name: str | None = None) -> dict:
     """The recipe as a user runs it, one rank (ZeRO-0 unless overrides say otherwise; later
-    overrides win); timing from its metrics.jsonl. quiet: keep the run's output."""
+    overrides win); timing from its metrics.jsonl. quiet: keep the run's output. The run folder:
+    WORK/run_name (default NAME-LENGTH), in "dir" of the result."""
     method, layout, *zero = name.split("-")
+    run_name = run_name or f"{name}-{length}"
     env = {**os.environ, "NUM_PROCS": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     args = ["recipes/default.yaml", f"train.method={method}", f"data.packing={layout == 'packed'}".lower(),
             f"data.max_length={length}", f"train.micro_batch_size={mb}", "train.zero_stage=0",
             f"train.max_steps={steps}", f"train.seed={SEED}", "checkpoint.every=0", "checkpoint.keep_last=0",
             "checkpoint.export=false", "output.plot=false", "output.report=false", "output.report_to=none", f"output.dir={WORK}",
-            f"output.name={name}-{length}", *(["train.zero_stage=3"] if zero == ["z3"] else []), *overrides]
+            f"output.name={run_name}", *(["train.zero_stage=3"] if zero == ["z3"] else []), *overrides]
     subprocess.run(["bash", "launch/train.sh", *args], cwd=ROOT, env=env, check=True, capture_output=quiet)
-    with open(os.path.join(WORK, f"{name}-{length}", "metrics.jsonl"), encoding="utf-8") as f:
+    with open(os.path.join(WORK, run_name, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(ln) for ln in f]
     return {"times": [r["step_time_s"] for r in rows], "tokens": [r["tokens_per_s"] * r["step_time_s"] for r in rows],
-            "split": [{k: v for k, v in r.items() if k.startswith("time_")} for r in rows]}
+            "split": [{k: v for k, v in r.items() if k.startswith("time_")} for r in rows],
+            "dir": os.path.join(WORK, run_name)}
 
 
 def _setup(length: int, model_path: str | None = None, overrides: tuple = ()):
@@ -98,20 +102,26 @@ def plain(length: int, mb: int, steps: int, model_path: str | None = None, overr
     if compile:
         model.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
-    times, tokens = [], []
+    times, tokens, split = [], [], []
     for _ in range(steps):
         b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in next(batches).items()}
         t0 = time.perf_counter()
         loss = model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"], use_cache=False).loss
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        t3 = time.perf_counter()
+        times.append(t3 - t0)
         tokens.append(int((b["doc_ids"] >= 0).sum()))
-    return {"times": times, "tokens": tokens}
+        # phases by the host clock: on a CPU the work itself; on a GPU only the total is synchronised
+        split.append({} if cuda else {"time_forward_s": t1 - t0, "time_backward_s": t2 - t1,
+                                      "time_optimizer_s": t3 - t2})
+    return {"times": times, "tokens": tokens, "split": split if not cuda else None}
 
 
 def trl(packing: bool, length: int, mb: int, steps: int, model_path: str | None = None,

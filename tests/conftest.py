@@ -35,14 +35,14 @@ def tiny_model_path(tmp_path_factory, smollm2_path) -> str:
 
 @pytest.fixture(scope="session")
 def straight(tmp_path_factory, tiny_model_path) -> str:
-    """The reference run of the end-to-end tests (tests/e2e_common.COMMON on 2 ranks, uninterrupted):
-    made once per session, compared against by test_e2e.py and test_faults.py."""
+    """The reference run of the end-to-end tests (tests/e2e_common.COMMON on 2 ranks, uninterrupted, a
+    loader worker per rank): made once per session, compared against by test_e2e.py and test_faults.py."""
     from tests.e2e_common import COMMON, launch
 
     out = str(tmp_path_factory.mktemp("runs"))
     # every tracker (tests/test_e2e.py reads each back); wandb offline, MLflow in the run folder
     launch("train.sh", ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON,
                         "output.report_to=[tensorboard,wandb,mlflow]", f"output.dir={out}", "output.name=straight",
-                        "output.plot=true", "output.report=true"],
+                        "output.plot=true", "output.report=true", "data.num_workers=1"],
            extra_env={"WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": ""})
     return os.path.join(out, "straight")

@@ -58,6 +58,7 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path, smollm2_path):
     assert res["recipe-z3-tuned"]["split"]["time_forward_s"] > 0
     log = (tmp_path / "rows" / "recipe-z3-tuned.log").read_text()
     assert "ZeRO-3" in log and "ds_tuned.json" in log
+    assert "Self CPU" in (tmp_path / "rows" / "recipe-z3-tuned.profile.txt").read_text()
     try:
         import trl  # noqa: F401
         assert res["trl"]["status"] == "ok"

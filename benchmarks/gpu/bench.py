@@ -4,7 +4,8 @@ Llamas of SmolLM2's family initialised at random from SmolLM2's config (.gpu/smo
 benchmarks/gpu/prepare.py; no weights travel): SmolLM2-360M's shape and SmolLM2-1.7B's. chitchat
 packed into --rows rows of --length tokens a step, bf16, one GPU. Each row runs in its own process,
 one after another, and its result is appended to OUT/bench.jsonl the moment it exists (its output
-to OUT/rows/NAME.log); a row that fails is recorded as failed and the next one runs; rows that
+to OUT/rows/NAME.log; a recipe row's two profiled steps, train.profile_steps, to
+OUT/rows/NAME.profile.txt: top kernels and host gaps); a row that fails is recorded as failed and the next one runs; rows that
 would start after --budget-s are recorded as skipped. At the end: a table (OUT/bench.txt) with
 real tokens/s, seconds a step, MFU (6 x parameters x tokens/s over the card's dense bf16 peak;
 attention FLOPs left out, so a lower bound) and the issue's ratios; OUT/bench.json holds it all.
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,9 +123,12 @@ def run_row(name: str, a) -> dict:
         res = plain(a.length, a.rows, steps, model_path=path, overrides=(dtype, *overrides), compile="COMPILE" in extra)
     elif kind == "trl":
         res = trl(True, a.length, a.rows, steps, model_path=path, dtype=a.dtype)
-    else:
-        res = recipe("resure-packed", a.length, a.rows, steps, quiet=False,
-                     overrides=(f"model.path={path}", dtype, *overrides))
+    else:  # two timed steps profiled (the median of the timed steps stands)
+        prof = a.warmup + a.steps // 2
+        res = recipe("resure-packed", a.length, a.rows, steps, quiet=False, run_name=f"bench-{name}",
+                     overrides=(f"model.path={path}", dtype, f"train.profile_steps={prof}-{prof + 1}", *overrides))
+        if os.path.exists(os.path.join(res["dir"], "profile.txt")):
+            shutil.copy(os.path.join(res["dir"], "profile.txt"), os.path.join(a.out, "rows", f"{name}.profile.txt"))
     out = summarize(res, a.warmup)
     out["params"] = n_params
     return out
@@ -179,7 +184,7 @@ def main() -> None:
     os.makedirs(os.path.join(a.out, "rows"), exist_ok=True)
     t0, results = time.monotonic(), {}
     passed = [f"--{k}={v}" for k, v in (("steps", a.steps), ("warmup", a.warmup), ("length", a.length),
-                                        ("rows", a.rows), ("dtype", a.dtype))] + (["--tiny"] if a.tiny else [])
+                                        ("rows", a.rows), ("dtype", a.dtype), ("out", a.out))] + (["--tiny"] if a.tiny else [])
     for name in a.only:
         left = a.budget_s - (time.monotonic() - t0)
         if left <= 0:

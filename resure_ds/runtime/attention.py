@@ -14,8 +14,9 @@ within each dialogue only:
                      fp32) sdpa once per dialogue with a causal kernel, the same numbers at a
                      kernel call per dialogue
   auto               flash_attention_2 where flash-attn imports and a CUDA device is visible, else
-                     varlen where PyTorch has it and a CUDA device is visible, else sdpa (the mask;
-                     on a CPU the mask is as fast and keeps the default run's numbers)
+                     varlen where PyTorch has it and a CUDA device is visible, else sdpa (the mask:
+                     on a CPU the default run keeps its numbers, and per-dialogue calls have no
+                     flash kernel to gain there)
 
 Boundaries: a dialogue starts where its position id is 0 (and every row starts one); a padded
 row's tail is a pseudo-dialogue of its own, never trained, and a padded batch (one dialogue per
