@@ -202,6 +202,10 @@ class Recipe:
         stage (its partitions follow it); else the lowest whose plan fits, the highest any rank needs."""
         found = checkpoint.find(self.ckpt_dir, self.cfg.checkpoint.resume)
         saved = found.progress.trained_on.get("train.zero_stage") if found is not None else None
+        if found is not None and saved is None:
+            raise ConfigError(f"train.zero_stage=auto: {found.path} does not record the ZeRO stage it was saved "
+                              "with (an earlier version wrote it), and its partitions follow that stage; set "
+                              "train.zero_stage to it (the run's config.json says it)")
         if saved is not None:
             stage, why = int(saved), f"the stage of the checkpoint it resumes ({found.path})"
         else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import sysconfig
 from importlib import metadata
 
 from packaging.markers import default_environment
@@ -33,9 +34,12 @@ def canon(name: str) -> str:
 
 
 def installed() -> dict[str, str]:
-    """Canonical name -> version of every distribution in this environment, without local labels
-    (torch 2.13.0+cpu is locked as 2.13.0, which the CPU build and the CUDA builds both satisfy)."""
-    return {canon(d.metadata["Name"]): d.version.split("+")[0] for d in metadata.distributions()}
+    """Canonical name -> version of every distribution in this environment's site-packages, without
+    local labels (torch 2.13.0+cpu is locked as 2.13.0, which the CPU build and the CUDA builds both
+    satisfy). Only site-packages: importing setuptools (torch.compile's C++ build does) puts its
+    vendored packages' folder on sys.path, and their metadata are not installed distributions."""
+    paths = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    return {canon(d.metadata["Name"]): d.version.split("+")[0] for d in metadata.distributions(path=paths)}
 
 
 def roots(path: str) -> list[str]:

@@ -117,5 +117,7 @@ def test_speed_options_refuse_what_they_cannot_do():
     for bad, why in (("0-2", "need 1 <= A <= B"), ("7-5", "need 1 <= A <= B"), ("x", "give the steps as A-B")):
         with pytest.raises(ConfigError, match=f"train.profile_steps='{bad}': {why}"):
             load_config(None, [f"train.profile_steps={bad}"])
+    with pytest.raises(ConfigError, match="train.profile_steps=70-72: the run ends at train.max_steps=60, before step 70"):
+        load_config(None, ["train.profile_steps=70-72"])
     with pytest.raises(ConfigError, match="model.compile with train.sequence_parallel"):
         load_config(None, ["model.compile=true", "train.sequence_parallel=2"])

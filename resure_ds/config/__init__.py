@@ -400,7 +400,10 @@ def _validate(c: Config) -> list[str]:
                  "DeepSpeed's Ulysses attention runs sdpa, varlen or flash_attention_2; set one of them (or auto)")
     if c.train.profile_steps:
         try:
-            parse_steps(str(c.train.profile_steps))
+            first, _ = parse_steps(str(c.train.profile_steps))
+            if first > c.train.max_steps:
+                e.append(f"train.profile_steps={c.train.profile_steps}: the run ends at train.max_steps="
+                         f"{c.train.max_steps}, before step {first}")
         except ConfigError as err:
             e.append(str(err))
     if c.train.sequence_parallel > 1 and c.model.compile:
