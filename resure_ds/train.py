@@ -93,6 +93,25 @@ class Recipe:
         self.stepper = Stepper(cfg, self.engine, self.method, self.audit, self.data.source_names, self.rank, self.sp)
         self.startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
 
+    def auto_zero_stage(self, model_path: str) -> Config:
+        """train.zero_stage=auto resolved (resure_ds/runtime/memory.py): a resumed run keeps its checkpoint's
+        stage (its partitions follow it); else the lowest whose plan fits, the highest any rank needs."""
+        found = checkpoint.find(self.ckpt_dir, self.cfg.checkpoint.resume)
+        saved = found.progress.trained_on.get("train.zero_stage") if found is not None else None
+        if found is not None and saved is None:
+            raise ConfigError(f"train.zero_stage=auto: {found.path} does not record the ZeRO stage it was saved "
+                              "with (an earlier version wrote it), and its partitions follow that stage; set "
+                              "train.zero_stage to it (the run's config.json says it)")
+        if saved is not None:
+            stage, why = int(saved), f"the stage of the checkpoint it resumes ({found.path})"
+        else:
+            mine, why = auto_stage(self.cfg, model_path, self.world)
+            stage = int(dist.all_reduce_dict({"stage": float(mine)}, op="max")["stage"])
+            if stage != mine:
+                why = f"another rank has less memory than rank 0 ({why})"
+        print0(f"train.zero_stage=auto: ZeRO-{stage}, {why}")
+        return replace(self.cfg, train=replace(self.cfg.train, zero_stage=stage))
+
     def resume_point(self) -> checkpoint.Found | None:
         """The checkpoint to resume from, checked against this run's data; on another world size, its
         DeepSpeed part converted to the universal form (rank 0; the others meet it in the engine's
@@ -197,25 +216,6 @@ class Recipe:
         return res
 
     # -- save ------------------------------------------------------------------------------
-    def auto_zero_stage(self, model_path: str) -> Config:
-        """train.zero_stage=auto resolved (resure_ds/runtime/memory.py): a resumed run keeps its checkpoint's
-        stage (its partitions follow it); else the lowest whose plan fits, the highest any rank needs."""
-        found = checkpoint.find(self.ckpt_dir, self.cfg.checkpoint.resume)
-        saved = found.progress.trained_on.get("train.zero_stage") if found is not None else None
-        if found is not None and saved is None:
-            raise ConfigError(f"train.zero_stage=auto: {found.path} does not record the ZeRO stage it was saved "
-                              "with (an earlier version wrote it), and its partitions follow that stage; set "
-                              "train.zero_stage to it (the run's config.json says it)")
-        if saved is not None:
-            stage, why = int(saved), f"the stage of the checkpoint it resumes ({found.path})"
-        else:
-            mine, why = auto_stage(self.cfg, model_path, self.world)
-            stage = int(dist.all_reduce_dict({"stage": float(mine)}, op="max")["stage"])
-            if stage != mine:
-                why = f"another rank has less memory than rank 0 ({why})"
-        print0(f"train.zero_stage=auto: ZeRO-{stage}, {why}")
-        return replace(self.cfg, train=replace(self.cfg.train, zero_stage=stage))
-
     def trained_on(self) -> dict:
         c = self.cfg
         return {"model": self.model_shape, "model.lora.rank": c.model.lora.rank, "train.seed": c.train.seed,

@@ -150,6 +150,10 @@ def table(rows: dict, gpu: str, peak: float | None) -> str:
             lines.append(f"{label:58s} {tok[a] / tok[b]:6.2f}x  (target {target})")
 
     lines.append("")
+    big = rows.get("1.7b-plain-varlen", {})
+    if peak and big.get("status") == "ok":
+        lines.append(f"{'1.7b plain loop (varlen) MFU':58s} {6 * big['params'] * big['tokens_per_s'] / peak:6.1%}  "
+                     "(target >= 35%)")
     for p in ("", "1.7b-"):
         best = max((n for n in tok if n.startswith(p + "recipe-") and (p or not n.startswith("1.7b-"))),
                    key=tok.get, default=None)
