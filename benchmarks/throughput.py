@@ -118,10 +118,9 @@ def plain(length: int, mb: int, steps: int, model_path: str | None = None, overr
         t3 = time.perf_counter()
         times.append(t3 - t0)
         tokens.append(int((b["doc_ids"] >= 0).sum()))
-        # phases by the host clock: on a CPU the work itself; on a GPU only the total is synchronised
-        split.append({} if cuda else {"time_forward_s": t1 - t0, "time_backward_s": t2 - t1,
-                                      "time_optimizer_s": t3 - t2})
-    return {"times": times, "tokens": tokens, "split": split if not cuda else None}
+        if not cuda:  # phases by the host clock: on a GPU only the total is synchronised
+            split.append({"time_forward_s": t1 - t0, "time_backward_s": t2 - t1, "time_optimizer_s": t3 - t2})
+    return {"times": times, "tokens": tokens, "split": split or None}
 
 
 def trl(packing: bool, length: int, mb: int, steps: int, model_path: str | None = None,

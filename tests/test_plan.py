@@ -3,12 +3,13 @@
 activation estimate; each recipe's header states what the plan prints."""
 import os
 import re
+from dataclasses import replace
 
 import pytest
 
 from resure_ds.config import load_config
 from resure_ds.plan import main
-from resure_ds.runtime.memory import buffer_bytes, model_shape, state_bytes
+from resure_ds.runtime.memory import GB, HEADROOM, buffer_bytes, choose_stage, estimate, model_shape, state_bytes
 from tests.conftest import ROOT
 
 ARCH = os.path.join(ROOT, "tests", "fixtures", "architectures")
@@ -87,12 +88,8 @@ def test_the_embedded_default_plans_from_its_own_folder(capsys):
 
 
 def test_auto_zero_stage_is_the_lowest_whose_plan_fits():
-    """train.zero_stage=auto (plan.choose_stage): the lowest stage whose plan fits 90% of a device;
-    ZeRO-3 with the reason when none does. The plan CLI resolves it the same way."""
-    from resure_ds.runtime.memory import GB, HEADROOM, choose_stage, estimate
-
-    from dataclasses import replace
-
+    """train.zero_stage=auto (runtime/memory.choose_stage): the lowest stage whose plan fits 90% of a
+    device; ZeRO-3 with the reason when none does. The plan CLI resolves it the same way."""
     cfg = load_config(None, ["train.zero_stage=auto", "model.dtype=bf16", "data.max_length=4096",
                              "train.micro_batch_size=1", "model.gradient_checkpointing=true"])
     s8 = model_shape(os.path.join(ARCH, "llama3.1-8b"), cfg)

@@ -134,15 +134,18 @@ def run_row(name: str, a) -> dict:
     return out
 
 
-def table(rows: dict, gpu: str, peak: float | None) -> str:
-    lines = [f"{gpu}: real tokens/s, bf16, one card (MFU = 6 x params x tokens/s / {peak or 0:.3g}, a lower bound)",
+def table(rows: dict, gpu: str, peak: float | None, dtype: str) -> str:
+    lines = [f"{gpu}: real tokens/s, {dtype}, one card (MFU = 6 x params x tokens/s / {peak or 0:.3g}, a lower bound)",
              f"{'row':20s} {'tokens/s':>10s} {'s/step':>8s} {'MFU':>6s}  note"]
+
+    def mfu(r: dict) -> str:
+        return f"{6 * r['params'] * r['tokens_per_s'] / peak:.1%}" if peak else "-"
+
     for name, r in rows.items():
         if r.get("status") != "ok":
             lines.append(f"{name:20s} {'-':>10s} {'-':>8s} {'-':>6s}  {r.get('status')}: {r.get('why', '')[:80]}")
             continue
-        mfu = f"{6 * r['params'] * r['tokens_per_s'] / peak:.1%}" if peak else "-"
-        lines.append(f"{name:20s} {r['tokens_per_s']:10,.0f} {r['step_s']:8.3f} {mfu:>6s}")
+        lines.append(f"{name:20s} {r['tokens_per_s']:10,.0f} {r['step_s']:8.3f} {mfu(r):>6s}")
     tok = {n: r["tokens_per_s"] for n, r in rows.items() if r.get("status") == "ok"}
 
     def ratio(label: str, a: str, b: str, target: str) -> None:
@@ -152,11 +155,9 @@ def table(rows: dict, gpu: str, peak: float | None) -> str:
     lines.append("")
     big = rows.get("1.7b-plain-varlen", {})
     if peak and big.get("status") == "ok":
-        lines.append(f"{'1.7b plain loop (varlen) MFU':58s} {6 * big['params'] * big['tokens_per_s'] / peak:6.1%}  "
-                     "(target >= 35%)")
+        lines.append(f"{'1.7b plain loop (varlen) MFU':58s} {mfu(big):>6s}  (target >= 35%)")
     for p in ("", "1.7b-"):
-        best = max((n for n in tok if n.startswith(p + "recipe-") and (p or not n.startswith("1.7b-"))),
-                   key=tok.get, default=None)
+        best = max((n for n in tok if n.startswith(p + "recipe-")), key=tok.get, default=None)
         if best:
             ratio(f"{p}recipe's best ({best}) / plain loop (varlen), tokens/s", best, p + "plain-varlen", ">= 0.9")
             ratio(f"{p}plain loop (varlen) / recipe at ZeRO-3", p + "plain-varlen", p + "recipe-z3", "<= 1.5")
@@ -200,7 +201,7 @@ def main() -> None:
         with open(os.path.join(a.out, "bench.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(r) + "\n")
         print(f"{name}: {r['status']} {r.get('tokens_per_s', '')} ({time.monotonic() - t0:.0f} s)", flush=True)
-    text = table(results, gpu, peak)
+    text = table(results, gpu, peak, a.dtype)
     print(text, flush=True)
     with open(os.path.join(a.out, "bench.txt"), "w", encoding="utf-8") as f:
         f.write(text + "\n")

@@ -69,8 +69,9 @@ class ModelConfig:
     and the start-up check finds the same losses as its own logits, else the logits path; true:
     stop if it cannot; false: the logits path."""
     compile: bool = False
-    """torch.compile the model (DeepSpeed's engine.compile, inductor): the first steps compile it,
-    later ones run fused kernels. Not with train.sequence_parallel (docs/performance.md)."""
+    """torch.compile each transformer block (inductor, dynamic shapes: one graph for all blocks and
+    row lengths; resure_ds/runtime/engine.compile_blocks): the first step compiles, later ones run
+    fused kernels. Not with train.sequence_parallel (docs/performance.md)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -26,8 +26,9 @@ same position-id tensor) and shared by all layers.
 """
 from __future__ import annotations
 
-import inspect
+import functools
 import importlib.util
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 VARLEN = "varlen"
 
 
+@functools.cache
 def torch_varlen():
     """PyTorch's variable-length attention function, or None where this PyTorch lacks it."""
     try:
@@ -99,10 +101,15 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     return out.reshape(B, S, H, D), None
 
 
+@functools.cache
+def _varlen_keywords() -> frozenset:
+    """The keywords this PyTorch's varlen_attn takes (they changed between releases)."""
+    return frozenset(inspect.signature(torch_varlen()).parameters)
+
+
 def _kernel(q, k, v, cu, longest: int, scaling):
-    """PyTorch's varlen_attn, whose keywords changed between releases (read off its signature)."""
-    fn = torch_varlen()
-    params = inspect.signature(fn).parameters
+    """PyTorch's varlen_attn, called with the keywords this release has."""
+    params = _varlen_keywords()
     kw = {}
     if scaling is not None:
         if "scale" in params:
@@ -118,7 +125,7 @@ def _kernel(q, k, v, cu, longest: int, scaling):
         kw["is_causal"] = True
     else:  # later: causal is a window reaching back without limit and not ahead
         kw["window_size"] = (-1, 0)
-    return fn(q, k, v, cu, cu, longest, longest, **kw)
+    return torch_varlen()(q, k, v, cu, cu, longest, longest, **kw)
 
 
 def per_dialogue(q, k, v, cu, scaling) -> torch.Tensor:

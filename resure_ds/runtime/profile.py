@@ -21,19 +21,20 @@ from ..config import parse_steps
 class StepProfiler:
     def __init__(self, spec: int | str | None, run_dir: str, rank: int):
         self.span = parse_steps(str(spec)) if spec and rank == 0 else None
-        self.run_dir, self.prof, self.t0 = run_dir, None, 0.0
+        self.run_dir, self.prof, self.t0, self.first = run_dir, None, 0.0, 0
 
     def before(self, step: int) -> None:
-        """Called before step `step` (1-based) runs."""
-        if self.span is None or step != self.span[0]:
+        """Called before step `step` (1-based) runs: profiling starts at the first step of the span
+        this run reaches (a run resumed inside the span profiles the rest of it)."""
+        if self.span is None or self.prof is not None or not self.span[0] <= step <= self.span[1]:
             return
         acts = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             acts.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize()
         self.prof = torch.profiler.profile(activities=acts)
-        self.prof.__enter__()
-        self.t0 = time.perf_counter()
+        self.prof.start()
+        self.t0, self.first = time.perf_counter(), step
 
     def after(self, step: int) -> None:
         """Called after step `step` ran: the last profiled step writes the files."""
@@ -48,10 +49,10 @@ class StepProfiler:
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
-        self.prof.__exit__(None, None, None)
+        self.prof.stop()
         events = self.prof.key_averages()
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        first = self.span[0]
+        first = self.first
         lines = [f"steps {first}-{step}: {wall:.3f} s of wall time, {wall / (step - first + 1):.3f} s a step"]
         if cuda:
             busy = sum(e.self_device_time_total for e in events) / 1e6
