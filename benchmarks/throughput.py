@@ -10,16 +10,24 @@ the same number of timed steps, one process each, one after another:
   trl packed / padded      trl.SFTTrainer: packing=True (best-fit decreasing, padding-free,
                            position ids) and packing=False (padded batches)
   plain                    a plain torch loop on the recipe's own packed batches: the model's
-                           own loss (labels), AdamW, gradient clipping; nothing else
+                           own loss (labels), AdamW, gradient clipping; nothing else. In bf16 it
+                           steps bf16 weights with bf16 Adam moments
+  plain master             the same loop keeping what the recipe's bf16 path keeps: fp32 master
+                           weights and Adam moments, each gradient copied to fp32, the bf16 weights
+                           copied back after the step (in fp32: the plain loop again)
 
 Real tokens are non-padding tokens. The first --warmup steps of each are not
 timed. Ratios printed at the end: resure packed against TRL's best, against
-the plain loop (the same batches, so the same tokens) and against sft.
+the plain loops (the same batches, so the same tokens) and against sft.
+--repeats N runs the whole list N times, interleaved (A B A B ...), so slow
+spells of the machine fall on every configuration alike; each ratio is then
+given per repeat, with its median.
 Extra dependencies: benchmarks/requirements.txt (trl). Dtype: --dtype, else
 what the recipe's model.dtype=auto picks here (fp32 on an AVX2-only CPU); the
 results name the CPU's bf16 support and the dtype.
 
     python benchmarks/throughput.py [--lengths 256 1024] [--tokens 1024] [--steps 5] [--warmup 2] [--dtype fp32]
+                                    [--only NAME ...] [--repeats 1]
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "benchmarks", "work", "throughput")
 CONFIGS = ["resure-packed", "resure-packed-z3", "resure-padded", "sft-packed", "sft-padded", "trl-packed", "trl-padded",
-           "plain"]
+           "plain", "plain-master"]
 SEED = 1234
 
 
@@ -74,10 +82,11 @@ def _setup(length: int, model_path: str | None = None, overrides: tuple = ()):
 
 
 def plain(length: int, mb: int, steps: int, model_path: str | None = None, overrides: tuple = (),
-          compile: bool = False) -> dict:
+          compile: bool = False, master: bool = False) -> dict:
     """A plain loop on the recipe's packed batches (the same rows resure-packed trains on): the
-    model's own loss, AdamW (fused on CUDA), clipping; compile: under torch.compile. On CUDA, timed
-    between synchronisations."""
+    model's own loss, AdamW (fused on CUDA), clipping; compile: under torch.compile; master: with
+    fp32 master weights and moments under a bf16 model (what DeepSpeed's bf16 path keeps). On CUDA,
+    timed between synchronisations."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -101,7 +110,9 @@ def plain(length: int, mb: int, steps: int, model_path: str | None = None, overr
     model.train()
     if compile:
         model.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
+    params = [p for p in model.parameters() if p.requires_grad]
+    masters = [p.detach().float() for p in params] if master and dtype == "bf16" else None
+    opt = torch.optim.AdamW(masters or params, lr=5e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
     times, tokens, split = [], [], []
     for _ in range(steps):
         b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in next(batches).items()}
@@ -110,8 +121,16 @@ def plain(length: int, mb: int, steps: int, model_path: str | None = None, overr
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if masters:  # the gradients into fp32, the step there, the weights back into the bf16 model
+            for m, p in zip(masters, params):
+                m.grad = p.grad.float()
+                p.grad = None
+            torch.nn.utils.clip_grad_norm_(masters, 1.0)
+            opt.step()
+            torch._foreach_copy_(params, masters)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
@@ -169,8 +188,8 @@ def trl(packing: bool, length: int, mb: int, steps: int, model_path: str | None 
 
 def measure(name: str, length: int, mb: int, steps: int, dtype: str | None) -> dict:
     over = (f"model.dtype={dtype}",) if dtype else ()
-    if name == "plain":
-        return plain(length, mb, steps, overrides=over)
+    if name in ("plain", "plain-master"):
+        return plain(length, mb, steps, overrides=over, master=name == "plain-master")
     if name.startswith("trl"):
         return trl(name == "trl-packed", length, mb, steps, dtype=dtype)
     return recipe(name, length, mb, steps, overrides=over)
@@ -194,6 +213,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=CONFIGS, default=CONFIGS)
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "throughput.json"))
     ap.add_argument("--dtype", choices=["bf16", "fp32"], help="default: what model.dtype=auto picks here")
+    ap.add_argument("--repeats", type=int, default=1, help="the whole list this many times, interleaved")
     ap.add_argument("--worker", nargs=2, metavar=("NAME", "LENGTH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -201,24 +221,43 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(name, length, max(1, a.tokens // length), a.steps + a.warmup, a.dtype)))
         return
     os.makedirs(WORK, exist_ok=True)
-    table: dict = {}
-    for length in a.lengths:
-        for name in a.only:
-            t0 = time.perf_counter()
-            out = subprocess.run([sys.executable, __file__, "--worker", name, str(length), f"--tokens={a.tokens}",
-                                  f"--steps={a.steps}", f"--warmup={a.warmup}",
-                                  *([f"--dtype={a.dtype}"] if a.dtype else [])], cwd=ROOT, capture_output=True,
-                                 text=True, env={**os.environ, "PYTHONPATH": ROOT})
-            if out.returncode != 0:
-                sys.exit(f"{name} at {length} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-            line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
-            table[f"{name}@{length}"] = summarize(json.loads(line[7:]), a.warmup)
-            r = table[f"{name}@{length}"]
-            print(f"{name:14s} max_length {length:5d}: {r['tokens_per_s']:7.1f} real tokens/s, "
-                  f"{r['step_s']:6.2f} s/step  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print(f"\nratios (real tokens/s; steps of {a.tokens} row tokens, {a.steps} timed after {a.warmup}):")
+    each: dict[str, list] = {}  # NAME@LENGTH -> one summary per repeat
+    for rep in range(a.repeats):
+        for length in a.lengths:
+            for name in a.only:
+                t0 = time.perf_counter()
+                out = subprocess.run([sys.executable, __file__, "--worker", name, str(length), f"--tokens={a.tokens}",
+                                      f"--steps={a.steps}", f"--warmup={a.warmup}",
+                                      *([f"--dtype={a.dtype}"] if a.dtype else [])], cwd=ROOT, capture_output=True,
+                                     text=True, env={**os.environ, "PYTHONPATH": ROOT})
+                if out.returncode != 0:
+                    sys.exit(f"{name} at {length} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+                line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+                r = summarize(json.loads(line[7:]), a.warmup)
+                each.setdefault(f"{name}@{length}", []).append(r)
+                print(f"{name:14s} max_length {length:5d}: {r['tokens_per_s']:7.1f} real tokens/s, "
+                      f"{r['step_s']:6.2f} s/step  ({time.perf_counter() - t0:.0f} s"
+                      f"{f', repeat {rep + 1} of {a.repeats}' if a.repeats > 1 else ''})", flush=True)
+    table = {k: v[0] if len(v) == 1 else {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in v),
+                                          "step_s": statistics.median(r["step_s"] for r in v), "repeats": v}
+             for k, v in each.items()}
+    per_repeat = [ratios_of({k: v[i] for k, v in each.items()}, a.lengths) for i in range(a.repeats)]
+    ratios = {k: statistics.median(r[k] for r in per_repeat) for k in per_repeat[0]}
+    print(f"\nratios (real tokens/s; steps of {a.tokens} row tokens, {a.steps} timed after {a.warmup}"
+          f"{f'; median of {a.repeats} interleaved repeats, each in brackets' if a.repeats > 1 else ''}):")
+    for k, v in ratios.items():
+        detail = f"  [{', '.join(f'{r[k]:.2f}' for r in per_repeat)}]" if a.repeats > 1 else ""
+        print(f"  {k:30s} {v:.2f}x{detail}")
+    os.makedirs(os.path.dirname(os.path.abspath(a.results)), exist_ok=True)
+    with open(a.results, "w", encoding="utf-8") as f:
+        json.dump({"args": vars(a), "machine": machine(a.dtype), "table": table, "ratios": ratios,
+                   **({"ratios_each_repeat": per_repeat} if a.repeats > 1 else {})}, f, indent=1)
+
+
+def ratios_of(table: dict, lengths: list[int]) -> dict[str, float]:
+    """Step-time and throughput ratios between the configurations of one pass over the list."""
     ratios = {}
-    for length in a.lengths:
+    for length in lengths:
         g = lambda n: table.get(f"{n}@{length}")  # noqa: E731
         r = g("resure-packed")
         if r is None:
@@ -227,29 +266,22 @@ def main() -> None:
                        default=None)
         if trl_best:
             ratios[f"resure/trl_best@{length}"] = r["tokens_per_s"] / trl_best["tokens_per_s"]
-        if g("plain"):
-            ratios[f"resure_step/plain_step@{length}"] = r["step_s"] / g("plain")["step_s"]
-            if g("resure-packed-z3"):
-                ratios[f"resure_z3_step/plain_step@{length}"] = g("resure-packed-z3")["step_s"] / g("plain")["step_s"]
+        for base in ("plain", "plain-master"):
+            if g(base):
+                ratios[f"resure_step/{base}_step@{length}"] = r["step_s"] / g(base)["step_s"]
+                if g("resure-packed-z3"):
+                    ratios[f"resure_z3_step/{base}_step@{length}"] = g("resure-packed-z3")["step_s"] / g(base)["step_s"]
         if g("sft-packed"):
             ratios[f"resure_step/sft_step@{length}"] = r["step_s"] / g("sft-packed")["step_s"]
-    for k, v in ratios.items():
-        print(f"  {k:28s} {v:.2f}x")
-    os.makedirs(os.path.dirname(os.path.abspath(a.results)), exist_ok=True)
-    with open(a.results, "w", encoding="utf-8") as f:
-        json.dump({"args": vars(a), "machine": machine(a.dtype), "table": table, "ratios": ratios}, f, indent=1)
+    return ratios
 
 
 def machine(dtype: str | None) -> dict:
-    """What the numbers were measured on: the CPU's bf16 support and the dtype trained."""
-    from resure_ds.runtime.engine import native_bf16
+    """What the numbers were measured on: the CPU's bf16 instructions and the dtype trained."""
+    from resure_ds.runtime.engine import cpu_bf16_kind, native_bf16
 
-    flags = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    kind = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX2 only"
-    return {"cpu_bf16": kind, "cores": os.cpu_count(), "dtype": dtype or ("bf16" if native_bf16() else "fp32")}
+    return {"cpu_bf16": cpu_bf16_kind(), "cores": os.cpu_count(),
+            "dtype": dtype or ("bf16" if native_bf16() else "fp32")}
 
 
 if __name__ == "__main__":

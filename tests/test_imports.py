@@ -1,11 +1,13 @@
 """The package's import graph: light core modules, no circles, every arrow pointing down a layer
 (docs/architecture.md), and imports of our own modules at module top only."""
 import ast
+import os
 import pathlib
 import subprocess
 import sys
 
-PKG = pathlib.Path(__file__).resolve().parents[1] / "resure_ds"
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+PKG = pathlib.Path(ROOT) / "resure_ds"
 
 # The layers, lowest first; a module may import only from its own part or from a lower layer.
 LAYER = {"errors": 0, "files": 0, "config": 1, "models": 2, "data": 3, "runtime": 4, "stats": 5, "eval": 6, "report": 6,
@@ -105,3 +107,53 @@ def test_core_modules_do_not_import_deepspeed():
             "assert not bad, bad; print('clean')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "clean" in out.stdout, out.stderr
+
+
+def test_mlflow_is_imported_only_when_used():
+    """DeepSpeed imports MLflow at its own import time (1.5 s of CPU a process); the runtime defers
+    it (resure_ds/runtime/deferred.py). What reads every module in sys.modules (inspect.getmodule,
+    as torch's operator registration does), find_spec and the import statement must not load it;
+    an attribute of it must, for DeepSpeed's own reference as for a later import."""
+    code = """
+import importlib.util, inspect, sys
+import resure_ds.runtime.engine, deepspeed.autotuning.autotuner as at, torch
+stand_in = sys.modules["mlflow"]
+assert type(stand_in).__name__ == "Deferred" and "mlflow.tracking" not in sys.modules, type(stand_in)
+import mlflow
+assert importlib.util.find_spec("mlflow").origin == stand_in.__file__
+inspect.getmodule(torch.nn.Linear)
+from transformers.integrations.integration_utils import is_mlflow_available
+assert is_mlflow_available() and "mlflow.tracking" not in sys.modules
+assert callable(at.mlflow.start_run) and "mlflow.tracking" in sys.modules
+assert type(sys.modules["mlflow"]).__name__ == "module" and mlflow.end_run is sys.modules["mlflow"].end_run
+from mlflow.tracking import MlflowClient
+print("deferred")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "deferred" in out.stdout, out.stderr[-3000:]
+
+
+def test_a_deferred_module_that_fails_raises_at_every_use(tmp_path):
+    (tmp_path / "broken_pkg.py").write_text("raise ImportError('a dependency of broken_pkg is missing')\n")
+    (tmp_path / "fine_pkg.py").write_text("VALUE = 7\n")
+    code = """
+import sys
+from resure_ds.runtime import deferred
+for name in ("broken_pkg", "fine_pkg", "no_such_module_here"):
+    deferred.defer(name)
+assert "no_such_module_here" not in sys.modules
+stand_in = sys.modules["fine_pkg"]
+assert isinstance(stand_in, deferred.Deferred) and stand_in.VALUE == 7 and sys.modules["fine_pkg"] is not stand_in
+broken = sys.modules["broken_pkg"]
+for _ in range(2):  # the first use and every later one
+    try:
+        broken.anything
+    except ImportError as e:
+        assert "dependency of broken_pkg" in str(e)
+    else:
+        raise AssertionError("no ImportError")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

@@ -36,6 +36,7 @@ Rows (run in the order of ROWS below, what the targets need first):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -194,6 +195,9 @@ def main() -> None:
         left = a.budget_s - (time.monotonic() - t0)
         if left <= 0:
             r = {"status": "skipped", "why": f"the {a.budget_s:.0f} s budget was spent"}
+        elif ROWS[name][0] == "trl" and importlib.util.find_spec("trl") is None:  # no row process to start
+            r = {"status": "failed", "why": "ModuleNotFoundError: No module named 'trl' (the prepared .gpu/ "
+                                            "carries its wheel; else pip install -r benchmarks/requirements.txt)"}
         else:
             r = measure(name, passed, min(a.row_timeout_s, left), a.out)
         r["row"] = name

@@ -68,9 +68,17 @@ def native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
+        return cpu_bf16_kind() != "none"
+
+
+def cpu_bf16_kind() -> str:
+    """The CPU's bf16 instructions by /proc/cpuinfo's flags: AMX-BF16, AVX512-BF16 or none (where
+    bf16 is emulated, e.g. AVX2 only)."""
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "none"
 
 
 def resolve_dtype(cfg: Config) -> str:

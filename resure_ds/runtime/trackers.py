@@ -52,7 +52,9 @@ def _need(module: str, tracker: str):
     import importlib
 
     try:
-        return importlib.import_module(module)
+        loaded = importlib.import_module(module)
+        loaded.__dict__  # a deferred import (resure_ds/runtime/deferred.py) loads here
+        return loaded
     except ImportError:
         raise ConfigError(f"output.report_to names {tracker}, but the {tracker} package is not installed: "
                           f"pip install {tracker} (or drop it from output.report_to)") from None
