@@ -46,6 +46,13 @@ CONFIGS = ["resure-packed", "resure-packed-z3", "resure-padded", "sft-packed", "
 SEED = 1234
 
 
+def child_env(**extra: str) -> dict:
+    """This environment for a child process, with the repository first on its PYTHONPATH (and
+    what was there kept: e.g. a folder holding TRL)."""
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def recipe(name: str, length: int, mb: int, steps: int, overrides: tuple = (), quiet: bool = True,
            run_name: str | None = None) -> dict:
     """The recipe as a user runs it, one rank (ZeRO-0 unless overrides say otherwise; later
@@ -127,7 +134,8 @@ def plain(length: int, mb: int, steps: int, model_path: str | None = None, overr
                 p.grad = None
             torch.nn.utils.clip_grad_norm_(masters, 1.0)
             opt.step()
-            torch._foreach_copy_(params, masters)
+            with torch.no_grad():
+                torch._foreach_copy_(params, masters)
         else:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -229,7 +237,7 @@ def main() -> None:
                 out = subprocess.run([sys.executable, __file__, "--worker", name, str(length), f"--tokens={a.tokens}",
                                       f"--steps={a.steps}", f"--warmup={a.warmup}",
                                       *([f"--dtype={a.dtype}"] if a.dtype else [])], cwd=ROOT, capture_output=True,
-                                     text=True, env={**os.environ, "PYTHONPATH": ROOT})
+                                     text=True, env=child_env())
                 if out.returncode != 0:
                     sys.exit(f"{name} at {length} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
                 line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))

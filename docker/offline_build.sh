@@ -13,7 +13,6 @@
 #    wheels, which a local HTTP server hands to it (PIP_NO_INDEX, PIP_FIND_LINKS).
 #
 # Environment: BASE_TAG (resure-ds-base:bookworm), DEBIAN_MIRROR (http://deb.debian.org/debian),
-# DOCKER_BUILD_ARGS (more `docker build` flags, e.g. --cpu-shares=2 to build at low priority),
 # WHEELHOUSE (~/.cache/resure_ds/wheelhouse), PYTHON (.venv/bin/python of `make setup`, else
 # python3: a Python 3.11, as in the image, with torch to build DeepSpeed's wheel). Where the host's
 # pip would take torch from PyPI (a CUDA build), point it at the CPU wheels first:
@@ -78,6 +77,5 @@ port=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0));
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 say "image $TAG on $BASE_TAG (wheels from http://127.0.0.1:$port/)"
-# shellcheck disable=SC2086
-docker build --network host ${DOCKER_BUILD_ARGS:-} -f docker/Dockerfile.cpu -t "$TAG" \
+docker build --network host -f docker/Dockerfile.cpu -t "$TAG" \
   --build-arg BASE="$BASE_TAG" --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS="http://127.0.0.1:$port/" .

@@ -79,7 +79,7 @@ SHAPE_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "inter
               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
 
 
-def model_shape(model_path: str) -> dict:
+def shape_config(model_path: str) -> dict:
     """What a checkpoint's tensors depend on, from the model folder's config.json (a resume into a
     model of another shape is refused with the difference, not a DeepSpeed traceback)."""
     import json

@@ -25,7 +25,7 @@ from .data.plan import Cursor
 from .errors import ConfigError, DataError, TrainingError
 from .eval.validation import Validation
 from .files import write_json
-from .models import load_tokenizer, model_shape, resolve_model_path
+from .models import load_tokenizer, resolve_model_path, shape_config
 from .report import audit
 from .report.build import write_report
 from .report.run_files import write_sources
@@ -67,7 +67,7 @@ class Recipe:
             write_json(os.path.join(self.run_dir, "config.json"), to_dict(cfg), indent=2)
         checkpoint.seed_all(cfg.train.seed + self.rank)
         model_path = resolve_model_path(cfg.model.path)  # file-locked: one rank converts, others wait
-        self.model_shape = model_shape(model_path)
+        self.shape_config = shape_config(model_path)
         self.tokenizer = load_tokenizer(model_path, cfg.model.chat_template, cfg.model.trust_remote_code)
         t1 = time.perf_counter()
         self.data = TrainingData(cfg, self.tokenizer, model_path, self.rank)
@@ -220,7 +220,7 @@ class Recipe:
     # -- save ------------------------------------------------------------------------------
     def trained_on(self) -> dict:
         c = self.cfg
-        return {"model": self.model_shape, "model.lora.rank": c.model.lora.rank, "train.seed": c.train.seed,
+        return {"model": self.shape_config, "model.lora.rank": c.model.lora.rank, "train.seed": c.train.seed,
                 "data.packing": c.data.packing, "data.pack_window": c.data.pack_window,
                 "train.zero_stage": c.train.zero_stage}
 

@@ -9,24 +9,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: `make test-fast` builds nothing
-def pytest_collection_modifyitems(config, items):
-    """The image tests run last, their image built in the background meanwhile (tests/test_docker.py)."""
-    image = [it for it in items if it.path.name == "test_docker.py"]
-    if image:
-        items[:] = [it for it in items if it.path.name != "test_docker.py"] + image
-        from tests import test_docker
-
-        test_docker.start_build()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    import sys
-
-    if "tests.test_docker" in sys.modules:
-        sys.modules["tests.test_docker"].stop_build()
-
-
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     from resure_ds.models import EMBEDDED, resolve_model_path

@@ -3,20 +3,12 @@
 without a network, and the quick checks of the suite pass inside it.
 
 Needs a Docker engine and root (debootstrap). Elsewhere it is skipped; RESURE_REQUIRE_DOCKER=1
-(CI, whose .ci/run starts the engine) turns the skip into a failure.
-
-The build takes minutes, much of them waiting on Debian's mirror. When a session collects these
-tests, tests/conftest.py starts the build at once, in the background at the lowest CPU priority
-(the build's own containers too: --cpu-shares=2), and runs these tests last; their fixture waits
-for it. Run alone, they build first, as before."""
+(CI, whose .ci/run starts the engine) turns the skip into a failure."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import pytest
 
@@ -35,35 +27,6 @@ def engine_missing() -> str | None:
     return None
 
 
-BUILD: dict = {}  # the session's image build: tag, process, log, start time
-BUILD_TIMEOUT_S = 1800
-
-
-def start_build() -> None:
-    """Start building the test image in the background (once a session; nothing without an engine)."""
-    if BUILD or engine_missing():
-        return
-    tag = f"resure-ds:cpu-test-{os.getpid()}"
-    log = tempfile.NamedTemporaryFile("w+", prefix="resure-image-build-", suffix=".log", delete=False)
-    proc = subprocess.Popen(["nice", "-n", "19", "bash", os.path.join(ROOT, "docker", "offline_build.sh"), tag],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHON": sys.executable, "DOCKER_BUILD_ARGS": "--cpu-shares=2"})
-    BUILD.update(tag=tag, proc=proc, log=log, start=time.monotonic())
-
-
-def stop_build() -> None:
-    """End a build still running (the session ends early) and remove the image and the log."""
-    if not BUILD:
-        return
-    if BUILD["proc"].poll() is None:
-        os.killpg(BUILD["proc"].pid, signal.SIGKILL)
-        BUILD["proc"].wait()
-    subprocess.run(["docker", "rmi", "-f", BUILD["tag"]], capture_output=True)
-    BUILD["log"].close()
-    os.unlink(BUILD["log"].name)
-    BUILD.clear()
-
-
 @pytest.fixture(scope="module")
 def image():
     why = engine_missing()
@@ -71,18 +34,12 @@ def image():
         if os.environ.get("RESURE_REQUIRE_DOCKER") == "1":
             pytest.fail(f"RESURE_REQUIRE_DOCKER=1 but {why}")
         pytest.skip(why)
-    start_build()  # a no-op when the session started it
-    proc = BUILD["proc"]
-    try:
-        proc.wait(timeout=max(1.0, BUILD_TIMEOUT_S - (time.monotonic() - BUILD["start"])))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the image build ran over {BUILD_TIMEOUT_S} s (log: {BUILD['log'].name})")
-    with open(BUILD["log"].name, encoding="utf-8", errors="replace") as f:
-        log = f.read()
-    assert proc.returncode == 0, log[-8000:]
-    print(f"image built in {time.monotonic() - BUILD['start']:.0f} s from the session's start")
-    yield BUILD["tag"]
-    stop_build()
+    tag = f"resure-ds:cpu-test-{os.getpid()}"
+    out = subprocess.run(["bash", os.path.join(ROOT, "docker", "offline_build.sh"), tag], cwd=ROOT,
+                         env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    yield tag
+    subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
 
 
 def docker_run(*args, timeout=900):

@@ -26,6 +26,8 @@ def read_trackers(run: str, steps: list[int]) -> tuple[dict[str, list[float]], b
         rid = f.read().strip()
     hist = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
     assert [s for s, _ in hist] == steps  # one MLflow run, also across a resume
+    # ended by the tracker before the rank left (it leaves without Python's teardown: resure_ds/train.py)
+    assert client.get_run(rid).info.status == "FINISHED"
     with open(os.path.join(run, ".wandb_run_id"), encoding="utf-8") as f:
         wid = f.read().strip()
     files = glob.glob(os.path.join(run, "wandb", f"offline-run-*-{wid}", f"run-{wid}.wandb"))

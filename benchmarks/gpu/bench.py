@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
-from benchmarks.throughput import SEED, plain, recipe, summarize, trl  # noqa: E402
+from benchmarks.throughput import SEED, child_env, plain, recipe, summarize, trl  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 SMOLLM2_1_7B = (2048, 8192, 24, 32, 32, 64)
@@ -222,7 +222,7 @@ def measure(name: str, passed: list[str], timeout: float, out: str) -> dict:
         # its own process group: a timeout ends the launcher's ranks too, which hold the GPU
         p = subprocess.Popen([sys.executable, __file__, "--row", name, *passed], cwd=ROOT, stdout=f,
                              stderr=subprocess.STDOUT, start_new_session=True,
-                             env={**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"})
+                             env=child_env(PYTHONUNBUFFERED="1"))
         try:
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
