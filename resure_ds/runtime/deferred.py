@@ -27,11 +27,9 @@ class Deferred(types.ModuleType):
 
 def load(name: str) -> types.ModuleType:
     """The real module behind a stand-in, imported now if it was not yet."""
-    module = sys.modules.get(name)
-    if module is None or isinstance(module, Deferred):
-        sys.modules.pop(name, None)  # a failed import leaves it out: the next use imports (and raises) again
-        module = importlib.import_module(name)
-    return module
+    if isinstance(sys.modules.get(name), Deferred):
+        del sys.modules[name]  # a failed import leaves it out: the next use imports (and raises) again
+    return importlib.import_module(name)
 
 
 def defer(name: str) -> None:

@@ -19,6 +19,8 @@ import uuid
 from ..config.sources import tracker_names
 from ..errors import ConfigError
 from ..files import write_text
+from .deferred import load
+
 
 def scalars(row: dict) -> dict[str, float]:
     """The numbers of a metrics row: scalars as they are, per-depth lists as name/depth (NaN dropped)."""
@@ -49,12 +51,8 @@ def _store_id(run_dir: str, name: str, rid: str) -> str:
 
 
 def _need(module: str, tracker: str):
-    import importlib
-
     try:
-        loaded = importlib.import_module(module)
-        loaded.__dict__  # a deferred import (resure_ds/runtime/deferred.py) loads here
-        return loaded
+        return load(module)  # imported now, also where its import was deferred (deferred.py)
     except ImportError:
         raise ConfigError(f"output.report_to names {tracker}, but the {tracker} package is not installed: "
                           f"pip install {tracker} (or drop it from output.report_to)") from None
