@@ -6,7 +6,8 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+from tests.conftest import ROOT
+
 PKG = pathlib.Path(ROOT) / "resure_ds"
 
 # The layers, lowest first; a module may import only from its own part or from a lower layer.
