@@ -212,16 +212,24 @@ def summarize(res: dict, warmup: int) -> dict:
     return out
 
 
+def positive(text: str) -> int:
+    """An argument that counts timed things: at least 1 (0 would time nothing and fail at the end)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--tokens", type=int, default=1024, help="row tokens per step: rows = tokens / length")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--steps", type=positive, default=5, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", nargs="+", choices=CONFIGS, default=CONFIGS)
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "throughput.json"))
     ap.add_argument("--dtype", choices=["bf16", "fp32"], help="default: what model.dtype=auto picks here")
-    ap.add_argument("--repeats", type=int, default=1, help="the whole list this many times, interleaved")
+    ap.add_argument("--repeats", type=positive, default=1, help="the whole list this many times, interleaved")
     ap.add_argument("--worker", nargs=2, metavar=("NAME", "LENGTH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:

@@ -117,3 +117,11 @@ def test_plan_memory_measures_a_run_beside_the_plan(tmp_path, tiny_model_path):
     assert r["measured_peak_mib"] > 0 and r["plan_buffers_mib"] > 0 and r["measured_over_plan"] > 0
     parts = r["plan_states_mib"] + r["plan_buffers_mib"] + r["plan_activations_mib"]
     assert abs(r["plan_mib"] - parts) <= 2  # each part rounded on its own
+
+
+def test_throughput_refuses_counts_that_would_time_nothing():
+    for arg in ("--repeats=0", "--steps=0", "--repeats=-2"):
+        out = subprocess.run([sys.executable, "benchmarks/throughput.py", arg, "--only", "plain"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "must be at least 1" in out.stderr, (arg, out.stderr[-500:])
+
