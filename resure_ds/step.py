@@ -59,15 +59,19 @@ class Stepper:
         clock.mark("forward")
         faults.point("step", step, self.rank)
         turns = turn_losses(nll, tg, D, T)  # the whole rows' turns, whatever the sharding
-        seen = self.method.statistic(turns, batch.get("ref_loss"))  # loss, or excess loss (stats.reference)
-        wts = self.method.weigh(seen, step - 1)  # statistics as they stood before this micro-step
+        sources = torch.as_tensor(batch["sources"], dtype=torch.long)
+        seen = self.method.statistic(turns, batch.get("ref_loss"))  # per signal: loss, excess loss
+        wts = self.method.weigh(seen, step - 1, turns.count, sources)  # statistics as they stood before
         scaled = self.method.token_loss(nll_mine)  # DFT's per-token scaling; statistics and audit keep the NLL
         mine = turns if scaled is None and not sp.on else turn_losses(nll_mine if scaled is None else scaled,
                                                                        tg_mine, D, T)
-        # this rank's part of sum(w * data weight * NLL) over the turns whole rows can train
-        loss_sum = weighted_loss_sum(turns._replace(sum=mine.sum), wts.w.to(dev) * batch["data_weight"].to(dev))
+        # this rank's part of sum(w * source weight * data weight * NLL) over the turns whole rows can train
+        w = wts.w.to(dev) * batch["data_weight"].to(dev)
+        if wts.src is not None:
+            w = w * wts.src.to(dev)[:, None]
+        loss_sum = weighted_loss_sum(turns._replace(sum=mine.sum), w)
         clock.mark("resure")
-        self.method.merge(seen, (turns.count > 0) & ~batch["partial"].to(dev) & sp.leader, dev)
+        self.method.merge(seen, (turns.count > 0) & ~batch["partial"].to(dev) & sp.leader, dev, sources, wts)
         clock.mark("collectives")
         self.engine.backward(loss_sum, global_tokens)
         clock.mark("backward")
@@ -91,13 +95,15 @@ class Stepper:
             done.append((b, *self.micro_backward(b, step, max(n_tokens, 1), acc)))
             self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
             clock.mark("optimizer")
+        method_metrics = self.method.metrics(self.source_names)  # the shares this step trained with
+        self.method.end_step()  # the adaptive mixture moves for the next step
         cursor = Cursor(**micro[-1]["cursor"])  # global: the same on every rank
         # Step metrics over all ranks, and whether any rank must stop: one small all-reduce.
         g = dist.all_reduce_dict({**acc, **stop.local_request()}, device=self.engine.device)
         clock.mark("collectives")
         for b, turns, wts in done:
             if self.sp.leader:
-                self.audit.add(audit_rows(step, b, turns, wts, self.source_names))
+                self.audit.add(audit_rows(step, b, turns, wts, self.source_names, self.method.signals[0].name))
         clock.mark("bookkeeping")
         dt, n, nturn = time.perf_counter() - t0, max(n_tokens, 1), max(g["turns"], 1.0)
         now = self.engine.skipped_steps()
@@ -108,8 +114,9 @@ class Stepper:
             "tokens_per_s": g["real_tokens"] / dt, "step_time_s": dt, "turns": int(g["turns"]),
             "mean_weight": g["weight_sum"] / nturn, "frac_w_lt_1": g["w_lt_1"] / nturn,
             "frac_w_lt_0.5": g["w_lt_half"] / nturn, "nonfinite_turns": int(g["nonfinite"]),
+            **removed(g, self.cfg, [s.name for s in self.method.signals]),
             "stop_signal": g["stop_signal"] > 0, "stop_time": g["stop_time"] > 0, "skipped_step": skipped > 0,
-            **self.method.metrics(), "rows_seen": cursor.rows_seen, "epoch": cursor.epoch, "data_wait_s": waited,
+            **method_metrics, "rows_seen": cursor.rows_seen, "epoch": cursor.epoch, "data_wait_s": waited,
             **clock.split(),
         }
         return row, cursor
@@ -123,14 +130,35 @@ def _accumulate(batch: dict, turns: TurnLosses, wts: Weights, loss_sum: torch.Te
     w_all, present, finite = wts.w.to(dev), turns.count > 0, torch.isfinite(turns.mean)
     ok = present & finite
     w = w_all[ok]
-    for k, v in {"nll": torch.where(ok, turns.sum.detach(), torch.zeros_like(turns.sum)).sum(),
-                 "weighted_nll": loss_sum.detach(), "turns": ok.sum(), "weight_sum": w.sum(),
-                 "w_lt_1": (w < 1).sum(), "w_lt_half": (w < 0.5).sum(), "nonfinite": (present & ~finite).sum(),
-                 "real_tokens": (batch["doc_ids"] >= 0).sum()}.items():
+    weighed = ok & wts.warm.to(dev)
+    sums = {"nll": torch.where(ok, turns.sum.detach(), torch.zeros_like(turns.sum)).sum(),
+            "weighted_nll": loss_sum.detach(), "turns": ok.sum(), "weight_sum": w.sum(),
+            "w_lt_1": (w < 1).sum(), "w_lt_half": (w < 0.5).sum(), "nonfinite": (present & ~finite).sum(),
+            "real_tokens": (batch["doc_ids"] >= 0).sum(),
+            "weighed": weighed.sum(), "removed": (1 - w_all[weighed].double()).sum()}
+    for name, ws in (wts.ws or {}).items():
+        sums[f"removed_{name}"] = (1 - ws.to(dev)[weighed].double()).sum()
+    for k, v in sums.items():
         acc[k] = acc.get(k, 0.0) + v.double().to(dev) * (leader or k == "weighted_nll")
 
 
-def audit_rows(step: int, batch: dict, turns: TurnLosses, wts: Weights, names: list[str]) -> list[dict]:
+def removed(g: dict, cfg: Config, signals: list[str]) -> dict:
+    """The share of the weighed turns' weight (past the warm-up) the rule removed this step, overall and
+    per signal, beside the share it is meant to (resure.down_share, per signal, with the quantile
+    threshold): docs/method.md s.9."""
+    if cfg.train.method != "resure":
+        return {}
+    n = g["weighed"]
+    out = {"weight_removed": g["removed"] / n if n else None}
+    if len(signals) > 1:
+        out.update({f"weight_removed_{s}": g[f"removed_{s}"] / n if n else None for s in signals})
+    if cfg.resure.threshold == "quantile":
+        out["down_share"] = cfg.resure.down_share
+    return out
+
+
+def audit_rows(step: int, batch: dict, turns: TurnLosses, wts: Weights, names: list[str],
+               signal: str = "loss") -> list[dict]:
     """A micro-batch's turns (per dialogue), trained in optimizer step `step`, as audit rows: reads
     them to the host."""
     dev = turns.sum.device
@@ -141,8 +169,15 @@ def audit_rows(step: int, batch: dict, turns: TurnLosses, wts: Weights, names: l
     ref = batch["ref_loss"][rows[0].cpu(), rows[1].cpu()].tolist() if "ref_loss" in batch else [None] * len(mean)
     dw = batch["data_weight"][rows[0].cpu(), rows[1].cpu()].tolist()
     src = batch["sources"]
+    sw = wts.src[rows[0].cpu()].tolist() if wts.src is not None else [1.0] * len(mean)
+    zs = {k: v.to(dev)[rows].tolist() for k, v in (wts.zs or {signal: wts.z}).items()}
+    z_loss, z_excess = zs.get("loss", [None] * len(mean)), zs.get("excess", [None] * len(mean))
     return [{"dialogue_id": batch["dialogue_ids"][d], "source": names[src[d]], "turn": t, "loss": m,
-             "z": None if zz != zz else zz, "weight": ww, "warm": wm, "step": step, "partial": p, "ref_loss": r,
-             "data_weight": x}
-            for d, t, m, zz, ww, wm, p, r, x in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, warm, part, ref,
-                                                    dw)]
+             "z": _num(zz), "weight": ww, "warm": wm, "step": step, "partial": p, "ref_loss": r,
+             "data_weight": x, "z_loss": _num(zl), "z_excess": _num(ze), "source_weight": s}
+            for d, t, m, zz, ww, wm, p, r, x, zl, ze, s in zip(rows[0].tolist(), rows[1].tolist(), mean, z, wv, warm,
+                                                              part, ref, dw, z_loss, z_excess, sw)]
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or x != x else x

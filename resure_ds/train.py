@@ -90,7 +90,9 @@ class Recipe:
         self.sp.install(self.engine.module.config, self.engine.attention)  # after the whole-row checks
         print0(self.engine.describe(self.world) + (f", validation on {self.validation.dialogues:,} dialogues"
                                                     if self.validation else ""))
-        self.method = Method(cfg)
+        self.method = Method(cfg, [p.spec.weight for p in self.data.prepared])
+        if cfg.data.mixture == "adaptive" and self.method.mixture is None:
+            print0("data.mixture=adaptive with one source: its share is all of it, so the mixture stays fixed")
         self.audit = audit.AuditLog(self.run_dir, self.rank)
         self.stepper = Stepper(cfg, self.engine, self.method, self.audit, self.data.source_names, self.rank, self.sp)
         self.startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
@@ -222,7 +224,8 @@ class Recipe:
         c = self.cfg
         return {"model": self.shape_config, "model.lora.rank": c.model.lora.rank, "train.seed": c.train.seed,
                 "data.packing": c.data.packing, "data.pack_window": c.data.pack_window,
-                "train.zero_stage": c.train.zero_stage}
+                "train.zero_stage": c.train.zero_stage, "stats.signals": c.stats.signals,
+                "data.mixture": c.data.mixture}
 
     def progress(self) -> checkpoint.Progress:
         t = self.cfg.train

@@ -31,7 +31,7 @@ from tests.e2e_common import COMMON, EXIT_RESUME, assert_same_training, audit, l
 from tests.test_prepare import chitchat_jsonl
 from tests.welford_ref import welford_pass
 
-ARGS = ["data.max_length=96", "data.skip_invalid=true", "model.dtype=fp32", "stats.reference=base"]
+ARGS = ["data.max_length=96", "data.skip_invalid=true", "model.dtype=fp32", "stats.signals=[excess]"]
 
 
 def config(model, data, prepared, *extra):
@@ -96,7 +96,7 @@ def test_an_unscored_corpus_is_refused_with_the_command_that_scores_it(tmp_path,
     assert p.folder in str(e.value) and "resure-ds score RECIPE" in str(e.value)
     # launch/train.sh asks prepare whether scores are missing (status 3), then scores
     assert prepare_main(["--check-reference", *args]) == UNSCORED
-    assert prepare_main(["--check-reference", *args[:-1]]) == 0  # stats.reference unset: nothing to score
+    assert prepare_main(["--check-reference", *args[:-1]]) == 0  # no excess signal: nothing to score
     score_all(c, progress=False)
     assert prepare_main(["--check-reference", *args]) == 0
     assert TrainingData(c, tokenizer, tiny_model_path, 0).references
@@ -133,15 +133,15 @@ def test_rows_carry_reference_losses_into_the_batch(corpus):
 
 
 def test_the_method_sees_excess_loss_and_its_histograms_reach_below_zero():
-    c = load_config(None, ["stats.reference=base", "resure.threshold=quantile"])
+    c = load_config(None, ["stats.signals=[excess]", "resure.threshold=quantile"])
     m = Method(c)
     mean = torch.tensor([[2.0, 3.0], [4.0, float("nan")]], dtype=torch.float64)
     turns = TurnLosses(mean.clone(), torch.tensor([[5, 5], [5, 0]]), mean)
-    seen = m.statistic(turns, torch.tensor([[2.5, 1.0], [4.0, float("nan")]], dtype=torch.float64))
-    assert seen.mean[0].tolist() == [-0.5, 2.0] and seen.mean[1, 0] == 0 and seen.sum is turns.sum
+    seen = m.statistic(turns, torch.tensor([[2.5, 1.0], [4.0, float("nan")]], dtype=torch.float64))["excess"]
+    assert seen[0].tolist() == [-0.5, 2.0] and seen[1, 0] == 0
     with pytest.raises(ValueError, match="no reference losses"):
         m.statistic(turns, None)
-    assert Method(load_config(None, [])).statistic(turns, None) is turns
+    assert Method(load_config(None, [])).statistic(turns, None)["loss"] is turns.mean
     h = LossHistogram(1, min_loss=-10.0, max_loss=10.0)
     h.counts = h.local_counts(torch.linspace(-3, 3, 6001, dtype=torch.float64))
     assert float(h.median()[0]) == pytest.approx(0.0, abs=0.011)
@@ -152,48 +152,101 @@ def test_the_method_sees_excess_loss_and_its_histograms_reach_below_zero():
 
 
 # -- real 2-rank runs -------------------------------------------------------------------------
+TWO_SIGNALS = ["stats.signals=[loss,excess]", "resure.two_sided=[excess]", "resure.threshold=quantile",
+               "resure.weight_fn=hard", "resure.down_share=0.2", "data.mixture=adaptive",
+               "data.adaptive.max_step=0.2"]
+
+
 @pytest.fixture(scope="module")
 def ref_runs(tmp_path_factory, tiny_model_path):
-    """A straight 6-step run with stats.reference=base (launch/train.sh scores the corpus first),
-    and the same command stopped after step 3 and run again."""
+    """Two sources, both signals (the excess over base: launch/train.sh scores the corpus first) and the
+    adaptive mixture: a straight 6-step run on 2 ranks, and the same command stopped after step 3 and
+    resumed on 1 rank with the same global batch."""
     out = tmp_path_factory.mktemp("ref-runs")
     # 150 real dialogues (some 1,400 rows under split at 128 tokens), not all 7,168: the scorer reads
     # every row before the run (100 rows/s here); validation off: held out from 150, it would be one
     chitchat_jsonl(out / "data", per_file=50)
-    args = ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, f"output.dir={out}",
-            "stats.reference=base", f"data.train={out / 'data'}", "data.eval=null", "eval.every=0"]
+    mix = json.dumps([{"path": str(out / "data" / "part-0.jsonl"), "name": "a b", "weight": 2},
+                      {"path": str(out / "data" / "nested"), "name": "b", "weight": 1}])
+    args = ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, f"output.dir={out}", *TWO_SIGNALS,
+            f"data.train={mix}", "data.eval=null", "eval.every=0"]
     straight = launch("train.sh", [*args, "output.name=straight"])
     launch("train.sh", [*args, "output.name=resumed", "train.stop_after=3"], status=EXIT_RESUME)
-    launch("train.sh", [*args, "output.name=resumed"])
+    second = launch("train.sh", [*args, "output.name=resumed", "train.micro_batch_size=4"], extra_env={"NUM_PROCS": "1"})
+    assert "saved on 2 rank(s), now 1" in second.stderr
     return os.path.join(out, "straight"), os.path.join(out, "resumed"), straight
 
 
+def _assert_pass(state, values, keys, K):
+    """[K, 5] Welford rows equal one float64 pass over (value, bucket key)."""
+    n, mean, m2, _ = welford_pass(values, keys, K)
+    assert [row[0] for row in state] == n and sum(n) > 20
+    for b in range(K):
+        if n[b]:
+            assert state[b][1] == pytest.approx(mean[b], rel=1e-9, abs=1e-12), b
+        if n[b] > 1:
+            assert state[b][2] == pytest.approx(m2[b], rel=1e-9, abs=1e-12), b
+
+
 @pytest.mark.slow
-def test_two_ranks_merge_the_excess_loss_exactly(ref_runs):
-    """Every rank's statistics end equal to one float64 pass over the audit's complete turns'
-    loss - ref_loss; at step 1 (the reference is the starting model) every excess is ~0."""
+def test_two_ranks_merge_both_signals_and_every_source_exactly(ref_runs):
+    """Both signals' per-depth statistics, and their per-(source x depth) ones, end equal to one float64
+    pass over the audit's complete turns (loss, and loss - ref_loss); at step 1 (the reference is the
+    starting model) every excess is ~0."""
     run, _, launched = ref_runs
-    assert "method resure on the excess loss over base" in launched.stderr  # the start-up line says so
+    assert "method resure on the loss and the excess loss over base, adaptive mixture" in launched.stderr
     rows = audit(run)
     assert rows and all(r["ref_loss"] is not None for r in rows)
     assert max(abs(r["loss"] - r["ref_loss"]) for r in rows if r["step"] == 1) < 1e-4
     done = [r for r in rows if not r["partial"]]
-    K = len(metrics(run)[-1]["bucket_n"])
-    n, mean, m2, _ = welford_pass([r["loss"] - r["ref_loss"] for r in done], [r["turn"] for r in done], K)
     last = metrics(run)[-1]
-    assert last["bucket_n"] == n and sum(n) > 20
-    for b in range(K):
-        if n[b]:
-            assert last["bucket_mean"][b] == pytest.approx(mean[b], rel=1e-9, abs=1e-12)
-        if n[b] > 1:
-            assert last["bucket_std"][b] == pytest.approx(math.sqrt(m2[b] / (n[b] - 1)), rel=1e-9)
-    assert min(last["bucket_mean"][b] for b in range(K) if n[b]) < 0  # excess, not raw loss (about 10.8)
+    K = len(last["bucket_n"])
+    with open(os.path.join(run, "checkpoints", "latest"), encoding="utf-8") as f:
+        tag = f.read().strip()
+    with open(os.path.join(run, "checkpoints", tag, "progress.json"), encoding="utf-8") as f:
+        state = json.load(f)["method"]["signals"]
+    sources = {"a b": 0, "b": 1}
+    for sig, value in (("loss", lambda r: r["loss"]), ("excess", lambda r: r["loss"] - r["ref_loss"])):
+        vals = [value(r) for r in done]
+        _assert_pass(state[sig]["welford"]["state"], vals, [min(r["turn"], K - 1) for r in done], K)
+        _assert_pass(state[sig]["by_source"]["state"], vals,
+                     [sources[r["source"]] * K + min(r["turn"], K - 1) for r in done], 2 * K)
+    n, mean, m2, _ = welford_pass([r["loss"] - r["ref_loss"] for r in done], [r["turn"] for r in done], K)
+    assert last["bucket_mean_excess"] == pytest.approx(mean, rel=1e-9, abs=1e-12)
+    assert min(last["bucket_mean_excess"][b] for b in range(K) if n[b]) < 0  # excess, not raw loss (about 10.8)
+    assert {f"source/{s}/turns" for s in ("a_b", "b")} <= set(last) and "source_share/a_b" in last
+    assert sum(last[f"source/{s}/turns"] for s in ("a_b", "b")) == sum(n)
 
 
 @pytest.mark.slow
-def test_a_stopped_reference_run_resumes_like_a_straight_run(ref_runs):
+def test_the_adaptive_shares_are_the_same_on_every_rank_and_move_with_reliability(ref_runs):
+    run, _, _ = ref_runs
+    by_step: dict = {}
+    for r in audit(run):
+        by_step.setdefault((r["step"], r["source"]), set()).add(r["source_weight"])
+    assert all(len(v) == 1 for v in by_step.values())  # every rank trained a source's turns with one weight
+    m = metrics(run)
+    shares = [(r["source_share/a_b"], r["source_share/b"]) for r in m]
+    assert shares[0] == pytest.approx((2 / 3, 1 / 3)) and all(sum(s) == pytest.approx(1.0) for s in shares)
+    assert len({round(s[0], 12) for s in shares}) > 1  # the reliabilities differ: the shares moved
+    for r in m:  # the removed weight beside the budget; both signals' own
+        assert {"weight_removed", "weight_removed_loss", "weight_removed_excess", "down_share"} <= set(r)
+
+
+@pytest.mark.slow
+def test_a_stopped_reference_run_resumes_on_one_rank_like_the_straight_run(ref_runs):
+    """Stopped after step 3 on 2 ranks, resumed on 1 with the same global batch: the same rows, shares,
+    weights and statistics (fp32 rounding of other batch shapes: 1e-5)."""
     straight, resumed, _ = ref_runs
-    assert_same_training(straight, resumed)
+    assert_same_training(straight, resumed, rel=1e-5)
+    a, b = metrics(straight), metrics(resumed)
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k.startswith(("source_share/", "bucket_mean_excess", "weight_removed")) and ra[k] is not None:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+    sw = lambda r: [(x["step"], x["dialogue_id"], x["turn"], x["source_weight"]) for x in audit(r)]  # noqa: E731
+    for x, y in zip(sw(straight), sw(resumed)):
+        assert x[:3] == y[:3] and x[3] == pytest.approx(y[3], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ def run(tmp_path_factory, tiny_model_path):
                 r = {"id": f"x{INJECT}", "messages": [{"role": "user", "content": f"hi {INJECT}"},
                                                       {"role": "assistant", "content": f"reply {INJECT}"}]}
             f.write(json.dumps(r) + "\n")
-    train = f'[{{path: {d}/clean.jsonl, name: clean}}, {{path: {d}/web.jsonl, name: "web <b>x</b>"}}]'
+    # a name with $...$: matplotlib would parse it as math in the per-source plots, and fail
+    train = f'[{{path: {d}/clean.jsonl, name: clean}}, {{path: {d}/web.jsonl, name: "web <b>x</b> $x$"}}]'
     launch("train.sh", ["recipes/default.yaml", f"model.path={tiny_model_path}", f"data.train={train}",
                         "train.max_steps=4", "data.max_length=128", "data.overflow=cut", "train.micro_batch_size=6", "resure.min_count=2",
                         "checkpoint.every=0", "checkpoint.export=false", "output.report_to=none",
@@ -57,11 +58,11 @@ def test_report_is_written_by_the_run_and_escapes_corpus_text(run):
     assert "<script" not in page.lower()
     assert all(i.startswith('<img alt="') and 'src="data:image/png;base64,' in i for i in re.findall(r"<img [^>]*>", page))
     assert html_escaped(INJECT) in page                     # the record's text, shown as text
-    assert "web &lt;b&gt;x&lt;/b&gt;" in page                # the source name too
+    assert "web &lt;b&gt;x&lt;/b&gt; $x$" in page           # the source name too
     for section in ("Reliability per source", "Reliability per turn depth", "most down-weighted turns",
                     "Configuration", "Summary"):
         assert section in page
-    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == 6
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == 7  # with the sources' shares
     with open(os.path.join(run, "summary.txt"), encoding="utf-8") as f:
         assert "report: " in f.read()
 
@@ -103,8 +104,11 @@ def test_export_and_filter_from_the_command_line(run, tmp_path):
     out = cli("report", run, "--export", str(exp))  # the installed command
     assert out.returncode == 0, out.stderr[-2000:]
     v = pq.read_table(exp)
-    assert set(v.column("source").to_pylist()) == {"clean", "web <b>x</b>"}
+    assert set(v.column("source").to_pylist()) == {"clean", "web <b>x</b> $x$"}
     assert v.num_rows == len({(r["source"], r["dialogue_id"], r["turn"]) for r in v.to_pylist()})
+    shares = pq.read_table(tmp_path / "verdict.sources.parquet").to_pylist()  # each step's share per source
+    assert {r["source"] for r in shares} == {"clean", "web__b_x__b___x_"} and len(shares) == 2 * 4
+    assert all(r["share"] == pytest.approx(0.5) for r in shares)  # data.mixture=fixed: the configured shares
     low = sorted(v.column("weight").to_pylist())[len(v) // 3]  # a threshold that removes about a third
     flt = tmp_path / "filtered"
     out = subprocess.run([sys.executable, "-m", "resure_ds.report", run, "--filter", str(flt),

@@ -20,7 +20,7 @@ sample and seed:
   oracle           exactly the corrupted dialogues dropped; one epoch over the rest (the most any
                    weighting of dialogues could reach)
   clean            the same sample without its corruptions (SFT on clean data)
-  resure_excess    reference-aware statistics (stats.reference=base): z of the excess loss, the turn's
+  resure_excess    reference-aware statistics (stats.signals=[excess]): z of the excess loss, the turn's
                    loss minus the base model's, with the paper's fixed tau (added after the first 32
                    runs: the detection table showed the excess loss ranks weak, generic and repeat
                    replies where the raw loss cannot)
@@ -65,8 +65,8 @@ ARMS = {  # arm -> (method, overrides, data: noisy | clean | oracle | prefilter)
     "prefilter": ("sft", {}, "prefilter"),
     "oracle": ("sft", {}, "oracle"),
     "clean": ("sft", {}, "clean"),
-    "resure_excess": ("resure", {"stats.reference": "base"}, "noisy"),
-    "resure_excess_quantile": ("resure", {"stats.reference": "base", "resure.threshold": "quantile",
+    "resure_excess": ("resure", {"stats.signals": "[excess]"}, "noisy"),
+    "resure_excess_quantile": ("resure", {"stats.signals": "[excess]", "resure.threshold": "quantile",
                                           "resure.down_share": BUDGET}, "noisy"),
     "dft": ("dft", {}, "noisy"),
 }

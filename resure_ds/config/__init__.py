@@ -76,6 +76,18 @@ class ModelConfig:
 
 
 @dataclass
+class AdaptiveConfig:
+    strength: float = 10.0
+    """beta: a source's target share is its configured share times exp(beta * (r - r_pooled)), r its reliability (the mean weight its turns kept), renormalised."""
+    floor: float = 0.1
+    """No source's share falls below this fraction of its configured share."""
+    max_step: float = 0.05
+    """Most a source's log-share moves per optimizer step towards its target, before the shares are renormalised (two sources' log-ratio: at most twice this)."""
+    prior: float = 64.0
+    """Turns of pooled reliability a source's own is shrunk towards: a source with few turns stays near the pooled value."""
+
+
+@dataclass
 class DataConfig:
     train: str | list = "chitchat"
     """Training data: a .jsonl/.jsonl.gz/.json/.parquet file, a glob, a folder of such files, a saved
@@ -115,6 +127,9 @@ class DataConfig:
     """Background processes per rank that assemble batches; 0 = in the training loop."""
     prefetch: int = 4
     """Batches each loader worker builds ahead."""
+    mixture: Literal["fixed", "adaptive"] = "fixed"
+    """fixed: every source weighs as data.train says. adaptive (beyond the paper): each source's share follows its running reliability (data.adaptive; docs/method.md s.10), applied as a weight on its turns' loss (the draws stay those of data.train, so the order is the same on any world size)."""
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     eval: str | float | None = None
     """Validation data: a source path (any form data.train takes, one source), or a fraction in (0, 0.5]
     of every training source held out by a hash of the dialogue id (never trained on); none = no validation."""
@@ -130,8 +145,12 @@ class StatsConfig:
     """Length-aware z (beyond the paper): a turn's loss is a mean over its c trained tokens, so a short reply's varies far more than a long one's. On: statistics weighted by c estimate a per-token spread sigma, and z = (L - mean) / (sigma / sqrt(c) + eps), so short replies are not flagged first for being short. Off: the paper's z (docs/method.md s.3-4)."""
     scale: Literal["std", "mad"] = "std"
     """What z measures a turn against: std = the bucket's mean and standard deviation (the paper); mad = its median and 1.4826 * median absolute deviation (beyond the paper), which the corrupted turns themselves pull far less (docs/method.md s.3). Not with stats.length_scaled."""
+    signals: list = field(default_factory=lambda: ["loss"])
+    """What the statistics and weights see per turn: [loss] (its mean token loss: the paper), [excess] (its loss minus a reference model's on the same tokens, beyond the paper: docs/method.md s.8), or [loss, excess]: each signal keeps its own per-depth statistics and gives a weight, and the turn trains with the smaller (s.9)."""
     reference: str | None = None
-    """Reference-aware statistics (beyond the paper; RHO-LOSS's idea): a model folder, or `base` for model.path. The statistics and weights then see each turn's excess loss, its loss minus the reference model's loss on the same tokens, scored once beside the prepared shards (resure-ds score RECIPE; launch/train.sh runs it when scores are missing), so hard but learnable turns stop looking like noise (docs/method.md s.8). None: the turn's own loss (the paper)."""
+    """The reference model of the excess signal: a model folder, or base (model.path, the default when stats.signals holds excess). Its losses are scored once beside the prepared shards (resure-ds score RECIPE; launch/train.sh runs it when scores are missing)."""
+    source_decay: float = 1.0
+    """Scale of each source's running reliability (its turns' count and weight sum) before each micro-step's turns are added; 1 = cumulative (docs/method.md s.10)."""
 
 
 @dataclass
@@ -143,9 +162,9 @@ class ResureConfig:
     tau: float = 1.5
     """z threshold above which a turn counts as unreliable (resure.threshold=z)."""
     threshold: Literal["z", "quantile"] = "z"
-    """z: the fixed tau (the paper's rule). quantile (beyond the paper): per turn-depth bucket, the z of its (1 - down_share) loss quantile, so a set share of each bucket is down-weighted; a fixed tau cannot flag a cluster that is more than 1 / (1 + tau^2) of its bucket (docs/method.md s.4). Not with stats.length_scaled or resure.two_sided."""
+    """z: the fixed tau (the paper's rule). quantile (beyond the paper): per turn-depth bucket, the z of its (1 - down_share) quantile, so a set share of each bucket is past the threshold; a fixed tau cannot flag a cluster that is more than 1 / (1 + tau^2) of its bucket (docs/method.md s.4). Not with stats.length_scaled."""
     down_share: float = 0.1
-    """resure.threshold=quantile: the share of each bucket's turn losses past the threshold."""
+    """resure.threshold=quantile: the share of each bucket past the threshold, per signal. Only weight_fn=hard removes all of it; the step metrics give the share removed (weight_removed) beside it."""
     lam: float = 1.0
     """Decay rate of the exp weight past tau."""
     s: float = 0.5
@@ -154,8 +173,8 @@ class ResureConfig:
     """turn: each turn its own weight; sample: all turns get the dialogue's minimum."""
     propagate: Literal["none", "forward"] = "none"
     """forward: turn t gets min(w_0..w_t), so an unreliable early turn down-weights later ones."""
-    two_sided: bool = False
-    """Use |z|: abnormally low loss (copied/boilerplate replies) is suspicious too."""
+    two_sided: bool | list = False
+    """Abnormally low values are unreliable too (copied or memorised boilerplate is easier to predict than a genuine reply): true for every signal, or a list of signals, e.g. [excess]. With the fixed tau, |z| replaces z; with the quantile threshold, down_share is split evenly between the two tails."""
     floor: float = 0.0
     """Lower bound of every weight."""
     min_count: int = 32
@@ -415,13 +434,13 @@ def _validate(c: Config) -> list[str]:
     if c.stats.scale == "mad" and c.stats.length_scaled:
         e.append("stats.scale=mad with stats.length_scaled: the robust scale has no per-token form; "
                  "set one of them")
-    if c.stats.reference is not None and not c.stats.reference:
-        e.append("stats.reference: a model folder, base (model.path), or null")
+    e += _validate_signals(c)
     if not 0.0 < c.resure.down_share < 1.0:
         e.append(f"resure.down_share: must be in (0, 1), got {c.resure.down_share}")
-    if c.resure.threshold == "quantile" and (c.stats.length_scaled or c.resure.two_sided):
-        e.append("resure.threshold=quantile with stats.length_scaled or resure.two_sided: the bucket's loss "
-                 "quantile has no per-length or lower-tail form; set one of them")
+    if c.resure.threshold == "quantile" and c.stats.length_scaled:
+        e.append("resure.threshold=quantile with stats.length_scaled: the bucket's quantile has no per-length "
+                 "form; set one of them")
+    e += _validate_adaptive(c)
     if not 0.0 <= c.resure.floor <= 1.0:
         e.append(f"resure.floor: must be in [0, 1], got {c.resure.floor}")
     if not 0.0 < c.loss_truncation.drop_fraction < 1.0:
@@ -459,6 +478,47 @@ def _validate(c: Config) -> list[str]:
     if c.checkpoint.resume not in ("auto", "none") and not c.checkpoint.resume:
         e.append("checkpoint.resume: must be auto, none or a checkpoint path")
     return e
+
+
+SIGNALS = ("loss", "excess")
+
+
+def _validate_signals(c: Config) -> list[str]:
+    """stats.signals, stats.reference and resure.two_sided read together."""
+    e, sig = [], c.stats.signals
+    if not sig or not all(isinstance(x, str) for x in sig) or len(set(sig)) != len(sig) or set(sig) - set(SIGNALS):
+        return [f"stats.signals: a list of distinct signals from {list(SIGNALS)}, e.g. [loss] or [loss, excess]; "
+                f"got {sig!r}"]
+    if c.stats.reference is not None and not c.stats.reference:
+        e.append("stats.reference: a model folder, base (model.path), or null")
+    elif c.stats.reference is not None and "excess" not in sig:
+        e.append(f"stats.reference={c.stats.reference}: no signal uses it (stats.signals={sig}); the excess signal "
+                 "does: stats.signals=[excess] or [loss, excess]")
+    two = c.resure.two_sided
+    if isinstance(two, list) and (not all(isinstance(x, str) for x in two) or set(two) - set(sig)):
+        e.append(f"resure.two_sided: true, false, or a list of signals of stats.signals ({sig}); got {two!r}")
+    if not 0.0 < c.stats.source_decay <= 1.0:
+        e.append(f"stats.source_decay: must be in (0, 1], got {c.stats.source_decay}")
+    return e
+
+
+def _validate_adaptive(c: Config) -> list[str]:
+    a, e = c.data.adaptive, []
+    if a.strength <= 0:
+        e.append(f"data.adaptive.strength: must be > 0, got {a.strength}")
+    if not 0.0 < a.floor <= 1.0:
+        e.append(f"data.adaptive.floor: must be in (0, 1], got {a.floor}")
+    if a.max_step <= 0:
+        e.append(f"data.adaptive.max_step: must be > 0, got {a.max_step}")
+    if a.prior < 0:
+        e.append(f"data.adaptive.prior: must be >= 0, got {a.prior}")
+    return e
+
+
+def two_sided(cfg: Config, signal: str) -> bool:
+    """Whether resure.two_sided covers `signal`."""
+    t = cfg.resure.two_sided
+    return signal in t if isinstance(t, list) else bool(t)
 
 
 def parse_duration(text: str) -> float:
@@ -551,6 +611,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
     if errors:
         where = f" in {recipe}" if recipe else ""
         raise ConfigError(f"{len(errors)} config problem(s){where}:\n  " + "\n  ".join(errors))
+    if "excess" in cfg.stats.signals and cfg.stats.reference is None:  # the excess signal's default reference
+        cfg.stats.reference = "base"
     return cfg
 
 

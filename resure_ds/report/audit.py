@@ -17,8 +17,12 @@ One row per turn per optimizer step that trained it (a turn seen in two epochs h
     rank          the rank that trained it
     ref_loss      the reference model's loss of the turn (stats.reference; null without): the
                   statistics and z saw loss - ref_loss
-    data_weight   the records' weight of the turn (train/weight keys, 1 by default): its loss
-                  trained with weight * data_weight
+    data_weight   the records' weight of the turn (train/weight keys, 1 by default)
+    z_loss        the z of its loss (null where stats.signals leaves the loss out, or before warm-up)
+    z_excess      the z of its excess loss (null where stats.signals leaves it out, or before warm-up);
+                  with both signals, z is the one of the signal that gave the weight
+    source_weight its source's weight under data.mixture=adaptive (1 under fixed): its loss trained
+                  with weight * source_weight * data_weight
 
 Rows are buffered in memory and written as a new segment every FLUSH_ROWS rows
 and at every checkpoint save, so memory stays bounded on any corpus and the
@@ -41,6 +45,7 @@ SCHEMA = pa.schema([
     ("source", pa.string()), ("dialogue_id", pa.string()), ("turn", pa.int32()), ("loss", pa.float64()),
     ("z", pa.float64()), ("weight", pa.float64()), ("warm", pa.bool_()), ("step", pa.int32()),
     ("partial", pa.bool_()), ("rank", pa.int32()), ("ref_loss", pa.float64()), ("data_weight", pa.float64()),
+    ("z_loss", pa.float64()), ("z_excess", pa.float64()), ("source_weight", pa.float64()),
 ])
 _NAME = re.compile(r"rank(\d{5})-seg(\d{6})\.parquet$")
 

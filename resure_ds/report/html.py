@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .plots import plot_buckets, plot_loss, plot_lr, plot_weight_hist, plot_weights_over_steps, plot_z_by_source
+from .plots import (plot_buckets, plot_loss, plot_lr, plot_source_shares, plot_weight_hist, plot_weights_over_steps,
+                    plot_z_by_source, pyplot, source_shares)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
@@ -39,11 +40,7 @@ def _num(x, fmt: str = "{:.3f}") -> str:
 
 
 def _figure(draw, *args, size=(6, 3.6)) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=size)
     draw(ax, *args)
     fig.tight_layout()
@@ -81,7 +78,8 @@ def render(run_dir: str, cfg: dict, metrics: list[dict], audit: pa.Table,
         figs = "".join([_figure(plot_loss, metrics), _figure(plot_lr, metrics), _figure(plot_buckets, metrics),
                         _figure(plot_weights_over_steps, metrics),
                         _figure(plot_weight_hist, audit.column("weight").to_numpy()),
-                        _figure(plot_z_by_source, audit, size=(6, 1.6 + 0.35 * max(len(by_source), 1)))])
+                        _figure(plot_z_by_source, audit, size=(6, 1.6 + 0.35 * max(len(by_source), 1))),
+                        _figure(plot_source_shares, metrics) if source_shares(metrics) else ""])
     nb = cfg.get("stats", {}).get("num_buckets")
     depth_rows = [{**r, "turn": f"{r['turn']}" + ("+" if nb and r["turn"] >= nb - 1 else "")} for r in by_depth]
     for r in top:

@@ -66,11 +66,38 @@ def plot_z_by_source(ax, audit: pa.Table) -> None:
     ax.set(title="turn-loss z per source (after warm-up)", xlabel="z")
 
 
-def training_png(run_dir: str, metrics: list[dict], audit: pa.Table) -> str:
+def pyplot():
+    """matplotlib's pyplot, headless, with mathtext off: corpus text (a source's name, a path) becomes
+    labels here, and a label holding $...$ would otherwise be parsed as math, and fail."""
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def source_shares(metrics: list[dict]) -> dict[str, list]:
+    """source_share/<name> per step, by name (empty for a run of one source)."""
+    names = [k.split("/", 1)[1] for k in (metrics[-1] if metrics else {}) if k.startswith("source_share/")]
+    if len(names) < 2:
+        return {}
+    return {n: [m.get(f"source_share/{n}") for m in metrics] for n in names}
+
+
+def plot_source_shares(ax, metrics: list[dict]) -> None:
+    steps = [m["step"] for m in metrics]
+    for name, v in source_shares(metrics).items():
+        ax.plot(steps, [np.nan if x is None else x for x in v], label=name[-30:])
+    adaptive = any(len({round(x, 9) for x in v if x is not None}) > 1 for v in source_shares(metrics).values())
+    ax.set(title="each source's share" + (" (data.mixture=adaptive)" if adaptive else ""), xlabel="step",
+           ylim=(0, None))
+    ax.legend(fontsize=7)
+
+
+def training_png(run_dir: str, metrics: list[dict], audit: pa.Table) -> str:
+    plt = pyplot()
 
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     plot_loss(ax[0, 0], metrics)

@@ -28,32 +28,60 @@ from ..data.records import InvalidRecord, record_format, to_dialogue
 from ..files import temp_name
 from ..data.sources import load_hf, read_unit, resolve, source_fingerprint, units_of
 from .audit import read_audit
-from .run_files import read_config, read_sources
+from .run_files import read_config, read_metrics, read_sources
 
 KEY = ["source", "dialogue_id", "turn"]
+LAST = ["weight", "z", "loss", "step", "warm", "partial", "z_loss", "z_excess", "source_weight"]
 
 
 def last_seen(audit: pa.Table) -> pa.Table:
     """One row per (source, dialogue_id, turn): the weight, z and loss of its latest step, and how
     many times it was trained."""
     t = audit.sort_by([("step", "ascending")])
-    g = t.group_by(KEY, use_threads=False).aggregate(
-        [("weight", "last"), ("z", "last"), ("loss", "last"), ("step", "last"), ("warm", "last"),
-         ("partial", "last"), ("step", "count")])
-    names = {f"{c}_last": c for c in ("weight", "z", "loss", "step", "warm", "partial")}
+    cols = [c for c in LAST if c in t.column_names]
+    g = t.group_by(KEY, use_threads=False).aggregate([(c, "last") for c in cols] + [("step", "count")])
+    names = {f"{c}_last": c for c in cols}
     g = g.rename_columns([names.get(c, "times_seen" if c == "step_count" else c) for c in g.column_names])
-    return g.select([*KEY, "weight", "z", "loss", "step", "warm", "partial", "times_seen"]).sort_by(
+    return g.select([*KEY, *cols, "times_seen"]).sort_by(
         [("source", "ascending"), ("dialogue_id", "ascending"), ("turn", "ascending")])
 
 
 def export(run_dir: str, path: str) -> int:
-    """Write the last-seen verdict of every trained turn as Parquet; returns the number of turns."""
+    """Write the last-seen verdict of every trained turn as Parquet; returns the number of turns. A run
+    of several sources also gets <path stem>.sources.parquet: per step and source, its share, its
+    reliability and its turns so far (the metrics' source_share/ and source/ values)."""
     v = last_seen(read_audit(run_dir))
+    _write_parquet(v, path)
+    shares = source_table(read_metrics(run_dir)) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else None
+    if shares is not None:
+        _write_parquet(shares, sources_path(path))
+    return v.num_rows
+
+
+def sources_path(path: str) -> str:
+    """Where --export PATH puts the per-step source table."""
+    stem = path[:-len(".parquet")] if path.endswith(".parquet") else path
+    return stem + ".sources.parquet"
+
+
+def source_table(metrics: list[dict]) -> pa.Table | None:
+    """step, source, share, reliability, turns: one row per step and source (None for one source)."""
+    names = [k.split("/", 1)[1] for k in (metrics[-1] if metrics else {}) if k.startswith("source_share/")]
+    if len(names) < 2:
+        return None
+    rows = [{"step": m["step"], "source": n, "share": m.get(f"source_share/{n}"),
+             "reliability": m.get(f"source/{n}/reliability"), "turns": m.get(f"source/{n}/turns")}
+            for m in metrics for n in names]
+    return pa.Table.from_pylist(rows, schema=pa.schema([("step", pa.int32()), ("source", pa.string()),
+                                                        ("share", pa.float64()), ("reliability", pa.float64()),
+                                                        ("turns", pa.int64())]))
+
+
+def _write_parquet(table: pa.Table, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = temp_name(path)
-    pq.write_table(v, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)  # never a torn file under the final name
-    return v.num_rows
 
 
 def group_stats(v: pa.Table, by: str, cap: int | None = None) -> list[dict]:

@@ -94,19 +94,19 @@ class Progress:
     world_size: int
     global_batch: int
     data: list[dict]             # what the cursor points into (data/pipeline.py identity)
-    method: dict                 # stats/method.py Method.state_dict(): Welford and histogram state
+    method: dict                 # stats/method.py Method.state_dict(): statistics, reliability, mixture
     best_val: float | None = None  # lowest validation loss so far (eval.keep_best)
     trained_on: dict = field(default_factory=dict)  # model shape, seed, packing: what resume must match
 
     def to_json(self) -> dict:
         return {"step": self.step, "cursor": self.cursor, "world_size": self.world_size,
                 "global_batch": self.global_batch, "data": self.data, "best_val": self.best_val,
-                "welford": self.method["welford"], "hist": self.method.get("hist"), "trained_on": self.trained_on}
+                "method": self.method, "trained_on": self.trained_on}
 
     @classmethod
     def from_json(cls, d: dict) -> "Progress":
         return cls(d["step"], d["cursor"], d["world_size"], d.get("global_batch", 0), d["data"],
-                   {"welford": d["welford"], "hist": d.get("hist")}, d.get("best_val"), d.get("trained_on", {}))
+                   d["method"], d.get("best_val"), d.get("trained_on", {}))
 
 
 def differences(saved: dict, now: dict) -> list[str]:
@@ -255,7 +255,7 @@ def find(ckpt_dir: str, spec: str) -> Found | None:
     return verified(d, tag)
 
 
-REQUIRED = ("step", "cursor", "world_size", "data", "welford", "files")
+REQUIRED = ("step", "cursor", "world_size", "data", "method", "files")
 
 
 def verified(ckpt_dir: str, tag: str) -> Found:

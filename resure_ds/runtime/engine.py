@@ -275,7 +275,7 @@ class Engine:
         c = self.cfg
         return (f"model {self.model_path}, {world} rank(s), ZeRO-{c.train.zero_stage}, {self.dtype} "
                 f"(model.dtype={c.model.dtype}), method {c.train.method}"
-                f"{'' if c.stats.reference is None else f' on the excess loss over {c.stats.reference}'}, "
+                f"{_signals(c)}{', adaptive mixture' if c.data.mixture == 'adaptive' else ''}, "
                 f"{'packed' if c.data.packing else 'padded'} rows of {c.data.max_length} tokens, "
                 f"{self.attention} attention{' (auto)' if c.model.attn_implementation == 'auto' else ''}, "
                 f"{'fused LM head and loss' if self.fused else 'logits path'}{', compiled' if c.model.compile else ''}"
@@ -395,3 +395,9 @@ def to_universal(src: str, dst: str) -> None:
     if out.returncode != 0:
         raise RuntimeError(f"converting {src} to DeepSpeed's universal checkpoint failed:\n{out.stderr[-3000:]}")
     os.replace(tmp, dst)
+
+
+def _signals(c) -> str:
+    """' on the loss and the excess loss over base' and the like (the start-up line)."""
+    words = {"loss": "the loss", "excess": f"the excess loss over {c.stats.reference}"}
+    return "" if c.stats.signals == ["loss"] else " on " + " and ".join(words[s] for s in c.stats.signals)

@@ -144,6 +144,11 @@ class Welford:
             self.state[:, M2] *= self.decay
         self.state = merge(self.state.to(summary.device), summary.to(torch.float64))
 
+    def summary(self, values: torch.Tensor, turns: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's [K, 5] summary of turn values at turn depths `turns` (with their trained-token
+        counts where length_scaled), to be combined over ranks (gather_merge) and merged (update)."""
+        return summarize(values, self.bucket(turns), self.num_buckets, counts if self.length_scaled else None)
+
     def sync_update(self, values: torch.Tensor, turns: torch.Tensor,
                     device: torch.device | str | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
         """Summarise this rank's turn losses (with their trained-token counts where length_scaled),
