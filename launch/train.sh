@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
+""":"
 # Run the ReSURE recipe.
 #
 #   bash launch/train.sh [RECIPE.yaml] [key=value ...]
 #
 # Run directly, it starts the DeepSpeed launcher, which runs this same
 # script once per rank (--no_python). Started by a launcher (RANK or
-# LOCAL_RANK set), it runs the recipe for that rank. Either way works:
+# LOCAL_RANK set), it runs the recipe for that rank. Under the deepspeed
+# launcher, every form works:
+#   deepspeed launch/train.sh recipes/default.yaml
+#   deepspeed --num_gpus 2 --no_python launch/train.sh recipes/default.yaml
 #   deepspeed --no_python --no_local_rank launch/train.sh recipes/default.yaml
+# The file is valid bash and valid Python: handed to Python (deepspeed's
+# default), it runs itself again under bash. The launcher's --local_rank
+# is dropped either way: the rank comes from LOCAL_RANK.
 #
 # Environment:
 #   NUM_PROCS     ranks per node (default: visible GPUs, or 2 on a CPU machine)
@@ -62,3 +69,12 @@ elif [[ $status != 0 ]]; then
   exit "$status"
 fi
 exec "${launcher[@]}" "$0" "${ARGS[@]}"
+# Python reads everything above as one string and runs what follows: this file again, under bash.
+: <<'END_OF_PYTHON'
+"""
+import os, sys  # noqa: E401,E402
+
+args = [a for i, a in enumerate(sys.argv[1:], 1)
+        if not a.startswith(("--local_rank", "--local-rank")) and sys.argv[i - 1] not in ("--local_rank", "--local-rank")]
+os.execvp("bash", ["bash", os.path.abspath(__file__), *args])
+END_OF_PYTHON

@@ -1,11 +1,21 @@
-"""Writes that cannot tear: every file the recipe writes whole goes to a temporary name beside it
+"""Where the recipe writes, and how.
+
+Writes that cannot tear: every file the recipe writes whole goes to a temporary name beside it
 (unique to this process, so concurrent writers never share one) and is renamed over the final
-name, atomically on one filesystem. A reader sees the old file or the new one, never a part."""
+name, atomically on one filesystem. A reader sees the old file or the new one, never a part, and a
+failed write leaves no temporary behind (atomic).
+
+Where a command may write (check_target): never onto, into or around a path it must not touch, an
+input of the run (a source file or folder) or something the run owns (an entry of its run folder);
+the caller names them, with what they are, so the refusal says which and why.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+import shutil
+from typing import Any, Iterator
 
 
 def temp_name(path: str) -> str:
@@ -26,3 +36,42 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj: Any, indent: int | None = None) -> None:
     write_text(path, json.dumps(obj, indent=indent))
+
+
+@contextlib.contextmanager
+def atomic(path: str) -> Iterator[str]:
+    """Yields a temporary path beside `path` to write (a file or a folder); on success it is renamed
+    over `path`, on any failure removed."""
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def inside(path: str, folder: str) -> bool:
+    """path is folder or lies under it (both resolved: links, .., relative parts)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_target(target: str, protected: dict[str, str], flag: str, fix: str) -> None:
+    """Refuse to write `target` where it would be, lie inside or hold a protected path (path -> what
+    it is, e.g. 'an input of this run'). One ValueError naming the flag, the path and the fix."""
+    for path, what in protected.items():
+        if inside(target, path) or inside(path, target):
+            how = "is" if os.path.realpath(target) == os.path.realpath(path) else \
+                "lies inside" if inside(target, path) else "holds"
+            raise ValueError(f"{flag} {target}: {how} {path}, {what}; {fix}")
+
+
+def run_entries(run_dir: str) -> dict[str, str]:
+    """What a run owns, to protect: every entry of its folder (metrics, audit, checkpoints, ...)."""
+    if not os.path.isdir(run_dir):
+        return {}
+    return {os.path.join(run_dir, n): f"a file of the run {run_dir}" for n in sorted(os.listdir(run_dir))}

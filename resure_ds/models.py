@@ -8,12 +8,14 @@ serialised by a file lock and the folder appears atomically (rename).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import sys
 
 from .config import is_template_text
+from .errors import ConfigError
 
 EMBEDDED = "smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,7 +119,8 @@ def load_tokenizer(model_path: str, chat_template: str | None = None, trust_remo
     from transformers import AutoTokenizer
 
     check_model_folder(model_path)
-    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with needs_remote_code(model_path):
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if chat_template:
         if not is_template_text(chat_template):
             with open(chat_template, encoding="utf-8") as f:  # checked by the config: it exists
@@ -126,6 +129,18 @@ def load_tokenizer(model_path: str, chat_template: str | None = None, trust_remo
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+@contextlib.contextmanager
+def needs_remote_code(model_path: str):
+    """transformers' refusal to run a model folder's own code, as one line naming the option."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ConfigError(f"{model_path}: its tokenizer or model is code that ships in the folder, which runs only "
+                          "if you trust it: set model.trust_remote_code=true") from None
 
 
 # Llama shapes for tests and benchmarks: (hidden, MLP, layers, heads, KV heads, head dim)

@@ -20,7 +20,7 @@ import os
 import sys
 from dataclasses import dataclass, replace
 
-from .config import Config, ConfigError, load_config, recipe_parser, split_recipe_args
+from .config import Config, ConfigError, load_config, positive, recipe_parser, split_recipe_args
 from .config.sources import train_specs
 from .data.prepare import prepared_folder, tokenizer_fingerprints
 from .data.sources import resolve
@@ -70,9 +70,9 @@ def steps_per_epoch(cfg: Config, tokens_per_step: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = recipe_parser(__doc__)
-    ap.add_argument("--gpus", type=int, default=8, help="GPUs per node (default 8)")
-    ap.add_argument("--gpu-memory", type=float, default=80.0, help="memory per GPU in GB (default 80)")
-    ap.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    ap.add_argument("--gpus", type=positive(int), default=8, help="GPUs per node (default 8)")
+    ap.add_argument("--gpu-memory", type=positive(float), default=80.0, help="memory per GPU in GB (default 80)")
+    ap.add_argument("--nodes", type=positive(int), default=1, help="nodes (default 1)")
     ap.add_argument("--config", default=None, help="a folder with the model's config.json (default: model.path)")
     a = ap.parse_intermixed_args(argv)
     try:

@@ -20,11 +20,12 @@ import traceback
 from dataclasses import replace
 
 from .config import Config, load_config, parse_duration, split_recipe_args, to_dict
+from .config.sources import SourceSpec, train_specs
 from .data.pipeline import TrainingData
 from .data.plan import Cursor
 from .errors import ConfigError, DataError, TrainingError
 from .eval.validation import Validation
-from .files import write_json
+from .files import check_target, write_json
 from .models import load_tokenizer, resolve_model_path, shape_config
 from .report import audit
 from .report.build import write_report
@@ -34,6 +35,7 @@ from .runtime.engine import Engine, init_distributed, to_universal
 from .runtime.memory import auto_stage
 from .runtime.metrics import MetricsLogger
 from .runtime.profile import StepProfiler
+from .runtime.runlock import RunFolderBusy, RunLock, describe
 from .runtime.sequence import SequenceParallel
 from .runtime.stop import EXIT_RESUME, SIGNALS, Divergence, StopPolicy
 from .runtime.trackers import open_trackers
@@ -62,6 +64,8 @@ class Recipe:
         self.sp = SequenceParallel(cfg.train.sequence_parallel, self.rank, self.world)  # 1: every rank its rows
         self.run_dir = os.path.join(cfg.output.dir, cfg.output.name)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        check_run_folder(cfg, self.run_dir)
+        self.lock = self.lock_run_folder()
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             write_json(os.path.join(self.run_dir, "config.json"), to_dict(cfg), indent=2)
@@ -96,6 +100,22 @@ class Recipe:
         self.audit = audit.AuditLog(self.run_dir, self.rank)
         self.stepper = Stepper(cfg, self.engine, self.method, self.audit, self.data.source_names, self.rank, self.sp)
         self.startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
+
+    def lock_run_folder(self) -> RunLock | None:
+        """Rank 0 takes the run folder's lock before anything is written there; every rank learns
+        whether it got it (one all-reduce), so a second launch stops on all its ranks (runlock.py)."""
+        lock, busy = (RunLock(self.run_dir) if self.rank == 0 else None), ""
+        if lock is not None:
+            try:
+                lock.acquire()
+            except RunFolderBusy as e:
+                busy = str(e)
+        if dist.all_reduce_dict({"busy": float(bool(busy))})["busy"]:
+            raise RunFolderBusy(busy)
+        if lock is not None and lock.previous:
+            print0(f"took over the lock of {self.run_dir}, left by a run that ended without releasing it "
+                   f"({describe(lock.previous)})")
+        return lock
 
     def auto_zero_stage(self, model_path: str) -> Config:
         """train.zero_stage=auto resolved (resure_ds/runtime/memory.py): a resumed run keeps its checkpoint's
@@ -256,6 +276,21 @@ class Recipe:
         self.batches = None  # stops the loader's worker processes
         if self.logger is not None:
             self.logger.close()
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+
+
+def check_run_folder(cfg: Config, run_dir: str) -> None:
+    """The run folder is never an input of the run, inside one or around one (files.check_target): a
+    run inside its data folder would be read back as data by the next prepare."""
+    specs = train_specs(cfg.data) + ([SourceSpec(cfg.data.eval)] if isinstance(cfg.data.eval, str) else [])
+    guard = {s.path: f"an input of this run (source {s.label or s.path})" for s in specs
+             if s.path != "chitchat" and os.path.exists(s.path)}
+    try:
+        check_target(run_dir, guard, "the run folder (output.dir/output.name)",
+                     "give an output.dir outside the training data")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def run_recipe(cfg: Config) -> Recipe:
@@ -288,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(recipe, overrides)
         run = run_recipe(cfg)
+    except RunFolderBusy as e:  # one line, from rank 0, which knows the holder
+        if dist.rank() == 0:
+            print(f"[resure_ds] error: {e}", file=sys.stderr, flush=True)
+        return _fail(2)
     except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
         print(f"[resure_ds] error{_on_rank()}: {e}", file=sys.stderr, flush=True)
         return _fail(2)

@@ -101,3 +101,15 @@ def test_latest_naming_a_missing_checkpoint_is_an_error_not_another_checkpoint(t
     shutil.rmtree(os.path.join(d, "step0000004"))
     with pytest.raises(FileNotFoundError, match="latest names step0000004, which is not a published checkpoint"):
         ckpt.find(d, "auto")
+
+
+def test_a_failed_write_of_a_checkpoint_is_an_oserror_naming_the_folder():
+    """torch.save reports a full disk as RuntimeError ('unexpected pos'): the run's clear message about
+    output.dir is printed for OSError, so the save path turns whatever it gets into one."""
+    with pytest.raises(OSError, match="writing /x/step0000004.saving failed \\(RuntimeError: \\[enforce fail at "
+                                      "inline_container.cc\\] unexpected pos 64 vs 0\\)"):
+        with ckpt.write_errors("/x/step0000004.saving"):
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 64 vs 0\nmore lines")
+    with pytest.raises(OSError, match="No space left"):  # an OSError stays itself
+        with ckpt.write_errors("/x"):
+            raise OSError(28, "No space left on device")

@@ -49,7 +49,10 @@ def test_flags_and_weights_become_per_turn_data_weights_off_the_messages():
 
 
 @pytest.mark.parametrize("record,match", [
-    (rec((U, "a", {}), (A, "b", {"weight": -1})), "weight -1; expected a finite number >= 0"),
+    (rec((U, "a", {}), (A, "b", {"weight": -1})), "weight -1; expected a finite number in \\[0, 1000\\]"),
+    (rec((U, "a", {}), (A, "b", {"weight": 10 ** 400})), "weight 1000000000000000000000000000000000000..."),
+    (rec((U, "a", {}), (A, "b", {"weight": 1e30})), "weight 1e\\+30"),
+    (rec((U, "a", {}), (A, "b", {"weight": 20}), weight=100), "record's weight 100 times a message's 20 is over 1000"),
     (rec((U, "a", {}), (A, "b", {"weight": float("nan")})), "weight nan"),
     (rec((U, "a", {}), (A, "b", {"weight": "high"})), "weight 'high'"),
     (rec((U, "a", {}), (A, "b", {"weight": True})), "weight True"),
@@ -102,11 +105,14 @@ def test_weights_survive_prepare_split_and_collate(tmp_path, tiny_model_path, to
 
 def test_a_bad_weight_stops_prepare_naming_the_record(tmp_path, tiny_model_path, tokenizer):
     write_jsonl(tmp_path / "d.jsonl", [DIALOGUE, rec((U, "a", {}), (A, "b", {"weight": -2}))])
+    with open(tmp_path / "d.jsonl", "a", encoding="utf-8") as f:  # an integer no float holds: counted too
+        f.write('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 1'
+                + "0" * 400 + "}]}\n")
     with pytest.raises(DataError, match=r"d\.jsonl line 2.*weight -2"):
         prepare(cfg(tiny_model_path, str(tmp_path / "d.jsonl"), tmp_path / "prep"), tokenizer, tiny_model_path)
     [p] = prepare(cfg(tiny_model_path, str(tmp_path / "d.jsonl"), tmp_path / "prep", "data.skip_invalid=true"),
                   tokenizer, tiny_model_path)
-    assert p.manifest["counts"]["skipped"] == {"bad_weight": 1}
+    assert p.manifest["counts"]["skipped"] == {"bad_weight": 2}
 
 
 THINK = rec((U, "What is 17 * 3?", {}),

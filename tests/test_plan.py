@@ -112,3 +112,32 @@ def test_the_plan_resolves_auto(capsys):
     line = next(ln for ln in out.splitlines() if ln.startswith("zero stage"))
     stage = int(re.search(r"auto: ZeRO-(\d)", line).group(1))
     assert f"ZeRO-{stage}" in next(ln for ln in out.splitlines() if ln.startswith("job"))
+
+
+def test_quotas_hold_for_weights_near_the_float_range():
+    from resure_ds.data.plan import quotas
+
+    assert quotas([40, 40], [1e308, 1e308]).tolist() == [40, 40]  # their sum overflowed: 2 draws an epoch
+    assert quotas([10, 30], [1e-300, 3e-300]).tolist() == [10, 30]
+
+
+@pytest.mark.parametrize("flag,value", [("--gpus", "0"), ("--gpus", "-8"), ("--nodes", "0"), ("--gpu-memory", "nan"),
+                                        ("--gpu-memory", "-1")])
+def test_the_plan_refuses_counts_and_sizes_that_mean_nothing(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main([os.path.join(ROOT, "recipes", "default.yaml"), flag, value])
+    assert e.value.code == 2 and f"argument {flag}: must be a finite number > 0, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,match", [({"hidden_size": -5}, "transformers cannot build a causal LM .*hidden size \\(-5\\)"),
+                                          ({"model_type": "nonesuch"}, "transformers cannot build a causal LM")])
+def test_a_broken_model_config_is_one_line_naming_the_file(capsys, tmp_path, change, match):
+    import json
+
+    with open(os.path.join(ARCH, "llama3.1-8b", "config.json"), encoding="utf-8") as f:
+        conf = {**json.load(f), **change}
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    status = main([os.path.join(ROOT, "recipes", "default.yaml"), "--config", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and re.search(match, err), err
+    assert f"{tmp_path}/config.json: " in err

@@ -113,10 +113,17 @@ def test_damaged_or_mismatched_scores_are_named(corpus, tmp_path):
         Corpus([str(copy)], [key])
     np.save(os.path.join(ref, "offsets.npy"), offsets)
     losses = np.load(os.path.join(ref, "turn_loss.npy"))
-    losses[:] = np.nan  # scores of something else: no loss for a trained turn
+    losses[:] = np.nan  # a damaged file: named when opened, not deep in a loader worker at its row
     np.save(os.path.join(ref, "turn_loss.npy"), losses)
+    with pytest.raises(DataError, match="0 finite reference losses where .* trained turns were scored"):
+        Corpus([str(copy)], [key])
+    losses = np.load(os.path.join(ref, "turn_loss.npy"))
+    finite = np.load(os.path.join(p.folder, f"reference-{key}", "turn_loss.npy"))
+    np.save(os.path.join(ref, "turn_loss.npy"), np.roll(finite, 1))  # as many scores, on the wrong turns
     with pytest.raises(DataError, match="has no reference loss for every trained turn"):
-        Corpus([str(copy)], [key]).row(0)
+        c = Corpus([str(copy)], [key])
+        for i in range(50):
+            c.row(i)
 
 
 def test_rows_carry_reference_losses_into_the_batch(corpus):

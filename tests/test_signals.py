@@ -165,3 +165,15 @@ def test_a_source_of_canned_replies_loses_its_share_on_the_embedded_model(tmp_pa
     last = metrics(tmp_path / "run")[-1]
     assert last["source_share/canned"] < 0.5 * 0.25, last["source_share/canned"]
     assert last["source/canned/reliability"] < last["source/clean/reliability"]
+
+
+def test_a_reliable_small_source_is_held_under_its_ceiling():
+    m = Mixture([1.0, 1.0, 98.0], AdaptiveConfig(strength=10.0, floor=0.5, max_step=10.0, prior=0.0))
+    rel = SourceReliability(3)
+    rel.sync_update(torch.tensor([1.0] * 10 + [0.2] * 10 + [0.6] * 10, dtype=torch.float64),
+                    torch.tensor([0] * 10 + [1] * 10 + [2] * 10))
+    for _ in range(5):
+        m.update(rel)
+    mult = m.multipliers()
+    assert mult[0].item() == pytest.approx(2.0) and mult[1].item() == pytest.approx(0.5)  # 1 / floor and floor
+    assert m.shares.sum().item() == pytest.approx(1.0)

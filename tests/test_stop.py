@@ -49,3 +49,35 @@ def test_signals_are_recorded_not_fatal():
         for s, h in old.items():
             signal.signal(s, h)
     assert EXIT_RESUME == 75
+
+
+def test_steps_that_train_no_token_stop_the_run_like_non_finite_ones():
+    """data.max_length=1 under split trained nothing and exited 0 with an export; now three steps of no
+    trained token stop the run with the reason, as three non-finite steps do."""
+    from resure_ds.errors import TrainingError
+    from resure_ds.runtime.stop import Divergence
+
+    empty = {"loss": 0.0, "skipped_step": False, "turns": 0, "trained_tokens": 0, "grad_norm": 0.0,
+             "nonfinite_turns": 0}
+    d = Divergence(3, 1e-4)
+    d.check(1, empty)
+    d.check(2, empty)
+    with pytest.raises(TrainingError, match="3 consecutive optimizer steps \\(1-3\\) trained no token"):
+        d.check(3, empty)
+    d = Divergence(3, 1e-4)
+    for step in (1, 2):
+        d.check(step, {**empty, "loss": float("nan"), "trained_tokens": 10})
+    with pytest.raises(TrainingError, match="the run diverged: 3 consecutive"):
+        d.check(3, empty)  # a streak that trained tokens, then none: the diverged message
+    d = Divergence(3, 1e-4)
+    d.check(1, empty)
+    d.check(2, {**empty, "turns": 5, "trained_tokens": 40})  # a good step ends the streak
+    assert d.healthy
+
+
+@pytest.mark.parametrize("override,match", [("train.seed=-1", "train.seed: must be in \\[0, 2\\^32\\)"),
+                                            ("dist.timeout=100000000000000000000", "dist.timeout: at most 604800"),
+                                            ("train.time_limit=nan", "train.time_limit: must be a finite number")])
+def test_numbers_that_would_fail_inside_a_rank_are_refused_before_it_starts(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])

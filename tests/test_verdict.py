@@ -112,12 +112,12 @@ def test_filter_never_writes_over_into_or_around_an_input(tmp_path):
     src.write_text("".join(json.dumps(dialog(f"a{i}", 2)) + "\n" for i in range(3)))
     before = src.read_bytes()
     write_run(tmp_path / "run", [{"path": str(src), "name": "a"}], [row("a", "a0", 1, 0.1, 1), row("a", "a1", 0, 1, 1)])
-    for out in (tmp_path / "iter", tmp_path / "iter" / "00-a", tmp_path):
-        with pytest.raises(ValueError, match="an input of this run"):
+    for out in (tmp_path / "iter", tmp_path / "iter" / "00-a", tmp_path):  # tmp_path holds the run too
+        with pytest.raises(ValueError, match="an input of this run|a file of the run"):
             filter_corpus(str(tmp_path / "run"), str(out), 0.5)
     assert src.read_bytes() == before and sorted(os.listdir(src.parent)) == ["a.jsonl"]
     write_run(tmp_path / "run2", [{"path": str(src.parent), "name": "a"}], [row("a", "a0", 1, 0.1, 1)])
-    with pytest.raises(ValueError, match="is inside .*00-a, an input of this run"):  # a folder source
+    with pytest.raises(ValueError, match="lies inside .*00-a, an input of this run"):  # a folder source
         filter_corpus(str(tmp_path / "run2"), str(src.parent / "filtered"), 0.5)
     c = filter_corpus(str(tmp_path / "run"), str(tmp_path / "out"), 0.5)
     assert c["dropped"] == 1 and sorted(os.listdir(tmp_path)) == ["iter", "out", "run", "run2"]  # no .partial left
@@ -161,3 +161,47 @@ def test_filter_refuses_a_source_edited_since_the_run(tmp_path):
                                          "source a"):
         filter_corpus(str(tmp_path / "run"), str(tmp_path / "edited"), 0.5)
     assert not os.path.exists(tmp_path / "edited")
+
+
+def test_export_never_writes_onto_an_input_or_a_file_of_the_run(tmp_path):
+    """--export onto the corpus the run trained on, onto metrics.jsonl, into the audit folder or onto a
+    folder: one clear error each, nothing changed and no temporary left; a new file in the run folder
+    is fine."""
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps(dialog(f"a{i}", 2)) + "\n" for i in range(3)))
+    run = tmp_path / "run"
+    write_run(run, [{"path": str(src), "name": "a"}], [row("a", "a0", 1, 0.1, 1)])
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = {p: p.read_bytes() for p in (src, run / "metrics.jsonl")}
+    for target, what in ((src, "is .*data.jsonl, an input of this run"),
+                         (run / "metrics.jsonl", "is .*metrics.jsonl, a file of the run"),
+                         (run / "audit" / "rank00000-seg000009.parquet", "lies inside .*audit, a file of the run"),
+                         (run, "holds .*, a file of the run")):
+        with pytest.raises(ValueError, match=what):
+            export(str(run), str(target))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        export(str(run), str(tmp_path / "out"))
+    assert {p: p.read_bytes() for p in before} == before
+    assert not [n for n in os.listdir(tmp_path) + os.listdir(run) if ".tmp" in n]
+    assert export(str(run), str(run / "verdict.parquet")) == 1
+
+
+def test_filter_onto_a_link_to_an_empty_folder_fills_that_folder_and_a_failure_leaves_nothing(tmp_path, monkeypatch):
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps(dialog(f"a{i}", 2)) + "\n" for i in range(3)))
+    write_run(tmp_path / "run", [{"path": str(src), "name": "a"}], [row("a", "a0", 1, 0.1, 1), row("a", "a1", 0, 1, 1)])
+    (tmp_path / "empty").mkdir()
+    os.symlink(tmp_path / "empty", tmp_path / "link")
+    c = filter_corpus(str(tmp_path / "run"), str(tmp_path / "link"), 0.5)
+    assert c["dropped"] == 1 and os.path.islink(tmp_path / "link")
+    assert "filter_counts.json" in os.listdir(tmp_path / "empty")
+    import resure_ds.report.verdict as verdict
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(verdict, "_filter_into", broken)  # a failure half way: nothing is left behind
+    with pytest.raises(OSError, match="disk full"):
+        filter_corpus(str(tmp_path / "run"), str(tmp_path / "new"), 0.5)
+    assert sorted(os.listdir(tmp_path)) == ["data.jsonl", "empty", "link", "run"]

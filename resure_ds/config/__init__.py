@@ -80,7 +80,7 @@ class AdaptiveConfig:
     strength: float = 10.0
     """beta: a source's target share is its configured share times exp(beta * (r - r_pooled)), r its reliability (the mean weight its turns kept), renormalised."""
     floor: float = 0.1
-    """No source's share falls below this fraction of its configured share."""
+    """Every source's share stays within [floor, 1 / floor] times its configured share (so its turns' weight p / q does too)."""
     max_step: float = 0.05
     """Most a source's log-share moves per optimizer step towards its target, before the shares are renormalised (two sources' log-ratio: at most twice this)."""
     prior: float = 64.0
@@ -415,6 +415,15 @@ def _validate(c: Config) -> list[str]:
               ("loss_truncation.min_count", c.loss_truncation.min_count),
               ("data.prepare_workers", c.data.prepare_workers), ("data.num_workers", c.data.num_workers)]
     e += [f"{k}: must be >= 0, got {v}" for k, v in nonneg if v < 0]
+    name = c.output.name
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        e.append(f"output.name: one folder name under output.dir (no '/', not '.' or '..'), got {name!r}")
+    if not c.output.dir:
+        e.append("output.dir: must be a folder, got ''")
+    if not 0 <= c.train.seed < 2 ** 32:
+        e.append(f"train.seed: must be in [0, 2^32), got {c.train.seed}")
+    if c.dist.timeout > MAX_TIMEOUT:
+        e.append(f"dist.timeout: at most {MAX_TIMEOUT} seconds (a week), got {c.dist.timeout}")
     if c.train.sequence_parallel > 1 and c.model.attn_implementation == "eager":
         e.append("train.sequence_parallel with model.attn_implementation=eager: "
                  "DeepSpeed's Ulysses attention runs sdpa, varlen or flash_attention_2; set one of them (or auto)")
@@ -481,6 +490,7 @@ def _validate(c: Config) -> list[str]:
 
 
 SIGNALS = ("loss", "excess")
+MAX_TIMEOUT = 7 * 24 * 3600
 
 
 def _validate_signals(c: Config) -> list[str]:
@@ -536,8 +546,8 @@ def parse_duration(text: str) -> float:
         value = float(t[:-1]) * scale if scale else float(t)
     except ValueError:
         raise ValueError(f"cannot read {text!r} as a duration (use seconds, 90m, 4h or 1:30:00)") from None
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {text!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a finite number of seconds >= 0, got {text!r}")
     return value
 
 
@@ -581,6 +591,22 @@ def recipe_parser(doc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("args", nargs="*", help="[RECIPE.yaml] then dotted key=value overrides")
     return ap
+
+
+def positive(kind, most: float = math.inf):
+    """An argparse type: a finite number > 0 (and <= most) of `kind`: a command's counts and sizes
+    are checked where they are read (0 GPUs divided by zero; a NaN memory 'fitted')."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(v) and 0 < v <= most):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0{f' and <= {most:g}' if most < math.inf else ''}"
+                                             f", got {text!r}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) -> Config:

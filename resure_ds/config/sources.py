@@ -6,6 +6,8 @@ trackers (runtime/trackers.py).
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +86,8 @@ def parse_train(value: Any, layout: Layout = Layout()) -> tuple[list[SourceSpec]
         errors += errs
         if unknown:
             errors.append(f"{at}: unknown key(s) {sorted(unknown)} (known: path, weight, name, format, columns)")
-        elif isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
-            errors.append(f"{at}: weight must be a number > 0, got {w!r}")
+        elif isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
+            errors.append(f"{at}: weight must be a finite number > 0, got {w!r}")
         elif not errs:
             specs.append(SourceSpec(it["path"], float(w), str(it.get("name") or ""), own))
     labels = [s.label for s in specs]

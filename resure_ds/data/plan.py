@@ -53,7 +53,9 @@ _ORDER, _DRAW, _ROWS = 1, 2, 3  # seed-stream tags
 def quotas(sizes: list[int], weights: list[float]) -> np.ndarray:
     """Draws per source in an epoch of sum(sizes) draws: proportional to weight (largest remainder)."""
     total = sum(sizes)
-    share = np.asarray(weights, dtype=np.float64) / float(sum(weights)) * total
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.max()  # relative weights: a sum of weights near the float range cannot overflow
+    share = w / w.sum() * total
     q = np.floor(share).astype(np.int64)
     rest = np.argsort(-(share - q), kind="stable")[: total - int(q.sum())]
     q[rest] += 1

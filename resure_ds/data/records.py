@@ -204,11 +204,21 @@ def _message_weight(m: dict, i: int, role: str, col) -> float | None:
     return weight
 
 
+MAX_WEIGHT = 1000.0  # a data weight (and a record's times a message's): past this, a step's loss would be
+                    # swamped by one turn (a weight of 1e30 made a gradient norm of 2.5e29)
+
+
 def _weight(w: Any, at: str) -> float:
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-        raise InvalidRecord("bad_weight", f"{at} has weight {w!r}; expected a finite number >= 0 "
+    ok = not isinstance(w, bool) and isinstance(w, (int, float))
+    try:
+        x = float(w) if ok else math.nan  # an integer of 400 digits does not fit a float
+    except OverflowError:
+        x = math.inf
+    if not (math.isfinite(x) and 0 <= x <= MAX_WEIGHT):
+        shown = repr(w) if len(repr(w)) <= 40 else repr(w)[:37] + "..."
+        raise InvalidRecord("bad_weight", f"{at} has weight {shown}; expected a finite number in [0, {MAX_WEIGHT:g}] "
                             "(0: context only, never trained)")
-    return float(w)
+    return x
 
 
 def _tool_calls(calls: Any, i: int) -> list[dict]:
@@ -316,6 +326,9 @@ def _weights(record: dict, messages: list[dict], layout: Layout) -> tuple[float,
     per = [m.pop(WEIGHT, 1.0) for m in messages if m["role"] == "assistant"]
     if own is None and all(w == 1.0 for w in per):
         return None
+    if scale * max(per, default=0.0) > MAX_WEIGHT:
+        raise InvalidRecord("bad_weight", f"the record's weight {scale:g} times a message's {max(per):g} is over "
+                            f"{MAX_WEIGHT:g}; scale the weights down")
     return tuple(w * scale for w in per)
 
 

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 import yaml
 
+from ..config import positive
 from ..config.sources import SourceSpec, parse_layout
 from ..data.collate import collate_examples
 from ..data.holdout import held_out
@@ -99,11 +100,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
     ap.add_argument("data")
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-length", type=positive(int), default=256)
     ap.add_argument("--overflow", choices=POLICIES, default="split",
                     help="a dialogue longer than --max-length, as data.overflow (default: split)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--holdout", type=float, default=None, help="only the split data.eval=F holds out of DATA")
+    ap.add_argument("--batch-size", type=positive(int), default=8)
+    ap.add_argument("--holdout", type=positive(float, 0.5), default=None,
+                    help="only the split data.eval=F (in (0, 0.5]) holds out of DATA")
     ap.add_argument("--format", default=None, help="record layout, as data.format (default: detected)")
     ap.add_argument("--columns", default=None, help="field names, as data.columns, e.g. '{messages: dialog}'")
     a = ap.parse_args()

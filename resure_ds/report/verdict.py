@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 from ..config.sources import train_specs
 from ..data.manifest import manifest_source
 from ..data.records import InvalidRecord, record_format, to_dialogue
-from ..files import temp_name
 from ..data.sources import load_hf, read_unit, resolve, source_fingerprint, units_of
+from ..files import atomic, check_target, run_entries
 from .audit import read_audit
 from .run_files import read_config, read_metrics, read_sources
 
@@ -50,12 +50,41 @@ def export(run_dir: str, path: str) -> int:
     """Write the last-seen verdict of every trained turn as Parquet; returns the number of turns. A run
     of several sources also gets <path stem>.sources.parquet: per step and source, its share, its
     reliability and its turns so far (the metrics' source_share/ and source/ values)."""
+    shares = source_table(read_metrics(run_dir)) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else None
+    guard = protected(run_dir)
+    for out in [path] + ([sources_path(path)] if shares is not None else []):
+        check_target(out, guard, "--export", "write the verdict to a new file outside the run folder's files "
+                     "and the training data")
+        if os.path.isdir(out):
+            raise ValueError(f"--export {out}: is a folder; give the path of a .parquet file to write")
     v = last_seen(read_audit(run_dir))
     _write_parquet(v, path)
-    shares = source_table(read_metrics(run_dir)) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else None
     if shares is not None:
         _write_parquet(shares, sources_path(path))
     return v.num_rows
+
+
+def protected(run_dir: str) -> dict[str, str]:
+    """What a command on a run's results must not write onto, into or around: the entries of the run
+    folder, and the run's inputs (each source's files and folder, as far as they can still be found)."""
+    out = run_entries(run_dir)
+    try:
+        cfg = read_config(run_dir)
+        specs = train_specs(cfg["data"])
+    except (OSError, ValueError, KeyError):
+        return out
+    for spec in specs:
+        try:
+            src = resolve(spec)
+        except (OSError, ValueError):
+            continue
+        if src.kind == "chitchat":
+            continue
+        what = f"an input of this run (source {spec.label})"
+        out.update({f: what for f in src.files})
+        if os.path.isdir(spec.path):
+            out[spec.path] = what
+    return out
 
 
 def sources_path(path: str) -> str:
@@ -79,9 +108,8 @@ def source_table(metrics: list[dict]) -> pa.Table | None:
 
 def _write_parquet(table: pa.Table, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = temp_name(path)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)  # never a torn file under the final name
+    with atomic(path) as tmp:  # never a torn file under the final name, no temporary left on failure
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def group_stats(v: pa.Table, by: str, cap: int | None = None) -> list[dict]:
@@ -195,10 +223,16 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
     for spec in train_specs(cfg["data"]):
         src = resolve(spec)
         sources.append((spec, resolve(manifest_source(src.files[0])) if src.kind == "prepared" else src))
-    _check_output(out_dir, [s for _, s in sources])
+    _check_output(out_dir, run_dir, sources)
     _check_unchanged(run_dir, sources)
-    final, out_dir = out_dir, f"{out_dir.rstrip(os.sep)}.partial{os.getpid()}"  # renamed when complete
-    shutil.rmtree(out_dir, ignore_errors=True)
+    final = os.path.realpath(out_dir)  # a link to an empty folder: the folder it names is replaced
+    with atomic(final) as partial:  # renamed when complete; removed on any failure
+        counts = _filter_into(run_dir, partial, final, sources, min_weight, unit)
+    return counts
+
+
+def _filter_into(run_dir: str, out_dir: str, final: str, sources: list, min_weight: float, unit: str) -> dict:
+    """The filter's work, into out_dir (renamed to final, an empty folder or none, when done)."""
     trained, low = _verdict_by_dialogue(run_dir, min_weight)
     counts = {"min_weight": min_weight, "unit": unit, "records": 0, "kept": 0, "dropped": 0, "cut": 0,
               "turns_removed": 0, "not_trained_kept": 0, "invalid_kept": 0,
@@ -246,9 +280,6 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "filter_counts.json"), "w", encoding="utf-8") as f:
         json.dump(counts, f, indent=1)
-    if os.path.isdir(final):
-        os.rmdir(final)  # empty (checked above)
-    os.replace(out_dir, final)
     return counts
 
 
@@ -276,21 +307,19 @@ def _check_unchanged(run_dir: str, sources: list) -> None:
                              "on the edited ones")
 
 
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _check_output(out_dir: str, sources: list) -> None:
-    """The filter never writes over, into or around an input of the run, nor into a used folder: its
-    output would replace a source, or be read back as one by the next prepare of that folder."""
-    for src in sources:
-        folders = [src.spec.path] if os.path.isdir(src.spec.path) else []
-        for f in [*src.files, *folders]:
-            if _inside(f, out_dir) or (f in folders and _inside(out_dir, f)):
-                raise ValueError(f"--filter {out_dir}: {'holds' if _inside(f, out_dir) else 'is inside'} {f}, "
-                                 f"an input of this run (source {src.spec.label}); write the filtered corpus "
-                                 "to a new folder outside the training data")
+def _check_output(out_dir: str, run_dir: str, sources: list) -> None:
+    """The filter never writes over, into or around an input of the run or the run's own files, nor into
+    a used folder: its output would replace a source, or be read back as one by the next prepare."""
+    guard = run_entries(run_dir)
+    for spec, src in sources:
+        if src.kind == "chitchat":
+            continue
+        what = f"an input of this run (source {spec.label})"
+        guard.update({f: what for f in src.files})
+        if os.path.isdir(src.spec.path):
+            guard[src.spec.path] = what
+    check_target(out_dir, guard, "--filter", "write the filtered corpus to a new folder outside the run folder "
+                 "and the training data")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ValueError(f"--filter {out_dir}: exists and is not an empty folder (an earlier filter's output?); "
                          "give a new folder, or remove this one first")

@@ -32,6 +32,8 @@ resumed step; audit.py.)
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import random
@@ -155,14 +157,29 @@ def save(engine, ckpt_dir: str, progress: Progress, rank: int, world: int, keep_
     if rank == 0:
         clear_staging(ckpt_dir)
     dist.barrier()
-    engine.save(ckpt_dir, staging(tag))
-    write_rank_state(ckpt_dir, staging(tag), rank, {"rng": rng_state()})
+    with write_errors(os.path.join(ckpt_dir, staging(tag))):
+        engine.save(ckpt_dir, staging(tag))
+        write_rank_state(ckpt_dir, staging(tag), rank, {"rng": rng_state()})
     faults.point("save", progress.step, rank)
     dist.barrier()
     if rank == 0:
         publish(ckpt_dir, tag, progress, world)
         rotate(ckpt_dir, keep_last)
     dist.barrier()
+
+
+@contextlib.contextmanager
+def write_errors(where: str):
+    """Whatever the library raises while writing a checkpoint (torch.save reports a full disk as a
+    RuntimeError, 'unexpected pos'), an OSError that names the folder and the error, so the run ends
+    with the clear message about output.dir instead of a traceback."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        said = str(e).splitlines()[0] if str(e) else repr(e)
+        raise OSError(f"writing {where} failed ({type(e).__name__}: {said})") from e
 
 
 def publish(ckpt_dir: str, tag: str, progress: Progress, world: int) -> None:

@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass, replace
 
 from ..config import Config
+from ..errors import ConfigError
+from ..models import needs_remote_code
 from .engine import resolve_dtype
 from .fused import chunk_rows
 from .lora import attach
@@ -51,9 +53,23 @@ def model_shape(config_dir: str, cfg: Config) -> Shape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    conf = AutoConfig.from_pretrained(config_dir, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf, trust_remote_code=cfg.model.trust_remote_code)
+    where = os.path.join(config_dir, "config.json")
+    try:
+        with needs_remote_code(config_dir):
+            conf = AutoConfig.from_pretrained(config_dir, trust_remote_code=cfg.model.trust_remote_code)
+        sizes = {k: getattr(conf, k, None) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers",
+                                                     "vocab_size")}
+        bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v <= 0}
+        if bad:
+            raise ConfigError(f"{where}: {', '.join(f'{k}={v!r}' for k, v in bad.items())}; a model's sizes are "
+                              "integers > 0")
+        with torch.device("meta"), needs_remote_code(config_dir):
+            model = AutoModelForCausalLM.from_config(conf, trust_remote_code=cfg.model.trust_remote_code)
+    except ConfigError:
+        raise
+    except Exception as e:  # a user's file that transformers rejects (its validators raise their own types)
+        raise ConfigError(f"{where}: transformers cannot build a causal LM from it ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]}); check model_type and the sizes") from None
     params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     trainable = params

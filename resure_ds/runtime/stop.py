@@ -55,23 +55,31 @@ class StopPolicy:
 
 class Divergence:
     """A run that stops learning stops itself: after `limit` consecutive optimizer steps whose loss or
-    gradient norm is not finite, that trained no turn with a finite loss, or that DeepSpeed skipped
+    gradient norm is not finite, that trained no turn with a finite loss (no token at all included), or
+    that DeepSpeed skipped
     (train.max_bad_steps; 0 = never). Every rank sees the same metrics row (all-reduced), so every
     rank stops at the same step. While a streak lasts no checkpoint is saved (`healthy`)."""
 
     def __init__(self, limit: int, lr: float):
         self.limit, self.lr = limit, lr
         self.since: int | None = None  # first step of the current streak
+        self.tokenless = False  # every step of the streak trained no token
 
     @property
     def healthy(self) -> bool:
         return self.since is None
 
     def check(self, step: int, row: dict) -> None:
-        bad = (not math.isfinite(row["loss"]) or row["skipped_step"]
-               or (row["trained_tokens"] > 0 and row["turns"] == 0)
+        bad = (not math.isfinite(row["loss"]) or row["skipped_step"] or row["turns"] == 0
                or (row["grad_norm"] is not None and not math.isfinite(row["grad_norm"])))
         self.since = (self.since or step) if bad else None
+        self.tokenless = (self.tokenless if bad and self.since < step else True) and row["trained_tokens"] == 0
+        if self.limit and bad and step - self.since + 1 >= self.limit and self.tokenless:
+            raise TrainingError(
+                f"{self.limit} consecutive optimizer steps ({self.since}-{step}) trained no token: the rows hold "
+                "nothing to learn (is data.max_length shorter than the chat template's text around a reply? are "
+                "the replies train: false or weight 0?). Nothing was exported; raise data.max_length or fix the "
+                "data (train.max_bad_steps sets the limit)")
         if self.limit and bad and step - self.since + 1 >= self.limit:
             raise TrainingError(
                 f"the run diverged: {self.limit} consecutive optimizer steps ({self.since}-{step}) had a "

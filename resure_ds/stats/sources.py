@@ -10,9 +10,10 @@ every rank holds the same numbers, and they do not depend on how the rows were s
 Adaptive mixture (data.mixture=adaptive). q_s, the configured share of the draws (data.train's
 weights over the epoch's quotas); r = sum W / sum n, the pooled reliability; the shrunk reliability
 r'_s = (W_s + m r) / (n_s + m) (m = data.adaptive.prior: a source with few turns stays near r). The
-target share t_s is proportional to q_s exp(beta (r'_s - r)) (beta = data.adaptive.strength), raised
-where needed so no share falls under floor * q_s. After every optimizer step each log-share moves
-towards its target by at most data.adaptive.max_step, then the shares are renormalised (and floored
+target share t_s is proportional to q_s exp(beta (r'_s - r)) (beta = data.adaptive.strength), held
+within [floor * q_s, q_s / floor] (floor = data.adaptive.floor), so a source's weight p_s / q_s stays
+within [floor, 1 / floor]. After every optimizer step each log-share moves
+towards its target by at most data.adaptive.max_step, then the shares are renormalised (and bounded
 again): the log-ratio of two sources' shares moves at most 2 * max_step a step. The shares p_s act as a weight p_s / q_s on every turn of source s: the expected gradient is
 that of drawing the sources in shares p (importance weighting), while the draws themselves stay
 those of data.train. Everything is a function of the all-reduced sums, so identical on every rank
@@ -91,22 +92,24 @@ class Mixture:
         """[S] p_s / q_s: the weight every turn of source s trains with."""
         return self.shares / self.q
 
-    def _floored(self, log_t: torch.Tensor) -> torch.Tensor:
-        """Normalise, then raise the shares under floor * q to it, taking the difference from the
-        others in proportion (a few rounds settle it: each fixes at least one source)."""
+    def _bounded(self, log_t: torch.Tensor) -> torch.Tensor:
+        """Normalise, then hold every share within [floor * q, q / floor]: the shares past a bound are
+        set to it and the others rescaled to the rest (a few rounds settle it: each fixes a source)."""
         t = (log_t - torch.logsumexp(log_t, 0)).exp()
-        low = self.cfg.floor * self.q
-        fixed = torch.zeros_like(t, dtype=torch.bool)
-        for _ in range(len(t)):
-            fixed = fixed | (t < low)
-            free = ~fixed
+        low, high = self.cfg.floor * self.q, self.q / self.cfg.floor
+        at_low = torch.zeros_like(t, dtype=torch.bool)
+        at_high = torch.zeros_like(at_low)
+        for _ in range(2 * len(t)):
+            t = torch.where(at_low, low, torch.where(at_high, high, t))
+            free = ~(at_low | at_high)
             if not free.any():
-                return low.log() - low.sum().log()
-            rest = 1.0 - float(low[fixed].sum())
-            t = torch.where(fixed, low, t / t[free].sum() * rest)
-            if not (t[free] < low[free]).any():
                 break
-        return t.log()
+            t = torch.where(free, t / t[free].sum() * (1.0 - float(t[~free].sum())), t)
+            new_low, new_high = free & (t < low), free & (t > high)
+            if not (new_low.any() or new_high.any()):
+                break
+            at_low, at_high = at_low | new_low, at_high | new_high
+        return (t / t.sum()).log()
 
     def target(self, rel: SourceReliability) -> torch.Tensor:
         """log t_s from the reliability as it stands."""
@@ -115,12 +118,12 @@ class Mixture:
             return self.q.log()
         n, wsum = rel.state[:, N].cpu(), rel.state[:, WSUM].cpu()
         shrunk = (wsum + self.cfg.prior * r) / (n + self.cfg.prior).clamp(min=1e-300)
-        return self._floored(self.q.log() + self.cfg.strength * (shrunk - r))
+        return self._bounded(self.q.log() + self.cfg.strength * (shrunk - r))
 
     def update(self, rel: SourceReliability) -> None:
         """One optimizer step's move towards the target."""
         step = (self.target(rel) - self.log_p).clamp(-self.cfg.max_step, self.cfg.max_step)
-        self.log_p = self._floored(self.log_p + step)
+        self.log_p = self._bounded(self.log_p + step)
 
     def state_dict(self) -> dict:
         return {"configured": self.q.tolist(), "log_share": self.log_p.tolist()}
