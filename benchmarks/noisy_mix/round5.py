@@ -37,6 +37,10 @@ from benchmarks.noisy_mix.stats5 import fieller, holm, paired  # noqa: E402
 BUDGET = 0.2  # the share every filter or weighting may act on
 SOURCES = {"chat_a": 0.35, "chat_b": 0.35, "canned": 0.075, "weak": 0.075, "degenerate": 0.075, "offtopic": 0.075}
 CORRUPT_P = 0.5  # each reply of a noisy source's dialogue is corrupted with this probability (at least one)
+# oracle_turn's and offline_filter's masked replies: a data weight, not train: false, so every row keeps a
+# trained token (a dialogue whose replies were all masked would otherwise leave the epoch, and the run
+# would repeat rows to fill its steps) and the step's token count N is sft's; their gradient is 1e-6 of it
+MASKED = 1e-6
 QUANTILE = {"resure.threshold": "quantile", "resure.down_share": BUDGET}
 TWO = {"stats.signals": "[loss,excess]", "resure.two_sided": "true", "resure.threshold": "quantile",
        "resure.weight_fn": "hard", "resure.down_share": BUDGET / 2, "stats.decay": 0.98}
@@ -103,11 +107,22 @@ def detector_data(rows: list[dict], half: str, rng: random.Random, n: int) -> li
 
 
 def fit_detector(splits: dict, p: dict, out: str) -> tuple[Detector, dict]:
-    """Fit on the probe-only noise against validation-split human replies; held-out precision and recall
-    on the training halves (never seen by it) against test-split human replies."""
+    """Fit once (detector.pt; every later process loads it) on the probe-only noise against
+    validation-split human replies; held-out precision and recall on the training halves (never seen
+    by it) against test-split human replies."""
+    import torch
+
     train = detector_data(splits["val"], "probe", random.Random("round5-detector-fit"), p["detector_pairs"])
     test = detector_data(splits["test"], "train", random.Random("round5-detector-test"), p["detector_pairs"])
-    det = Detector().fit([(c, r) for c, r, _ in train], [lab for _, _, lab in train])
+    path = os.path.join(out, "detector.pt")
+    det = Detector()
+    if os.path.exists(path):
+        det.W, det.V, det.b = (torch.load(path)[k] for k in ("W", "V", "b"))
+    else:
+        det.fit([(c, r) for c, r, _ in train], [lab for _, _, lab in train])
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save({"W": det.W, "V": det.V, "b": det.b}, tmp)
+        os.replace(tmp, path)
     pred = det.predict([(c, r) for c, r, _ in test])
     truth = [lab for _, _, lab in test]
     report = {"fit_pairs": len(train), "heldout_pairs": len(test), "per_class": precision_recall_per_class(truth, pred),
@@ -116,8 +131,10 @@ def fit_detector(splits: dict, p: dict, out: str) -> tuple[Detector, dict]:
               **det.state()}
     report["primary_kinds"] = [c for c in CLASSES[1:] if (report["per_class"][c]["recall"] or 0) >= 0.5
                                and report["human_flagged_as"][c] <= 0.05]
-    with open(os.path.join(out, "detector.json"), "w", encoding="utf-8") as f:
+    tmp = os.path.join(out, f"detector.json.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
+    os.replace(tmp, os.path.join(out, "detector.json"))
     return det, report
 
 
@@ -194,7 +211,7 @@ def seed_data(splits: dict, p: dict, noise: float, seed: int, tok, out: str) -> 
             for t in bad:
                 j = pos[t]
                 msgs[j] = {"role": "assistant", "content": make_noise(src, msgs, j, "train", pool, krng)}
-                oracle[j] = {**msgs[j], "train": False}
+                oracle[j] = {**msgs[j], "weight": MASKED}
                 labels.append({"dialogue_id": r["id"], "turn": t, "kind": src, "source": src})
         for name, m in (("noisy", msgs), ("clean", clean), ("oracle_turn", oracle)):
             rows[name].append((src, {"id": r["id"], "messages": m}))
@@ -238,8 +255,8 @@ def write_sources(folder: str, variant: str, rows: list[tuple[str, dict]]) -> li
 
 def offline_filter_files(meta: dict, sft_export: str, model: str, p: dict) -> list[dict]:
     """The two-pass offline filter: every training turn scored by the SFT model of the same seed and by
-    the base model; the BUDGET share with the highest excess (SFT loss minus base loss) is set
-    train: false; the same dialogues otherwise."""
+    the base model; the BUDGET share with the highest excess (SFT loss minus base loss) is masked (data
+    weight MASKED); the same dialogues otherwise."""
     from resure_ds.eval.offline import load_model, turn_scores
 
     entries = [e for e in meta["files"]["noisy"]]
@@ -262,9 +279,10 @@ def offline_filter_files(meta: dict, sft_export: str, model: str, p: dict) -> li
             msgs, pos = [dict(m) for m in r["messages"]], assistant_positions(r["messages"])
             for t, j in enumerate(pos):
                 if (r["id"], t) in drop:
-                    msgs[j]["train"] = False
+                    msgs[j]["weight"] = MASKED
             rows.append({"id": r["id"], "messages": msgs})
-        out = e["path"].replace("noisy-", "offline_filter-")
+        head, name = os.path.split(e["path"])
+        out = os.path.join(head, name.replace("noisy-", "offline_filter-", 1))
         write_jsonl(out, rows)
         files.append({**e, "path": out})
     labels = {(x["dialogue_id"], x["turn"]) for x in meta["labels"]}
@@ -442,6 +460,7 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str) ->
     t0 = time.time()
     run_dir = train_one(run_name(spec), json.dumps(mixture), model, p, method, steps, spec["seed"], extra, runs)
     res = {**spec, "name": run_name(spec), "steps": steps, "train_s": time.time() - t0,
+           "detector_sha256": ctx["detector_sha256"],
            **outcomes(os.path.join(run_dir, "export"), ctx, p, os.path.join(run_dir, "replies.jsonl")),
            **training_measures(run_dir, meta, spec)}
     if files == "offline_filter":
@@ -670,7 +689,6 @@ def main() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(int(os.environ.get("MASTER_PORT", "29733")) + (worker[0] if worker else 0))
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    from resure_ds.eval.offline import load_model
     from resure_ds.models import EMBEDDED, load_tokenizer, resolve_model_path
 
     model = tiny_model(os.path.join(out, "tiny-model")) if p["model"] == "tiny" else resolve_model_path(EMBEDDED)
@@ -683,6 +701,7 @@ def main() -> None:
     detector, det = fit_detector(splits, p, out)
     test_pool = [m["content"] for r in test for m in r["messages"] if m["role"] == "assistant"]
     ctx = {"eval_path": eval_path, "contexts": contexts(test, p, tok), "detector": detector,
+           "detector_sha256": det["sha256"],
            "probes": probe_pairs(test, test_pool, p, out, tok)}
     base_path = os.path.join(out, "base.json")
     if not os.path.exists(base_path):
