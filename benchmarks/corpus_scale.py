@@ -63,7 +63,7 @@ def old_render(r, d):
     twice (P_j, Q_j), each piece is a separate tokenizer call, turns past the cut are skipped."""
     import numpy as np
 
-    full = r._template(d.messages, False)
+    full = r.template.render(d.messages, False)
     ids, turn, counts, prev = [], [], [], 0
     for t, (s, e) in enumerate(r.prefix_spans(d, full)):
         if len(ids) >= r.max_length:
@@ -92,7 +92,7 @@ def part_render(res: dict, trials: int = 3) -> None:
     out = {}
     for L in (256, 1024):
         old, new = Renderer(tok, L), Renderer(tok, L)
-        old._render = None  # the previous release rendered through apply_chat_template
+        old.template.direct = None  # the previous release rendered through apply_chat_template
         new.render_many(ds[:500])  # a worker's layout cache warms on its first batches
         before, after = [], []
         for _ in range(trials):  # interleaved, so both see the same machine
@@ -246,10 +246,9 @@ def part_resume(res: dict) -> None:
 
 # -- 4. packing efficiency vs padding ------------------------------------------------------------
 def part_packing(res: dict) -> None:
-    import numpy as np
 
     from resure_ds.config import load_config
-    from resure_ds.data.plan import Cursor, Plan
+    from resure_ds.data.plan import Plan
     from resure_ds.data.shards import PreparedSource
     from resure_ds.models import load_tokenizer, resolve_model_path
     from resure_ds.data.prepare import ensure_prepared

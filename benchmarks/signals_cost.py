@@ -3,7 +3,7 @@ its statistics merge (stats/method.py: weigh, merge, and after each optimizer st
 for the paper's one signal on one source beside both signals at 8, 64 and 512 sources, fixed and
 adaptive. Side by side, interleaved, median of --repeats after a warm-up; gloo on CPU, NCCL with
 --device cuda (one GPU per rank). Prints milliseconds, the ratio to the one-signal step, and the bytes
-each rank hands to the collectives per micro-step (counted at resure_ds.runtime.dist).
+each rank hands to the collectives per micro-step (counted at resure_ds.dist).
 
     python benchmarks/signals_cost.py [--ranks 2] [--turns 64] [--repeats 30] [--device cpu|cuda]
 """
@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from resure_ds.config import load_config  # noqa: E402
-from resure_ds.runtime import dist  # noqa: E402
+from resure_ds import dist  # noqa: E402
 from resure_ds.stats.method import Method  # noqa: E402
 from resure_ds.stats.turns import TurnLosses  # noqa: E402
 

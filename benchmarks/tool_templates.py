@@ -33,7 +33,8 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from resure_ds.data.records import Dialogue, normalise, record_tools  # noqa: E402
-from resure_ds.data.render import Renderer, _call_form  # noqa: E402
+from resure_ds.data.render import Renderer  # noqa: E402
+from resure_ds.data.template import call_form  # noqa: E402
 from resure_ds.errors import DataError  # noqa: E402
 from resure_ds.models import load_tokenizer, resolve_model_path  # noqa: E402
 
@@ -126,8 +127,8 @@ def judge(renderer, rec) -> tuple[str, str]:
     except DataError as e:
         return "refused", str(e).split(": ", 1)[-1].split(". Fix the record")[0]
     tok = renderer.tok
-    form = renderer._call_form or (False, False)  # the form the renderer chose for this template
-    full = tok.apply_chat_template(_call_form(d.messages, form), tools=d.tools, tokenize=False)
+    form = renderer.template.call_form or (False, False)  # the form the renderer chose for this template
+    full = tok.apply_chat_template(call_form(d.messages, form), tools=d.tools, tokenize=False)
     if tok.decode(ex.input_ids.tolist()) != full:
         return "WRONG", "the tokens are not the template's rendering of the dialogue"
     assistant = [m for m in d.messages if m["role"] == "assistant"]

@@ -76,5 +76,6 @@ import os, sys  # noqa: E401,E402
 
 args = [a for i, a in enumerate(sys.argv[1:], 1)
         if not a.startswith(("--local_rank", "--local-rank")) and sys.argv[i - 1] not in ("--local_rank", "--local-rank")]
+os.environ.setdefault("PYTHON", sys.executable)  # the interpreter the launcher chose, not whatever python3 is
 os.execvp("bash", ["bash", os.path.abspath(__file__), *args])
 END_OF_PYTHON

@@ -1,14 +1,14 @@
-"""Every collective the recipe makes, in one small module that imports only torch.
+"""Every collective the recipe makes, in one small module that imports only torch: the lowest layer
+of the package, so the statistics (stats/) import no runtime.
 
-Statistics (welford.py), the loss histogram (quantile.py), the step's token
-count and metrics (train.py) and validation (validate.py) all go through
-here. Outside a process group (unit tests, one process) every call is the
-identity, so the core stays importable and testable without DeepSpeed.
+The statistics (stats/welford.py, stats/histogram.py, stats/sources.py), the step's token count and
+metrics (step.py), validation (eval/validation.py), checkpoints and the engine's set-up all go
+through here. Outside a process group (unit tests, one process) every call is the identity, so the
+core stays importable and testable without DeepSpeed.
 
-Collectives on the gloo backend (CPU) run on CPU tensors; on NCCL they need
-the accelerator's device, which the caller passes (``device``). The group's
-timeout (``dist.timeout``) bounds how long a rank waits in any collective
-for a peer that died: see README "Operating the recipe".
+Collectives on the gloo backend (CPU) run on CPU tensors; on NCCL they need the accelerator's
+device, which the caller passes (``device``). The group's timeout (``dist.timeout``) bounds how
+long a rank waits in any collective for a peer that died (docs/operating.md).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def print0(*args) -> None:
 
 
 def destroy() -> None:
-    """Leave the process group (a clean exit; after a failure, leave without it: see train._fail)."""
+    """Leave the process group (a clean exit; after a failure, leave without it: runtime/process.py)."""
     if active():
         dist.destroy_process_group()
 

@@ -1,5 +1,9 @@
-"""Error types shared by every module (imports nothing)."""
+"""Error types shared by every module, and the one way a command reports a user's error (imports
+nothing of the package)."""
 from __future__ import annotations
+
+import sys
+from typing import Callable
 
 
 class ConfigError(ValueError):
@@ -32,3 +36,22 @@ SKIP_HINT = "Fix the record, or set data.skip_invalid=true to skip and count suc
 def record_error(where: str, bad: InvalidRecord) -> DataError:
     """The one message for a bad record: where it is, what is wrong, the fix."""
     return DataError(f"{where}: {bad.detail}. {SKIP_HINT}")
+
+
+USER_ERRORS = (ConfigError, DataError, TrainingError, OSError)  # what a user can cause and fix
+
+
+def say_error(message: str, where: str = "") -> int:
+    """The one line every command prints for a user's error (on stderr), and its exit status, 2."""
+    print(f"[resure_ds] error{where}: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def run_command(body: Callable[[], int | None]) -> int:
+    """An entry point's body, with what a user can cause (bad configuration or data, a file that is not
+    there or cannot be written) as one line and status 2 instead of a traceback; anything else is a
+    bug and keeps its traceback."""
+    try:
+        return body() or 0
+    except USER_ERRORS as e:
+        return say_error(str(e))

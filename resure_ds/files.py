@@ -17,6 +17,8 @@ import os
 import shutil
 from typing import Any, Iterator
 
+from .errors import ConfigError
+
 
 def temp_name(path: str) -> str:
     return f"{path}.tmp{os.getpid()}"
@@ -54,20 +56,25 @@ def atomic(path: str) -> Iterator[str]:
         raise
 
 
-def inside(path: str, folder: str) -> bool:
-    """path is folder or lies under it (both resolved: links, .., relative parts)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
+def inside(path: str, folder: str, resolve: bool = True) -> bool:
+    """path is folder or lies under it (folder resolved: links, .., relative parts; path too, unless
+    resolve=False, for a path whose last part is a link to be replaced)."""
+    path = os.path.realpath(path) if resolve else os.path.normpath(os.path.abspath(path))
+    folder = os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def check_target(target: str, protected: dict[str, str], flag: str, fix: str) -> None:
     """Refuse to write `target` where it would be, lie inside or hold a protected path (path -> what
-    it is, e.g. 'an input of this run'). One ValueError naming the flag, the path and the fix."""
+    it is, e.g. 'an input of this run'). One ConfigError naming the flag, the path and the fix."""
+    # a link is checked as itself too: writing replaces the link, beside it, where it lies
+    as_named = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(target))), os.path.basename(target))
     for path, what in protected.items():
-        if inside(target, path) or inside(path, target):
-            how = "is" if os.path.realpath(target) == os.path.realpath(path) else \
-                "lies inside" if inside(target, path) else "holds"
-            raise ValueError(f"{flag} {target}: {how} {path}, {what}; {fix}")
+        for t, resolve in ((target, True), (as_named, False)):
+            if inside(t, path, resolve) or inside(path, t):
+                how = "lies inside" if inside(t, path, resolve) and not inside(path, t) else \
+                    "is" if inside(t, path, resolve) else "holds"
+                raise ConfigError(f"{flag} {target}: {how} {path}, {what}; {fix}")
 
 
 def run_entries(run_dir: str) -> dict[str, str]:
@@ -75,3 +82,16 @@ def run_entries(run_dir: str) -> dict[str, str]:
     if not os.path.isdir(run_dir):
         return {}
     return {os.path.join(run_dir, n): f"a file of the run {run_dir}" for n in sorted(os.listdir(run_dir))}
+
+
+def input_root(path: str) -> str:
+    """What a source path claims on disk: the path itself, or for a glob the folder its pattern starts
+    from (data/**/*.jsonl: data), since anything written under it could match the pattern next time."""
+    if not any(c in path for c in "*?["):
+        return path
+    head = []
+    for part in path.split(os.sep):
+        if any(c in part for c in "*?["):
+            break
+        head.append(part)
+    return os.sep.join(head) or "."

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from .config import Config, ConfigError, load_config, positive, recipe_parser, split_recipe_args
 from .config.sources import train_specs
 from .data.prepare import prepared_folder, tokenizer_fingerprints
 from .data.sources import resolve
-from .errors import DataError
+from .errors import USER_ERRORS, DataError, say_error
 from .models import load_tokenizer, resolve_model_path
 from .runtime.memory import GB, Shape, choose_stage, estimate, model_shape, offload
 
@@ -82,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{where}: no config.json; give --config DIR (a folder holding the model's "
                               "config.json) for a model that is not here")
         s = model_shape(where, cfg)
-    except (ConfigError, DataError, OSError) as e:
-        print(f"[resure_ds] error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return say_error(str(e))
     world = a.gpus * a.nodes
     if cfg.train.zero_stage == "auto":
         stage, why = choose_stage(s, cfg, a.gpus, a.nodes, a.gpu_memory * GB)

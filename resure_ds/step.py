@@ -17,7 +17,8 @@ from .config import Config
 from .data import IGNORE
 from .data.plan import Cursor
 from .report.audit import AuditLog
-from .runtime import dist, faults
+from . import dist
+from .runtime import faults
 from .runtime.clock import Clock
 from .runtime.engine import Engine
 from .runtime.sequence import SequenceParallel
@@ -71,7 +72,8 @@ class Stepper:
             w = w * wts.src.to(dev)[:, None]
         loss_sum = weighted_loss_sum(turns._replace(sum=mine.sum), w)
         clock.mark("resure")
-        self.method.merge(seen, (turns.count > 0) & ~batch["partial"].to(dev) & sp.leader, dev, sources, wts)
+        self.method.merge(seen, (turns.count > 0) & ~batch["partial"].to(dev) & sp.leader, dev, sources, wts,
+                          turns.count)
         clock.mark("collectives")
         self.engine.backward(loss_sum, global_tokens)
         clock.mark("backward")

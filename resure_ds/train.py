@@ -11,31 +11,29 @@ the end-of-run report.
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
-import sys
-import threading
 import time
 import traceback
 from dataclasses import replace
 
 from .config import Config, load_config, parse_duration, split_recipe_args, to_dict
-from .config.sources import SourceSpec, train_specs
 from .data.pipeline import TrainingData
 from .data.plan import Cursor
-from .errors import ConfigError, DataError, TrainingError
+from .errors import ConfigError, DataError, TrainingError, say_error
 from .eval.validation import Validation
-from .files import check_target, write_json
+from .files import write_json
 from .models import load_tokenizer, resolve_model_path, shape_config
 from .report import audit
 from .report.build import write_report
 from .report.run_files import write_sources
-from .runtime import checkpoint, dist
+from . import dist
+from .runtime import checkpoint, run_folder
 from .runtime.engine import Engine, init_distributed, to_universal
 from .runtime.memory import auto_stage
 from .runtime.metrics import MetricsLogger
+from .runtime.process import leave, leave_now
 from .runtime.profile import StepProfiler
-from .runtime.runlock import RunFolderBusy, RunLock, describe
+from .runtime.run_folder import RunFolderBusy
 from .runtime.sequence import SequenceParallel
 from .runtime.stop import EXIT_RESUME, SIGNALS, Divergence, StopPolicy
 from .runtime.trackers import open_trackers
@@ -64,8 +62,7 @@ class Recipe:
         self.sp = SequenceParallel(cfg.train.sequence_parallel, self.rank, self.world)  # 1: every rank its rows
         self.run_dir = os.path.join(cfg.output.dir, cfg.output.name)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
-        check_run_folder(cfg, self.run_dir)
-        self.lock = self.lock_run_folder()
+        self.lock = run_folder.claim(cfg, self.run_dir, self.rank)  # checked, and one run at a time
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             write_json(os.path.join(self.run_dir, "config.json"), to_dict(cfg), indent=2)
@@ -100,22 +97,6 @@ class Recipe:
         self.audit = audit.AuditLog(self.run_dir, self.rank)
         self.stepper = Stepper(cfg, self.engine, self.method, self.audit, self.data.source_names, self.rank, self.sp)
         self.startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
-
-    def lock_run_folder(self) -> RunLock | None:
-        """Rank 0 takes the run folder's lock before anything is written there; every rank learns
-        whether it got it (one all-reduce), so a second launch stops on all its ranks (runlock.py)."""
-        lock, busy = (RunLock(self.run_dir) if self.rank == 0 else None), ""
-        if lock is not None:
-            try:
-                lock.acquire()
-            except RunFolderBusy as e:
-                busy = str(e)
-        if dist.all_reduce_dict({"busy": float(bool(busy))})["busy"]:
-            raise RunFolderBusy(busy)
-        if lock is not None and lock.previous:
-            print0(f"took over the lock of {self.run_dir}, left by a run that ended without releasing it "
-                   f"({describe(lock.previous)})")
-        return lock
 
     def auto_zero_stage(self, model_path: str) -> Config:
         """train.zero_stage=auto resolved (resure_ds/runtime/memory.py): a resumed run keeps its checkpoint's
@@ -280,19 +261,6 @@ class Recipe:
             self.lock.release()
 
 
-def check_run_folder(cfg: Config, run_dir: str) -> None:
-    """The run folder is never an input of the run, inside one or around one (files.check_target): a
-    run inside its data folder would be read back as data by the next prepare."""
-    specs = train_specs(cfg.data) + ([SourceSpec(cfg.data.eval)] if isinstance(cfg.data.eval, str) else [])
-    guard = {s.path: f"an input of this run (source {s.label or s.path})" for s in specs
-             if s.path != "chitchat" and os.path.exists(s.path)}
-    try:
-        check_target(run_dir, guard, "the run folder (output.dir/output.name)",
-                     "give an output.dir outside the training data")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def run_recipe(cfg: Config) -> Recipe:
     """One whole run (or, after a stop, one leg of it) in this process; the process group stays up."""
     recipe = Recipe(cfg)
@@ -319,63 +287,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("args", nargs="*", help="[RECIPE.yaml] then dotted key=value overrides, e.g. train.max_steps=10")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     recipe, overrides = split_recipe_args(ap.parse_args(argv).args)
-    cfg = None
+    cfg, on_rank = None, f" on rank {dist.rank()}" if dist.world() > 1 else ""
     try:
         cfg = load_config(recipe, overrides)
         run = run_recipe(cfg)
     except RunFolderBusy as e:  # one line, from rank 0, which knows the holder
-        if dist.rank() == 0:
-            print(f"[resure_ds] error: {e}", file=sys.stderr, flush=True)
-        return _fail(2)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
-        print(f"[resure_ds] error{_on_rank()}: {e}", file=sys.stderr, flush=True)
-        return _fail(2)
+        return leave_now(say_error(str(e)) if dist.rank() == 0 else 2)
+    except (FileNotFoundError, ConfigError, DataError, TrainingError) as e:
+        return leave_now(say_error(str(e), on_rank))
     except OSError as e:  # a full disk or a read-only output.dir: the system's words, not a traceback
         where = f" ({os.path.join(cfg.output.dir, cfg.output.name)})" if cfg is not None else ""
-        print(f"[resure_ds] error{_on_rank()}: {e}; the run writes under output.dir{where}: it must be writable "
-              "and have space (a checkpoint being saved stays a .saving folder; the last published one is "
-              "intact)", file=sys.stderr, flush=True)
-        return _fail(2)
+        return leave_now(say_error(f"{e}; the run writes under output.dir{where}: it must be writable and have space "
+                                   "(a checkpoint being saved stays a .saving folder; the last published one is "
+                                   "intact)", on_rank))
     except BaseException:
         traceback.print_exc()
-        print(f"[resure_ds] error{_on_rank()}: the run failed (traceback above); the other ranks stop too",
-              file=sys.stderr, flush=True)
-        return _fail(1)
+        say_error("the run failed (traceback above); the other ranks stop too", on_rank)
+        return leave_now(1)
     cleanup()
     return 0 if run.step >= cfg.train.max_steps else EXIT_RESUME
 
 
-def _on_rank() -> str:
-    return f" on rank {dist.rank()}" if dist.world() > 1 else ""
-
-
-def _fail(code: int) -> int:
-    """Leave at once, on every world size: the other ranks may be waiting in a collective that will
-    never complete, and this process may hold loader workers or threads that would keep it alive
-    (one rank once waited forever on a failed worker), so no goodbye collective
-    (destroy_process_group) and no waiting. The launcher sees the status and ends the other ranks;
-    without one, they hit dist.timeout. Everything of ours on disk is published by rename, so
-    nothing is torn by leaving here."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _leave(code: int) -> None:
-    """Leave after a run that ended by itself, without Python's own teardown of torch, DeepSpeed and
-    their modules: 1.5-2.5 s per rank on a 2-core CPU, paid at every start of every test and job.
-    Everything of ours is closed by now; what Python would still do that matters is done here: the
-    threads that are not daemons are joined and the exit handlers run (the trackers', the loader
-    workers' and the logging module's), then the output is flushed."""
-    main_thread = threading.main_thread()
-    for t in threading.enumerate():
-        if t is not main_thread and not t.daemon:
-            t.join()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _leave(main())
+    leave(main())

@@ -1,8 +1,8 @@
-"""resure_ds.runtime.dist on real gloo process groups: reductions by name, gathers in rank order."""
+"""resure_ds.dist on real gloo process groups: reductions by name, gathers in rank order."""
 import pytest
 import torch
 
-from resure_ds.runtime import dist
+from resure_ds import dist
 from tests.dist import run_ranks
 
 

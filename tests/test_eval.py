@@ -41,9 +41,9 @@ def test_eval_and_report_commands_name_bad_paths_without_a_traceback(tmp_path, t
         return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
 
     out = run("resure_ds.eval", tiny_model_path, str(tmp_path / "missing.jsonl"))
-    assert out.returncode == 1 and "missing.jsonl" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 2 and "missing.jsonl" in out.stderr and "Traceback" not in out.stderr, out.stderr
     out = run("resure_ds.eval", str(tmp_path / "no-model"), str(tmp_path / "missing.jsonl"))
-    assert out.returncode == 1 and "no-model: no such folder" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "no-model: no such folder" in out.stderr and "Traceback" not in out.stderr
     from resure_ds.report.audit import AuditLog
 
     run_dir = tmp_path / "run"
@@ -56,4 +56,4 @@ def test_eval_and_report_commands_name_bad_paths_without_a_traceback(tmp_path, t
     log.flush()
     (tmp_path / "a-file").write_text("x")  # an output path that cannot be written: under a file
     out = run("resure_ds.report", str(run_dir), "--export", str(tmp_path / "a-file" / "v.parquet"))
-    assert out.returncode == 1 and "a-file/v.parquet" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 2 and "a-file/v.parquet" in out.stderr and "Traceback" not in out.stderr, out.stderr

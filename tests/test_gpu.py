@@ -47,7 +47,7 @@ def test_fused_loss_in_bf16_matches_the_logits_path():
 
 
 def _nccl_stats(rank, world):
-    from resure_ds.runtime import dist
+    from resure_ds import dist
     from resure_ds.stats.welford import Welford
 
     st = Welford(4)

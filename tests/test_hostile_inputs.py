@@ -44,7 +44,7 @@ def test_a_tokenizer_that_needs_remote_code_names_the_option(tmp_path, smollm2_p
 
 
 def test_the_run_folder_is_never_inside_or_around_the_training_data(tmp_path):
-    from resure_ds.train import check_run_folder
+    from resure_ds.runtime.run_folder import check_place as check_run_folder
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.jsonl").write_text("{}\n")

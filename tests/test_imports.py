@@ -11,7 +11,8 @@ from tests.conftest import ROOT
 PKG = pathlib.Path(ROOT) / "resure_ds"
 
 # The layers, lowest first; a module may import only from its own part or from a lower layer.
-LAYER = {"errors": 0, "files": 0, "config": 1, "models": 2, "data": 3, "runtime": 4, "stats": 5, "eval": 6, "report": 6,
+LAYER = {"errors": 0, "dist": 0, "files": 1, "config": 1, "models": 2, "data": 3, "stats": 4, "runtime": 4, "eval": 6,
+         "report": 6,
          "step": 7, "train": 8, "cli": 8, "plan": 8, "__init__": 8}
 
 
@@ -96,7 +97,17 @@ def test_our_modules_are_imported_at_module_top():
 def test_the_graph_reads_relative_and_module_imports():
     g = graph()
     assert ("resure_ds.stats.turns", True) in g["resure_ds.eval.validation"]  # from ..stats.turns import
-    assert ("resure_ds.runtime.dist", True) in g["resure_ds.stats.welford"]   # from ..runtime import dist
+    assert ("resure_ds.dist", True) in g["resure_ds.stats.welford"]   # from .. import dist
+
+
+def test_the_statistics_import_no_runtime():
+    """stats/ reaches its collectives through resure_ds.dist (torch only): importing it runs none of the
+    runtime's import-time hooks (runtime/__init__.py puts an MLflow stand-in into sys.modules)."""
+    code = ("import sys, resure_ds.stats.method, resure_ds.stats.sources, resure_ds.stats.weighting; "
+            "bad = [m for m in sys.modules if m.startswith('resure_ds.runtime') or m == 'mlflow']; "
+            "assert not bad, bad; print('clean')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stderr
 
 
 def test_core_modules_do_not_import_deepspeed():

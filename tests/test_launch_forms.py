@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from resure_ds.runtime.runlock import RunFolderBusy, RunLock
+from resure_ds.runtime.run_folder import RunFolderBusy, RunLock
 from tests.conftest import ROOT
 from tests.e2e_common import COMMON, assert_same_training, env, metrics
 from tests.test_faults import rank_pid
@@ -38,7 +38,7 @@ def test_the_launchers_local_rank_is_dropped_in_every_form():
 
 def test_a_held_lock_is_refused_naming_its_holder_and_a_dead_ones_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from resure_ds.runtime.runlock import RunLock; RunLock(sys.argv[2]).acquire(); "
+                               "from resure_ds.runtime.run_folder import RunLock; RunLock(sys.argv[2]).acquire(); "
                                "print('held', flush=True); time.sleep(60)", ROOT, str(tmp_path)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -95,3 +95,18 @@ def test_deepspeed_forms_and_one_run_per_folder(straight, tiny_model_path):
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "saved on 2 rank(s), now 1" in resumed.stderr and "took over" not in resumed.stderr
     assert [r["step"] for r in metrics(os.path.join(out, "shared"))] == list(range(1, 9))
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    """ENOLCK (NFSv3 without its lock service) is not 'in use by another run': the run goes on, warned."""
+    import errno
+    import fcntl
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    lock = RunLock(str(tmp_path))
+    lock.acquire()
+    assert "cannot be locked (No locks available)" in capsys.readouterr().err
+    lock.release()

@@ -114,9 +114,9 @@ def test_single_rendering_gives_the_prefix_definition_of_spans(renderer, max_len
     r = Renderer(renderer.tok, max_length)
     ds = [d for _, d in zip(range(300), read_dialogues("chitchat", skip_invalid=True))]
     fast = r.render_many(ds)
-    assert r._layouts and all(v is not None for v in r._layouts.values())  # the fast path ran
+    assert r.layouts.cache and all(v is not None for v in r.layouts.cache.values())  # the fast path ran
     for d, ex in zip(ds, fast):
-        full = r._template(d.messages, False)
+        full = r.template.render(d.messages, False)
         pieces, prev = [], 0
         for t, (s, e) in enumerate(r.prefix_spans(d, full)):
             pieces += [(full[prev:s], -1), (full[s:e], t)]
@@ -155,12 +155,12 @@ def test_direct_template_and_batched_tokenizer_equal_the_public_api(renderer):
     from resure_ds.data.records import read_dialogues
 
     tok = renderer.tok
-    assert renderer._render is not None  # the direct path is the one in use
+    assert renderer.template.direct is not None  # the direct path is the one in use
     ds = [d for _, d in zip(range(100), read_dialogues("chitchat", skip_invalid=True))] + dialogues()
     pieces = []
     for d in ds:
         for gen in (False, True):
-            assert renderer._template(d.messages, gen) == tok.apply_chat_template(d.messages, tokenize=False,
+            assert renderer.template.render(d.messages, gen) == tok.apply_chat_template(d.messages, tokenize=False,
                                                                                    add_generation_prompt=gen)
-        pieces += [text for text, _ in renderer.pieces(d, head=False)[0]]
+        pieces += [text for text, _ in renderer.pieces(d, use_head=False)[0]]
     assert renderer.tokenize(pieces) == [tok(p, add_special_tokens=False)["input_ids"] if p else [] for p in pieces]

@@ -107,7 +107,7 @@ def test_export_and_filter_from_the_command_line(run, tmp_path):
     assert set(v.column("source").to_pylist()) == {"clean", "web <b>x</b> $x$"}
     assert v.num_rows == len({(r["source"], r["dialogue_id"], r["turn"]) for r in v.to_pylist()})
     shares = pq.read_table(tmp_path / "verdict.sources.parquet").to_pylist()  # each step's share per source
-    assert {r["source"] for r in shares} == {"clean", "web__b_x__b___x_"} and len(shares) == 2 * 4
+    assert {r["source"] for r in shares} == {"clean", "web <b>x</b> $x$"} and len(shares) == 2 * 4
     assert all(r["share"] == pytest.approx(0.5) for r in shares)  # data.mixture=fixed: the configured shares
     low = sorted(v.column("weight").to_pylist())[len(v) // 3]  # a threshold that removes about a third
     flt = tmp_path / "filtered"

@@ -177,3 +177,51 @@ def test_a_reliable_small_source_is_held_under_its_ceiling():
     mult = m.multipliers()
     assert mult[0].item() == pytest.approx(2.0) and mult[1].item() == pytest.approx(0.5)  # 1 / floor and floor
     assert m.shares.sum().item() == pytest.approx(1.0)
+
+
+def test_the_bounded_shares_are_the_exact_projection():
+    """clip(exp(x + c), floor q, q / floor) summing to 1: a source pinned low at one scale is freed when
+    a high one is capped (an earlier version pinned both at once and broke its own bounds)."""
+    m = Mixture([1.0, 1.0, 1.0, 1.0], AdaptiveConfig(floor=0.5))
+    got = m._bounded(torch.tensor([0.7, 0.12, 0.1, 0.08], dtype=torch.float64).log()).exp()
+    assert got.tolist() == pytest.approx([0.5, 0.2, 0.1 / 0.3 * 0.5, 0.08 / 0.3 * 0.5], abs=1e-9)
+    m = Mixture([0.05, 0.95], AdaptiveConfig(floor=0.1))
+    got = m._bounded(torch.tensor([0.999, 0.001], dtype=torch.float64).log()).exp()
+    assert got.tolist() == pytest.approx([0.5, 0.5], abs=1e-9)  # 10 x its configured 0.05, and the rest
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        q = torch.rand(5, generator=g, dtype=torch.float64) + 0.01
+        m = Mixture(q.tolist(), AdaptiveConfig(floor=0.3))
+        t = m._bounded(torch.randn(5, generator=g, dtype=torch.float64) * 4).exp()
+        assert t.sum().item() == pytest.approx(1.0) and ((t / m.q) >= 0.3 - 1e-9).all() and ((t / m.q) <= 1 / 0.3 + 1e-9).all()
+
+
+def test_a_source_with_no_weighed_turn_is_unknown_not_unreliable_even_without_a_prior():
+    m = Mixture([1.0, 1.0, 1.0], AdaptiveConfig(prior=0.0, max_step=10.0))
+    rel = SourceReliability(3)
+    rel.sync_update(torch.tensor([0.95, 0.9], dtype=torch.float64), torch.tensor([0, 2]))
+    m.update(rel)
+    r = rel.pooled()
+    assert m.multipliers()[1].item() > 0.5 and abs(r - 0.925) < 1e-12  # it sits at the pooled value
+
+
+def test_metric_names_never_collide_with_a_label_that_looks_like_a_suffix():
+    names = metric_names(["a b", "a_b", "a_b.1"])
+    assert len(set(names)) == 3 and names[2] == "a_b.1"
+
+
+def test_length_scaled_statistics_get_the_token_counts_through_the_method():
+    """stats.length_scaled weighs each turn by its trained tokens in the Welford merge (the method once
+    merged unit weights, and every long turn's z came out inflated by sqrt(tokens))."""
+    from resure_ds.stats.welford import Welford
+
+    c = load_config(None, ["stats.length_scaled=true", "stats.num_buckets=1"])
+    m = Method(c)
+    g = torch.Generator().manual_seed(0)
+    loss = (2 + 0.3 * torch.randn(4, 5, generator=g, dtype=torch.float64))
+    count = torch.randint(5, 200, (4, 5), generator=g)
+    turns = TurnLosses(loss.clone(), count, loss)
+    m.merge(m.statistic(turns, None), count > 0, "cpu", count=count)
+    want = Welford(1, length_scaled=True)
+    want.sync_update(loss.reshape(-1), torch.zeros(20, dtype=torch.long), counts=count.reshape(-1))
+    assert torch.allclose(m.stats.state, want.state, rtol=1e-12)

@@ -118,7 +118,7 @@ def test_history_rewriting_templates_get_the_same_spans_from_one_rendering(token
     for messages in (PLAIN, empty, PLAIN[1:3]):
         d = Dialogue("d", messages, "test")
         full = r.tok.apply_chat_template(messages, tokenize=False)
-        one = r._fast_spans(d, full, len(messages))
+        one = r.layouts.spans(d, full, len(messages))
         assert one is not None and one == r.located_spans(d, full)
     check(r, Dialogue("d", empty, "test"), "qwen3")
 

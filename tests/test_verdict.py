@@ -140,7 +140,8 @@ def test_report_command_refuses_bad_filter_arguments(tmp_path):
     os.rename(tmp_path / "run" / "audit", tmp_path / "run" / "no-audit")
     out = subprocess.run([sys.executable, "-m", "resure_ds.report", str(tmp_path / "run"), "--filter",
                           str(tmp_path / "o")], capture_output=True, text=True)
-    assert out.returncode == 1 and "has no turn audit" in out.stderr and not os.path.exists(tmp_path / "o")
+    assert out.returncode == 2 and "[resure_ds] error: " in out.stderr and "has no turn audit" in out.stderr
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_filter_refuses_a_source_edited_since_the_run(tmp_path):
@@ -205,3 +206,19 @@ def test_filter_onto_a_link_to_an_empty_folder_fills_that_folder_and_a_failure_l
     with pytest.raises(OSError, match="disk full"):
         filter_corpus(str(tmp_path / "run"), str(tmp_path / "new"), 0.5)
     assert sorted(os.listdir(tmp_path)) == ["data.jsonl", "empty", "link", "run"]
+
+
+def test_a_glob_source_protects_its_folder_and_a_link_inside_an_input_is_refused(tmp_path):
+    """A filter into the folder a glob reads (data/**/*.jsonl) would be read back next time; an export
+    onto a link that lies inside the data (pointing elsewhere) would replace the link there."""
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    for p in (tmp_path / "data" / "a.jsonl", tmp_path / "data" / "sub" / "b.jsonl"):
+        p.write_text("".join(json.dumps(dialog(f"{p.stem}{i}", 2)) + "\n" for i in range(2)))
+    write_run(tmp_path / "run", [{"path": str(tmp_path / "data" / "**" / "*.jsonl"), "name": "g"}],
+              [row("g", "a0", 1, 0.1, 1)])
+    with pytest.raises(ValueError, match="lies inside .*data, an input of this run"):
+        filter_corpus(str(tmp_path / "run"), str(tmp_path / "data" / "filtered"), 0.5)
+    os.symlink(tmp_path / "elsewhere.parquet", tmp_path / "data" / "link.parquet")
+    with pytest.raises(ValueError, match="lies inside .*data, an input of this run"):
+        export(str(tmp_path / "run"), str(tmp_path / "data" / "link.parquet"))
+    assert os.path.islink(tmp_path / "data" / "link.parquet") and not (tmp_path / "elsewhere.parquet").exists()

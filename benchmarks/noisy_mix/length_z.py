@@ -23,7 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
 from benchmarks.noisy_mix.corrupt import make_study_data  # noqa: E402
-from benchmarks.noisy_mix.metrics import auroc  # noqa: E402
 from benchmarks.noisy_mix.run import PROFILES, detection, read_jsonl, tiny_model, train_one, write_jsonl  # noqa: E402
 
 

@@ -38,9 +38,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-from ..config import Config, ConfigError, load_config, recipe_parser, split_recipe_args
+from ..config import Config, load_config, recipe_parser, split_recipe_args
 from ..config.sources import Layout, SourceSpec, config_layout, train_specs
-from ..errors import DataError
+from ..errors import DataError, run_command
 from ..files import write_json
 from ..models import cache_root, load_tokenizer, resolve_model_path
 from .records import SkipCounter, unit_dialogues
@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"exit with status {UNSCORED} when stats.reference is set and a source has no reference "
                          "losses yet (launch/train.sh then runs resure-ds score)")
     a = ap.parse_intermixed_args(argv)
-    try:
+
+    def body() -> int:
         cfg = load_config(*split_recipe_args(a.args))
         model_path = resolve_model_path(cfg.model.path)
         tok = load_tokenizer(model_path, cfg.model.chat_template, cfg.model.trust_remote_code)
@@ -391,10 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.check_reference and cfg.stats.reference is not None:
             if not all(scored_keys(cfg, model_path, [p for p in train if p.manifest])[3]):
                 return UNSCORED
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"[resure_ds] error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

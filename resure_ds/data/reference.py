@@ -130,8 +130,8 @@ class ReferenceLosses:
         finite = int(np.isfinite(self.loss).sum())  # one pass at open, not a failure deep in a loader worker
         if finite != self.meta.get("turns"):
             raise DataError(f"{self.folder}: {finite:,} finite reference losses where {self.meta.get('turns')} trained "
-                            "turns were scored (NaN or infinite values: a damaged file, or a reference model that "
-                            "overflowed in its dtype); delete the folder and score again (resure-ds score RECIPE)")
+                            "turns were scored (NaN or infinite values written over the file since); delete the "
+                            "folder and score again (resure-ds score RECIPE)")
 
     def turns(self, i: int) -> np.ndarray:
         return np.asarray(self.loss[self.offsets[i]:self.offsets[i + 1]])

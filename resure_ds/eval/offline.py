@@ -25,7 +25,7 @@ from ..data.holdout import held_out
 from ..data.overflow import POLICIES, OverflowCounts, apply as apply_overflow
 from ..data.records import read_dialogues
 from ..data.render import Renderer
-from ..errors import DataError
+from ..errors import run_command
 from ..models import check_model_folder, load_tokenizer
 from ..runtime.nll import token_nll
 from ..stats.turns import TurnLosses, shift_targets, turn_losses
@@ -113,11 +113,10 @@ def main() -> None:
     if errors:
         ap.error("; ".join(errors))
     source = SourceSpec(a.data, layout=layout)
-    try:
-        res = evaluate_folder(a.model_dir, source, a.max_length, a.batch_size, a.holdout, a.overflow)
-    except (DataError, OSError) as e:
-        raise SystemExit(f"[resure_ds] error: {e}") from None
-    print(json.dumps(res, indent=2))
+    status = run_command(lambda: print(json.dumps(evaluate_folder(a.model_dir, source, a.max_length, a.batch_size,
+                                                                  a.holdout, a.overflow), indent=2)))
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

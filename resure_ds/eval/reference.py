@@ -34,7 +34,7 @@ from ..data.collate import collate
 from ..data.prepare import Prepared, ensure_prepared, log, task_of_env
 from ..data.reference import published, reference_folder, scored_keys, write_reference
 from ..data.shards import PreparedSource
-from ..errors import DataError
+from ..errors import DataError, run_command
 from ..models import load_tokenizer, resolve_model_path
 from ..runtime import fused
 from ..runtime.engine import resolve_dtype
@@ -215,16 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks-from-env", action="store_true",
                     help="one of several tasks (torchrun, srun, mpirun): score a share of the dialogues")
     a = ap.parse_intermixed_args(argv)
-    try:
+
+    def body() -> None:
         cfg = load_config(*split_recipe_args(a.args))
         task = task_of_env() if a.tasks_from_env else (0, 1)
         for key in score_all(cfg, task, a.batch_tokens):
             if key is not None:
                 print(key)
-    except (ConfigError, DataError, OSError) as e:  # OSError: e.g. a read-only prepared folder
-        print(f"[resure_ds] error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

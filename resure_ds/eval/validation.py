@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..data.collate import collate
-from ..runtime import dist
+from .. import dist
 from ..runtime.sequence import SequenceParallel
 from ..stats.turns import shift_targets, turn_losses
 from .depth import DepthSums, summarize

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -26,7 +25,9 @@ from ..config.sources import train_specs
 from ..data.manifest import manifest_source
 from ..data.records import InvalidRecord, record_format, to_dialogue
 from ..data.sources import load_hf, read_unit, resolve, source_fingerprint, units_of
-from ..files import atomic, check_target, run_entries
+from ..errors import ConfigError, DataError
+from ..files import atomic, check_target, input_root, run_entries
+from ..stats.sources import metric_names
 from .audit import read_audit
 from .run_files import read_config, read_metrics, read_sources
 
@@ -50,13 +51,14 @@ def export(run_dir: str, path: str) -> int:
     """Write the last-seen verdict of every trained turn as Parquet; returns the number of turns. A run
     of several sources also gets <path stem>.sources.parquet: per step and source, its share, its
     reliability and its turns so far (the metrics' source_share/ and source/ values)."""
-    shares = source_table(read_metrics(run_dir)) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else None
+    shares = source_table(read_metrics(run_dir), _labels(run_dir)) \
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else None
     guard = protected(run_dir)
     for out in [path] + ([sources_path(path)] if shares is not None else []):
         check_target(out, guard, "--export", "write the verdict to a new file outside the run folder's files "
                      "and the training data")
         if os.path.isdir(out):
-            raise ValueError(f"--export {out}: is a folder; give the path of a .parquet file to write")
+            raise ConfigError(f"--export {out}: is a folder; give the path of a .parquet file to write")
     v = last_seen(read_audit(run_dir))
     _write_parquet(v, path)
     if shares is not None:
@@ -68,6 +70,12 @@ def protected(run_dir: str) -> dict[str, str]:
     """What a command on a run's results must not write onto, into or around: the entries of the run
     folder, and the run's inputs (each source's files and folder, as far as they can still be found)."""
     out = run_entries(run_dir)
+    for name, files in (read_sources(run_dir) or {}).items():  # absolute paths, as the run read them
+        what = f"an input of this run (source {name})"
+        paths = [f[0] for f in files]
+        out.update({f: what for f in paths})
+        if len(paths) > 1:
+            out[os.path.commonpath(paths)] = what
     try:
         cfg = read_config(run_dir)
         specs = train_specs(cfg["data"])
@@ -82,8 +90,8 @@ def protected(run_dir: str) -> dict[str, str]:
             continue
         what = f"an input of this run (source {spec.label})"
         out.update({f: what for f in src.files})
-        if os.path.isdir(spec.path):
-            out[spec.path] = what
+        if os.path.isdir(input_root(spec.path)):
+            out[input_root(spec.path)] = what
     return out
 
 
@@ -93,12 +101,22 @@ def sources_path(path: str) -> str:
     return stem + ".sources.parquet"
 
 
-def source_table(metrics: list[dict]) -> pa.Table | None:
-    """step, source, share, reliability, turns: one row per step and source (None for one source)."""
+def _labels(run_dir: str) -> list[str]:
+    """The run's source labels (data.train order), as the audit and the verdict name them."""
+    try:
+        return [s.label for s in train_specs(read_config(run_dir)["data"])]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def source_table(metrics: list[dict], labels: list[str] | None = None) -> pa.Table | None:
+    """step, source, share, reliability, turns: one row per step and source (None for one source). The
+    metrics name a source by its metric-safe name; `labels` (data.train order) map them back."""
     names = [k.split("/", 1)[1] for k in (metrics[-1] if metrics else {}) if k.startswith("source_share/")]
     if len(names) < 2:
         return None
-    rows = [{"step": m["step"], "source": n, "share": m.get(f"source_share/{n}"),
+    label = dict(zip(metric_names(labels), labels)) if labels else {}
+    rows = [{"step": m["step"], "source": label.get(n, n), "share": m.get(f"source_share/{n}"),
              "reliability": m.get(f"source/{n}/reliability"), "turns": m.get(f"source/{n}/turns")}
             for m in metrics for n in names]
     return pa.Table.from_pylist(rows, schema=pa.schema([("step", pa.int32()), ("source", pa.string()),
@@ -217,7 +235,7 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
     as they are. One output per input file, in its format; the embedded corpus as OpenAI-layout
     JSONL. Returns the counts (also written to OUT/filter_counts.json)."""
     if unit not in ("dialogue", "turn"):
-        raise ValueError(f"--unit must be 'dialogue' or 'turn', got {unit!r}")
+        raise ConfigError(f"--unit must be 'dialogue' or 'turn', got {unit!r}")
     cfg = read_config(run_dir)
     sources = []
     for spec in train_specs(cfg["data"]):
@@ -301,7 +319,7 @@ def _check_unchanged(run_dir: str, sources: list) -> None:
             what = ("is new" if p not in was else "is gone" if p not in now else
                     f"has {now[p][1]} bytes (the run read {was[p][1]})" if was[p][1] != now[p][1] else
                     "was modified (another mtime or content)")
-            raise ValueError(f"{p} {what} since the run trained on source {spec.label}"
+            raise DataError(f"{p} {what} since the run trained on source {spec.label}"
                              f"{f' ({len(changed)} files differ)' if len(changed) > 1 else ''}: its verdict "
                              "names records of the files as they were; filter the files the run read, or train "
                              "on the edited ones")
@@ -316,12 +334,12 @@ def _check_output(out_dir: str, run_dir: str, sources: list) -> None:
             continue
         what = f"an input of this run (source {spec.label})"
         guard.update({f: what for f in src.files})
-        if os.path.isdir(src.spec.path):
-            guard[src.spec.path] = what
+        if os.path.isdir(input_root(src.spec.path)):
+            guard[input_root(src.spec.path)] = what
     check_target(out_dir, guard, "--filter", "write the filtered corpus to a new folder outside the run folder "
                  "and the training data")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ValueError(f"--filter {out_dir}: exists and is not an empty folder (an earlier filter's output?); "
+        raise ConfigError(f"--filter {out_dir}: exists and is not an empty folder (an earlier filter's output?); "
                          "give a new folder, or remove this one first")
 
 

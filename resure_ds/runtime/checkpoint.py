@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from ..files import write_json as _write_json, write_text as _write_atomic
-from . import dist, faults
+from .. import dist
+from . import faults
 
 PROGRESS = "progress.json"
 

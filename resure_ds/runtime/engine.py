@@ -1,4 +1,5 @@
-"""The only module that calls DeepSpeed.
+"""DeepSpeed's engine around the model: the one place training calls DeepSpeed (sequence.py swaps in its
+Ulysses attention, memory.py reads its estimators).
 
 Everything the recipe needs from DeepSpeed, behind a few small methods:
 process group, ZeRO-wrapped model, backward with explicit loss
@@ -16,7 +17,8 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from . import attention, dist, fused, lora
+from .. import dist
+from . import attention, fused, lora
 from ..config import Config
 from ..data import IGNORE
 from ..errors import ConfigError

@@ -1,4 +1,5 @@
-"""One run per run folder: a lock held for the whole run.
+"""The run folder: never inside the training data, and one run at a time in it (a lock held for the
+whole run).
 
 Two launches into one folder would both train, append to one metrics.jsonl, cut each other's audit
 on resume and publish checkpoints over each other. So rank 0 of a job takes an exclusive POSIX lock
@@ -13,12 +14,18 @@ two hosts into one folder are not refused.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
 import sys
 import time
+
+from .. import dist
+from ..config import Config
+from ..config.sources import SourceSpec, train_specs
+from ..files import check_target, input_root
 
 LOCK = ".lock"
 
@@ -39,7 +46,13 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without POSIX locks (ENOLCK, ...)
+                print(f"[resure_ds] warning: {self.path} cannot be locked ({e.strerror}): this file system does "
+                      "not take POSIX locks, so nothing stops a second launch into this run folder",
+                      file=sys.stderr, flush=True)
+                self.fd = fd
+                return
             holder = _read(fd)
             os.close(fd)
             raise RunFolderBusy(f"{os.path.dirname(self.path)} is in use by another run ({describe(holder)}); wait "
@@ -73,3 +86,31 @@ def describe(holder: dict) -> str:
         return "holder unknown"
     return (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}: "
             f"{holder.get('command', '')[:160]}")
+
+
+def check_place(cfg: Config, run_dir: str) -> None:
+    """The run folder is never an input of the run, inside one or around one (files.check_target): a
+    run inside its data folder would be read back as data by the next prepare."""
+    specs = train_specs(cfg.data) + ([SourceSpec(cfg.data.eval)] if isinstance(cfg.data.eval, str) else [])
+    guard = {input_root(s.path): f"an input of this run (source {s.label or s.path})" for s in specs
+             if s.path != "chitchat" and os.path.exists(input_root(s.path))}
+    check_target(run_dir, guard, "the run folder (output.dir/output.name)", "give an output.dir outside the training data")
+
+
+def claim(cfg: Config, run_dir: str, rank: int) -> RunLock | None:
+    """Before anything is written in the run folder: its place checked, and its lock taken by rank 0;
+    every rank learns whether rank 0 got it (one all-reduce), so a second launch stops on all its
+    ranks. Returns rank 0's lock (None elsewhere)."""
+    check_place(cfg, run_dir)
+    lock, busy = (RunLock(run_dir) if rank == 0 else None), ""
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunFolderBusy as e:
+            busy = str(e)
+    if dist.all_reduce_dict({"busy": float(bool(busy))})["busy"]:
+        raise RunFolderBusy(busy)
+    if lock is not None and lock.previous:
+        dist.print0(f"took over the lock of {run_dir}, left by a run that ended without releasing it "
+                    f"({describe(lock.previous)})")
+    return lock

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data import IGNORE
-from . import attention, dist
+from .. import dist
+from . import attention
 
 
 class SequenceParallel:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime import dist
+from .. import dist
 
 MAD_TO_STD = 1.4826  # 1 / Phi^-1(3/4): the MAD of a normal distribution times this is its sigma
 

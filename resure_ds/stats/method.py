@@ -130,7 +130,8 @@ class Method:
                        zs if many else None, ws if many else None, src)
 
     def merge(self, seen: dict[str, torch.Tensor], complete: torch.Tensor, device,
-              sources: torch.Tensor | None = None, wts: Weights | None = None) -> None:
+              sources: torch.Tensor | None = None, wts: Weights | None = None,
+              count: torch.Tensor | None = None) -> None:
         """This micro-step's complete turns into the statistics: collectives every rank joins every
         micro-step (non-finite values are counted there, not merged). One all-gather carries every
         signal's per-depth and per-(source x depth) summaries; the histograms and the sources'
@@ -138,10 +139,11 @@ class Method:
         d, depth = torch.nonzero(complete, as_tuple=True)
         src = (torch.zeros(complete.shape[0], dtype=torch.long) if sources is None else sources.long()
                ).to(complete.device)[d]
+        tokens = None if count is None else count.to(complete.device)[complete]  # stats.length_scaled weighs by them
         parts = []
         for s in self.signals:
             v = seen[s.name][complete]
-            parts += [s.stats.summary(v, depth), s.by_source.summary(v, s.source_bucket(depth, src))]
+            parts += [s.stats.summary(v, depth, tokens), s.by_source.summary(v, s.source_bucket(depth, src))]
         sizes = [p.shape[0] for p in parts]
         merged = gather_merge(torch.cat(parts), device).split(sizes)
         for i, s in enumerate(self.signals):
@@ -155,8 +157,7 @@ class Method:
         if wts is not None:  # reliability: the weights of the turns weighed past the warm-up
             weighed = (wts.warm.to(complete.device) & complete)[complete]
             finite = torch.isfinite(seen[self.signals[0].name][complete])
-            keep = weighed & finite
-            self.sources.sync_update(wts.w.to(complete.device)[complete][keep], src[keep], device)
+            self.sources.sync_update(wts.w.to(complete.device)[complete], src, weighed & finite, device)
 
     def end_step(self) -> None:
         """After each optimizer step: the adaptive mixture moves towards its target."""
@@ -178,7 +179,7 @@ class Method:
             out[f"bucket_std_{s.name}"] = s.stats.std.tolist()
         if names is None:
             return out
-        turns = self.signals[0].by_source.state[:, 0].view(self.num_sources, -1).sum(1).tolist()
+        turns = self.sources.total.tolist()
         rel, share = self.sources.reliability().tolist(), self.shares().tolist()
         shifts = {s.name: s.source_shift(self.num_sources).tolist() for s in self.signals}
         for i, name in enumerate(metric_names(names)):

@@ -27,35 +27,46 @@ import re
 import torch
 
 from ..config import AdaptiveConfig
-from ..runtime import dist
+from .. import dist
 
-N, WSUM = 0, 1
+N, WSUM, TOTAL = 0, 1, 2
 
 
 class SourceReliability:
     def __init__(self, num_sources: int, decay: float = 1.0):
         self.num_sources, self.decay = num_sources, decay
-        self.state = torch.zeros(num_sources, 2, dtype=torch.float64)
+        self.state = torch.zeros(num_sources, 3, dtype=torch.float64)
 
-    def local(self, weights: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-        """This rank's [S, 2] (turns, weight sum) of the given turn weights (1-D) and their sources."""
+    def local(self, weights: torch.Tensor, sources: torch.Tensor, weighed: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's [S, 3] (weighed turns, their weight sum, all turns) of the given complete turns'
+        weights (1-D), their sources and which of them were weighed past the warm-up (default all)."""
         w = weights.detach().double().reshape(-1)
         s = sources.reshape(-1).to(w.device).long()
-        out = torch.zeros(self.num_sources, 2, dtype=torch.float64, device=w.device)
-        out[:, N].index_add_(0, s, torch.ones_like(w))
-        out[:, WSUM].index_add_(0, s, w)
+        m = torch.ones_like(w) if weighed is None else weighed.reshape(-1).to(w.device).double()
+        out = torch.zeros(self.num_sources, 3, dtype=torch.float64, device=w.device)
+        out[:, N].index_add_(0, s, m)
+        out[:, WSUM].index_add_(0, s, torch.where(m > 0, w, torch.zeros_like(w)))
+        out[:, TOTAL].index_add_(0, s, torch.ones_like(w))
         return out
 
     def update(self, combined: torch.Tensor) -> None:
-        """Add the ranks' summed [S, 2] after scaling the running sums by the decay."""
-        self.state = self.state.to(combined.device) * self.decay + combined
+        """Add the ranks' summed [S, 3] after scaling the running sums (not the total) by the decay."""
+        scale = torch.tensor([self.decay, self.decay, 1.0], dtype=torch.float64, device=combined.device)
+        self.state = self.state.to(combined.device) * scale + combined
 
-    def sync_update(self, weights: torch.Tensor, sources: torch.Tensor, device=None) -> None:
-        self.update(dist.all_reduce_sum(self.local(weights, sources), device, to_cpu=False))
+    def sync_update(self, weights: torch.Tensor, sources: torch.Tensor, weighed: torch.Tensor | None = None,
+                    device=None) -> None:
+        self.update(dist.all_reduce_sum(self.local(weights, sources, weighed), device, to_cpu=False))
 
     @property
     def turns(self) -> torch.Tensor:
+        """[S] weighed turns (decayed)."""
         return self.state[:, N]
+
+    @property
+    def total(self) -> torch.Tensor:
+        """[S] every complete turn of the source merged so far (not decayed)."""
+        return self.state[:, TOTAL]
 
     def reliability(self) -> torch.Tensor:
         """[S] r_s (NaN for a source with no weighed turn yet)."""
@@ -73,7 +84,7 @@ class SourceReliability:
         if sd["num_sources"] != self.num_sources:
             raise ValueError(f"checkpoint's source reliability covers {sd['num_sources']} sources, this run has "
                              f"{self.num_sources}")
-        self.state = torch.as_tensor(sd["state"], dtype=torch.float64).reshape(self.num_sources, 2).clone()
+        self.state = torch.as_tensor(sd["state"], dtype=torch.float64).reshape(self.num_sources, 3).clone()
 
 
 class Mixture:
@@ -93,22 +104,20 @@ class Mixture:
         return self.shares / self.q
 
     def _bounded(self, log_t: torch.Tensor) -> torch.Tensor:
-        """Normalise, then hold every share within [floor * q, q / floor]: the shares past a bound are
-        set to it and the others rescaled to the rest (a few rounds settle it: each fixes a source)."""
-        t = (log_t - torch.logsumexp(log_t, 0)).exp()
-        low, high = self.cfg.floor * self.q, self.q / self.cfg.floor
-        at_low = torch.zeros_like(t, dtype=torch.bool)
-        at_high = torch.zeros_like(at_low)
-        for _ in range(2 * len(t)):
-            t = torch.where(at_low, low, torch.where(at_high, high, t))
-            free = ~(at_low | at_high)
-            if not free.any():
-                break
-            t = torch.where(free, t / t[free].sum() * (1.0 - float(t[~free].sum())), t)
-            new_low, new_high = free & (t < low), free & (t > high)
-            if not (new_low.any() or new_high.any()):
-                break
-            at_low, at_high = at_low | new_low, at_high | new_high
+        """The shares proportional to exp(log_t), held within [floor * q, q / floor]: t = clip(exp(log_t +
+        c), low, high) with the one c that makes them sum to 1, found by bisection (the sum rises with c;
+        the same float64 steps on every rank)."""
+        low, high = (self.cfg.floor * self.q).log(), (self.q / self.cfg.floor).log()
+        x = log_t - log_t.max()
+
+        def total(c: float) -> float:
+            return float(torch.minimum(torch.maximum(x + c, low), high).exp().sum())
+
+        lo, hi = float((low - x).min()), float((high - x).max())  # sum <= 1 at lo, >= 1 at hi
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if total(mid) < 1.0 else (lo, mid)
+        t = torch.minimum(torch.maximum(x + hi, low), high).exp()
         return (t / t.sum()).log()
 
     def target(self, rel: SourceReliability) -> torch.Tensor:
@@ -117,7 +126,9 @@ class Mixture:
         if not math.isfinite(r):
             return self.q.log()
         n, wsum = rel.state[:, N].cpu(), rel.state[:, WSUM].cpu()
-        shrunk = (wsum + self.cfg.prior * r) / (n + self.cfg.prior).clamp(min=1e-300)
+        # a source with no evidence (n = 0, and prior 0) stays at the pooled value: unknown, not unreliable
+        shrunk = torch.where(n + self.cfg.prior > 0, (wsum + self.cfg.prior * r) / (n + self.cfg.prior).clamp(
+            min=1e-300), torch.full_like(n, r))
         return self._bounded(self.q.log() + self.cfg.strength * (shrunk - r))
 
     def update(self, rel: SourceReliability) -> None:
@@ -140,9 +151,12 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 def metric_names(names: list[str]) -> list[str]:
     """Source labels as they can stand in a metric name (every tracker: letters, digits, _ . -),
-    distinct: a clash gets the source's index appended."""
+    distinct: a clash gets the source's index appended (then more, until no other name is the same)."""
     safe = [_UNSAFE.sub("_", n) or "_" for n in names]
-    seen: dict[str, int] = {}
-    for s in safe:
-        seen[s] = seen.get(s, 0) + 1
-    return [s if seen[s] == 1 else f"{s}.{i}" for i, s in enumerate(safe)]
+    out: list[str] = []
+    for i, s in enumerate(safe):
+        name = s if safe.count(s) == 1 else f"{s}.{i}"
+        while name in out or (name != s and name in safe):
+            name += f".{i}"
+        out.append(name)
+    return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime import dist
+from .. import dist
 from .histogram import LossHistogram
 
 N, MEAN, M2, NONFINITE, W = range(5)
