@@ -191,7 +191,7 @@ def launch_until_step(args: list[str], run_dir: str, step: int) -> tuple[float, 
 
 
 def part_resume(res: dict) -> None:
-    from resure_ds.data.plan import Plan
+    from resure_ds.data.order import Plan
     from resure_ds.data.shards import PreparedSource
 
     data = os.path.join(WORK, "corpus-300k")
@@ -231,7 +231,7 @@ def part_resume(res: dict) -> None:
             f"rank 0 startup (s): {row['startup']}")
     # The data side alone, in process: first batch at a cursor, as a rank's loader does it.
     from resure_ds.data.loader import RankBatches, Stream
-    from resure_ds.data.plan import Cursor
+    from resure_ds.data.order import Cursor
 
     for frac in (0.0, 0.5, 0.9):
         w = int(frac * plan.windows_per_epoch)
@@ -248,7 +248,7 @@ def part_resume(res: dict) -> None:
 def part_packing(res: dict) -> None:
 
     from resure_ds.config import load_config
-    from resure_ds.data.plan import Plan
+    from resure_ds.data.order import Plan
     from resure_ds.data.shards import PreparedSource
     from resure_ds.models import load_tokenizer, resolve_model_path
     from resure_ds.data.prepare import ensure_prepared

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def whole(cfg, tokenizer) -> tuple[int, int]:
     """(assistant turns with a trained token, tokens) of the whole rendering of every valid dialogue."""
-    from resure_ds.config.sources import train_specs
+    from resure_ds.config.parse import train_specs
     from resure_ds.data.records import read_dialogues
     from resure_ds.data.render import Renderer
 

@@ -21,7 +21,8 @@ sys.path.insert(0, ROOT)
 
 
 def train(out_dir: str, steps: int) -> str:
-    from resure_ds.models import EMBEDDED, random_llama, resolve_model_path
+    from resure_ds.models import EMBEDDED, resolve_model_path
+    from resure_ds.testing import random_llama
 
     model = os.path.join(out_dir, "tiny")
     if not os.path.exists(os.path.join(model, "config.json")):

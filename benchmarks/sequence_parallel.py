@@ -103,7 +103,8 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2, choices=[1, 2],
                     help="1: SP=1 alone, on one GPU (two ranks need two GPUs with NCCL)")
     a = ap.parse_args()
-    from resure_ds.models import EMBEDDED, random_llama, resolve_model_path
+    from resure_ds.models import EMBEDDED, resolve_model_path
+    from resure_ds.testing import random_llama
 
     with tempfile.TemporaryDirectory() as model:
         src = os.environ.get("RESURE_GPU_TOKENIZER") or resolve_model_path(EMBEDDED)  # (the GPU machine's copy)

@@ -98,7 +98,7 @@ def plain(length: int, mb: int, steps: int, model_path: str | None = None, overr
     from transformers import AutoModelForCausalLM
 
     from resure_ds.data.loader import RankBatches, Stream
-    from resure_ds.data.plan import Cursor
+    from resure_ds.data.order import Cursor
     from resure_ds.data.prepare import ensure_prepared
     from resure_ds.runtime import attention
 

@@ -64,7 +64,7 @@ launcher+=(${LAUNCHER_ARGS:-})
 status=0
 "$PYTHON" -m resure_ds.data.prepare --check-reference "${ARGS[@]}" >/dev/null || status=$?
 if [[ $status == 3 ]]; then
-  "$PYTHON" -m resure_ds.eval.reference "${ARGS[@]}" >/dev/null
+  "$PYTHON" -m resure_ds.eval.score "${ARGS[@]}" >/dev/null
 elif [[ $status != 0 ]]; then
   exit "$status"
 fi

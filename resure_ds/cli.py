@@ -18,7 +18,7 @@ import sys
 from .config import markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = {"prepare": "resure_ds.data.prepare", "score": "resure_ds.eval.reference", "plan": "resure_ds.plan", "eval": "resure_ds.eval", "report": "resure_ds.report"}
+MODULES = {"prepare": "resure_ds.data.prepare", "score": "resure_ds.eval.score", "plan": "resure_ds.plan", "eval": "resure_ds.eval", "report": "resure_ds.report"}
 
 
 def recipes() -> list[str]:

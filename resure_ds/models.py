@@ -123,7 +123,10 @@ def load_tokenizer(model_path: str, chat_template: str | None = None, trust_remo
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if chat_template:
         if not is_template_text(chat_template):
-            with open(chat_template, encoding="utf-8") as f:  # checked by the config: it exists
+            if not os.path.isfile(chat_template):
+                raise ConfigError(f"model.chat_template: {chat_template!r} is neither a file nor Jinja text (no "
+                                  "{{ or {% tag); give the path of a .jinja file that exists, or the template itself")
+            with open(chat_template, encoding="utf-8") as f:
                 chat_template = f.read()
         tok.chat_template = chat_template
     if tok.pad_token_id is None:
@@ -141,27 +144,3 @@ def needs_remote_code(model_path: str):
             raise
         raise ConfigError(f"{model_path}: its tokenizer or model is code that ships in the folder, which runs only "
                           "if you trust it: set model.trust_remote_code=true") from None
-
-
-# Llama shapes for tests and benchmarks: (hidden, MLP, layers, heads, KV heads, head dim)
-TINY = (64, 128, 2, 4, 2, 16)          # the test suite's 2-layer model: seconds per step on CPU
-SMOLLM2_360M = (960, 2560, 32, 15, 5, 64)
-
-
-def random_llama(src: str, out: str, shape: tuple = TINY, dtype=None, seed: int = 0) -> int:
-    """A Llama of `shape` with the tokenizer and remaining config of the model folder `src`,
-    initialised at random (seed) and saved to `out`: real code paths without real weights.
-    Returns its parameter count."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    cfg = AutoConfig.from_pretrained(src)
-    (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
-     cfg.num_key_value_heads, cfg.head_dim) = shape
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    if dtype is not None:
-        model = model.to(dtype)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())

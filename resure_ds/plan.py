@@ -21,7 +21,7 @@ import sys
 from dataclasses import replace
 
 from .config import Config, ConfigError, load_config, positive, recipe_parser, split_recipe_args
-from .config.sources import train_specs
+from .config.parse import train_specs
 from .data.prepare import prepared_folder, tokenizer_fingerprints
 from .data.sources import resolve
 from .errors import USER_ERRORS, DataError, say_error

@@ -15,7 +15,7 @@ import torch
 
 from .config import Config
 from .data import IGNORE
-from .data.plan import Cursor
+from .data.order import Cursor
 from .report.audit import AuditLog
 from . import dist
 from .runtime import faults

@@ -14,11 +14,10 @@ import argparse
 import os
 import time
 import traceback
-from dataclasses import replace
 
 from .config import Config, load_config, parse_duration, split_recipe_args, to_dict
 from .data.pipeline import TrainingData
-from .data.plan import Cursor
+from .data.order import Cursor
 from .errors import ConfigError, DataError, TrainingError, say_error
 from .eval.validation import Validation
 from .files import write_json
@@ -29,14 +28,14 @@ from .report.run_files import write_sources
 from . import dist
 from .runtime import checkpoint, run_folder
 from .runtime.engine import Engine, init_distributed, to_universal
-from .runtime.memory import auto_stage
+from .runtime.memory import resolve_auto_stage
 from .runtime.metrics import MetricsLogger
 from .runtime.process import leave, leave_now
 from .runtime.profile import StepProfiler
 from .runtime.run_folder import RunFolderBusy
 from .runtime.sequence import SequenceParallel
 from .runtime.stop import EXIT_RESUME, SIGNALS, Divergence, StopPolicy
-from .runtime.trackers import open_trackers
+from .runtime.trackers import check_installed, open_trackers
 from .stats.method import Method
 from .step import Stepper
 
@@ -63,6 +62,7 @@ class Recipe:
         self.run_dir = os.path.join(cfg.output.dir, cfg.output.name)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         self.lock = run_folder.claim(cfg, self.run_dir, self.rank)  # checked, and one run at a time
+        check_installed(cfg.output.report_to)
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             write_json(os.path.join(self.run_dir, "config.json"), to_dict(cfg), indent=2)
@@ -78,8 +78,9 @@ class Recipe:
         self.validation = Validation(rows, self.tokenizer.pad_token_id, cfg.eval.micro_batch_size,
                                      self.sp) if rows else None
         t2 = time.perf_counter()
-        if cfg.train.zero_stage == "auto":
-            cfg = self.cfg = self.auto_zero_stage(model_path)
+        if cfg.train.zero_stage == "auto":  # resolved once: runtime/memory.py
+            cfg = self.cfg = resolve_auto_stage(cfg, model_path, self.world, checkpoint.find(self.ckpt_dir,
+                                                                                              cfg.checkpoint.resume))
         self.found = self.resume_point()
         if self.found is not None:
             self.cursor = Cursor(**self.found.progress.cursor)
@@ -97,25 +98,6 @@ class Recipe:
         self.audit = audit.AuditLog(self.run_dir, self.rank)
         self.stepper = Stepper(cfg, self.engine, self.method, self.audit, self.data.source_names, self.rank, self.sp)
         self.startup = {"group_model_tokenizer": t1 - t0, "data": t2 - t1, "engine": time.perf_counter() - t2}
-
-    def auto_zero_stage(self, model_path: str) -> Config:
-        """train.zero_stage=auto resolved (resure_ds/runtime/memory.py): a resumed run keeps its checkpoint's
-        stage (its partitions follow it); else the lowest whose plan fits, the highest any rank needs."""
-        found = checkpoint.find(self.ckpt_dir, self.cfg.checkpoint.resume)
-        saved = found.progress.trained_on.get("train.zero_stage") if found is not None else None
-        if found is not None and saved is None:
-            raise ConfigError(f"train.zero_stage=auto: {found.path} does not record the ZeRO stage it was saved "
-                              "with (an earlier version wrote it), and its partitions follow that stage; set "
-                              "train.zero_stage to it (the run's config.json says it)")
-        if saved is not None:
-            stage, why = int(saved), f"the stage of the checkpoint it resumes ({found.path})"
-        else:
-            mine, why = auto_stage(self.cfg, model_path, self.world)
-            stage = int(dist.all_reduce_dict({"stage": float(mine)}, op="max")["stage"])
-            if stage != mine:
-                why = f"another rank has less memory than rank 0 ({why})"
-        print0(f"train.zero_stage=auto: ZeRO-{stage}, {why}")
-        return replace(self.cfg, train=replace(self.cfg.train, zero_stage=stage))
 
     def resume_point(self) -> checkpoint.Found | None:
         """The checkpoint to resume from, checked against this run's data; on another world size, its

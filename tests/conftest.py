@@ -26,7 +26,7 @@ def tokenizer(smollm2_path):
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory, smollm2_path) -> str:
     """A 2-layer Llama with SmolLM2's tokenizer and template: real code paths, seconds per step."""
-    from resure_ds.models import random_llama
+    from resure_ds.testing import random_llama
 
     out = str(tmp_path_factory.mktemp("tiny-llama"))
     random_llama(smollm2_path, out)

@@ -75,7 +75,7 @@ def test_split_recipe_args():
     assert split_recipe_args([]) == (None, [])
 
 
-def test_values_are_finite_and_in_range_and_yaml_is_strict(tmp_path):
+def test_values_are_finite_and_in_range_and_yaml_is_strict(tmp_path, smollm2_path):
     """NaN and infinities enter no option (they passed for lr, tau, lam and grad_clip); a malformed override
     value, a key given twice in a recipe and a chat template file that does not exist are clear errors."""
     for o in ("train.lr=.nan", "resure.tau=.nan", "resure.lam=.inf", "train.grad_clip=-.inf", "stats.decay=.nan"):
@@ -89,10 +89,13 @@ def test_values_are_finite_and_in_range_and_yaml_is_strict(tmp_path):
     dup.write_text("train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
     with pytest.raises(ConfigError, match="dup.yaml: invalid YAML: key 'lr' given twice"):
         load_config(str(dup))
+    from resure_ds.models import load_tokenizer  # the template file is checked where it is read
+
+    nope = load_config(None, ["model.chat_template=/nope/t.jinja"]).model.chat_template
     with pytest.raises(ConfigError, match="model.chat_template: '/nope/t.jinja' is neither a file nor Jinja text"):
-        load_config(None, ["model.chat_template=/nope/t.jinja"])
+        load_tokenizer(smollm2_path, nope)
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
-    assert load_config(None, [f"model.chat_template={tmp_path / 't.jinja'}"]).model.chat_template.endswith("t.jinja")
+    assert load_tokenizer(smollm2_path, str(tmp_path / "t.jinja")).chat_template.startswith("{% for m")
 
 
 def test_a_model_path_that_is_not_a_model_is_named(tmp_path):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from resure_ds.config.sources import Layout, SourceSpec
+from resure_ds.config.parse import Layout, SourceSpec
 from resure_ds.data.collate import collate
 from resure_ds.data.records import Dialogue, read_dialogues, to_dialogue
 from resure_ds.data.render import Renderer

@@ -71,23 +71,6 @@ def test_damaged_checkpoint_is_named_on_resume(straight, tiny_model_path, tmp_pa
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt has 100 bytes" in out.stderr
 
 
-def test_auto_zero_stage_refuses_a_checkpoint_that_does_not_record_its_stage(straight, tiny_model_path, tmp_path):
-    """train.zero_stage=auto resumes at the checkpoint's stage; a checkpoint of an earlier version does
-    not record it, and the run stops before any rank builds an engine, naming the fix."""
-    import json
-
-    src = os.path.join(os.path.dirname(straight), "straight", "checkpoints")
-    run = tmp_path / "old"
-    shutil.copytree(src, run / "checkpoints")
-    tag = sorted(n for n in os.listdir(run / "checkpoints") if n.startswith("step"))[-1]
-    progress = run / "checkpoints" / tag / "progress.json"
-    d = json.loads(progress.read_text())
-    assert d["trained_on"].pop("train.zero_stage") == 3
-    progress.write_text(json.dumps(d))
-    out = launch("train.sh", args_for(tiny_model_path, tmp_path, "old", "train.zero_stage=auto"), status=2)
-    assert "does not record the ZeRO stage it was saved with" in out.stderr and "set train.zero_stage" in out.stderr
-
-
 def test_stop_signal_saves_and_exits_75(straight, tiny_model_path, tmp_path):
     """SIGUSR1 to one rank (what slurm.sbatch forwards): every rank stops at the next step
     boundary with a checkpoint and status 75; the same command finishes like the straight run."""

@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.gpu,
 def gpu_model_path(tmp_path_factory):
     """A small Llama with SmolLM2's tokenizer: from the GPU bundle's folder (RESURE_GPU_TOKENIZER,
     see benchmarks/gpu/prepare.py) or the embedded model's."""
-    from resure_ds.models import EMBEDDED, random_llama, resolve_model_path
+    from resure_ds.models import EMBEDDED, resolve_model_path
+    from resure_ds.testing import random_llama
 
     src = os.environ.get("RESURE_GPU_TOKENIZER") or resolve_model_path(EMBEDDED)
     out = str(tmp_path_factory.mktemp("gpu-llama"))

@@ -38,6 +38,7 @@ def worker(rank, world, model_path, grad_accum, run_dir, method="sft", weighted=
     from resure_ds.report.audit import AuditLog
     from resure_ds.stats.method import Method
     from resure_ds.step import Stepper
+    from resure_ds.testing import full_grads
 
     per_rank = GLOBAL // world
     mb = per_rank // grad_accum
@@ -65,7 +66,7 @@ def worker(rank, world, model_path, grad_accum, run_dir, method="sft", weighted=
         if i < grad_accum - 1:
             engine.step()
     local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-    return {"grads": engine.full_grads(), "n": n, "local": local_tokens, "stats": stepper.method.stats.state,
+    return {"grads": full_grads(engine), "n": n, "local": local_tokens, "stats": stepper.method.stats.state,
             "partitioned": partitioned}
 
 

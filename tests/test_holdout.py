@@ -2,7 +2,7 @@
 import numpy as np
 
 from resure_ds.data.holdout import held_out
-from resure_ds.data.plan import Plan
+from resure_ds.data.order import Plan
 from resure_ds.eval.depth import NLL, TOKENS, TURN_MEANS, TURNS, summarize
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from resure_ds.config import ConfigError, load_config
 from resure_ds.data.records import InvalidRecord, normalise, read_dialogues
-from resure_ds.config.sources import Layout, SourceSpec, parse_layout, parse_train
+from resure_ds.config.parse import Layout, SourceSpec, parse_layout, parse_train
 from resure_ds.data.prepare import ensure_prepared
 from tests.data_fixtures import write_jsonl
 

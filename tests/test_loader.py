@@ -7,7 +7,7 @@ import torch
 
 from resure_ds.config import load_config
 from resure_ds.data.loader import RankBatches, Stream, make_loader
-from resure_ds.data.plan import Cursor
+from resure_ds.data.order import Cursor
 from resure_ds.data.prepare import ensure_prepared
 from tests.test_prepare import chitchat_jsonl
 

@@ -115,7 +115,7 @@ def test_the_plan_resolves_auto(capsys):
 
 
 def test_quotas_hold_for_weights_near_the_float_range():
-    from resure_ds.data.plan import quotas
+    from resure_ds.data.order import quotas
 
     assert quotas([40, 40], [1e308, 1e308]).tolist() == [40, 40]  # their sum overflowed: 2 draws an epoch
     assert quotas([10, 30], [1e-300, 3e-300]).tolist() == [10, 30]

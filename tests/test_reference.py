@@ -21,8 +21,8 @@ from resure_ds.data.prepare import main as prepare_main
 from resure_ds.data.reference import ReferenceLosses, model_fingerprint
 from resure_ds.errors import DataError
 from resure_ds.eval.offline import load_model, turn_scores
-from resure_ds.eval.reference import score_all
-from resure_ds.models import random_llama
+from resure_ds.eval.score import score_all
+from resure_ds.testing import random_llama
 from resure_ds.stats.histogram import LossHistogram
 from resure_ds.stats.method import Method
 from resure_ds.stats.turns import TurnLosses
@@ -263,7 +263,7 @@ def test_two_scoring_tasks_write_what_one_does(corpus, tmp_path):
     shutil.copytree(root / "prep", tmp_path / "prep")
     for f in os.listdir(tmp_path / "prep"):
         shutil.rmtree(tmp_path / "prep" / f / f"reference-{key}", ignore_errors=True)
-    args = [sys.executable, "-m", "resure_ds.eval.reference", f"model.path={c.model.path}",
+    args = [sys.executable, "-m", "resure_ds.eval.score", f"model.path={c.model.path}",
             f"data.train={root / 'data'}", f"data.prepared_dir={tmp_path / 'prep'}", *ARGS, "--tasks-from-env"]
     procs = [subprocess.Popen(args, cwd=ROOT, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
@@ -287,7 +287,7 @@ def test_two_scorers_of_one_corpus_at_once_publish_one_folder(corpus, tmp_path):
     shutil.copytree(root / "prep", tmp_path / "prep")
     for f in os.listdir(tmp_path / "prep"):
         shutil.rmtree(tmp_path / "prep" / f / f"reference-{key}", ignore_errors=True)
-    args = [sys.executable, "-m", "resure_ds.eval.reference", f"model.path={c.model.path}",
+    args = [sys.executable, "-m", "resure_ds.eval.score", f"model.path={c.model.path}",
             f"data.train={root / 'data'}", f"data.prepared_dir={tmp_path / 'prep'}", *ARGS]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]

@@ -79,7 +79,7 @@ def test_one_rank_refuses_a_held_out_split_that_empties_a_source(tmp_path, tiny_
 def test_resume_refuses_another_model_seed_or_packing_with_the_difference(tmp_path, tiny_model_path):
     """A checkpoint records what it was trained on; resuming with another seed or pack_window (which
     silently repeated and skipped data) or a model of another shape (a DeepSpeed traceback) is refused."""
-    from resure_ds.models import TINY, random_llama
+    from resure_ds.testing import TINY, random_llama
 
     base = [*COMMON, "data.eval=null", "eval.every=0", "checkpoint.every=1"]
     out = one_rank([f"model.path={tiny_model_path}", *base, "train.stop_after=2"], tmp_path)

@@ -15,6 +15,7 @@ from tests.e2e_common import launch
 
 pytestmark = pytest.mark.slow
 # If either ran, the page would hold "PWNED" (title) or "HACKED" (body); as text it holds neither.
+PLOTS = 7  # the six training plots and the sources' shares
 INJECT = """<script>document.title="PWN"+"ED"</script><img src=x onerror="document.body.append('HACK'+'ED')">"""
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -62,7 +63,7 @@ def test_report_is_written_by_the_run_and_escapes_corpus_text(run):
     for section in ("Reliability per source", "Reliability per turn depth", "most down-weighted turns",
                     "Configuration", "Summary"):
         assert section in page
-    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == 7  # with the sources' shares
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == PLOTS
     with open(os.path.join(run, "summary.txt"), encoding="utf-8") as f:
         assert "report: " in f.read()
 
@@ -87,7 +88,7 @@ def test_report_in_headless_chromium(run, tmp_path):
     assert "PWNED" not in dom.stdout and "HACKED" not in dom.stdout and "<script" not in dom.stdout.lower()
     assert "<title>ReSURE data-quality report: run</title>" in dom.stdout
     imgs = re.findall(r"<img [^>]*>", dom.stdout)
-    assert len(imgs) == 6 and all('src="data:image/png;base64,' in i for i in imgs), imgs
+    assert len(imgs) == PLOTS and all('src="data:image/png;base64,' in i for i in imgs), imgs
     assert html_escaped(INJECT).replace("&quot;", '"').replace("&#x27;", "'") in dom.stdout  # quotes: re-serialised
     rows = re.findall(r"<tr>", dom.stdout)
     assert len(rows) >= 1 + 2 + 1 + 2 + 1 + 10  # headers and rows: 2 sources, 2+ depths, the turns

@@ -24,6 +24,7 @@ def worker(rank, world, model_path, sp, packed, run_dir):
     from resure_ds.stats.method import Method
     from resure_ds.stats.turns import shift_targets
     from resure_ds.step import Stepper
+    from resure_ds.testing import full_grads
 
     cfg = load_config(None, [f"model.path={model_path}", "model.dtype=fp32", "train.method=sft",
                              "train.micro_batch_size=4", "train.grad_clip=0", "train.zero_stage=3",
@@ -41,7 +42,7 @@ def worker(rank, world, model_path, sp, packed, run_dir):
     turns, _ = stepper.micro_backward(batch, 1, n, {})
     tg = shift_targets(batch["labels"], batch["turn_ids"], batch["doc_ids"])
     local = group.shard(batch, tg)[0]["input_ids"].shape[1] if group.on else None
-    return {"grads": engine.full_grads(), "n": n, "turns": turns.mean.cpu(), "stats": stepper.method.stats.state,
+    return {"grads": full_grads(engine), "n": n, "turns": turns.mean.cpu(), "stats": stepper.method.stats.state,
             "S": batch["input_ids"].shape[1], "local": local}
 
 

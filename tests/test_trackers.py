@@ -7,7 +7,7 @@ import os
 import pytest
 
 from resure_ds.config import ConfigError, load_config
-from resure_ds.config.sources import tracker_names as names
+from resure_ds.config.parse import tracker_names as names
 from resure_ds.runtime.trackers import open_trackers, scalars
 
 
@@ -51,8 +51,11 @@ def test_unknown_or_missing_tracker_is_a_config_error(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
-    with pytest.raises(ConfigError, match="pip install wandb"):
-        load_config(None, ["output.report_to=wandb"])
+    from resure_ds.runtime.trackers import check_installed
+
+    check_installed("tensorboard")
+    with pytest.raises(ConfigError, match="pip install wandb"):  # checked where trackers are, at the run's start
+        check_installed(load_config(None, ["output.report_to=wandb"]).output.report_to)
 
 
 def test_every_tracker_logs_a_run_and_its_resume_into_one_tracker_run(tmp_path, monkeypatch):

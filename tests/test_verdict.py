@@ -147,7 +147,7 @@ def test_report_command_refuses_bad_filter_arguments(tmp_path):
 def test_filter_refuses_a_source_edited_since_the_run(tmp_path):
     """Records without an id are keyed file:line: one line inserted before filtering would make the verdict
     drop the wrong records. The run records its sources' fingerprints; the filter refuses a change."""
-    from resure_ds.config.sources import SourceSpec
+    from resure_ds.config.parse import SourceSpec
     from resure_ds.data.sources import resolve, source_fingerprint
     from resure_ds.report.run_files import write_sources
 

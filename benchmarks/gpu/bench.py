@@ -79,7 +79,7 @@ def make_model(work: str, name: str, tiny: bool) -> tuple[str, int]:
     in bf16, made once."""
     import torch
 
-    from resure_ds.models import SMOLLM2_360M, TINY, random_llama
+    from resure_ds.testing import SMOLLM2_360M, TINY, random_llama
 
     big = name.startswith("1.7b-")
     shape = TINY if tiny else SMOLLM2_1_7B if big else SMOLLM2_360M

@@ -77,7 +77,8 @@ def tiny_model(out: str) -> str:
     """2-layer Llama with SmolLM2's tokenizer (the quick profile's model)."""
     if os.path.exists(os.path.join(out, "config.json")):
         return out
-    from resure_ds.models import EMBEDDED, random_llama, resolve_model_path
+    from resure_ds.models import EMBEDDED, resolve_model_path
+    from resure_ds.testing import random_llama
 
     random_llama(resolve_model_path(EMBEDDED), out)
     return out
@@ -114,7 +115,7 @@ def train_one(name: str, data_path: str, model_path: str, p: dict, method: str, 
     over += [f"{k}={v}" for k, v in extra.items()]
     cfg = load_config(None, over)
     if cfg.stats.reference is not None:  # what launch/train.sh does first: score the corpus once
-        from resure_ds.eval.reference import score_all
+        from resure_ds.eval.score import score_all
 
         score_all(cfg, progress=False)
     run_recipe(cfg)

@@ -22,7 +22,7 @@ import torch
 from ..errors import DataError
 from .collate import collate
 from .holdout import held_out
-from .plan import Cursor, Plan
+from .order import Cursor, Plan
 from .reference import ReferenceLosses
 from .shards import PreparedSource
 

@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 
-from ..config.sources import SourceSpec, parse_layout
+from ..config.parse import SourceSpec, parse_layout
 from ..errors import DataError
 from ..files import write_json
 from .sources import PREPARED_FORMAT

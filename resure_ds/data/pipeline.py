@@ -15,7 +15,7 @@ import torch
 from ..config import Config
 from ..errors import DataError
 from .loader import Corpus, RankBatches, Stream, make_loader
-from .plan import Cursor
+from .order import Cursor
 from .prepare import Prepared, ensure_eval_prepared, ensure_prepared
 from .reference import scored_keys
 from .shards import PreparedSource

@@ -39,7 +39,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from ..config import Config, load_config, recipe_parser, split_recipe_args
-from ..config.sources import Layout, SourceSpec, config_layout, train_specs
+from ..config.parse import Layout, SourceSpec, config_layout, train_specs
 from ..errors import DataError, run_command
 from ..files import write_json
 from ..models import cache_root, load_tokenizer, resolve_model_path

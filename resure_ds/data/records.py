@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 from ..errors import InvalidRecord, record_error
 from .manifest import manifest_source
-from ..config.sources import Layout, SourceSpec
+from ..config.parse import Layout, SourceSpec
 from .sources import Unit, default_id, read_unit, resolve, units_of
 
 ROLES = ("system", "user", "assistant", "tool")

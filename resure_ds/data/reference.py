@@ -1,5 +1,5 @@
 """Reference losses beside a prepared folder: each trained turn's loss under a reference model,
-scored once (resure_ds/eval/reference.py) and read by training when stats.reference is set.
+scored once (resure_ds/eval/score.py) and read by training when stats.reference is set.
 
     <prepared folder>/reference-<key>/
         turn_loss.npy   float32, per dialogue (row order of the shards) one entry per turn id:

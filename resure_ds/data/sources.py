@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from ..config.sources import Layout, SourceSpec, config_layout, parse_layout, parse_train  # noqa: F401 (re-exported)
+from ..config.parse import Layout, SourceSpec, config_layout, parse_layout, parse_train  # noqa: F401 (re-exported)
 from ..errors import DataError, InvalidRecord
 from .chitchat import chitchat_count, chitchat_path, chitchat_records
 

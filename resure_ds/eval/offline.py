@@ -18,8 +18,8 @@ from typing import Iterator
 import torch
 import yaml
 
-from ..config import positive
-from ..config.sources import SourceSpec, parse_layout
+from ..config import DataConfig, EvalConfig, positive
+from ..config.parse import SourceSpec, parse_layout
 from ..data.collate import collate_examples
 from ..data.holdout import held_out
 from ..data.overflow import POLICIES, OverflowCounts, apply as apply_overflow
@@ -32,9 +32,12 @@ from ..stats.turns import TurnLosses, shift_targets, turn_losses
 from .depth import DepthSums
 
 
+_DATA, _EVAL = DataConfig(), EvalConfig()  # the defaults of a run (config/sections.py)
+
+
 @torch.no_grad()
-def batch_turns(model, tokenizer, source, max_length: int = 256, batch_size: int = 8, skip_invalid: bool = True,
-                holdout: float | None = None, overflow: str = "split") -> Iterator[tuple[list[str], TurnLosses]]:
+def batch_turns(model, tokenizer, source, max_length: int = _DATA.max_length, batch_size: int = _EVAL.micro_batch_size, skip_invalid: bool = True,
+                holdout: float | None = None, overflow: str = _DATA.overflow) -> Iterator[tuple[list[str], TurnLosses]]:
     """Yield (dialogue ids, TurnLosses) a batch at a time over a source (only its held-out split when
     holdout is a fraction); a dialogue longer than max_length as data.overflow makes it (several
     rows under split, each with the dialogue's id)."""
@@ -59,17 +62,17 @@ def batch_turns(model, tokenizer, source, max_length: int = 256, batch_size: int
         yield b["dialogue_ids"], turn_losses(token_nll(logits, tg.labels), tg, len(exs), b["partial"].shape[1])
 
 
-def turn_scores(model, tokenizer, source, max_length: int = 256, batch_size: int = 8,
+def turn_scores(model, tokenizer, source, max_length: int = _DATA.max_length, batch_size: int = _EVAL.micro_batch_size,
                 skip_invalid: bool = True, holdout: float | None = None,
-                overflow: str = "split") -> Iterator[tuple[str, int, float, int]]:
+                overflow: str = _DATA.overflow) -> Iterator[tuple[str, int, float, int]]:
     """Yield (dialogue_id, turn, summed token NLL, trained tokens) for every turn of a source."""
     for ids, turns in batch_turns(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout, overflow):
         for s, t in torch.nonzero(turns.count > 0).tolist():
             yield ids[s], t, float(turns.sum[s, t]), int(turns.count[s, t])
 
 
-def evaluate(model, tokenizer, source, max_length: int = 256, batch_size: int = 8,
-             skip_invalid: bool = True, holdout: float | None = None, overflow: str = "split") -> dict:
+def evaluate(model, tokenizer, source, max_length: int = _DATA.max_length, batch_size: int = _EVAL.micro_batch_size,
+             skip_invalid: bool = True, holdout: float | None = None, overflow: str = _DATA.overflow) -> dict:
     sums, dialogues = DepthSums(), set()
     for ids, turns in batch_turns(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout, overflow):
         dialogues.update(ids[s] for s in torch.nonzero((turns.count > 0).any(1)).flatten().tolist())
@@ -90,8 +93,8 @@ def load_model(model_dir: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), load_tokenizer(model_dir)
 
 
-def evaluate_folder(model_dir: str, source, max_length: int = 256, batch_size: int = 8,
-                    holdout: float | None = None, overflow: str = "split") -> dict:
+def evaluate_folder(model_dir: str, source, max_length: int = _DATA.max_length, batch_size: int = _EVAL.micro_batch_size,
+                    holdout: float | None = None, overflow: str = _DATA.overflow) -> dict:
     model, tok = load_model(model_dir)
     return evaluate(model, tok, source, max_length, batch_size, holdout=holdout, overflow=overflow)
 
@@ -100,10 +103,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
     ap.add_argument("data")
-    ap.add_argument("--max-length", type=positive(int), default=256)
-    ap.add_argument("--overflow", choices=POLICIES, default="split",
-                    help="a dialogue longer than --max-length, as data.overflow (default: split)")
-    ap.add_argument("--batch-size", type=positive(int), default=8)
+    data, ev = DataConfig(), EvalConfig()  # the defaults a run has (config/sections.py), not copies of them
+    ap.add_argument("--max-length", type=positive(int), default=data.max_length, help=f"as data.max_length "
+                    f"(default {data.max_length})")
+    ap.add_argument("--overflow", choices=POLICIES, default=data.overflow,
+                    help=f"a dialogue longer than --max-length, as data.overflow (default: {data.overflow})")
+    ap.add_argument("--batch-size", type=positive(int), default=ev.micro_batch_size,
+                    help=f"as eval.micro_batch_size (default {ev.micro_batch_size})")
     ap.add_argument("--holdout", type=positive(float, 0.5), default=None,
                     help="only the split data.eval=F (in (0, 0.5]) holds out of DATA")
     ap.add_argument("--format", default=None, help="record layout, as data.format (default: detected)")

@@ -110,4 +110,4 @@ def read_audit(run_dir: str, columns: list[str] | None = None) -> pa.Table:
     parts = [pq.read_table(p, columns=columns) for p in segments(run_dir)]
     if not parts:
         return SCHEMA.empty_table() if columns is None else pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
-    return pa.concat_tables(parts, promote_options="default")  # segments written before ref_loss existed
+    return pa.concat_tables(parts)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from ..config.sources import train_specs
+from ..config.parse import train_specs
 from ..data import overflow
 from ..data.records import read_dialogues
 from ..files import write_json, write_text

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config.sources import train_specs
+from ..config.parse import train_specs
 from ..data.manifest import manifest_source
 from ..data.records import InvalidRecord, record_format, to_dialogue
 from ..data.sources import load_hf, read_unit, resolve, source_fingerprint, units_of
@@ -307,8 +307,8 @@ def _check_unchanged(run_dir: str, sources: list) -> None:
     files differ from the fingerprints the run recorded."""
     recorded = read_sources(run_dir)
     if recorded is None:
-        print(f"[resure_ds] warning: {run_dir} records no source fingerprints (an older version's run): "
-              "the filter cannot check that the sources are unchanged since it trained", file=sys.stderr)
+        print(f"[resure_ds] warning: {run_dir} holds no sources.json (the fingerprints a run writes when it "
+              "starts): the filter cannot check that the sources are unchanged since it trained", file=sys.stderr)
         return
     for spec, src in sources:
         was = {f[0]: f for f in recorded.get(spec.label, [])}

@@ -24,7 +24,7 @@ assumed to be on a filesystem every node sees, as DeepSpeed also assumes
 for its universal conversion.)
 
 Nothing in progress.json depends on the number of ranks: the data position is
-a global cursor (data/plan.py), the statistics are identical on every rank.
+a global cursor (data/order.py), the statistics are identical on every rank.
 Resuming on another world size continues from the same global position; the
 RNG streams are reseeded, so only the same world size continues bit-exact.
 (The turn audit is not in the checkpoint: it is a log on disk, cut back to the
@@ -93,7 +93,7 @@ def set_rng_state(st: dict) -> None:
 class Progress:
     """The training progress a resume restores: the same on every rank, JSON in progress.json."""
     step: int
-    cursor: dict                 # data/plan.py Cursor.to_dict(): the global data position
+    cursor: dict                 # data/order.py Cursor.to_dict(): the global data position
     world_size: int
     global_batch: int
     data: list[dict]             # what the cursor points into (data/pipeline.py identity)
@@ -114,7 +114,7 @@ class Progress:
 
 def differences(saved: dict, now: dict) -> list[str]:
     """'key: checkpoint A, this run B' for every key whose value differs (keys only one side has are
-    not compared: a checkpoint of an older version records fewer)."""
+    not compared)."""
     return [f"{k}: checkpoint {saved[k]!r}, this run {now[k]!r}" for k in sorted(saved.keys() & now.keys())
             if saved[k] != now[k]]
 

@@ -1,8 +1,8 @@
 """Optional packages that DeepSpeed imports at its own import time, deferred until first used.
 
 DeepSpeed's autotuner runs `import mlflow` whenever MLflow is installed, and MLflow's import
-(pandas and its own client) costs about 1.5 s of CPU in every process that imports DeepSpeed: each
-rank, at every start. Deferred, `import mlflow` finds a stand-in in sys.modules, and the first
+(pandas and its own client) costs seconds of CPU in every process that imports DeepSpeed: each rank, at
+every start (docs/performance.md). Deferred, `import mlflow` finds a stand-in in sys.modules, and the first
 attribute anyone reads from it (mlflow.start_run, or a submodule's import) imports MLflow for real:
 a run that does not report to MLflow never pays for it, one that does pays at the tracker
 (resure_ds/runtime/trackers.py). `importlib.util.LazyLoader` cannot do this: the import statement

@@ -329,13 +329,6 @@ class Engine:
         g = self.engine.get_global_grad_norm()
         return None if g is None else float(g)
 
-    def full_grads(self) -> dict[str, torch.Tensor]:
-        """Gathered fp32 gradients of every parameter (tests; call between backward and step)."""
-        from deepspeed.utils import safe_get_full_grad
-
-        return {n: safe_get_full_grad(p).detach().float().cpu().clone()
-                for n, p in self.module.named_parameters()}
-
     # -- checkpoints ------------------------------------------------------
     def save(self, ckpt_dir: str, tag: str) -> None:
         """DeepSpeed's part of a checkpoint (collective: every rank calls); ours, and the `latest`

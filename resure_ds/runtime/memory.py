@@ -25,6 +25,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 
+from .. import dist
 from ..config import Config
 from ..errors import ConfigError
 from ..models import needs_remote_code
@@ -203,3 +204,19 @@ def auto_stage(cfg: Config, model_path: str, world: int) -> tuple[int, str]:
     cfg = replace(cfg, model=replace(cfg.model, dtype=resolve_dtype(cfg)))
     stage, why = choose_stage(model_shape(model_path, cfg), cfg, local, max(1, world // local), memory)
     return stage, f"{why}; {what}"
+
+
+def resolve_auto_stage(cfg: Config, model_path: str, world: int, found) -> Config:
+    """train.zero_stage=auto resolved: a resumed run keeps its checkpoint's stage (`found`: the checkpoint
+    it resumes, or None; its partitions follow that stage); else the lowest whose plan fits, the highest
+    any rank needs (one all-reduce), printed with the reason."""
+    saved = found.progress.trained_on.get("train.zero_stage") if found is not None else None
+    if saved is not None:
+        stage, why = int(saved), f"the stage of the checkpoint it resumes ({found.path})"
+    else:
+        mine, why = auto_stage(cfg, model_path, world)
+        stage = int(dist.all_reduce_dict({"stage": float(mine)}, op="max")["stage"])
+        if stage != mine:
+            why = f"another rank has less memory than rank 0 ({why})"
+    dist.print0(f"train.zero_stage=auto: ZeRO-{stage}, {why}")
+    return replace(cfg, train=replace(cfg.train, zero_stage=stage))

@@ -24,7 +24,7 @@ import time
 
 from .. import dist
 from ..config import Config
-from ..config.sources import SourceSpec, train_specs
+from ..config.parse import SourceSpec, train_specs
 from ..files import check_target, input_root
 
 LOCK = ".lock"

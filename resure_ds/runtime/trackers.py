@@ -13,10 +13,12 @@ at the start, the flattened config.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import os
 import uuid
 
-from ..config.sources import tracker_names
+from ..config.parse import tracker_names
 from ..errors import ConfigError
 from ..files import write_text
 from .deferred import load
@@ -116,6 +118,15 @@ class Mlflow:
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def check_installed(report_to) -> None:
+    """Before the run starts: every tracker output.report_to names is installed (tensorboard ships with
+    the recipe's requirements), or one error naming the package to install."""
+    missing = [t for t in tracker_names(report_to) if t != "tensorboard" and importlib.util.find_spec(t) is None]
+    if missing:
+        raise ConfigError(f"output.report_to: {', '.join(missing)} is not installed (pip install {' '.join(missing)}), "
+                          "or drop it from output.report_to")
 
 
 def open_trackers(report_to, run_dir: str, start_step: int, config: dict, project: str, name: str) -> list:

@@ -21,10 +21,8 @@ scales the counts before each merge, as it scales Welford's n and M2.
 
 Loss truncation (Kang and Hashimoto 2020) uses one bucket of 4000 bins over [0, 20) nats
 (0.005 nats a bin) and reads its (1 - c) quantile as the upper edge of the bin where the
-cumulative share first reaches 1 - c: a turn that shares that bin is kept. (Before this type
-served both, loss truncation had its own histogram whose counts went to the host every
-micro-step; the threshold is the same rule, and a loss exactly on a bin edge may fall one bin
-apart through rounding of loss / width.)
+cumulative share first reaches 1 - c: a turn that shares that bin is kept (a loss exactly on a
+bin edge may fall one bin apart through rounding of loss / width).
 """
 from __future__ import annotations
 
@@ -106,9 +104,6 @@ class LossHistogram:
                 "cells": [[int(k), int(i), float(c)] for (k, i), c in zip(nz.tolist(), vals.tolist())]}
 
     def load_state_dict(self, sd: dict) -> None:
-        if "counts" in sd:  # loss truncation's one-bucket histogram before 0.5: dense counts
-            sd = {"num_buckets": 1, "bins": sd["bins"], "max_loss": sd["max_loss"],
-                  "cells": [[0, i, c] for i, c in enumerate(sd["counts"]) if c]}
         low = sd.get("min_loss", 0.0)
         if (sd["bins"], low, sd["max_loss"]) != (self.bins, self.min_loss, self.max_loss):
             raise ValueError(f"checkpoint's loss histograms have {sd['bins']} bins over [{low}, {sd['max_loss']}), "

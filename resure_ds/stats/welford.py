@@ -183,6 +183,4 @@ class Welford:
         if self.robust is not None:
             self.robust.load_state_dict(sd["robust"])
         state = torch.as_tensor(sd["state"], dtype=torch.float64).clone()
-        if state.shape[1] == 4:  # written before W existed: unit weights, so W = n
-            state = torch.cat([state, state[:, N:N + 1]], 1)
         self.state = state

@@ -1,7 +1,7 @@
 """Score prepared shards with a reference model, once: each trained turn's loss under it, written
 beside the shards (data/reference.py) for stats.reference (docs/method.md s.8).
 
-    python -m resure_ds.eval.reference [RECIPE.yaml] [key=value ...] [--batch-tokens N]
+    python -m resure_ds.eval.score [RECIPE.yaml] [key=value ...] [--batch-tokens N]
     resure-ds score RECIPE.yaml [key=value ...]
 
 The same recipe and overrides as training: the data is prepared (a cache hit when it is), then
@@ -12,7 +12,7 @@ On several GPUs or machines, start one task per GPU with --tasks-from-env (torch
 task k scores the dialogues i with i % tasks == k and writes its part; task 0 waits for every part
 and publishes the scores. A task's finished part is kept, so a stopped scoring resumes.
 
-    torchrun --nproc-per-node 8 -m resure_ds.eval.reference RECIPE.yaml --tasks-from-env
+    torchrun --nproc-per-node 8 -m resure_ds.eval.score RECIPE.yaml --tasks-from-env
 
 A turn's reference loss is the mean token NLL over exactly the tokens training trains it on (the
 same rows, the same spans, cut at data.max_length), so at the first step of a run whose reference
@@ -24,6 +24,8 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,24 +116,35 @@ def _wait(paths: list[str], wait_s: float) -> None:
         time.sleep(1.0)
 
 
-def score_source(p: Prepared, key: str, model, ref_dir: str, fp: dict, cfg: Config, dtype: str, pad_id: int,
-                 task: tuple[int, int] = (0, 1), batch_tokens: int = BATCH_TOKENS, wait_s: float = 86400,
-                 progress: bool = True) -> str | None:
+@dataclass
+class Scorer:
+    """One reference model scoring prepared sources: what every source's scoring shares."""
+    model: Any
+    ref_dir: str             # the reference model's folder
+    fingerprint: dict        # its files' fingerprint (data/reference.py)
+    cfg: Config
+    dtype: str               # bf16 or fp32, resolved
+    pad_id: int
+    task: tuple[int, int] = (0, 1)  # (this task, tasks): each scores every tasks-th row
+    batch_tokens: int = BATCH_TOKENS
+    wait_s: float = 86400    # how long task 0 waits for the others' parts
+    progress: bool = True
+
+
+def score_source(p: Prepared, key: str, s: Scorer) -> str | None:
     """Scores of one prepared source by this reference model under `key` (reused when there); returns
     the key (None on tasks other than 0, which only write their part)."""
     folder = reference_folder(p.folder, key)
     # one process of this machine scores, the others wait and reuse (tasks of a multi-task scoring
     # split the dialogues instead)
-    with FileLock(folder + ".lock") if task[1] == 1 else contextlib.nullcontext():
+    with FileLock(folder + ".lock") if s.task[1] == 1 else contextlib.nullcontext():
         if published(folder):
             return key
-        return _score_share(p, model, folder, ref_dir, fp, cfg, dtype, pad_id, task, batch_tokens, wait_s,
-                            progress, key)
+        return _score_share(p, folder, key, s)
 
 
-def _score_share(p: Prepared, model, folder: str, ref_dir: str, fp: dict, cfg: Config, dtype: str, pad_id: int,
-                 task: tuple[int, int], batch_tokens: int, wait_s: float, progress: bool, key: str) -> str | None:
-    me, tasks = task
+def _score_share(p: Prepared, folder: str, key: str, s: Scorer) -> str | None:
+    me, tasks = s.task
     part = _part(folder, me, tasks)
     if not os.path.exists(part):
         src = PreparedSource(p.folder)
@@ -139,15 +152,15 @@ def _score_share(p: Prepared, model, folder: str, ref_dir: str, fp: dict, cfg: C
         from tqdm import tqdm
 
         t0 = time.perf_counter()
-        with tqdm(total=len(rows), desc=f"score {p.spec.label}", unit=" dlg", disable=not progress) as bar:
-            scores = score_rows(model, src, rows, pad_id, batch_tokens, bar.update)
+        with tqdm(total=len(rows), desc=f"score {p.spec.label}", unit=" dlg", disable=not s.progress) as bar:
+            scores = score_rows(s.model, src, rows, s.pad_id, s.batch_tokens, bar.update)
         _save_part(part, scores)
-        if progress:
+        if s.progress:
             log(f"scored {len(rows):,} dialogues of {p.spec.label} in {time.perf_counter() - t0:.1f} s")
     if me != 0:
         return None
     parts = [_part(folder, k, tasks) for k in range(tasks)]
-    _wait(parts, wait_s)
+    _wait(parts, s.wait_s)
     scores: dict[int, np.ndarray] = {}
     for path in parts:
         scores.update(_load_part(path))
@@ -156,8 +169,8 @@ def _score_share(p: Prepared, model, folder: str, ref_dir: str, fp: dict, cfg: C
         raise DataError(f"{folder}.parts: the parts score {len(scores)} of {n} rows; delete the folder and "
                         "score again")
     write_reference(folder, [scores[i] for i in range(n)],
-                    {"reference": ref_dir, "fingerprint": fp, "dtype": dtype, "config_dtype": cfg.model.dtype,
-                     "prepared_key": p.manifest.get("key"), "tasks": tasks})
+                    {"reference": s.ref_dir, "fingerprint": s.fingerprint, "dtype": s.dtype,
+                     "config_dtype": s.cfg.model.dtype, "prepared_key": p.manifest.get("key"), "tasks": tasks})
     for path in parts:
         os.remove(path)
     os.rmdir(f"{folder}.parts")
@@ -204,9 +217,9 @@ def score_all(cfg: Config, task: tuple[int, int] = (0, 1), batch_tokens: int = B
     model = load_reference(ref_dir, dtype, cfg) if not all(there) else None
     if model is not None and progress:
         log(f"scoring {there.count(False)} source(s) with the reference model {ref_dir} ({dtype})")
-    return [key if ok else score_source(p, key, model, ref_dir, fp, cfg, dtype, tok.pad_token_id, task, batch_tokens,
-                                        progress=progress and task[0] == 0)
-            for p, key, ok in zip(prepared, keys, there)]
+    scorer = Scorer(model, ref_dir, fp, cfg, dtype, tok.pad_token_id, task, batch_tokens,
+                    progress=progress and task[0] == 0)
+    return [key if ok else score_source(p, key, scorer) for p, key, ok in zip(prepared, keys, there)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,6 +134,3 @@ class Plan:
             w, r = w + 1, 0
             if w >= self.windows_per_epoch:
                 e, w = e + 1, 0
-
-    def source_of(self, index: np.ndarray | int) -> np.ndarray:
-        return np.searchsorted(self.offsets, index, side="right") - 1
