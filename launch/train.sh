@@ -38,7 +38,11 @@ if [[ -n "${RANK:-}" || -n "${LOCAL_RANK:-}" ]]; then
 fi
 
 if [[ -z "${NUM_PROCS:-}" ]]; then
-  NUM_PROCS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')
+  if command -v nvidia-smi >/dev/null 2>&1 || command -v rocm-smi >/dev/null 2>&1; then
+    NUM_PROCS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')
+  else
+    NUM_PROCS=2  # no GPU driver tools: a CPU machine (asking torch costs its import)
+  fi
 fi
 if [[ -n "${NODE_RANK:-}" && -z "${MASTER_PORT:-}" ]]; then
   echo "[resure_ds] error: NODE_RANK is set: set MASTER_PORT, the same on every node" >&2
@@ -58,6 +62,13 @@ else
 fi
 # shellcheck disable=SC2206
 launcher+=(${LAUNCHER_ARGS:-})
+if [[ -z "${HOSTFILE:-}" && -z "${LAUNCHER_ARGS:-}" ]]; then
+  # One node and no launcher flags: DeepSpeed's per-node launcher itself, with the command its
+  # runner would build (the runner is one more process importing all of DeepSpeed).
+  world=$(printf '{"localhost": [%s]}' "$(seq -s ', ' 0 $((NUM_PROCS - 1)))" | base64 -w0 | tr '+/' '-_')
+  launcher=("$PYTHON" -u -m deepspeed.launcher.launch "--world_info=$world" --master_addr=127.0.0.1
+            "--master_port=$MASTER_PORT" --no_python --no_local_rank)
+fi
 # Before any rank starts: check the recipe, convert the embedded model once, and prepare the
 # data (a cache hit when unchanged). Bad config or data stops here, with one clear error.
 # With stats.reference, sources without reference losses are scored once (status 3 says so).

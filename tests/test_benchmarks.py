@@ -125,3 +125,19 @@ def test_throughput_refuses_counts_that_would_time_nothing():
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and "must be at least 1" in out.stderr, (arg, out.stderr[-500:])
 
+
+
+@pytest.mark.slow
+def test_startup_times_every_phase_of_a_launch(tmp_path, tiny_model_path):
+    """benchmarks/startup.py on the tiny model: the trace finds every mark of launch/train.sh in
+    order, and the rank's own timers and first step fit after its Python started."""
+    from tests.e2e_common import PREPARED
+
+    res = tmp_path / "startup.json"
+    run("benchmarks/startup.py", "--repeats=1", f"--json={res}", f"model.path={tiny_model_path}",
+        "data.max_length=128", f"data.prepared_dir={PREPARED}", "model.dtype=fp32", "data.num_workers=0")
+    [row] = json.loads(res.read_text())["warm"]
+    phases = ("before_script", "script", "port", "prepare", "launcher", "rank_imports", "group_model_tokenizer",
+              "data", "engine", "resume", "first_step")
+    assert all(row[k] >= 0 for k in phases) and row["first_step"] > 0, row
+    assert row["prepare"] > 0 and row["launcher"] > 0 and row["engine"] > 0

@@ -90,6 +90,51 @@ def test_cache_hit_and_rebuilds(tmp_path, tiny_model_path, tokenizer):
     assert prepare(longer, tokenizer, tiny_model_path)[0].folder != changed.folder
 
 
+def test_a_cache_hit_reads_the_tokenizer_from_its_memo_and_any_change_loads_it(tmp_path, tiny_model_path,
+                                                                              monkeypatch):
+    """The launcher's prepare on a cache hit imports no transformers (the memo gives the key); an
+    edited tokenizer file, another template or a damaged memo loads the tokenizer again."""
+    import shutil
+
+    from resure_ds.data import tokenizer_memo
+    from resure_ds.data.tokenizer_memo import OnDemand
+
+    monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "cache"))
+    model = shutil.copytree(tiny_model_path, tmp_path / "model")
+    chitchat_jsonl(tmp_path / "data", n_files=1, per_file=10)
+    c = cfg(str(model), str(tmp_path / "data"), tmp_path / "prep")
+    [first] = prepare(c, OnDemand(str(model)), str(model))
+    code = ("import sys; from resure_ds.data.prepare import main; rc = main(sys.argv[1:]); "
+            "print('transformers' in sys.modules, rc)")
+    args = [f"model.path={model}", f"data.train={tmp_path / 'data'}", f"data.prepared_dir={tmp_path / 'prep'}",
+            "data.max_length=96"]
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "RESURE_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-2:] == ["False", "0"], out.stderr[-2000:]
+    assert first.folder in out.stdout and "cache hit" in out.stderr
+    loads = []
+    real = tokenizer_memo.load_tokenizer
+    monkeypatch.setattr(tokenizer_memo, "load_tokenizer", lambda *a: loads.append(a) or real(*a))
+    assert prepare(c, OnDemand(str(model)), str(model))[0].hit and loads == []  # the memo, no tokenizer
+    jinja = model / "chat_template.jinja"  # the template transformers reads first
+    assert jinja.exists()
+    jinja.write_text(jinja.read_text().replace("You are a helpful", "You are a careful"))
+    [edited] = prepare(c, OnDemand(str(model)), str(model))
+    assert len(loads) == 1 and not edited.hit and edited.folder != first.folder
+    other = OnDemand(str(model), "{{ messages[0]['content'] }}")
+    assert other.fingerprints()["template"] != OnDemand(str(model)).fingerprints()["template"] and len(loads) == 2
+    for memo in (tmp_path / "cache" / "tokenizers").iterdir():
+        memo.write_text("{not json")
+    assert OnDemand(str(model)).fingerprints() == edited_fps(model) and len(loads) == 3  # damaged: loaded
+
+
+def edited_fps(model):
+    from resure_ds.data.tokenizer_memo import fingerprints_of
+    from resure_ds.models import load_tokenizer
+
+    return fingerprints_of(load_tokenizer(str(model)))
+
+
 REFUSING = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('must open with a user') }}{% endif %}"
             "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -62,7 +62,7 @@ CANDIDATES = ("excess_quantile", "excess_quantile_hard", "two_signals", "two_sig
 PROBE_KINDS = ("canned", "weak", "loop", "cutoff", "offtopic")
 PROFILES = {
     "quick": dict(model="tiny", max_length=96, micro_batch_size=8, size=48, lr=1e-3, min_count=4, seeds=[0, 1],
-                  noises={"0.3": list(ARMS), "0.0": ["sft", "two_signals"]}, contexts=16, gen_tokens=8,
+                  noises={"0.3": list(ARMS), "0.0": ["sft", "two_signals", "two_signals_adaptive"]}, contexts=16, gen_tokens=8,
                   probe_pairs=6, detector_pairs=60, eval_dialogues=24, eval_length=128),
     "cpu": dict(model="smollm2", max_length=128, micro_batch_size=4, size=256, lr=1e-4, min_count=8,
                 seeds=list(range(8)), noises={"0.3": list(ARMS), "0.0": ["sft", *CANDIDATES]}, contexts=400,

@@ -50,6 +50,7 @@ from .render import RENDER_VERSION, Renderer
 from .manifest import FORMAT_VERSION, file_digest, read_manifest, verify_shards, write_manifest
 from .reference import scored_keys
 from .shards import ShardWriter
+from .tokenizer_memo import OnDemand, fingerprints_of
 from .sources import Source, Unit, resolve, source_fingerprint, units_of
 
 RENDER_BATCH = 256  # dialogues tokenized per Rust call
@@ -70,8 +71,8 @@ def log(msg: str) -> None:
 
 # -- keys -----------------------------------------------------------------------
 def tokenizer_fingerprints(tok) -> dict:
-    return {"tokenizer": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16],
-            "template": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16]}
+    """A tokenizer's, or an OnDemand one's (from its memo when it has one)."""
+    return tok.fingerprints() if isinstance(tok, OnDemand) else fingerprints_of(tok)
 
 
 def _slug(text: str) -> str:
@@ -294,7 +295,8 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
             log(f"preparing {spec.label}: {len(units)} unit(s), {len(todo)} for this task, "
                 f"{min(workers, max(len(todo), 1))} worker(s) -> {folder}")
         try:
-            _run_units(todo, workers, model_path, cfg, tokenizer, progress)
+            _run_units(todo, workers, model_path, cfg, tokenizer.get() if isinstance(tokenizer, OnDemand)
+                       else tokenizer, progress)
         except BaseException as e:
             if tasks > 1:
                 with open(os.path.join(partial, f"failed-task{me}.txt"), "w", encoding="utf-8") as f:
@@ -381,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg = load_config(*split_recipe_args(a.args))
         model_path = resolve_model_path(cfg.model.path)
-        tok = load_tokenizer(model_path, cfg.model.chat_template, cfg.model.trust_remote_code)
+        # loaded only if a source is prepared now: a cache hit needs its fingerprints alone
+        tok = OnDemand(model_path, cfg.model.chat_template, cfg.model.trust_remote_code)
         task = task_of_env() if a.tasks_from_env else (0, 1)
         train = ensure_prepared(cfg, tok, model_path, a.workers, task)
         found = train + [p for p in [ensure_eval_prepared(cfg, tok, model_path, a.workers, task)] if p is not None]

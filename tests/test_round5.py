@@ -1,0 +1,125 @@
+"""Round 5 of the noisy-mix study (benchmarks/noisy_mix/round5.py): its statistics against known
+values, its noise halves kept apart, and its quick profile end to end (the pipeline and the
+results' schema, not the outcome)."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.noisy_mix.noise5 import _TEMPLATES, canned_pool, cutoff_reply, loop_reply, make_noise
+from benchmarks.noisy_mix.stats5 import fieller, holm, paired, t_quantile
+from tests.conftest import ROOT
+
+
+def test_t_quantiles_and_p_values_match_the_tables():
+    assert t_quantile(1) == pytest.approx(12.706204736, rel=1e-8)
+    assert t_quantile(7) == pytest.approx(2.364624251, rel=1e-8)
+    assert t_quantile(30) == pytest.approx(2.042272456, rel=1e-8)
+    # 6 diffs of mean 1 and standard error 0.5: t = 2 with 5 df, two-sided p 0.10194
+    c = 0.5 * math.sqrt(5)
+    d = paired([1 + c * x for x in (1, -1, 1, -1, 1, -1)])
+    assert d["mean"] == pytest.approx(1.0) and d["sd"] / math.sqrt(6) == pytest.approx(0.5)
+    assert d["p"] == pytest.approx(0.1019395, abs=2e-6)
+    assert d["lo"] == pytest.approx(1 - 0.5 * t_quantile(5)) and d["hi"] == pytest.approx(1 + 0.5 * t_quantile(5))
+    assert paired([0.2, 0.2])["p"] == 0.0 and paired([0.0, 0.0])["p"] == 1.0  # no spread
+    assert paired([0.3])["lo"] is None and paired([])["mean"] is None
+
+
+def test_holm_adjusts_in_order_and_keeps_none():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, None, 0.01]) == [pytest.approx(0.5), None, pytest.approx(0.02)]
+    assert holm([0.9, 0.8]) == [1.0, 1.0]  # capped at 1, never below an earlier step
+
+
+def test_fieller_ends_solve_its_equation_and_hold_the_ratio():
+    rng = random.Random(3)
+    b = [0.10 + rng.gauss(0, 0.02) for _ in range(8)]
+    a = [0.6 * y + rng.gauss(0, 0.01) for y in b]
+    f = fieller(a, b)
+    n = len(a)
+    ma, mb = sum(a) / n, sum(b) / n
+    saa = sum((x - ma) ** 2 for x in a) / (n - 1) / n
+    sbb = sum((y - mb) ** 2 for y in b) / (n - 1) / n
+    sab = sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (n - 1) / n
+    t2 = t_quantile(n - 1) ** 2
+    for r in (f["lo"], f["hi"]):  # (ma - r mb)^2 = t^2 var(a - r b) at both ends
+        assert (ma - r * mb) ** 2 == pytest.approx(t2 * (saa - 2 * r * sab + r * r * sbb), rel=1e-9)
+    assert f["share"] == pytest.approx(ma / mb) and f["lo"] < f["share"] < f["hi"]
+    unresolved = fieller([0.1, -0.1, 0.05], [0.01, -0.02, 0.015])  # the denominator not resolved from 0
+    assert unresolved["lo"] is None and unresolved["hi"] is None
+    assert fieller([0.1], [0.2])["share"] is None
+
+
+def test_noise_halves_are_disjoint_and_canned_has_two_hundred_strings():
+    train, probe = canned_pool("train"), canned_pool("probe")
+    assert len(set(train)) == len(train) == 100 and len(set(probe)) == len(probe) == 100
+    assert not set(train) & set(probe)
+    assert not set(_TEMPLATES["train"]) & set(_TEMPLATES["probe"])
+    rng = random.Random(0)
+    msgs = [{"role": "user", "content": "I am tired of my job"}, {"role": "assistant", "content": "Oh no, why?"}]
+    for _ in range(50):
+        assert make_noise("canned", msgs, 1, "probe", [], rng) in probe
+        assert make_noise("offtopic", msgs, 1, "train", ["Oh no, why?", "Nice weather."], rng) == "Nice weather."
+    text = "well I think that the weather here is nice today"
+    loop = loop_reply(text, rng)
+    assert loop.count(loop.split()[0]) >= 3 and text.startswith(loop.split()[0])
+    cut = cutoff_reply(text, rng)
+    assert text.startswith(cut) and len(cut.split()) < len(text.split())
+    with pytest.raises(ValueError, match="unknown noise kind"):
+        make_noise("loud", msgs, 1, "train", [], rng)
+
+
+ARMS = ("sft", "clean", "oracle_turn", "offline_filter", "two_signals_adaptive")
+
+
+@pytest.mark.slow
+def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
+    """Five arms on two seeds at 30% and two arms at 0%, on the tiny model: every run recorded with
+    the detector's hash; the same batches for every arm; paired intervals, Holm, the oracle's share
+    and the success rule's verdict written; the same command again trains nothing."""
+    def study(port):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "round5.py"),
+                               "--profile", "quick", "--out", str(tmp_path), "--only", ",".join(ARMS)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "MASTER_PORT": str(port)})
+    out = study(29671)
+    assert out.returncode == 0, out.stderr[-4000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    runs = res["runs"]
+    assert {(r["noise"], r["arm"], r["seed"]) for r in runs} == (
+        {(0.3, a, s) for a in ARMS for s in (0, 1)} | {(0.0, a, s) for a in ("sft", "two_signals_adaptive")
+                                                      for s in (0, 1)})
+    det = res["detector"]
+    assert len(det["sha256"]) == 64 and all(r["detector_sha256"] == det["sha256"] for r in runs)
+    assert set(det["primary_kinds"]) <= {"canned", "weak", "loop"}
+    for r in runs:  # one epoch of the same sample: every arm trains the same steps and sees the same turns
+        twin = next(x for x in runs if x["noise"] == r["noise"] and x["seed"] == r["seed"] and x["arm"] == "sft")
+        assert r["steps"] == twin["steps"] and r["turns"] == twin["turns"] and r["corrupted"] == twin["corrupted"]
+        assert 0.0 <= r["emission"]["any"] <= 1.0 and r["clean_nll"] > 0
+        assert set(r["preference"]) == {"canned", "weak", "loop", "cutoff", "offtopic"}
+    assert all(r["corrupted"] > 0 for r in runs if r["noise"] == 0.3)
+    assert all(r["corrupted"] == 0 for r in runs if r["noise"] == 0.0)
+    adaptive = [r for r in runs if r["arm"] == "two_signals_adaptive" and r["noise"] == 0.3]
+    assert all(r["removed_share"] > 0 for r in adaptive)  # the rule removed weight
+    cell = res["summary"]["0.3"]["arms"]
+    assert set(cell) == set(ARMS)
+    for arm, c in cell.items():
+        d = c["minus_sft"]["emission_any"]
+        assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"], arm
+        assert set(c["holm"]) == {f"emission_{k}" for k in det["primary_kinds"]} or arm == "sft"
+        assert "emission_any" in c["oracle_share"]
+    verdict = res["summary"]["decision"]["per_arm"]["two_signals_adaptive"]
+    assert set(verdict) >= {"passes", "emission_below_sft", "half_of_oracle_gain", "clean_nll_noninferior_30",
+                            "clean_nll_noninferior_0"}
+    assert verdict["passes"] == all(verdict[k] for k in ("emission_below_sft", "half_of_oracle_gain",
+                                                         "clean_nll_noninferior_30", "clean_nll_noninferior_0"))
+    assert "### Noise 30%" in (tmp_path / "results.md").read_text()
+    assert os.path.getsize(tmp_path / "round5.png") > 5000
+    again = study(29672)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"{len(runs)} of {len(runs)} runs" in again.stdout and "clean NLL" not in again.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == runs
