@@ -44,6 +44,10 @@ if [[ -z "${NUM_PROCS:-}" ]]; then
     NUM_PROCS=2  # no GPU driver tools: a CPU machine (asking torch costs its import)
   fi
 fi
+if ! [[ "$NUM_PROCS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "[resure_ds] error: NUM_PROCS=$NUM_PROCS: give the number of ranks per node, 1 or more" >&2
+  exit 2
+fi
 if [[ -n "${NODE_RANK:-}" && -z "${MASTER_PORT:-}" ]]; then
   echo "[resure_ds] error: NODE_RANK is set: set MASTER_PORT, the same on every node" >&2
   exit 2

@@ -36,6 +36,14 @@ def test_the_launchers_local_rank_is_dropped_in_every_form():
         assert out.returncode == 2 and "in recipes/sft.yaml:\n  train.max_steps: must be > 0" in out.stderr, out.stderr
 
 
+def test_a_rank_count_that_is_not_a_positive_integer_is_one_line():
+    for bad in ("0", "abc", "-1", "2 3"):
+        out = subprocess.run(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60, env={**env(), "NUM_PROCS": bad})
+        assert out.returncode == 2 and out.stderr == (f"[resure_ds] error: NUM_PROCS={bad}: give the number of "
+                                                      "ranks per node, 1 or more\n"), out.stderr
+
+
 def test_a_held_lock_is_refused_naming_its_holder_and_a_dead_ones_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
                                "from resure_ds.runtime.run_folder import RunLock; RunLock(sys.argv[2]).acquire(); "

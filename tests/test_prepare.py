@@ -126,6 +126,33 @@ def test_a_cache_hit_reads_the_tokenizer_from_its_memo_and_any_change_loads_it(t
     for memo in (tmp_path / "cache" / "tokenizers").iterdir():
         memo.write_text("{not json")
     assert OnDemand(str(model)).fingerprints() == edited_fps(model) and len(loads) == 3  # damaged: loaded
+    (tmp_path / "ro").write_text("a file where the cache's folder would be")
+    monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "ro"))  # a cache that cannot be written
+    assert OnDemand(str(model)).fingerprints() == edited_fps(model) and len(loads) == 4
+
+
+def test_the_memo_key_reads_small_files_whole_and_large_ones_by_size_and_time(tmp_path, monkeypatch):
+    from resure_ds.data import tokenizer_memo
+    from resure_ds.data.tokenizer_memo import memo_key
+
+    monkeypatch.setattr(tokenizer_memo, "READ_LIMIT", 16)
+    (tmp_path / "tokenizer.json").write_text('{"a": 1}')
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    big = tmp_path / "extra.dat"
+    big.write_bytes(b"x" * 32)
+    first = memo_key(str(tmp_path), None, False)
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")  # weights are not the tokenizer's
+    assert memo_key(str(tmp_path), None, False) == first
+    (tmp_path / "tokenizer.json").write_text('{"a": 2}')  # same size, other bytes
+    second = memo_key(str(tmp_path), None, False)
+    assert second != first
+    os.utime(big, ns=(1, 1))
+    assert memo_key(str(tmp_path), None, False) != second
+    assert memo_key(str(tmp_path), "{{ x }}", False) != memo_key(str(tmp_path), None, False)
+    assert memo_key(str(tmp_path), None, True) is None  # code of its own may run: always loaded
+    (tmp_path / "tokenization_custom.py").write_text("")
+    assert memo_key(str(tmp_path), None, False) is None
+    assert memo_key(str(tmp_path / "absent"), None, False) is None
 
 
 def edited_fps(model):

@@ -13,6 +13,7 @@ from ..files import write_json
 from ..models import cache_root, load_tokenizer
 
 WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt")
+READ_LIMIT = 64 << 20  # a larger file of another kind counts by its size and time, not its bytes
 
 
 def fingerprints_of(tok) -> dict:
@@ -41,6 +42,10 @@ def memo_key(model_path: str, chat_template: str | None, trust_remote_code: bool
         if not os.path.isfile(path) or name.endswith(WEIGHTS):
             continue
         h.update(name.encode() + b"\0")
+        st = os.stat(path)
+        if st.st_size > READ_LIMIT:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            continue
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
@@ -79,6 +84,9 @@ class OnDemand:
                 pass  # unreadable: computed again and written over
         fps = fingerprints_of(self.get())
         if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_json(path, fps)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write_json(path, fps)
+            except OSError:
+                pass  # a cache that cannot be written: the next prepare loads the tokenizer again
         return fps
