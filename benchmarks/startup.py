@@ -87,7 +87,10 @@ def launch_once(work: str, name: str, env: dict, timeout: float, overrides: list
                     first = (time.time(), json.loads(row))
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # nothing after the first step is measured
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing after the first step is measured
+        except ProcessLookupError:
+            pass  # it had ended: the error above says how
         proc.wait()
     for r in readers:
         r.join(timeout=5)
@@ -134,7 +137,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.repeats < 1:
         ap.error("--repeats must be 1 or more")
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    own = ("MASTER_PORT", "MASTER_ADDR", "NUM_PROCS", "LAUNCHER_ARGS", "HOSTFILE", "NODE_RANK", "RANK", "LOCAL_RANK",
+           "WORLD_SIZE")  # the default single-node launch, whatever the caller's shell holds
+    env = {**{k: v for k, v in os.environ.items() if k not in own}, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
            "PYTHON": sys.executable}
     results = {}
     with tempfile.TemporaryDirectory(prefix="startup-") as work:

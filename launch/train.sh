@@ -37,15 +37,20 @@ if [[ -n "${RANK:-}" || -n "${LOCAL_RANK:-}" ]]; then
   exec "$PYTHON" -u -m resure_ds.train "${ARGS[@]}"
 fi
 
+gpu=0  # a GPU driver's tools or device files: ask torch; none of them: a CPU machine (no torch import)
+if command -v nvidia-smi >/dev/null 2>&1 || command -v rocm-smi >/dev/null 2>&1 || command -v amd-smi >/dev/null 2>&1 \
+   || [[ -e /dev/nvidiactl || -e /proc/driver/nvidia || -e /dev/kfd ]]; then
+  gpu=1
+fi
 if [[ -z "${NUM_PROCS:-}" ]]; then
-  if command -v nvidia-smi >/dev/null 2>&1 || command -v rocm-smi >/dev/null 2>&1; then
+  if (( gpu )); then
     NUM_PROCS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')
   else
-    NUM_PROCS=2  # no GPU driver tools: a CPU machine (asking torch costs its import)
+    NUM_PROCS=2
   fi
 fi
-if ! [[ "$NUM_PROCS" =~ ^[1-9][0-9]*$ ]]; then
-  echo "[resure_ds] error: NUM_PROCS=$NUM_PROCS: give the number of ranks per node, 1 or more" >&2
+if ! [[ "$NUM_PROCS" =~ ^[1-9][0-9]{0,3}$ ]]; then
+  echo "[resure_ds] error: NUM_PROCS=$NUM_PROCS: give the number of ranks per node, 1 to 9999" >&2
   exit 2
 fi
 if [[ -n "${NODE_RANK:-}" && -z "${MASTER_PORT:-}" ]]; then
@@ -66,9 +71,10 @@ else
 fi
 # shellcheck disable=SC2206
 launcher+=(${LAUNCHER_ARGS:-})
-if [[ -z "${HOSTFILE:-}" && -z "${LAUNCHER_ARGS:-}" ]]; then
-  # One node and no launcher flags: DeepSpeed's per-node launcher itself, with the command its
-  # runner would build (the runner is one more process importing all of DeepSpeed).
+if [[ -z "${HOSTFILE:-}" && -z "${LAUNCHER_ARGS:-}" ]] && { ! (( gpu )) || [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]]; }; then
+  # One node, no launcher flags and no CUDA_VISIBLE_DEVICES on a GPU machine (the runner reports
+  # how it treats them): DeepSpeed's per-node launcher itself, with the command its runner would
+  # build for --num_gpus (the runner is one more process importing all of DeepSpeed).
   world=$(printf '{"localhost": [%s]}' "$(seq -s ', ' 0 $((NUM_PROCS - 1)))" | base64 -w0 | tr '+/' '-_')
   launcher=("$PYTHON" -u -m deepspeed.launcher.launch "--world_info=$world" --master_addr=127.0.0.1
             "--master_port=$MASTER_PORT" --no_python --no_local_rank)

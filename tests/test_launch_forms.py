@@ -37,11 +37,11 @@ def test_the_launchers_local_rank_is_dropped_in_every_form():
 
 
 def test_a_rank_count_that_is_not_a_positive_integer_is_one_line():
-    for bad in ("0", "abc", "-1", "2 3"):
+    for bad in ("0", "abc", "-1", "2 3", "18446744073709551616"):  # the last wrapped to -1 in bash arithmetic
         out = subprocess.run(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, capture_output=True, text=True,
                              timeout=60, env={**env(), "NUM_PROCS": bad})
         assert out.returncode == 2 and out.stderr == (f"[resure_ds] error: NUM_PROCS={bad}: give the number of "
-                                                      "ranks per node, 1 or more\n"), out.stderr
+                                                      "ranks per node, 1 to 9999\n"), out.stderr
 
 
 def test_a_held_lock_is_refused_naming_its_holder_and_a_dead_ones_is_taken_over(tmp_path):

@@ -153,6 +153,28 @@ def test_the_memo_key_reads_small_files_whole_and_large_ones_by_size_and_time(tm
     (tmp_path / "tokenization_custom.py").write_text("")
     assert memo_key(str(tmp_path), None, False) is None
     assert memo_key(str(tmp_path / "absent"), None, False) is None
+    (tmp_path / "tokenization_custom.py").unlink()
+    (tmp_path / "tokenizer_config.json").write_text('{"fast_tokenizer_files": ["sub/tokenizer.json"]}')
+    assert memo_key(str(tmp_path), None, False) is None  # a file outside the top level: always loaded
+
+
+def test_a_folder_edited_while_the_tokenizer_loads_leaves_no_memo(tmp_path, tiny_model_path, monkeypatch):
+    import shutil
+
+    from resure_ds.data import tokenizer_memo
+
+    monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "cache"))
+    model = shutil.copytree(tiny_model_path, tmp_path / "model")
+    real = tokenizer_memo.load_tokenizer
+
+    def load_then_edit(*a):
+        tok = real(*a)
+        (model / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+        return tok
+
+    monkeypatch.setattr(tokenizer_memo, "load_tokenizer", load_then_edit)
+    tokenizer_memo.OnDemand(str(model)).fingerprints()
+    assert not (tmp_path / "cache" / "tokenizers").exists() or not any((tmp_path / "cache" / "tokenizers").iterdir())
 
 
 def edited_fps(model):

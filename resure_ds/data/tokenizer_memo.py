@@ -30,10 +30,15 @@ def _version(package: str) -> str:
 
 
 def memo_key(model_path: str, chat_template: str | None, trust_remote_code: bool) -> str | None:
-    """The memo's key, or None where the tokenizer must be loaded to know (not a local folder, or
-    code of its own that may run)."""
+    """The memo's key, or None where the tokenizer must be loaded to know (not a local folder, code
+    of its own that may run, or tokenizer files named from its config)."""
     if trust_remote_code or not os.path.isdir(model_path):
         return None
+    conf = os.path.join(model_path, "tokenizer_config.json")
+    if os.path.isfile(conf):
+        with open(conf, "rb") as f:
+            if b"fast_tokenizer_files" in f.read():  # files it names may lie outside the folder's top level
+                return None
     h = hashlib.sha256()
     for name in sorted(os.listdir(model_path)):
         path = os.path.join(model_path, name)
@@ -83,7 +88,7 @@ class OnDemand:
             except (OSError, ValueError):
                 pass  # unreadable: computed again and written over
         fps = fingerprints_of(self.get())
-        if path:
+        if path and memo_key(*self.args) == key:  # not edited while it loaded
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 write_json(path, fps)
