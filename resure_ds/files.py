@@ -71,9 +71,9 @@ def check_target(target: str, protected: dict[str, str], flag: str, fix: str) ->
     as_named = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(target))), os.path.basename(target))
     for path, what in protected.items():
         for t, resolve in ((target, True), (as_named, False)):
-            if inside(t, path, resolve) or inside(path, t):
-                how = "lies inside" if inside(t, path, resolve) and not inside(path, t) else \
-                    "is" if inside(t, path, resolve) else "holds"
+            within, holds = inside(t, path, resolve), inside(path, t)
+            if within or holds:
+                how = "is" if within and holds else "lies inside" if within else "holds"
                 raise ConfigError(f"{flag} {target}: {how} {path}, {what}; {fix}")
 
 

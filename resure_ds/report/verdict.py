@@ -81,18 +81,26 @@ def protected(run_dir: str) -> dict[str, str]:
         specs = train_specs(cfg["data"])
     except (OSError, ValueError, KeyError):
         return out
+    found = []
     for spec in specs:
         try:
-            src = resolve(spec)
+            found.append((spec, resolve(spec)))
         except (OSError, ValueError):
             continue
+    return _guard_inputs(out, found)
+
+
+def _guard_inputs(guard: dict[str, str], sources: list) -> dict[str, str]:
+    """guard, with each (spec, resolved source)'s files and the folder (or a glob's root) it was read
+    from; the embedded corpus is no one's to overwrite, so it is left out."""
+    for spec, src in sources:
         if src.kind == "chitchat":
             continue
         what = f"an input of this run (source {spec.label})"
-        out.update({f: what for f in src.files})
-        if os.path.isdir(input_root(spec.path)):
-            out[input_root(spec.path)] = what
-    return out
+        guard.update({f: what for f in src.files})
+        if os.path.isdir(input_root(src.spec.path)):
+            guard[input_root(src.spec.path)] = what
+    return guard
 
 
 def sources_path(path: str) -> str:
@@ -328,14 +336,7 @@ def _check_unchanged(run_dir: str, sources: list) -> None:
 def _check_output(out_dir: str, run_dir: str, sources: list) -> None:
     """The filter never writes over, into or around an input of the run or the run's own files, nor into
     a used folder: its output would replace a source, or be read back as one by the next prepare."""
-    guard = run_entries(run_dir)
-    for spec, src in sources:
-        if src.kind == "chitchat":
-            continue
-        what = f"an input of this run (source {spec.label})"
-        guard.update({f: what for f in src.files})
-        if os.path.isdir(input_root(src.spec.path)):
-            guard[input_root(src.spec.path)] = what
+    guard = _guard_inputs(run_entries(run_dir), sources)
     check_target(out_dir, guard, "--filter", "write the filtered corpus to a new folder outside the run folder "
                  "and the training data")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
