@@ -58,19 +58,6 @@ if [[ -n "${NODE_RANK:-}" && -z "${MASTER_PORT:-}" ]]; then
   exit 2
 fi
 MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}"
-launcher=(deepspeed --no_python --no_local_rank --master_port "$MASTER_PORT")
-if [[ -n "${HOSTFILE:-}" ]]; then
-  launcher+=(--hostfile "$HOSTFILE")
-  [[ -n "${MASTER_ADDR:-}" ]] && launcher+=(--master_addr "$MASTER_ADDR")
-  if [[ -n "${NODE_RANK:-}" ]]; then
-    : "${MASTER_ADDR:?NODE_RANK is set: set MASTER_ADDR (the first node) on every node}"
-    launcher+=(--no_ssh --node_rank "$NODE_RANK")
-  fi
-else
-  launcher+=(--num_gpus "$NUM_PROCS")
-fi
-# shellcheck disable=SC2206
-launcher+=(${LAUNCHER_ARGS:-})
 if [[ -z "${HOSTFILE:-}" && -z "${LAUNCHER_ARGS:-}" ]] && { ! (( gpu )) || [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]]; }; then
   # One node, no launcher flags and no CUDA_VISIBLE_DEVICES on a GPU machine (the runner reports
   # how it treats them): DeepSpeed's per-node launcher itself, with the command its runner would
@@ -78,6 +65,20 @@ if [[ -z "${HOSTFILE:-}" && -z "${LAUNCHER_ARGS:-}" ]] && { ! (( gpu )) || [[ -z
   world=$(printf '{"localhost": [%s]}' "$(seq -s ', ' 0 $((NUM_PROCS - 1)))" | base64 -w0 | tr '+/' '-_')
   launcher=("$PYTHON" -u -m deepspeed.launcher.launch "--world_info=$world" --master_addr=127.0.0.1
             "--master_port=$MASTER_PORT" --no_python --no_local_rank)
+else
+  launcher=(deepspeed --no_python --no_local_rank --master_port "$MASTER_PORT")
+  if [[ -n "${HOSTFILE:-}" ]]; then
+    launcher+=(--hostfile "$HOSTFILE")
+    [[ -n "${MASTER_ADDR:-}" ]] && launcher+=(--master_addr "$MASTER_ADDR")
+    if [[ -n "${NODE_RANK:-}" ]]; then
+      : "${MASTER_ADDR:?NODE_RANK is set: set MASTER_ADDR (the first node) on every node}"
+      launcher+=(--no_ssh --node_rank "$NODE_RANK")
+    fi
+  else
+    launcher+=(--num_gpus "$NUM_PROCS")
+  fi
+  # shellcheck disable=SC2206
+  launcher+=(${LAUNCHER_ARGS:-})
 fi
 # Before any rank starts: check the recipe, convert the embedded model once, and prepare the
 # data (a cache hit when unchanged). Bad config or data stops here, with one clear error.
