@@ -7,6 +7,7 @@ trackers (runtime/trackers.py).
 from __future__ import annotations
 
 import math
+import re
 
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,19 @@ class SourceSpec:
         return self.name or self.path
 
 
+URL_SECRET = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*@|[^?]*\?[^/]*=)")  # a glob's ? has no =
+
+
+def url_secret_error(at: str, path: Any) -> str | None:
+    """A URL that carries credentials (user:password@host) or a query (a presigned signature) would be
+    written into config.json, the manifests and the logs: refused, with where credentials go instead."""
+    if isinstance(path, str) and URL_SECRET.match(path):
+        return (f"{at}: {path.split('://', 1)[0]}:// URL with credentials or a ?query; the recipe is written "
+                "into the run folder, so give the bare URL and let the store's client find the credentials "
+                "(for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws; docs/operating.md)")
+    return None
+
+
 def parse_train(value: Any, layout: Layout = Layout()) -> tuple[list[SourceSpec], list[str]]:
     """data.train (a string, or a list of strings / {path, weight, name, format, columns} mappings)
     -> specs, errors. `layout`: data.format and data.columns, which an entry's own override."""
@@ -90,6 +104,8 @@ def parse_train(value: Any, layout: Layout = Layout()) -> tuple[list[SourceSpec]
             errors.append(f"{at}: weight must be a finite number > 0, got {w!r}")
         elif not errs:
             specs.append(SourceSpec(it["path"], float(w), str(it.get("name") or ""), own))
+    errors += [e for i, s in enumerate(specs)
+               if (e := url_secret_error(f"data.train[{i}]" if isinstance(value, list) else "data.train", s.path))]
     labels = [s.label for s in specs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:

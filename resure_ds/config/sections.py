@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import ConfigError
-from .parse import TRACKERS, parse_layout, parse_train, tracker_names
+from .parse import TRACKERS, parse_layout, parse_train, tracker_names, url_secret_error
 
 SIGNALS = ("loss", "excess")
 MAX_TIMEOUT = 7 * 24 * 3600
@@ -117,7 +117,9 @@ class DataConfig:
     train: str | list = "chitchat"
     """Training data: a .jsonl/.jsonl.gz/.json/.parquet file, a glob, a folder of such files, a saved
     `datasets` folder, a prepared folder, 'chitchat' (embedded), or a list of these, a mixture:
-    [{path: a.jsonl, weight: 3}, {path: /data/b/, weight: 1}] (weight = share of the draws)."""
+    [{path: a.jsonl, weight: 3}, {path: /data/b/, weight: 1}] (weight = share of the draws). Any of the
+    files, globs, folders and prepared folders may be in an object store: s3://bucket/raw/ (gs://, az://, hf://,
+    https://; the backend's package installed, credentials from its environment, docs/operating.md)."""
     format: Literal["auto", "openai", "sharegpt", "alpaca", "prompt_completion"] = "auto"
     """Record layout of every source (a data.train entry's own `format` wins); auto = detected per record
     from its fields: messages (OpenAI), conversations (ShareGPT), instruction+output (Alpaca), prompt+completion."""
@@ -145,7 +147,8 @@ class DataConfig:
     """Dialogues of the epoch's shuffled order packed together: larger = denser rows."""
     prepared_dir: str | None = None
     """Cache of prepared token shards (default $RESURE_CACHE/prepared, else ~/.cache/resure_ds/prepared);
-    on a cluster, a filesystem every node sees."""
+    on a cluster, a filesystem every node sees, or an object store (s3://bucket/prepared): prepare publishes
+    there, each node keeps a verified local copy ($RESURE_CACHE/fetched)."""
     prepare_workers: int = 0
     """Processes that tokenize during prepare; 0 = one per CPU core (at most 16)."""
     num_workers: int = 1
@@ -168,6 +171,7 @@ class DataConfig:
             e.append(f"data.eval: a held-out fraction must be in (0, 0.5], got {self.eval}")
         if isinstance(self.eval, str) and not self.eval:
             e.append("data.eval: must be a source path, a fraction in (0, 0.5], or null")
+        e += [m for k in ("eval", "prepared_dir") if (m := url_secret_error(f"data.{k}", getattr(self, k)))]
         return e + self.adaptive.problems()
 
 

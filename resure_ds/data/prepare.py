@@ -51,7 +51,8 @@ from .manifest import FORMAT_VERSION, file_digest, read_manifest, verify_shards,
 from .reference import scored_keys
 from .shards import ShardWriter
 from .tokenizer_memo import OnDemand, fingerprints_of
-from .sources import Source, Unit, resolve, source_fingerprint, units_of
+from .sources import PREPARED_FORMAT, Source, Unit, resolve, source_fingerprint, units_of
+from . import publish, remote
 
 RENDER_BATCH = 256  # dialogues tokenized per Rust call
 UNSCORED = 3  # exit status of --check-reference when stats.reference has sources left to score
@@ -86,7 +87,7 @@ def prepared_root(cfg: Config) -> str:
 
 def prepared_folder(spec: SourceSpec, src: Source, fps: dict, cfg: Config) -> str:
     """Where a raw source's shards go (or are found): <data.prepared_dir>/<name>-<key>."""
-    return os.path.join(prepared_root(cfg), f"{_slug(spec.label)}-{source_key(src, fps, cfg)}")
+    return remote.join(prepared_root(cfg), f"{_slug(spec.label)}-{source_key(src, fps, cfg)}")
 
 
 def source_key(src: Source, fps: dict, cfg: Config) -> str:
@@ -169,15 +170,17 @@ def _prepare_unit_in_worker(args) -> dict:
 
 # -- running the units ----------------------------------------------------------------
 def _run_units(todo: list[tuple[Unit, int, str]], workers: int, model_path: str, cfg: Config, tokenizer,
-               progress: bool) -> None:
+               progress: bool, after=None) -> None:
+    """Prepare the units of `todo`; after(index, record) is called here as each one finishes."""
     from tqdm import tqdm
 
+    after = after or (lambda i, record: None)
     bar = tqdm(desc="prepare", unit=" dlg", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     try:
         if workers <= 1 or len(todo) <= 1:
             _setup(tokenizer, _data_options(cfg), bar.update)
             for job in todo:
-                prepare_unit(*job)
+                after(job[1], prepare_unit(*job))
             return
         import multiprocessing as mp
         from queue import Empty
@@ -187,13 +190,14 @@ def _run_units(todo: list[tuple[Unit, int, str]], workers: int, model_path: str,
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
                                  initargs=(model_path, cfg.model.chat_template, cfg.model.trust_remote_code,
                                            _data_options(cfg), queue)) as pool:
-            pending = {pool.submit(_prepare_unit_in_worker, job) for job in todo}
+            index = {pool.submit(_prepare_unit_in_worker, job): job[1] for job in todo}
+            pending = set(index)
             try:
                 while pending:
                     done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                     for f in done:
                         try:
-                            f.result()  # a worker's DataError surfaces here, as it was raised
+                            after(index[f], f.result())  # a worker's DataError surfaces here, as it was raised
                         except BrokenProcessPool:
                             raise DataError("a prepare worker process died (killed, or out of memory?); run "
                                             "prepare again: finished units are kept, the rest resume. Fewer "
@@ -216,6 +220,11 @@ def _merge(partial_dir: str, n_units: int, meta: dict) -> dict:
     for i in range(n_units):
         with open(_unit_record(partial_dir, i), encoding="utf-8") as f:
             units.append(json.load(f))
+    return merge_records(units, meta)
+
+
+def merge_records(units: list[dict], meta: dict) -> dict:
+    """The manifest: meta, the units' counts summed, and their shards."""
     skipped = SkipCounter()
     for u in units:
         for k, v in u["skipped"].items():
@@ -259,18 +268,26 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
     src = resolve(spec)
     fps = tokenizer_fingerprints(tokenizer)
     if src.kind == "prepared":
-        m = read_manifest(src.files[0])
+        url = src.files[0] if remote.is_url(src.files[0]) else None
+        m = read_manifest(src.files[0]) if url is None else publish.remote_manifest(url)
+        if m is None:
+            raise DataError(f"{remote.shown(url)}: no manifest.json (an unfinished publication); prepare again")
         want = {**fps, "max_length": cfg.data.max_length, "overflow": cfg.data.overflow}
         have = {k: m.get(k) for k in want}
         if have != want:
             diff = ", ".join(k for k in want if have[k] != want[k])
             raise DataError(f"{src.files[0]}: prepared with another {diff} than this recipe's; prepare the raw "
                             "source again with this recipe (python -m resure_ds.data.prepare RECIPE)")
+        if url is not None:
+            return Prepared(spec, publish.fetch(url, m, checksums), m, True)
         verify_shards(src.files[0], m, checksums)
         return Prepared(spec, src.files[0], m, True)
     key = source_key(src, fps, cfg)
     root = prepared_root(cfg)
     folder = prepared_folder(spec, src, fps, cfg)
+    if remote.is_url(root):
+        return _prepare_published(spec, src, folder, key, fps, cfg, tokenizer, model_path, workers, task, progress,
+                                  wait_s, checksums)
     os.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
     me, tasks = task
@@ -305,15 +322,25 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         if me != 0:
             return Prepared(spec, folder, {}, False)
         _wait_for_units(partial, len(units), wait_s)
-        meta = {"source": {"path": spec.path, "kind": src.kind, "files": source_fingerprint(src),
-                           "layout": spec.layout.to_dict()},
-                "name": spec.label, "key": key, **fps, "max_length": cfg.data.max_length,
-                "overflow": cfg.data.overflow, "skip_invalid": cfg.data.skip_invalid, "workers": workers, "tasks": tasks,
-                "seconds": round(time.perf_counter() - t0, 2)}
-        m = _merge(partial, len(units), meta)
+        m = _merge(partial, len(units), _meta(spec, src, key, fps, cfg, workers, tasks, t0))
         shutil.rmtree(os.path.join(partial, "units"))
         write_manifest(partial, m)
         os.replace(partial, folder)
+    _done(spec, m, cfg, t0, progress)
+    return Prepared(spec, folder, m, False)
+
+
+def _meta(spec: SourceSpec, src: Source, key: str, fps: dict, cfg: Config, workers: int, tasks: int,
+          t0: float) -> dict:
+    return {"source": {"path": spec.path, "kind": src.kind, "files": source_fingerprint(src),
+                       "layout": spec.layout.to_dict()},
+            "name": spec.label, "key": key, **fps, "max_length": cfg.data.max_length,
+            "overflow": cfg.data.overflow, "skip_invalid": cfg.data.skip_invalid, "workers": workers, "tasks": tasks,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _done(spec: SourceSpec, m: dict, cfg: Config, t0: float, progress: bool) -> None:
+    """The prepared source's summary line; a source left with nothing to train is an error."""
     c = m["counts"]
     if progress:
         dt = max(time.perf_counter() - t0, 1e-9)
@@ -326,7 +353,53 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
                if c["reasoning_not_rendered"] else ""))
     if c["dialogues"] == 0:
         raise _empty_error(spec, m)
-    return Prepared(spec, folder, m, False)
+
+
+def _prepare_published(spec: SourceSpec, src: Source, url: str, key: str, fps: dict, cfg: Config, tokenizer,
+                       model_path: str, workers: int, task: tuple[int, int], progress: bool, wait_s: float,
+                       checksums: bool) -> Prepared:
+    """prepare_source with data.prepared_dir in an object store (data/publish.py): the units rendered
+    here, uploaded one by one, the manifest published by task 0 when all are in the store, then this
+    node's verified copy."""
+    from filelock import FileLock
+
+    t0, (me, tasks) = time.perf_counter(), task
+    stage = publish.staging(url)
+    os.makedirs(os.path.dirname(stage), exist_ok=True)
+    with FileLock(publish.local_copy(url) + ".prepare.lock") if tasks == 1 else contextlib.nullcontext():
+        m = publish.remote_manifest(url)
+        if m is not None:
+            if m["counts"]["dialogues"] == 0:
+                raise _empty_error(spec, m)
+            return Prepared(spec, publish.fetch(url, m, checksums), m, True)
+        units = units_of(src)
+        os.makedirs(stage, exist_ok=True)
+        publish.clear_failure(url, me)
+        there = publish.recorded_units(url)
+        mine = [i for i in range(len(units)) if i % tasks == me and i not in there]
+        upload = lambda i, record: publish.upload_unit(url, stage, i, record)  # noqa: E731
+        for i in [i for i in mine if os.path.exists(_unit_record(stage, i))]:  # rendered, not uploaded, last time
+            with open(_unit_record(stage, i), encoding="utf-8") as f:
+                upload(i, json.load(f))
+        todo = [(units[i], i, stage) for i in mine if not os.path.exists(_unit_record(stage, i))]
+        if progress:
+            log(f"preparing {spec.label}: {len(units)} unit(s), {len(todo)} for this task, "
+                f"{min(workers, max(len(todo), 1))} worker(s) -> {remote.shown(url)}")
+        try:
+            _run_units(todo, workers, model_path, cfg, tokenizer.get() if isinstance(tokenizer, OnDemand)
+                       else tokenizer, progress, after=upload)
+        except BaseException as e:
+            if tasks > 1:
+                publish.note_failure(url, me, str(e))
+            raise
+        if me != 0:
+            return Prepared(spec, stage, {}, False)
+        m = merge_records(publish.wait_for_units(url, len(units), wait_s),
+                          _meta(spec, src, key, fps, cfg, workers, tasks, t0))
+        m = {"format": PREPARED_FORMAT, "version": FORMAT_VERSION, **m}
+        publish.publish_manifest(url, m)
+    _done(spec, m, cfg, t0, progress)
+    return Prepared(spec, publish.fetch(url, m, checksums), m, False)
 
 
 def _wait_for_units(partial: str, n: int, wait_s: float) -> None:

@@ -25,6 +25,7 @@ from ..config import Config
 from ..errors import DataError
 from ..models import resolve_model_path
 from .manifest import read_manifest
+from .publish import publish_reference
 
 REFERENCE_FORMAT = "resure-ds-reference"
 REFERENCE_VERSION = 1
@@ -97,6 +98,7 @@ def write_reference(folder: str, losses: list[np.ndarray], meta: dict) -> None:
         if not published(folder):
             raise
         shutil.rmtree(tmp)  # the same scores, published by another process of this machine
+    publish_reference(folder)  # beside a copy of a folder in an object store: there too, for the other nodes
 
 
 def scored_keys(cfg: Config, model_path: str, prepared: list) -> tuple[str, dict, list[str], list[bool]]:

@@ -7,6 +7,7 @@ A source is one of
                     saved by `datasets` (save_to_disk), or a prepared folder
                     (written by `python -m resure_ds.data.prepare`)
   chitchat          the embedded corpus
+and any of the first four in an object store (s3://, gs://, az://, hf://, https://; data/remote.py),
 and `data.train` is one source or a list of them, each optionally with a
 mixture weight: `[{path: a.jsonl, weight: 3}, {path: /b/*.parquet, weight: 1}]`.
 
@@ -18,16 +19,19 @@ errors and, where the record has no `id`, as its dialogue id (`file:12`).
 """
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import gzip
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from ..config.parse import Layout, SourceSpec, config_layout, parse_layout, parse_train  # noqa: F401 (re-exported)
 from ..errors import DataError, InvalidRecord
+from . import remote
 from .chitchat import chitchat_count, chitchat_path, chitchat_records
 
 EMBEDDED = "chitchat"
@@ -60,7 +64,9 @@ class Source:
 
 def file_fingerprint(path: str) -> list:
     """(path, size, mtime_ns, hash of the first and last 64 KiB): changes when the file does,
-    without reading a large file whole."""
+    without reading a large file whole. An object in a store: (URL, size, its ETag or the like)."""
+    if remote.is_url(path):
+        return remote.fingerprint(path)
     st = os.stat(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -80,11 +86,44 @@ def _data_files(folder: str) -> list[str]:
 
 
 def is_prepared(path: str) -> bool:
+    if remote.is_url(path):
+        m = remote.join(path, "manifest.json")
+        return remote.exists(m) and json.loads(remote.read_bytes(m)).get("format") == PREPARED_FORMAT
     try:
         with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
             return json.load(f).get("format") == PREPARED_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _resolve_url(spec: SourceSpec, fix: str) -> Source:
+    """A source in an object store: an object, a glob over objects, a folder of them or a prepared
+    folder (a datasets folder is read from a local disk: copy it there)."""
+    p, url = spec.path, spec.path.rstrip("/")
+    if any(c in p for c in "*?["):
+        files = [f for f in remote.glob(p) if f.endswith(SUFFIXES)]
+        if not files:
+            raise DataError(f"{remote.shown(p)}: the glob matches no {'/'.join(SUFFIXES)} object. {fix}")
+        return Source(spec, "files", files)
+    if remote.isdir(url):
+        if is_prepared(url):
+            return Source(spec, "prepared", [url])
+        files = remote.walk_files(url)
+        if any(f.rsplit("/", 1)[-1] in ("state.json", "dataset_info.json") for f in files):
+            raise DataError(f"{remote.shown(p)}: a datasets folder in an object store; copy it to a local disk "
+                            "(or save it as .parquet files there)")
+        if any(re.search(r"/units/\d+\.json$", f) for f in files) and any(f.endswith(".arrow") for f in files):
+            raise DataError(f"{remote.shown(p)}: no manifest.json (an unfinished publication of a prepared folder); "
+                            "run prepare again to finish it, or give the raw source")
+        files = [f for f in files if f.endswith(SUFFIXES)]
+        if not files:
+            raise DataError(f"{remote.shown(p)}: the folder holds no {'/'.join(SUFFIXES)} object. {fix}")
+        return Source(spec, "files", files)
+    if not remote.exists(url):
+        raise DataError(f"{remote.shown(p)}: no such object or folder in the store. {fix}")
+    if not url.endswith(SUFFIXES):
+        raise DataError(f"{remote.shown(p)}: unknown file type; use .jsonl, .jsonl.gz, .json or .parquet")
+    return Source(spec, "files", [url])
 
 
 def resolve(spec: SourceSpec) -> Source:
@@ -94,6 +133,8 @@ def resolve(spec: SourceSpec) -> Source:
            "a saved datasets folder, a prepared folder, or 'chitchat'")
     if p == EMBEDDED:
         return Source(spec, "chitchat", [chitchat_path()])
+    if remote.is_url(p):
+        return _resolve_url(spec, fix)
     if any(c in p for c in "*?["):
         files = sorted(f for f in globlib.glob(p, recursive=True) if f.endswith(SUFFIXES) and os.path.isfile(f))
         if not files:
@@ -128,11 +169,11 @@ def source_fingerprint(src: Source) -> list:
 
 # -- units ----------------------------------------------------------------------
 def _jsonl_units(path: str) -> list[Unit]:
-    size = os.path.getsize(path)
+    size = remote.size(path)
     if size <= UNIT_BYTES:
         return [Unit("jsonl", path, 0, size, 1)]
     cuts = [0]
-    with open(path, "rb") as f:
+    with remote.store_errors(path), remote.open_binary(path) as f:
         while cuts[-1] + UNIT_BYTES < size:
             f.seek(cuts[-1] + UNIT_BYTES)
             f.readline()  # to the next line end
@@ -175,7 +216,10 @@ def _units(src: Source) -> list[Unit]:
             import pyarrow.parquet as pq
 
             try:
-                meta = pq.ParquetFile(path).metadata
+                with remote.store_errors(path), remote.open_binary(path) as f:
+                    meta = pq.ParquetFile(f).metadata
+            except DataError:
+                raise
             except Exception as e:
                 raise DataError(f"{path}: not a readable Parquet file ({e}). Fix or remove the file") from None
             g, row = 0, 0
@@ -238,8 +282,8 @@ def _lines(f) -> Iterator[tuple[bytes | None, int]]:
 
 
 def _read_jsonl(u: Unit) -> Iterator[tuple[str, Any]]:
-    opener = gzip.open if u.fmt == "jsonl.gz" else open
-    with opener(u.path, "rb") as f:
+    with remote.store_errors(u.path), remote.open_binary(u.path) as raw_file, \
+            (gzip.open(raw_file, "rb") if u.fmt == "jsonl.gz" else contextlib.nullcontext(raw_file)) as f:
         if u.fmt == "jsonl":
             f.seek(u.start)
         pos, line = u.start, u.base
@@ -255,17 +299,16 @@ def _read_jsonl(u: Unit) -> Iterator[tuple[str, Any]]:
 
 
 def _read_json(u: Unit) -> Iterator[tuple[str, Any]]:
-    with open(u.path, "rb") as f:
-        raw = f.read()
+    raw = remote.read_bytes(u.path)
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise DataError(f"{u.path}: not valid UTF-8 JSON ({e}). Fix the file, or store one record per "
+        raise DataError(f"{remote.shown(u.path)}: not valid UTF-8 JSON ({e}). Fix the file, or store one record per "
                         "line as .jsonl (then a bad line is reported or skipped on its own)") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{u.path}: a .json file must hold a list of records (or {{'data': [...]}})")
+        raise DataError(f"{remote.shown(u.path)}: a .json file must hold a list of records (or {{'data': [...]}})")
     for i, rec in enumerate(data):
         yield f"record {i}", rec
 
@@ -274,10 +317,11 @@ def _read_parquet(u: Unit) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
     row = u.base
-    for batch in pq.ParquetFile(u.path).iter_batches(batch_size=1024, row_groups=range(u.start, u.stop)):
-        for rec in batch.to_pylist():
-            yield f"row {row}", rec
-            row += 1
+    with remote.store_errors(u.path), remote.open_binary(u.path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, row_groups=range(u.start, u.stop)):
+            for rec in batch.to_pylist():
+                yield f"row {row}", rec
+                row += 1
 
 
 def load_hf(folder: str):

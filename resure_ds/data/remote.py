@@ -1,0 +1,241 @@
+"""Paths in object stores: s3://, gs://, az://, hf://, https:// (anything fsspec reads), beside
+local paths.
+
+Every function here takes a local path or a URL; local paths keep the plain os calls. A URL's
+backend (s3fs, gcsfs, adlfs, ...) is imported only when such a URL is used, and a missing one is one
+error naming the package. Credentials and endpoints are the backend's own business (for S3: the
+AWS_* environment, ~/.aws/credentials, an instance role; AWS_ENDPOINT_URL for a store on premises):
+nothing here reads them, and what the recipe records of a URL (`shown`) drops any user:password@
+and ?query (a presigned URL's signature) it carries.
+
+A failure of the store (no such bucket or object, access denied, the connection dropped) comes
+out as one DataError naming the URL and the likely fix (`store_errors`).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import posixpath
+import re
+from typing import IO, Iterator
+
+from ..errors import DataError
+
+SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+            "abfss": "adlfs", "hf": "huggingface_hub", "http": "aiohttp", "https": "aiohttp"}
+CREDENTIALS_HINT = {"s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials "
+                          "(AWS_ENDPOINT_URL for a store on premises)",
+                    "gs": "GOOGLE_APPLICATION_CREDENTIALS or gcloud's default credentials",
+                    "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_KEY or a connection string",
+                    "hf": "HF_TOKEN or huggingface-cli login"}
+
+
+def scheme(path: str) -> str | None:
+    """The URL scheme of a remote path (lower case), None for a local path (file:// is local)."""
+    m = SCHEME.match(path)
+    return None if m is None or m.group(1).lower() == "file" else m.group(1).lower()
+
+
+def is_url(path: str) -> bool:
+    return scheme(path) is not None
+
+
+def local(path: str) -> str:
+    """file:///x -> /x; anything else unchanged."""
+    return path[len("file://"):] if path.lower().startswith("file://") else path
+
+
+def shown(path: str) -> str:
+    """A URL as it may be written down (configs, manifests, logs): without user:password@ or ?query."""
+    if not is_url(path):
+        return path
+    head, rest = path.split("://", 1)
+    netloc, _, tail = rest.partition("/")
+    netloc = netloc.rsplit("@", 1)[-1]
+    return f"{head}://{netloc}/{tail}".split("?", 1)[0].split("#", 1)[0] if tail else f"{head}://{netloc}"
+
+
+def join(base: str, *names: str) -> str:
+    return posixpath.join(base, *names) if is_url(base) else os.path.join(base, *names)
+
+
+def _fs(url: str):
+    """(fsspec filesystem, path within it) of a URL; a missing backend is one error naming it."""
+    import fsspec
+
+    sch = scheme(url)
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        pkg = BACKENDS.get(sch, "the fsspec backend for it")
+        raise DataError(f"{shown(url)}: reading {sch}:// needs the {pkg} package ({e}); install it "
+                        f"(pip install {pkg}) or copy the data to a local folder") from None
+    except ValueError as e:
+        raise DataError(f"{shown(url)}: no fsspec backend reads {sch}:// ({e}); use s3://, gs://, az://, hf:// "
+                        "or https://, or a local path") from None
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+CLIENTS = {"botocore", "aiobotocore", "s3fs", "aiohttp", "gcsfs", "google", "adlfs", "azure", "huggingface_hub",
+           "requests", "urllib3", "fsspec"}
+
+
+def _from_store(e: BaseException) -> bool:
+    """An error of the store or the connection to it (not a bug of ours)."""
+    return isinstance(e, (OSError, TimeoutError)) or type(e).__module__.split(".")[0] in CLIENTS
+
+
+@contextlib.contextmanager
+def store_errors(url: str, doing: str = "reading") -> Iterator[None]:
+    """What a store's client raises -> one DataError naming the URL and the fix. A DataError (ours)
+    passes; so does anything for a local path (the caller's own handling applies)."""
+    if not is_url(url):
+        yield
+        return
+    sch = scheme(url)
+    creds = CREDENTIALS_HINT.get(sch, "the backend's usual credentials")
+    try:
+        yield
+    except DataError:
+        raise
+    except FileNotFoundError as e:
+        raise DataError(f"{shown(url)}: no such object, folder or bucket while {doing} ({_describe(e)}); check "
+                        "the URL (bucket and key)") from None
+    except PermissionError as e:
+        raise DataError(f"{shown(url)}: access denied while {doing} ({_describe(e)}); check the credentials "
+                        f"the backend finds: {creds}") from None
+    except Exception as e:  # noqa: BLE001 -- each backend has its own errors for a dropped or refused connection
+        if not _from_store(e):
+            raise  # a bug, not the store: keep its traceback
+        name = type(e).__name__
+        if "credential" in name.lower() or "signature" in str(e).lower() or "InvalidAccessKeyId" in str(e):
+            raise DataError(f"{shown(url)}: the store refused the credentials while {doing} ({name}: "
+                            f"{_describe(e)}); check {creds}") from None
+        raise DataError(f"{shown(url)}: the store failed while {doing} ({name}: {_describe(e)}); is the endpoint "
+                        "reachable? Run again to resume (finished work is kept)") from None
+
+
+def open_binary(path: str) -> IO[bytes]:
+    """A file to read (a remote one buffered by io, which gives readline its size limit)."""
+    if not is_url(path):
+        return open(local(path), "rb")
+    fs, p = _fs(path)
+    with store_errors(path, "opening"):
+        return io.BufferedReader(fs.open(p, "rb"), buffer_size=1 << 20)
+
+
+def read_bytes(path: str) -> bytes:
+    with store_errors(path), open_binary(path) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """A whole object (remote: one PUT, which a reader sees whole or not at all)."""
+    fs, p = _fs(path)
+    with store_errors(path, "writing"):
+        fs.pipe_file(p, data)
+
+
+def put(local_file: str, url: str) -> None:
+    fs, p = _fs(url)
+    with store_errors(url, "uploading"):
+        fs.put_file(local_file, p)
+
+
+def get(url: str, local_file: str) -> None:
+    fs, p = _fs(url)
+    with store_errors(url, "downloading"):
+        fs.get_file(p, local_file)
+
+
+def exists(path: str) -> bool:
+    if not is_url(path):
+        return os.path.exists(local(path))
+    fs, p = _fs(path)
+    with store_errors(path, "looking for"):
+        fs.invalidate_cache(posixpath.dirname(p))
+        return fs.exists(p)
+
+
+def isdir(path: str) -> bool:
+    if not is_url(path):
+        return os.path.isdir(local(path))
+    fs, p = _fs(path)
+    with store_errors(path, "looking for"):
+        return fs.isdir(p)
+
+
+def _url(path: str, like: str) -> str:
+    """A path fsspec listed -> a URL of like's scheme (listings drop the scheme)."""
+    return f"{like.split('://', 1)[0]}://{path.lstrip('/')}"
+
+
+def listdir(path: str) -> list[str]:
+    """Names in a folder (not recursive)."""
+    if not is_url(path):
+        return os.listdir(local(path))
+    fs, p = _fs(path)
+    with store_errors(path, "listing"):
+        fs.invalidate_cache(p)  # another process may have written since the last listing
+        return sorted(posixpath.basename(x.rstrip("/")) for x in fs.ls(p, detail=False))
+
+
+def walk_files(folder: str) -> list[str]:
+    """Every file under a remote folder (recursive, in os.walk's order), skipping names that start with '.'."""
+    fs, p = _fs(folder)
+    with store_errors(folder, "listing"):
+        found = fs.find(p)
+    def walk_order(rel: str) -> list:  # os.walk's, as a local folder is read: a folder's files, then its folders
+        parts = rel.split("/")
+        return [(1, d) for d in parts[:-1]] + [(0, parts[-1])]
+
+    rels = [posixpath.relpath(f, p) for f in found]
+    return [_url(posixpath.join(p, r), folder) for r in sorted(rels, key=walk_order)
+            if not any(part.startswith(".") for part in r.split("/"))]
+
+
+def glob(pattern: str) -> list[str]:
+    fs, p = _fs(pattern)
+    with store_errors(pattern, "listing"):
+        return sorted(_url(f, pattern) for f in fs.glob(p) if fs.isfile(f))
+
+
+def size(path: str) -> int:
+    if not is_url(path):
+        return os.path.getsize(local(path))
+    fs, p = _fs(path)
+    with store_errors(path, "looking up"):
+        return int(fs.size(p))
+
+
+def remove(path: str, recursive: bool = False) -> None:
+    fs, p = _fs(path)
+    with store_errors(path, "removing"):
+        fs.rm(p, recursive=recursive)
+
+
+def fingerprint(url: str) -> list:
+    """A remote file's identity, as file_fingerprint is a local one's: [URL as shown, size, version],
+    the version being the store's ETag (S3, GCS, Azure), else its modification time, else a hash of
+    the first and last 64 KiB. An edited object changes it; nothing is read whole."""
+    fs, p = _fs(url)
+    with store_errors(url, "looking up"):
+        info = fs.info(p)
+        version = next((str(info[k]) for k in ("ETag", "etag", "e_tag", "md5", "last_commit", "LastModified",
+                                                 "mtime", "last_modified", "updated") if info.get(k)), None)
+        if version is None:
+            h = hashlib.sha256()
+            with fs.open(p, "rb") as f:
+                h.update(f.read(1 << 16))
+                if int(info["size"]) > 2 << 16:
+                    f.seek(-(1 << 16), os.SEEK_END)
+                    h.update(f.read())
+            version = h.hexdigest()[:16]
+    return [shown(url), int(info["size"]), version.strip('"')]

@@ -1,0 +1,302 @@
+"""Sources and prepared folders in an object store, against a real S3-compatible server on loopback
+(moto's, started and stopped here: tests/s3_server.py): the same shards as from a local disk, a
+published folder fetched once per node and verified, an edited object noticed, an unfinished
+publication never read, and each failure of the store one error naming the URL."""
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from resure_ds.config import load_config
+from resure_ds.config.parse import train_specs
+from resure_ds.data.prepare import ensure_prepared, prepare_source
+from resure_ds.data.reference import published, write_reference
+from resure_ds.errors import ConfigError, DataError
+from tests.conftest import ROOT
+from tests.s3_server import SECRET, listening, s3_store
+from tests.test_prepare import chitchat_jsonl
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with s3_store(str(tmp_path_factory.mktemp("moto"))) as st:
+        yield st
+    assert not listening(st.port)  # nothing left listening
+
+
+def _fresh_clients():
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # a client made for another server's environment
+
+
+@pytest.fixture
+def s3(server, monkeypatch, tmp_path):
+    """The store's environment in this process, a new bucket, and this node's cache in tmp_path."""
+    for k, v in server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "cache"))
+    _fresh_clients()
+    bucket = f"corpus-{uuid.uuid4().hex[:8]}"
+    server.client().create_bucket(Bucket=bucket)
+    return server, bucket
+
+
+def cfg(model, train, prepared, *extra):
+    train = train if isinstance(train, str) else json.dumps(train)
+    return load_config(None, [f"model.path={model}", f"data.train={train}", f"data.prepared_dir={prepared}",
+                              "data.max_length=96", *extra])
+
+
+def raw_corpus(folder):
+    """Real chitchat dialogues as 3 JSONL files (one nested), a .jsonl.gz and a Parquet file."""
+    paths = chitchat_jsonl(folder / "raw", n_files=3, per_file=40)
+    with open(paths[0], "rb") as f, gzip.open(folder / "raw" / "extra.jsonl.gz", "wb") as g:
+        g.write(f.read())
+    with open(paths[1], encoding="utf-8") as f:
+        recs = [json.loads(ln) for ln in f]
+    (folder / "pq").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"id": r["id"] + "-pq", "messages": r["messages"]}
+                                         for r in recs]), folder / "pq" / "part.parquet")
+    return folder
+
+
+def shard_sums(p):
+    return [s["sha256"] for s in p.manifest["shards"]]
+
+
+def test_sources_in_the_store_prepare_the_same_shards_as_the_same_files_on_disk(s3, tmp_path, tiny_model_path,
+                                                                                  tokenizer):
+    server, b = s3
+    data = raw_corpus(tmp_path / "data")
+    server.upload_folder(str(data), b, "data")
+    local = [str(data / "raw"), str(data / "raw" / "nested" / "*.jsonl"), str(data / "pq" / "part.parquet")]
+    there = [f"s3://{b}/data/raw/", f"s3://{b}/data/raw/nested/*.jsonl", f"s3://{b}/data/pq/part.parquet"]
+    mine = ensure_prepared(cfg(tiny_model_path, local, tmp_path / "prep"), tokenizer, tiny_model_path,
+                           workers=1, progress=False)
+    theirs = ensure_prepared(cfg(tiny_model_path, there, f"s3://{b}/prepared"), tokenizer, tiny_model_path,
+                             workers=2, progress=False)
+    for a, c in zip(mine, theirs):
+        assert shard_sums(a) == shard_sums(c) and a.manifest["counts"] == c.manifest["counts"]
+        assert c.folder.startswith(str(tmp_path / "cache" / "fetched")) and not c.hit
+    # the folder source holds the 3 JSONL files and the .jsonl.gz, in the local order
+    assert [f[0] for f in theirs[0].manifest["source"]["files"]] == [
+        f"s3://{b}/data/raw/extra.jsonl.gz", f"s3://{b}/data/raw/part-0.jsonl", f"s3://{b}/data/raw/part-1.jsonl",
+        f"s3://{b}/data/raw/nested/part-2.jsonl"]
+    etag = server.client().head_object(Bucket=b, Key="data/raw/part-0.jsonl")["ETag"].strip('"')
+    assert theirs[0].manifest["source"]["files"][1][2] == etag  # the store's version, not a local mtime
+    keys = server.keys(b, "prepared/")
+    name = theirs[0].manifest["name"].rstrip("/").rsplit("/", 1)[-1]
+    published_one = sorted(k for k in keys if k.startswith(f"prepared/{name}-"))
+    assert published_one[-1].endswith("manifest.json") and not any("/units/" in k for k in keys)
+
+
+def test_a_node_fetches_a_published_folder_once_and_checks_it(s3, tmp_path, tiny_model_path, tokenizer, monkeypatch):
+    server, b = s3
+    data = raw_corpus(tmp_path / "data")
+    server.upload_folder(str(data / "raw"), b, "raw")
+    c = cfg(tiny_model_path, f"s3://{b}/raw", f"s3://{b}/prepared")
+    [first] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    shard_reads = lambda: [r for r in server.requests() if r.startswith("GET") and r.endswith(".arrow")]  # noqa: E731
+    before = len(shard_reads())
+    [again] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    assert again.hit and again.folder == first.folder and len(shard_reads()) == before  # no data read
+    # another node (an empty cache): downloads every shard once, checks it, then is a hit too
+    monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "node2"))
+    [other] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False, checksums=False)
+    assert other.hit and len(shard_reads()) == before + len(first.manifest["shards"])
+    assert open(os.path.join(other.folder, "manifest.json")).read() == open(
+        os.path.join(first.folder, "manifest.json")).read()
+    ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    assert len(shard_reads()) == before + len(first.manifest["shards"])
+    # the published folder itself as the source: the same copy
+    url = f"s3://{b}/prepared/{os.path.basename(first.folder).rsplit('-', 1)[0]}"
+    [named] = ensure_prepared(cfg(tiny_model_path, url, tmp_path / "unused"), tokenizer, tiny_model_path,
+                              progress=False)
+    assert named.hit and named.folder == other.folder
+
+
+def test_an_edited_object_is_prepared_again_and_a_changed_shard_is_named(s3, tmp_path, tiny_model_path, tokenizer,
+                                                                          monkeypatch):
+    server, b = s3
+    data = raw_corpus(tmp_path / "data")
+    server.upload_folder(str(data / "raw"), b, "raw")
+    c = cfg(tiny_model_path, f"s3://{b}/raw/part-0.jsonl", f"s3://{b}/prepared")
+    [p] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    body = open(data / "raw" / "part-0.jsonl", "rb").read()
+    server.client().put_object(Bucket=b, Key="raw/part-0.jsonl", Body=body.replace(b"hi", b"hello"))
+    [q] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    assert not q.hit and q.manifest["key"] != p.manifest["key"]  # noticed like an edited file
+    # a shard of the published folder changed in the store: a node without a copy refuses it by name
+    shard = f"prepared/{os.path.basename(q.folder).rsplit('-', 1)[0]}/00000.arrow"
+    blob = server.client().get_object(Bucket=b, Key=shard)["Body"].read()
+    server.client().put_object(Bucket=b, Key=shard, Body=blob[:-9] + b"X" * 9)
+    monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "node2"))
+    with pytest.raises(DataError, match=rf"s3://{b}/{shard}: its SHA-256 differs .* delete s3://{b}/prepared/"):
+        ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    server.client().delete_object(Bucket=b, Key=shard)
+    with pytest.raises(DataError, match=rf"s3://{b}/{shard}: a shard of this published folder is missing"):
+        ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    # the object the source names removed: one error naming it
+    server.client().delete_object(Bucket=b, Key="raw/part-0.jsonl")
+    with pytest.raises(DataError, match=rf"s3://{b}/raw/part-0.jsonl: no such object or folder in the store"):
+        ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+
+
+def test_an_unfinished_publication_is_never_read_and_the_next_prepare_resumes(s3, tmp_path, tiny_model_path,
+                                                                              tokenizer, capsys):
+    """Two tasks: task 1 never came, so task 0 gives up waiting; the folder in the store has units but no
+    manifest. A consumer does not take it for prepared; the next prepare renders only the missing units."""
+    server, b = s3
+    data = raw_corpus(tmp_path / "data")
+    server.upload_folder(str(data / "raw"), b, "raw")
+    c = cfg(tiny_model_path, f"s3://{b}/raw", f"s3://{b}/prepared")
+    [spec] = train_specs(c.data)
+    with pytest.raises(DataError, match="after 1 s, 2 unit.s. are still not published"):
+        prepare_source(spec, c, tokenizer, tiny_model_path, 1, task=(0, 2), progress=False, wait_s=1)
+    keys = server.keys(b, "prepared/")
+    folder = keys[0].split("/")[1]
+    assert not any(k.endswith("manifest.json") for k in keys) and any("/units/" in k for k in keys)
+    with pytest.raises(DataError, match="no manifest.json .an unfinished publication"):
+        ensure_prepared(cfg(tiny_model_path, f"s3://{b}/prepared/{folder}", tmp_path / "x"), tokenizer,
+                        tiny_model_path, progress=False)
+    capsys.readouterr()
+    [p] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=True)
+    assert "4 unit(s), 2 for this task" in capsys.readouterr().err  # units 0 and 2 were in the store
+    [whole] = ensure_prepared(cfg(tiny_model_path, str(data / "raw"), tmp_path / "local"), tokenizer,
+                              tiny_model_path, workers=1, progress=False)
+    assert shard_sums(p) == shard_sums(whole)
+
+
+def test_tasks_split_the_units_and_task_0_publishes(s3, tmp_path, tiny_model_path, tokenizer, monkeypatch):
+    server, b = s3
+    data = raw_corpus(tmp_path / "data")
+    server.upload_folder(str(data / "raw"), b, "raw")
+    c = cfg(tiny_model_path, f"s3://{b}/raw", f"s3://{b}/prepared")
+    [spec] = train_specs(c.data)
+    monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "node1"))
+    later = prepare_source(spec, c, tokenizer, tiny_model_path, 1, task=(1, 2), progress=False)
+    assert later.manifest == {} and not any(k.endswith("manifest.json") for k in server.keys(b, "prepared/"))
+    monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "node0"))
+    p = prepare_source(spec, c, tokenizer, tiny_model_path, 1, task=(0, 2), progress=False, wait_s=30)
+    assert p.manifest["tasks"] == 2 and len(p.manifest["shards"]) == 4
+    [whole] = ensure_prepared(cfg(tiny_model_path, str(data / "raw"), tmp_path / "local"), tokenizer,
+                              tiny_model_path, workers=1, progress=False)
+    assert shard_sums(p) == shard_sums(whole)
+
+
+def test_reference_losses_scored_on_one_node_reach_the_others(s3, tmp_path, tiny_model_path, tokenizer,
+                                                               monkeypatch):
+    import numpy as np
+
+    server, b = s3
+    data = raw_corpus(tmp_path / "data")
+    server.upload_folder(str(data / "raw"), b, "raw")
+    c = cfg(tiny_model_path, f"s3://{b}/raw/part-1.jsonl", f"s3://{b}/prepared")
+    [p] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    rows = p.manifest["counts"]["rows"]
+    write_reference(os.path.join(p.folder, "reference-abc"), [np.full(2, 1.5, np.float32)] * rows, {"model": "m"})
+    assert any(k.endswith("reference-abc/reference.json") for k in server.keys(b, "prepared/"))
+    monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "node2"))
+    [q] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    assert published(os.path.join(q.folder, "reference-abc"))
+    assert np.load(os.path.join(q.folder, "reference-abc", "turn_loss.npy")).tolist() == [1.5] * 2 * rows
+
+
+def test_each_failure_of_the_store_is_one_error_naming_the_url(s3, tmp_path, tiny_model_path, tokenizer):
+    server, b = s3
+    with pytest.raises(DataError, match=r"s3://no-such-bucket-here/x.jsonl: no such object or folder"):
+        ensure_prepared(cfg(tiny_model_path, "s3://no-such-bucket-here/x.jsonl", tmp_path / "p"), tokenizer,
+                        tiny_model_path, progress=False)
+    with pytest.raises(DataError, match=rf"s3://{b}/raw/\*.jsonl: the glob matches no"):
+        ensure_prepared(cfg(tiny_model_path, f"s3://{b}/raw/*.jsonl", tmp_path / "p"), tokenizer, tiny_model_path,
+                        progress=False)
+    with pytest.raises(DataError, match=r"gs://bucket/x.jsonl: reading gs:// needs the gcsfs package"):
+        ensure_prepared(cfg(tiny_model_path, "gs://bucket/x.jsonl", tmp_path / "p"), tokenizer, tiny_model_path,
+                        progress=False)
+    with pytest.raises(ConfigError, match=r"data.train: s3:// URL with credentials"):
+        cfg(tiny_model_path, "s3://AKIA:secret@bucket/x.jsonl", tmp_path / "p")
+    with pytest.raises(ConfigError, match=r"data.prepared_dir: https:// URL with credentials or a \?query"):
+        cfg(tiny_model_path, "chitchat", "https://h/p?X-Amz-Signature=abc")
+
+
+def test_bad_credentials_and_a_dropped_connection_are_one_line_from_the_command(tmp_path, tiny_model_path):
+    """Through the prepare command: status 2 and one line naming the URL, never the secret."""
+    (tmp_path / "raw").mkdir()
+    chitchat_jsonl(tmp_path / "raw", n_files=2, per_file=10)
+    cmd = [sys.executable, "-m", "resure_ds.data.prepare", f"model.path={tiny_model_path}", "data.max_length=96",
+           "data.prepared_dir=s3://corpus/prepared"]
+    with s3_store(str(tmp_path), auth=True) as st:
+        user = st.with_user()
+        import boto3
+
+        c = boto3.client("s3", endpoint_url=st.url, aws_access_key_id=user["AWS_ACCESS_KEY_ID"],
+                         aws_secret_access_key=user["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+        c.create_bucket(Bucket="corpus")
+        c.upload_file(str(tmp_path / "raw" / "part-0.jsonl"), "corpus", "raw/part-0.jsonl")
+        env = {**os.environ, **user, "RESURE_CACHE": str(tmp_path / "cache"), "AWS_SECRET_ACCESS_KEY": SECRET}
+        bad = subprocess.run([*cmd, "data.train=s3://corpus/raw/part-0.jsonl"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2, bad.stderr[-3000:]
+        [line] = [ln for ln in bad.stderr.splitlines() if ln.startswith("[resure_ds] error")]
+        assert "s3://corpus/raw/part-0.jsonl: access denied" in line and "AWS_ACCESS_KEY_ID" in line
+        assert SECRET not in bad.stdout + bad.stderr and "Traceback" not in bad.stderr
+        good = subprocess.run([*cmd, "data.train=s3://corpus/raw/part-0.jsonl"], cwd=ROOT,
+                              env={**env, **user}, capture_output=True, text=True, timeout=300)
+        assert good.returncode == 0, good.stderr[-3000:]
+        st.proc.kill()
+        st.proc.wait()
+        gone = subprocess.run([*cmd, "data.train=s3://corpus/raw/"], cwd=ROOT, env={**env, **user},
+                              capture_output=True, text=True, timeout=300)
+    assert gone.returncode == 2, gone.stderr[-3000:]
+    [line] = [ln for ln in gone.stderr.splitlines() if ln.startswith("[resure_ds] error")]
+    assert "s3://corpus/raw: the store failed while" in line and "is the endpoint reachable" in line
+    shutil.rmtree(tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_training_from_the_store_on_2_ranks_resumes_and_refuses_an_edited_source(tmp_path, tiny_model_path):
+    """launch/train.sh with data.train and data.prepared_dir in the store: killed in step 5, the same
+    command resumes from step 4 without reading a shard from the store again; a source object edited
+    between two launches is refused on resume, and with its bytes restored (the same ETag) the run
+    goes on. No byte of the secret key is written anywhere the run writes."""
+    from tests.e2e_common import COMMON, launch, metrics
+
+    raw = tmp_path / "raw"
+    chitchat_jsonl(raw, n_files=2, per_file=150)
+    with s3_store(str(tmp_path)) as st:
+        st.client().create_bucket(Bucket="corpus")
+        st.upload_folder(str(raw), "corpus", "raw")
+        env = {**st.env, "RESURE_CACHE": str(tmp_path / "cache")}
+        args = ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, "data.eval=0.05",
+                "data.train=s3://corpus/raw/", "data.prepared_dir=s3://corpus/prepared", f"output.dir={tmp_path}",
+                "output.name=run", "checkpoint.every=2", "dist.timeout=60"]
+        first = launch("train.sh", args, extra_env={**env, "RESURE_FAULT": "step:5:1"}, status=None)
+        assert first.returncode != 0 and "killing rank 1 during the step of step 5" in first.stderr
+        assert any(k.endswith("manifest.json") for k in st.keys("corpus", "prepared/"))
+        reads = lambda: [r for r in st.requests() if r.startswith("GET") and r.endswith(".arrow")]  # noqa: E731
+        n_reads = len(reads())
+        part = open(raw / "part-0.jsonl", "rb").read()
+        st.client().put_object(Bucket="corpus", Key="raw/part-0.jsonl", Body=part.replace(b"?", b"!"))
+        edited = launch("train.sh", args, extra_env=env, status=None)
+        assert edited.returncode != 0 and "prepared as" in edited.stderr and "its files" in edited.stderr
+        st.client().put_object(Bucket="corpus", Key="raw/part-0.jsonl", Body=part)
+        second = launch("train.sh", args, extra_env=env)
+        assert "resumed from" in second.stderr and "step0000004 at step 4" in second.stderr
+        assert len(reads()) == n_reads  # this node's copy served both launches
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    assert not listening(st.port)
+    logs = "".join(o.stdout + o.stderr for o in (first, edited, second))
+    assert SECRET not in logs
+    for root, _, files in os.walk(tmp_path):
+        for f in files:
+            if not f.startswith("moto-"):
+                with open(os.path.join(root, f), "rb") as fh:
+                    assert SECRET.encode() not in fh.read(), os.path.join(root, f)
