@@ -248,13 +248,19 @@ def test_sources_files_globs_gzip_parquet_datasets_and_mixtures(tmp_path, tiny_m
     with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(json.dumps(r) for r in recs[2:4]) + "\n")
     pq.write_table(pa.Table.from_pylist(recs[4:]), tmp_path / "c.parquet")
-    datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "hf"))
+    datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "hf"), num_shards=3)
     got = {}
     for name, spec in (("glob", str(tmp_path / "*.*")), ("hf", str(tmp_path / "hf")),
                        ("gz", str(tmp_path / "b.jsonl.gz"))):
         [p] = prepare(cfg(tiny_model_path, spec, tmp_path / "prep"), tokenizer, tiny_model_path)
         got[name] = [r.dialogue_id for r in rows(p.folder)]
+        if name == "hf":  # each of the folder's 3 Arrow files streamed as one unit, rows numbered across them
+            assert [s["dialogues"] for s in p.manifest["shards"]] == [2, 2, 2]
     assert got["glob"] == got["hf"] == [f"r{i}" for i in range(6)] and got["gz"] == ["r2", "r3"]
+    recs[3] = {"id": "r3"}  # no messages: the error names the folder and the row across the files
+    datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "hf-bad"), num_shards=3)
+    with pytest.raises(DataError, match=r"hf-bad row 3: "):
+        prepare(cfg(tiny_model_path, str(tmp_path / "hf-bad"), tmp_path / "prep"), tokenizer, tiny_model_path)
     mix = [{"path": str(tmp_path / "a.jsonl"), "weight": 3}, {"path": str(tmp_path / "c.parquet"), "name": "pq"}]
     ps = prepare(cfg(tiny_model_path, mix, tmp_path / "prep"), tokenizer, tiny_model_path)
     assert [p.spec.weight for p in ps] == [3.0, 1.0] and [p.spec.label for p in ps][1] == "pq"

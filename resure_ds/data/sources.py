@@ -13,7 +13,7 @@ mixture weight: `[{path: a.jsonl, weight: 3}, {path: /b/*.parquet, weight: 1}]`.
 
 A *unit* is a slice of one input file that one prepare worker reads on its
 own: a byte range of a plain JSONL file (64 MiB, cut at line ends), a run of
-Parquet row groups, a range of rows of a datasets folder, or a whole
+Parquet row groups, one Arrow file of a datasets folder (streamed), or a whole
 .json / .jsonl.gz file. Every record has a location (`file line 12`) used in
 errors and, where the record has no `id`, as its dialogue id (`file:12`).
 """
@@ -37,7 +37,7 @@ from .chitchat import chitchat_count, chitchat_path, chitchat_records
 EMBEDDED = "chitchat"
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 UNIT_BYTES = 64 << 20   # plain JSONL files are split into units of about this size
-UNIT_ROWS = 65536       # Parquet and datasets folders: rows per unit (whole row groups)
+UNIT_ROWS = 65536       # Parquet: rows per unit (whole row groups)
 CHITCHAT_UNIT = 2048    # conversations per unit of the embedded corpus
 PREPARED_FORMAT = "resure-ds-prepared"
 
@@ -205,9 +205,12 @@ def _units(src: Source) -> list[Unit]:
     if src.kind == "chitchat":
         n = chitchat_count(src.files[0])
         return [Unit("chitchat", src.files[0], a, min(a + CHITCHAT_UNIT, n), a) for a in range(0, n, CHITCHAT_UNIT)]
-    if src.kind == "hf":
-        n = len(load_hf(src.files[0]))
-        return [Unit("hf", src.files[0], a, min(a + UNIT_ROWS, n), a) for a in range(0, n, UNIT_ROWS)]
+    if src.kind == "hf":  # one unit per Arrow file of the folder, its rows numbered across the folder
+        units, row = [], 0
+        for _, rows in hf_files(src.files[0]):
+            units.append(Unit("hf", src.files[0], row, row + rows, row))
+            row += rows
+        return [u for u in units if u.stop > u.start]
     units = []
     for path in src.files:
         if path.endswith(".jsonl"):
@@ -333,11 +336,40 @@ def load_hf(folder: str):
         raise DataError(f"{folder}: not a dataset saved with datasets' save_to_disk ({e})") from None
 
 
+def hf_files(folder: str) -> list[tuple[str, int]]:
+    """A saved datasets folder's Arrow files, in the dataset's order, with their row counts (read off
+    the memory-mapped files' batch headers: no row is decoded)."""
+    import pyarrow as pa
+
+    try:
+        with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+            names = [d["filename"] for d in json.load(f)["_data_files"]]
+        out = []
+        for name in names:
+            with pa.memory_map(os.path.join(folder, name)) as m:
+                out.append((os.path.join(folder, name), sum(b.num_rows for b in pa.ipc.open_stream(m))))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowInvalid) as e:
+        raise DataError(f"{folder}: not a dataset saved with datasets' save_to_disk ({e}); save it again, or "
+                        "give its data as .parquet/.jsonl files") from None
+
+
 def _read_hf(u: Unit) -> Iterator[tuple[str, Any]]:
-    ds = load_hf(u.path)
-    for i in range(u.start, u.stop, 1024):
-        for j, rec in enumerate(ds.select(range(i, min(i + 1024, u.stop)))):
-            yield f"row {i + j}", rec
+    """One Arrow file of a datasets folder, streamed (an IterableDataset: nothing is loaded whole)."""
+    import datasets
+
+    path = next(p for p, first in _file_starts(u.path) if first == u.start)
+    ds = datasets.load_dataset("arrow", data_files=[path], split="train", streaming=True)
+    for j, rec in enumerate(ds):
+        yield f"row {u.start + j}", rec
+
+
+def _file_starts(folder: str) -> list[tuple[str, int]]:
+    out, row = [], 0
+    for path, rows in hf_files(folder):
+        out.append((path, row))
+        row += rows
+    return out
 
 
 def _read_chitchat(u: Unit) -> Iterator[tuple[str, Any]]:
