@@ -362,6 +362,29 @@ def test_a_shard_damaged_after_prepare_is_named_before_use(tmp_path, tiny_model_
         prepare(c, tokenizer, tiny_model_path)
 
 
+def test_the_launch_check_hashes_a_shard_again_only_when_it_was_written_since(tmp_path, tiny_model_path, tokenizer):
+    """Checksums are incremental (.verified.json): a shard with the size, modification time and inode it
+    had when last hashed is not read again (a launch costs a stat per shard); one written since is."""
+    chitchat_jsonl(tmp_path / "data", n_files=2, per_file=30)
+    c = cfg(tiny_model_path, str(tmp_path / "data"), tmp_path / "prep")
+    [p] = prepare(c, tokenizer, tiny_model_path)
+    assert prepare(c, tokenizer, tiny_model_path)[0].hit  # hashes both shards, records their stamps
+    with open(os.path.join(p.folder, ".verified.json"), encoding="utf-8") as f:
+        assert sorted(json.load(f)) == ["00000.arrow", "00001.arrow"]
+    shard = os.path.join(p.folder, "00001.arrow")
+    st = os.stat(shard)
+    with open(shard, "r+b") as f:  # one byte flipped in place, the modification time put back
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert prepare(c, tokenizer, tiny_model_path)[0].hit  # not read again: the stamp is unchanged
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # written since (here: touched)
+    with pytest.raises(DataError, match=r"00001.arrow: its SHA-256 differs"):
+        prepare(c, tokenizer, tiny_model_path)
+
+
 def test_lone_surrogates_in_any_string_of_a_record_are_found_not_crashed_on(tmp_path, tiny_model_path, tokenizer):
     """Not only contents: an id, a tool call's name, a tool message's name or a tools schema holding a lone
     surrogate is one located error, or a counted skip under data.skip_invalid (it used to stop prepare

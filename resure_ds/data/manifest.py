@@ -50,20 +50,45 @@ def file_digest(path: str) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+VERIFIED = ".verified.json"  # in a prepared folder: shard -> [size, mtime_ns, inode, SHA-256] when last hashed here
+
+
 def verify_shards(folder: str, manifest: dict, checksums: bool = True) -> None:
     """Every shard the manifest lists is there with the size (and SHA-256) it was written with: a
     shard damaged after prepare (truncated, overwritten, half copied) is named here, before any
-    rank or loader worker reads it."""
+    rank or loader worker reads it. Checksums are incremental: a shard whose size, modification time
+    and inode are those it had when it was last hashed here (.verified.json) is not read again, so a
+    launch costs a stat per shard; a shard written since (copied, restored, edited) is hashed."""
+    seen = _verified(folder) if checksums else {}
+    now = {}
     for s in manifest["shards"]:
         path = os.path.join(folder, s["file"])
         fix = (f"delete {folder} and prepare again (python -m resure_ds.data.prepare RECIPE), or restore "
                "the folder from where it was copied")
         try:
-            size = os.path.getsize(path)
+            st = os.stat(path)
         except OSError:
             raise DataError(f"{path}: a shard of this prepared folder is missing; {fix}") from None
-        if size != s["bytes"]:
-            raise DataError(f"{path}: {size} bytes, {s['bytes']} were written (damaged after prepare); {fix}")
-        if checksums and file_digest(path)[1] != s["sha256"]:
+        if st.st_size != s["bytes"]:
+            raise DataError(f"{path}: {st.st_size} bytes, {s['bytes']} were written (damaged after prepare); {fix}")
+        if not checksums:
+            continue
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, s["sha256"]]
+        if seen.get(s["file"]) != stamp and file_digest(path)[1] != s["sha256"]:
             raise DataError(f"{path}: its SHA-256 differs from the one recorded at prepare (damaged after "
                             f"prepare); {fix}")
+        now[s["file"]] = stamp
+    if checksums and now != seen:
+        try:
+            write_json(os.path.join(folder, VERIFIED), now)
+        except OSError:  # a read-only copy: it is hashed whole at every launch instead
+            pass
+
+
+def _verified(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, VERIFIED), encoding="utf-8") as f:
+            seen = json.load(f)
+        return seen if isinstance(seen, dict) else {}
+    except (OSError, ValueError):
+        return {}
