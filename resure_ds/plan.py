@@ -15,13 +15,13 @@ prepared, optimizer steps per epoch.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import replace
 
 from .config import Config, ConfigError, load_config, positive, recipe_parser, split_recipe_args
 from .config.parse import train_specs
+from .data.manifest import read_manifest
 from .data.prepare import prepared_folder, tokenizer_fingerprints
 from .data.sources import resolve
 from .errors import USER_ERRORS, DataError, say_error
@@ -61,8 +61,7 @@ def steps_per_epoch(cfg: Config, tokens_per_step: int) -> str:
         for spec in train_specs(cfg.data):
             src = resolve(spec)
             folder = src.files[0] if src.kind == "prepared" else prepared_folder(spec, src, fps, cfg)
-            with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
-                tokens += json.load(f)["counts"]["tokens"]
+            tokens += read_manifest(folder)["counts"]["tokens"]  # local, or in an object store
     except (OSError, DataError, ValueError):
         return "n/a (the corpus is not prepared yet: resure-ds prepare RECIPE)"
     return f"about {tokens / tokens_per_step:,.0f} ({tokens:,} prepared tokens; packed rows)"

@@ -2,6 +2,7 @@
 mid-step, a rank killed inside a checkpoint save, a stop signal, and a two-"node" run (two
 launchers on this machine, one rank each, over loopback). Each job ends within a bounded time, and
 the same command then resumes and trains exactly as the straight run did."""
+import json
 import os
 import shutil
 import signal
@@ -21,21 +22,62 @@ def args_for(tiny_model_path, out, name, *extra):
             f"output.name={name}", *extra]
 
 
+def chitchat_in_store(st, folder) -> str:
+    """The embedded corpus's dialogues (those the recipe trains) as one JSONL object in the store: the
+    same rows, in the same order, as the straight run's."""
+    from resure_ds.data.records import read_dialogues
+
+    path = folder / "chitchat.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for d in read_dialogues("chitchat", skip_invalid=True):
+            f.write(json.dumps({"id": d.dialogue_id, "messages": d.messages}) + "\n")
+    st.client().create_bucket(Bucket="corpus")
+    st.client().upload_file(str(path), "corpus", "chat/chitchat.jsonl")
+    return str(path)
+
+
 def test_rank_killed_mid_step_ends_the_job_and_the_same_command_resumes(straight, tiny_model_path, tmp_path):
     """RESURE_FAULT kills rank 1 with SIGKILL in the middle of step 5 (after its forward): the job
-    exits non-zero well within dist.timeout; the repeated command resumes from step 4."""
-    args = args_for(tiny_model_path, tmp_path, "killed", "checkpoint.every=2", "dist.timeout=60")
-    t0, shm = time.monotonic(), shm_buffers()
-    first = launch("train.sh", args, extra_env={"RESURE_FAULT": "step:5:1"}, status=None)
-    elapsed = time.monotonic() - t0
-    assert first.returncode != 0 and "killing rank 1 during the step of step 5" in first.stderr
-    assert shm_buffers() <= shm  # killed ranks leave no shared-memory buffer (memory) behind
-    assert elapsed < 240, elapsed  # start-up (about a minute here) + the launcher's 30 s grace at most
-    run = os.path.join(tmp_path, "killed")
-    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
-    second = launch("train.sh", args)
-    assert "resumed from" in second.stderr and "step0000004 at step 4" in second.stderr
+    exits non-zero well within dist.timeout; the repeated command resumes from step 4.
+    The data are in an object store (moto's S3 server on loopback, tests/s3_server.py): data.train and
+    data.prepared_dir are s3:// URLs. The source object edited between the two launches is refused on
+    resume; uploaded again as it was (the same ETag: an ETag depends on the bytes and the upload's part
+    size) the resume reads no shard from the store again and trains as the straight run did. No byte of the store's secret key is written anywhere."""
+    from tests.s3_server import SECRET, listening, s3_store
+
+    with s3_store(str(tmp_path)) as st:
+        local = chitchat_in_store(st, tmp_path)
+        store_env = {**st.env, "RESURE_CACHE": str(tmp_path / "cache")}
+        args = args_for(tiny_model_path, tmp_path, "killed", "checkpoint.every=2", "dist.timeout=60",
+                        # named as the embedded source is, so the per-source metrics compare
+                        'data.train=[{"path": "s3://corpus/chat/chitchat.jsonl", "name": "chitchat"}]',
+                        "data.prepared_dir=s3://corpus/prepared")
+        t0, shm = time.monotonic(), shm_buffers()
+        first = launch("train.sh", args, extra_env={**store_env, "RESURE_FAULT": "step:5:1"}, status=None)
+        elapsed = time.monotonic() - t0
+        assert first.returncode != 0 and "killing rank 1 during the step of step 5" in first.stderr
+        assert shm_buffers() <= shm  # killed ranks leave no shared-memory buffer (memory) behind
+        assert elapsed < 240, elapsed  # start-up (about a minute here) + the launcher's 30 s grace at most
+        run = os.path.join(tmp_path, "killed")
+        assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+        assert any(k.endswith("/manifest.json") for k in st.keys("corpus", "prepared/"))
+        body = open(local, "rb").read()
+        st.client().put_object(Bucket="corpus", Key="chat/chitchat.jsonl", Body=body.replace(b"?", b"!", 1))
+        edited = launch("train.sh", args, extra_env=store_env, status=None)
+        assert edited.returncode != 0 and "prepared as" in edited.stderr and "its files" in edited.stderr
+        st.client().upload_file(local, "corpus", "chat/chitchat.jsonl")  # as first uploaded: the same ETag
+        shard_reads = [r for r in st.requests() if r.startswith("GET") and r.endswith(".arrow")]
+        second = launch("train.sh", args, extra_env=store_env)
+        assert "resumed from" in second.stderr and "step0000004 at step 4" in second.stderr
+        assert [r for r in st.requests() if r.startswith("GET") and r.endswith(".arrow")] == shard_reads
+    assert not listening(st.port)
     assert_same_training(straight, run)
+    assert SECRET not in "".join(o.stdout + o.stderr for o in (first, edited, second))
+    for root, _, files in os.walk(tmp_path):
+        for f in files:
+            if not f.startswith("moto-"):  # the server's own log
+                with open(os.path.join(root, f), "rb") as fh:
+                    assert SECRET.encode() not in fh.read(), os.path.join(root, f)
 
 
 def test_rank_killed_during_a_save_resumes_from_the_previous_checkpoint(straight, tiny_model_path, tmp_path):

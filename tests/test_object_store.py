@@ -1,7 +1,8 @@
 """Sources and prepared folders in an object store, against a real S3-compatible server on loopback
 (moto's, started and stopped here: tests/s3_server.py): the same shards as from a local disk, a
 published folder fetched once per node and verified, an edited object noticed, an unfinished
-publication never read, and each failure of the store one error naming the URL."""
+publication never read, and each failure of the store one error naming the URL. Training 2 ranks from
+the store, killed and resumed: tests/test_faults.py."""
 import gzip
 import json
 import os
@@ -94,8 +95,8 @@ def test_sources_in_the_store_prepare_the_same_shards_as_the_same_files_on_disk(
     assert theirs[0].manifest["source"]["files"][1][2] == etag  # the store's version, not a local mtime
     keys = server.keys(b, "prepared/")
     name = theirs[0].manifest["name"].rstrip("/").rsplit("/", 1)[-1]
-    published_one = sorted(k for k in keys if k.startswith(f"prepared/{name}-"))
-    assert published_one[-1].endswith("manifest.json") and not any("/units/" in k for k in keys)
+    published_one = [k.split("/", 2)[2] for k in keys if k.startswith(f"prepared/{name}-")]
+    assert "manifest.json" in published_one and {"00000.arrow", "units/00000.json"} <= set(published_one)
 
 
 def test_a_node_fetches_a_published_folder_once_and_checks_it(s3, tmp_path, tiny_model_path, tokenizer, monkeypatch):
@@ -261,42 +262,121 @@ def test_bad_credentials_and_a_dropped_connection_are_one_line_from_the_command(
     shutil.rmtree(tmp_path / "cache")
 
 
-@pytest.mark.slow
-def test_training_from_the_store_on_2_ranks_resumes_and_refuses_an_edited_source(tmp_path, tiny_model_path):
-    """launch/train.sh with data.train and data.prepared_dir in the store: killed in step 5, the same
-    command resumes from step 4 without reading a shard from the store again; a source object edited
-    between two launches is refused on resume, and with its bytes restored (the same ETag) the run
-    goes on. No byte of the secret key is written anywhere the run writes."""
-    from tests.e2e_common import COMMON, launch, metrics
+def test_a_manifest_edited_in_the_store_is_refused_before_anything_is_written(s3, tmp_path, tiny_model_path,
+                                                                               tokenizer, monkeypatch):
+    """A shard named ../x or /x, a manifest that is not an object, or one without its shards or counts:
+    one error naming the manifest; no file is written (or removed) outside the node's copy."""
+    server, b = s3
+    data = raw_corpus(tmp_path / "data")
+    server.upload_folder(str(data / "raw"), b, "raw")
+    c = cfg(tiny_model_path, f"s3://{b}/raw/part-1.jsonl", f"s3://{b}/prepared")
+    [p] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    key = f"prepared/{os.path.basename(p.folder).rsplit('-', 1)[0]}/manifest.json"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    outside = "../" * 12 + str(victim).lstrip("/")
+    server.client().put_object(Bucket=b, Key=f"prepared/x/{outside}", Body=b"overwritten")
+    good = json.loads(server.client().get_object(Bucket=b, Key=key)["Body"].read())
+    for bad in ({**good, "shards": [dict(good["shards"][0], file=outside)]},
+                {**good, "shards": [dict(good["shards"][0], file=str(victim))]},
+                [good], {k: v for k, v in good.items() if k != "counts"}):
+        server.client().put_object(Bucket=b, Key=key, Body=json.dumps(bad).encode())
+        monkeypatch.setenv("RESURE_CACHE", str(tmp_path / f"node-{uuid.uuid4().hex[:6]}"))
+        with pytest.raises(DataError, match=rf"s3://{b}/{key}: (damaged|not a resure-ds prepared folder)"):
+            ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+        assert victim.read_text() == "keep me\n"
+    server.client().put_object(Bucket=b, Key=key, Body=json.dumps(good)[:200].encode())  # truncated
+    with pytest.raises(DataError, match=rf"s3://{b}/prepared/.*: no readable manifest.json"):
+        ensure_prepared(cfg(tiny_model_path, f"s3://{b}/{key[:-len('/manifest.json')]}", tmp_path / "p"), tokenizer,
+                        tiny_model_path, progress=False)
 
-    raw = tmp_path / "raw"
-    chitchat_jsonl(raw, n_files=2, per_file=150)
-    with s3_store(str(tmp_path)) as st:
-        st.client().create_bucket(Bucket="corpus")
-        st.upload_folder(str(raw), "corpus", "raw")
-        env = {**st.env, "RESURE_CACHE": str(tmp_path / "cache")}
-        args = ["recipes/default.yaml", f"model.path={tiny_model_path}", *COMMON, "data.eval=0.05",
-                "data.train=s3://corpus/raw/", "data.prepared_dir=s3://corpus/prepared", f"output.dir={tmp_path}",
-                "output.name=run", "checkpoint.every=2", "dist.timeout=60"]
-        first = launch("train.sh", args, extra_env={**env, "RESURE_FAULT": "step:5:1"}, status=None)
-        assert first.returncode != 0 and "killing rank 1 during the step of step 5" in first.stderr
-        assert any(k.endswith("manifest.json") for k in st.keys("corpus", "prepared/"))
-        reads = lambda: [r for r in st.requests() if r.startswith("GET") and r.endswith(".arrow")]  # noqa: E731
-        n_reads = len(reads())
-        part = open(raw / "part-0.jsonl", "rb").read()
-        st.client().put_object(Bucket="corpus", Key="raw/part-0.jsonl", Body=part.replace(b"?", b"!"))
-        edited = launch("train.sh", args, extra_env=env, status=None)
-        assert edited.returncode != 0 and "prepared as" in edited.stderr and "its files" in edited.stderr
-        st.client().put_object(Bucket="corpus", Key="raw/part-0.jsonl", Body=part)
-        second = launch("train.sh", args, extra_env=env)
-        assert "resumed from" in second.stderr and "step0000004 at step 4" in second.stderr
-        assert len(reads()) == n_reads  # this node's copy served both launches
-    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
-    assert not listening(st.port)
-    logs = "".join(o.stdout + o.stderr for o in (first, edited, second))
-    assert SECRET not in logs
-    for root, _, files in os.walk(tmp_path):
-        for f in files:
-            if not f.startswith("moto-"):
-                with open(os.path.join(root, f), "rb") as fh:
-                    assert SECRET.encode() not in fh.read(), os.path.join(root, f)
+
+def test_a_node_waiting_for_units_takes_the_manifest_another_node_published(s3, tmp_path, tiny_model_path,
+                                                                            tokenizer, monkeypatch):
+    """Node A (task 0 of 2) has uploaded its units and waits for task 1's; node B, launched on its own
+    (one task), renders only the two units missing and publishes: A ends with the one publication in
+    the store instead of waiting out its deadline."""
+    import threading
+
+    server, b = s3
+    data = raw_corpus(tmp_path / "data")
+    server.upload_folder(str(data / "raw"), b, "raw")
+    c = cfg(tiny_model_path, f"s3://{b}/raw", f"s3://{b}/prepared")
+    [spec] = train_specs(c.data)
+    monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "nodeA"))
+    got = {}
+    a = threading.Thread(target=lambda: got.update(p=prepare_source(spec, c, tokenizer, tiny_model_path, 1,
+                                                                    task=(0, 2), progress=False, wait_s=120)))
+    a.start()
+    while sum("/units/" in k for k in server.keys(b, "prepared/")) < 2:
+        assert a.is_alive()
+        a.join(0.2)
+    cmd = [sys.executable, "-m", "resure_ds.data.prepare", f"model.path={tiny_model_path}", "data.max_length=96",
+           f"data.train=s3://{b}/raw", f"data.prepared_dir=s3://{b}/prepared"]
+    other = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "RESURE_CACHE": str(tmp_path / "nodeB")},
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "4 unit(s), 2 for this task" in other.stderr  # A's two were in the store
+    a.join(120)  # A ends as soon as all four units are in the store (or B's manifest is), not at 120 s
+    assert not a.is_alive() and len(got["p"].manifest["shards"]) == 4
+    [mkey] = [k for k in server.keys(b, "prepared/") if k.endswith("manifest.json")]
+    there = json.loads(server.client().get_object(Bucket=b, Key=mkey)["Body"].read())
+    assert there["shards"] == got["p"].manifest["shards"]  # one publication, whoever wrote it
+
+
+def test_where_and_how_a_url_is_written(s3, tmp_path, tiny_model_path, tokenizer, monkeypatch):
+    server, b = s3
+    data = raw_corpus(tmp_path / "data")
+    server.upload_folder(str(data / "raw"), b, "raw")
+    # prepared_dir inside the source: refused before anything is written there (in the store and on disk)
+    with pytest.raises(DataError, match=rf"data.prepared_dir=s3://{b}/raw/prepared lies inside the source"):
+        ensure_prepared(cfg(tiny_model_path, f"s3://{b}/raw/", f"s3://{b}/raw/prepared"), tokenizer, tiny_model_path,
+                        progress=False)
+    with pytest.raises(DataError, match="lies inside the source"):
+        ensure_prepared(cfg(tiny_model_path, str(data / "raw"), data / "raw"), tokenizer, tiny_model_path,
+                        progress=False)
+    assert server.keys(b, "raw/prepared") == [] and not os.path.exists(data / "raw" / "prepared")
+    # repeated slashes collapse; file:// is a local path
+    [p] = ensure_prepared(cfg(tiny_model_path, f"s3://{b}//raw//part-0.jsonl", f"s3://{b}//prep"), tokenizer,
+                          tiny_model_path, progress=False)
+    assert any(k.startswith("prep/") for k in server.keys(b)) and not any(k.startswith("/") for k in server.keys(b))
+    [q] = ensure_prepared(cfg(tiny_model_path, f"file://{data}/raw/part-0.jsonl", f"file://{tmp_path}/fprep"),
+                          tokenizer, tiny_model_path, progress=False)
+    assert q.folder.startswith(str(tmp_path / "fprep")) and shard_sums(q) == shard_sums(p)
+    # an object wins over a "folder" of the same name; a key with # keeps it in what is recorded
+    body = open(data / "raw" / "part-0.jsonl", "rb").read()
+    server.client().put_object(Bucket=b, Key="dup.jsonl", Body=body)
+    server.client().put_object(Bucket=b, Key="dup.jsonl/x.jsonl", Body=body[:body.index(b"\n") + 1])
+    server.client().put_object(Bucket=b, Key="h/a#1.jsonl", Body=body)
+    [d, h] = ensure_prepared(cfg(tiny_model_path, [f"s3://{b}/dup.jsonl", f"s3://{b}/h/a#1.jsonl"],
+                                 f"s3://{b}/prepared"), tokenizer, tiny_model_path, progress=False)
+    assert d.manifest["counts"]["dialogues"] == p.manifest["counts"]["dialogues"]
+    assert h.manifest["source"]["files"][0][0] == f"s3://{b}/h/a#1.jsonl"
+    # Azure's container@account and an S3 version query are not credentials
+    cfg(tiny_model_path, "abfs://container@account.dfs.core.windows.net/x.jsonl", tmp_path / "p")
+    cfg(tiny_model_path, f"s3://{b}/x.jsonl?versionId=3", tmp_path / "p")
+
+
+def test_other_readers_follow_a_published_folder_and_bad_bytes_are_not_the_store(s3, tmp_path, tiny_model_path,
+                                                                                tokenizer):
+    from resure_ds.data.records import read_dialogues
+    from resure_ds.plan import steps_per_epoch
+
+    server, b = s3
+    data = raw_corpus(tmp_path / "data")
+    server.upload_folder(str(data / "raw"), b, "raw")
+    c = cfg(tiny_model_path, f"s3://{b}/raw/part-0.jsonl", f"s3://{b}/prepared")
+    [p] = ensure_prepared(c, tokenizer, tiny_model_path, progress=False)
+    url = f"s3://{b}/prepared/{os.path.basename(p.folder).rsplit('-', 1)[0]}"
+    # the report's texts and --filter read the raw source a published folder names
+    assert [d.dialogue_id for d in read_dialogues(url)] == [d.dialogue_id for d in read_dialogues(
+        str(data / "raw" / "part-0.jsonl"))]
+    assert steps_per_epoch(c, 1000) == f"about {p.manifest['counts']['tokens'] / 1000:,.0f} " \
+        f"({p.manifest['counts']['tokens']:,} prepared tokens; packed rows)"
+    server.client().put_object(Bucket=b, Key="bad.jsonl.gz", Body=b"not gzip at all\n")
+    with pytest.raises(DataError, match=rf"s3://{b}/bad.jsonl.gz: not a whole gzip file"):
+        ensure_prepared(cfg(tiny_model_path, f"s3://{b}/bad.jsonl.gz", tmp_path / "p"), tokenizer, tiny_model_path,
+                        progress=False)
+    with pytest.raises(DataError, match=r"ftp://nohost.invalid/x.jsonl: the store failed while connecting"):
+        ensure_prepared(cfg(tiny_model_path, "ftp://nohost.invalid/x.jsonl", tmp_path / "p"), tokenizer,
+                        tiny_model_path, progress=False)

@@ -66,7 +66,11 @@ class SourceSpec:
         return self.name or self.path
 
 
-URL_SECRET = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*@|[^?]*\?[^/]*=)")  # a glob's ? has no =
+# user:password@ in any URL, a bare user@ in http(s) (a token; Azure's container@account is not one),
+# a query naming a signature, credential, token or key (a presigned URL's; ?versionId=3 is not one)
+URL_SECRET = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*:[^/?#@]*@|https?://[^/?#]*@"
+                        r"|[A-Za-z][A-Za-z0-9+.-]*://[^?]*\?(.*[&?])?[^&=/]*(signature|credential|token|key|secret|"
+                        r"password|sig)[^&=/]*=)", re.IGNORECASE)
 
 
 def url_secret_error(at: str, path: Any) -> str | None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 from ..config.parse import SourceSpec, parse_layout
 from ..errors import DataError
 from ..files import write_json
+from . import remote
 from .sources import PREPARED_FORMAT
+
+SHARD_NAME = re.compile(r"[0-9]{5,}\.arrow")  # what prepare names them
 
 FORMAT_VERSION = 3  # of the prepared folder: shards and manifest (2: each shard's size and SHA-256;
                    # 3: rows apart from dialogues, data.overflow's counts)
@@ -20,16 +24,25 @@ def write_manifest(folder: str, manifest: dict) -> None:
 
 
 def read_manifest(folder: str) -> dict:
-    path = os.path.join(folder, "manifest.json")
+    """A prepared folder's manifest (local or in an object store), checked to be one this version
+    reads and safe to follow: shard names are plain file names (a manifest edited to name ../x or /x
+    would have a copy written, or a shard read, outside the folder)."""
+    path = remote.join(folder, "manifest.json")
+    fix = "prepare the data again (python -m resure_ds.data.prepare RECIPE)"
     try:
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f)
+        m = json.loads(remote.read_bytes(path))
     except (OSError, ValueError) as e:
-        raise DataError(f"{folder}: no readable manifest.json ({e}); prepare the data again "
-                        "(python -m resure_ds.data.prepare RECIPE)") from None
-    if m.get("format") != PREPARED_FORMAT or m.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path}: not a resure-ds prepared folder of format version {FORMAT_VERSION}; "
-                        "prepare the data again (python -m resure_ds.data.prepare RECIPE)")
+        raise DataError(f"{remote.shown(folder)}: no readable manifest.json ({e}); {fix}") from None
+    if not isinstance(m, dict) or m.get("format") != PREPARED_FORMAT or m.get("version") != FORMAT_VERSION:
+        raise DataError(f"{remote.shown(path)}: not a resure-ds prepared folder of format version {FORMAT_VERSION}; "
+                        f"{fix}")
+    shards, counts = m.get("shards"), m.get("counts")
+    if not isinstance(shards, list) or not isinstance(counts, dict) or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and SHARD_NAME.fullmatch(s["file"])
+            and isinstance(s.get("bytes"), int) and isinstance(s.get("sha256"), str) for s in shards):
+        raise DataError(f"{remote.shown(path)}: damaged (its shards or counts are not as prepare writes them: each "
+                        f"shard a plain file name with its bytes and SHA-256); delete {remote.shown(folder)} and "
+                        f"{fix}")
     return m
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from ..config import Config, load_config, recipe_parser, split_recipe_args
 from ..config.parse import Layout, SourceSpec, config_layout, train_specs
 from ..errors import DataError, run_command
-from ..files import write_json
+from ..files import input_root, inside as files_inside, write_json
 from ..models import cache_root, load_tokenizer, resolve_model_path
 from .records import SkipCounter, unit_dialogues
 from . import overflow
@@ -82,7 +82,23 @@ def _slug(text: str) -> str:
 
 
 def prepared_root(cfg: Config) -> str:
-    return cfg.data.prepared_dir or os.path.join(cache_root(), "prepared")
+    return remote.normal(remote.local(cfg.data.prepared_dir)) if cfg.data.prepared_dir else \
+        os.path.join(cache_root(), "prepared")
+
+
+def _check_root_outside(spec: SourceSpec, src: Source, root: str) -> None:
+    """data.prepared_dir may not be a source folder or lie inside one: its shards and records would be
+    read as the source's files the next time (and change its key)."""
+    if src.kind != "files":
+        return
+    where = remote.normal(remote.local(input_root(spec.path))).rstrip("/")
+    if remote.is_url(root) != remote.is_url(where):
+        return
+    inside = (root.rstrip("/") + "/").startswith(where + "/") if remote.is_url(root) else \
+        (os.path.isdir(where) and files_inside(root, where))
+    if inside:
+        raise DataError(f"data.prepared_dir={remote.shown(root)} lies inside the source {remote.shown(spec.path)}: its "
+                        "shards would be read as the source's files; give a prepared_dir outside the training data")
 
 
 def prepared_folder(spec: SourceSpec, src: Source, fps: dict, cfg: Config) -> str:
@@ -284,6 +300,7 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         return Prepared(spec, src.files[0], m, True)
     key = source_key(src, fps, cfg)
     root = prepared_root(cfg)
+    _check_root_outside(spec, src, root)
     folder = prepared_folder(spec, src, fps, cfg)
     if remote.is_url(root):
         return _prepare_published(spec, src, folder, key, fps, cfg, tokenizer, model_path, workers, task, progress,
@@ -394,10 +411,11 @@ def _prepare_published(spec: SourceSpec, src: Source, url: str, key: str, fps: d
             raise
         if me != 0:
             return Prepared(spec, stage, {}, False)
-        m = merge_records(publish.wait_for_units(url, len(units), wait_s),
-                          _meta(spec, src, key, fps, cfg, workers, tasks, t0))
-        m = {"format": PREPARED_FORMAT, "version": FORMAT_VERSION, **m}
-        publish.publish_manifest(url, m)
+        records = publish.wait_for_units(url, len(units), wait_s)
+        if isinstance(records, dict):  # published meanwhile by another node preparing the same source
+            return Prepared(spec, publish.fetch(url, records, checksums), records, True)
+        m = merge_records(records, _meta(spec, src, key, fps, cfg, workers, tasks, t0))
+        m = publish.publish_manifest(url, {"format": PREPARED_FORMAT, "version": FORMAT_VERSION, **m})
     _done(spec, m, cfg, t0, progress)
     return Prepared(spec, publish.fetch(url, m, checksums), m, False)
 

@@ -24,8 +24,7 @@ from ..errors import DataError
 from ..files import write_json, write_text
 from ..models import cache_root
 from . import remote
-from .manifest import FORMAT_VERSION, file_digest, verify_shards
-from .sources import PREPARED_FORMAT
+from .manifest import file_digest, read_manifest, verify_shards
 
 ORIGIN = ".origin"  # in a fetched copy: the URL it was copied from (to publish reference losses back)
 
@@ -43,19 +42,11 @@ def staging(url: str) -> str:
 
 
 def remote_manifest(url: str) -> dict | None:
-    """A published folder's manifest, None while it has none (not published, or unfinished)."""
-    path = remote.join(url, "manifest.json")
-    if not remote.exists(path):
+    """A published folder's manifest (checked as read_manifest checks one), None while it has none
+    (not published, or unfinished)."""
+    if not remote.exists(remote.join(url, "manifest.json")):
         return None
-    try:
-        m = json.loads(remote.read_bytes(path))
-    except ValueError as e:
-        raise DataError(f"{remote.shown(path)}: not readable JSON ({e}); delete {remote.shown(url)} from the store and "
-                        "prepare again (python -m resure_ds.data.prepare RECIPE)") from None
-    if not isinstance(m, dict) or m.get("format") != PREPARED_FORMAT or m.get("version") != FORMAT_VERSION:
-        raise DataError(f"{remote.shown(path)}: not a resure-ds prepared folder of format version {FORMAT_VERSION}; "
-                        f"delete {remote.shown(url)} from the store and prepare again")
-    return m
+    return read_manifest(url)
 
 
 def unit_name(i: int) -> str:
@@ -71,7 +62,10 @@ def recorded_units(url: str) -> set[int]:
 
 
 def upload_unit(url: str, stage: str, i: int, record: dict) -> None:
-    """A finished unit into the store: the shard, then the record (which says the shard is whole)."""
+    """A finished unit into the store: the shard, then the record (which says the shard is whole).
+    Nothing when the record is there (another node, preparing the same source, was first)."""
+    if remote.exists(remote.join(url, unit_name(i))):
+        return
     remote.put(os.path.join(stage, record["file"]), remote.join(url, record["file"]))
     remote.write_bytes(remote.join(url, unit_name(i)), json.dumps(record).encode())
 
@@ -91,10 +85,14 @@ def clear_failure(url: str, task: int) -> None:
         remote.remove(path)
 
 
-def wait_for_units(url: str, n: int, wait_s: float) -> list[dict]:
-    """Task 0: every unit's record, once all are in the store (or a task failed)."""
+def wait_for_units(url: str, n: int, wait_s: float) -> list[dict] | dict:
+    """Task 0: every unit's record, once all are in the store (or a task failed); or the manifest, if
+    another node preparing the same source published it meanwhile."""
     deadline = time.time() + wait_s
     while True:
+        published = remote_manifest(url)
+        if published is not None:
+            return published
         failed = failed_tasks(url)
         if failed:
             text = remote.read_bytes(remote.join(url, failed[0])).decode("utf-8", "replace")
@@ -109,11 +107,15 @@ def wait_for_units(url: str, n: int, wait_s: float) -> list[dict]:
         time.sleep(1.0)
 
 
-def publish_manifest(url: str, manifest: dict) -> None:
-    """The last write of a publication: from here on the folder is prepared."""
+def publish_manifest(url: str, manifest: dict) -> dict:
+    """The last write of a publication: from here on the folder is prepared. The unit records stay
+    (another node preparing the same source may be reading them). Returns the manifest published:
+    one already there (another node's) is kept."""
+    there = remote_manifest(url)
+    if there is not None:
+        return there
     remote.write_bytes(remote.join(url, "manifest.json"), json.dumps(manifest, indent=2).encode())
-    with contextlib.suppress(DataError):  # the records are no longer needed; a leftover is harmless
-        remote.remove(remote.join(url, "units"), recursive=True)
+    return manifest
 
 
 def fetch(url: str, m: dict, checksums: bool = False) -> str:
@@ -132,10 +134,13 @@ def fetch(url: str, m: dict, checksums: bool = False) -> str:
 
 
 def _same_manifest(dest: str, m: dict) -> bool:
+    """The copy holds the published data: the same key and shards (two nodes that prepared the same
+    source at once publish manifests that differ in their timings only)."""
     try:
         with open(os.path.join(dest, "manifest.json"), encoding="utf-8") as f:
-            return json.load(f) == m
-    except (OSError, ValueError):
+            have = json.load(f)
+        return [have.get(k) for k in ("key", "shards")] == [m.get(k) for k in ("key", "shards")]
+    except (OSError, ValueError, AttributeError):
         return False
 
 

@@ -14,6 +14,7 @@ out as one DataError naming the URL and the likely fix (`store_errors`).
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import os
@@ -44,18 +45,33 @@ def is_url(path: str) -> bool:
 
 
 def local(path: str) -> str:
-    """file:///x -> /x; anything else unchanged."""
-    return path[len("file://"):] if path.lower().startswith("file://") else path
+    """file:///x (and file://localhost/x) -> /x; anything else unchanged."""
+    if not path.lower().startswith("file://"):
+        return path
+    rest = path[len("file://"):]
+    return rest[len("localhost"):] if rest.lower().startswith("localhost/") else rest
+
+
+def normal(url: str) -> str:
+    """A URL with its path's repeated slashes collapsed (s3://b//x -> s3://b/x), as a local path's are;
+    a local path unchanged."""
+    if not is_url(url):
+        return url
+    head, rest = url.split("://", 1)
+    netloc, sep, tail = rest.partition("/")
+    return f"{head}://{netloc}{sep}{re.sub('/+', '/', tail).lstrip('/')}"
 
 
 def shown(path: str) -> str:
-    """A URL as it may be written down (configs, manifests, logs): without user:password@ or ?query."""
+    """A URL as it may be written down (configs, manifests, logs): without user:password@ or a
+    ?key=value query (a presigned signature)."""
     if not is_url(path):
         return path
     head, rest = path.split("://", 1)
     netloc, _, tail = rest.partition("/")
-    netloc = netloc.rsplit("@", 1)[-1]
-    return f"{head}://{netloc}/{tail}".split("?", 1)[0].split("#", 1)[0] if tail else f"{head}://{netloc}"
+    netloc = netloc.rsplit("@", 1)[-1] if ":" in netloc.rsplit("@", 1)[0] else netloc
+    tail = re.sub(r"\?[^/]*=.*$", "", tail)
+    return f"{head}://{netloc}/{tail}" if tail else f"{head}://{netloc}"
 
 
 def join(base: str, *names: str) -> str:
@@ -68,7 +84,8 @@ def _fs(url: str):
 
     sch = scheme(url)
     try:
-        return fsspec.core.url_to_fs(url)
+        with store_errors(url, "connecting"):
+            return fsspec.core.url_to_fs(url)
     except ImportError as e:
         pkg = BACKENDS.get(sch, "the fsspec backend for it")
         raise DataError(f"{shown(url)}: reading {sch}:// needs the {pkg} package ({e}); install it "
@@ -88,7 +105,9 @@ CLIENTS = {"botocore", "aiobotocore", "s3fs", "aiohttp", "gcsfs", "google", "adl
 
 
 def _from_store(e: BaseException) -> bool:
-    """An error of the store or the connection to it (not a bug of ours)."""
+    """An error of the store or the connection to it (not a bug of ours, nor bad bytes in a file)."""
+    if isinstance(e, gzip.BadGzipFile):
+        return False
     return isinstance(e, (OSError, TimeoutError)) or type(e).__module__.split(".")[0] in CLIENTS
 
 
@@ -103,7 +122,7 @@ def store_errors(url: str, doing: str = "reading") -> Iterator[None]:
     creds = CREDENTIALS_HINT.get(sch, "the backend's usual credentials")
     try:
         yield
-    except DataError:
+    except (DataError, ImportError):
         raise
     except FileNotFoundError as e:
         raise DataError(f"{shown(url)}: no such object, folder or bucket while {doing} ({_describe(e)}); check "
@@ -162,6 +181,15 @@ def exists(path: str) -> bool:
     with store_errors(path, "looking for"):
         fs.invalidate_cache(posixpath.dirname(p))
         return fs.exists(p)
+
+
+def isfile(path: str) -> bool:
+    if not is_url(path):
+        return os.path.isfile(local(path))
+    fs, p = _fs(path)
+    with store_errors(path, "looking for"):
+        fs.invalidate_cache(posixpath.dirname(p))
+        return fs.isfile(p)
 
 
 def isdir(path: str) -> bool:

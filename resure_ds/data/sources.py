@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -88,7 +89,12 @@ def _data_files(folder: str) -> list[str]:
 def is_prepared(path: str) -> bool:
     if remote.is_url(path):
         m = remote.join(path, "manifest.json")
-        return remote.exists(m) and json.loads(remote.read_bytes(m)).get("format") == PREPARED_FORMAT
+        if not remote.exists(m):
+            return False
+        try:
+            return json.loads(remote.read_bytes(m)).get("format") == PREPARED_FORMAT
+        except (ValueError, AttributeError):
+            return True  # damaged: read_manifest names it
     try:
         with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
             return json.load(f).get("format") == PREPARED_FORMAT
@@ -99,7 +105,10 @@ def is_prepared(path: str) -> bool:
 def _resolve_url(spec: SourceSpec, fix: str) -> Source:
     """A source in an object store: an object, a glob over objects, a folder of them or a prepared
     folder (a datasets folder is read from a local disk: copy it there)."""
-    p, url = spec.path, spec.path.rstrip("/")
+    p = remote.normal(spec.path)
+    url = p.rstrip("/")
+    if url.endswith(SUFFIXES) and remote.isfile(url):  # an object, even where a "folder" of that name exists
+        return Source(spec, "files", [url])
     if any(c in p for c in "*?["):
         files = [f for f in remote.glob(p) if f.endswith(SUFFIXES)]
         if not files:
@@ -128,7 +137,7 @@ def _resolve_url(spec: SourceSpec, fix: str) -> Source:
 
 def resolve(spec: SourceSpec) -> Source:
     """A spec -> the files behind it; a missing or empty source is a DataError naming it."""
-    p = spec.path
+    p = remote.local(spec.path)
     fix = ("Set data.train to a .jsonl/.jsonl.gz/.json/.parquet file, a glob, a folder of such files, "
            "a saved datasets folder, a prepared folder, or 'chitchat'")
     if p == EMBEDDED:
@@ -285,6 +294,14 @@ def _lines(f) -> Iterator[tuple[bytes | None, int]]:
 
 
 def _read_jsonl(u: Unit) -> Iterator[tuple[str, Any]]:
+    try:
+        yield from _jsonl_records(u)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{remote.shown(u.path)}: not a whole gzip file ({e or type(e).__name__}); compress it again "
+                        "(gzip FILE.jsonl), or give it uncompressed") from None
+
+
+def _jsonl_records(u: Unit) -> Iterator[tuple[str, Any]]:
     with remote.store_errors(u.path), remote.open_binary(u.path) as raw_file, \
             (gzip.open(raw_file, "rb") if u.fmt == "jsonl.gz" else contextlib.nullcontext(raw_file)) as f:
         if u.fmt == "jsonl":
