@@ -377,6 +377,11 @@ def test_other_readers_follow_a_published_folder_and_bad_bytes_are_not_the_store
     with pytest.raises(DataError, match=rf"s3://{b}/bad.jsonl.gz: not a whole gzip file"):
         ensure_prepared(cfg(tiny_model_path, f"s3://{b}/bad.jsonl.gz", tmp_path / "p"), tokenizer, tiny_model_path,
                         progress=False)
+    blob = gzip.compress(open(data / "raw" / "part-0.jsonl", "rb").read())
+    (tmp_path / "cut.jsonl.gz").write_bytes(blob[:len(blob) // 2])  # on disk too (it was a traceback)
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: not a whole gzip file"):
+        ensure_prepared(cfg(tiny_model_path, str(tmp_path / "cut.jsonl.gz"), tmp_path / "p"), tokenizer,
+                        tiny_model_path, progress=False)
     with pytest.raises(DataError, match=r"ftp://nohost.invalid/x.jsonl: the store failed while connecting"):
         ensure_prepared(cfg(tiny_model_path, "ftp://nohost.invalid/x.jsonl", tmp_path / "p"), tokenizer,
                         tiny_model_path, progress=False)
