@@ -335,7 +335,11 @@ def test_where_and_how_a_url_is_written(s3, tmp_path, tiny_model_path, tokenizer
     with pytest.raises(DataError, match="lies inside the source"):
         ensure_prepared(cfg(tiny_model_path, str(data / "raw"), data / "raw"), tokenizer, tiny_model_path,
                         progress=False)
+    with pytest.raises(DataError, match="lies inside the source"):  # a glob that reaches into subfolders
+        ensure_prepared(cfg(tiny_model_path, str(data / "raw" / "**" / "*.jsonl"), data / "raw" / "prepared"),
+                        tokenizer, tiny_model_path, progress=False)
     assert server.keys(b, "raw/prepared") == [] and not os.path.exists(data / "raw" / "prepared")
+    # a one-level glob never reads what prepare writes below its folder (test_prepare's data/*.* with data/prep)
     # repeated slashes collapse; file:// is a local path
     [p] = ensure_prepared(cfg(tiny_model_path, f"s3://{b}//raw//part-0.jsonl", f"s3://{b}//prep"), tokenizer,
                           tiny_model_path, progress=False)

@@ -91,7 +91,12 @@ def _check_root_outside(spec: SourceSpec, src: Source, root: str) -> None:
     read as the source's files the next time (and change its key)."""
     if src.kind != "files":
         return
-    where = remote.normal(remote.local(input_root(spec.path))).rstrip("/")
+    path = remote.local(spec.path)
+    if any(c in path for c in "*?["):  # a one-level glob (data/*.jsonl) never reaches <prepared_dir>/<name>/...
+        rest = path[len(input_root(path)):].strip("/")
+        if "/" not in rest and "**" not in rest:
+            return
+    where = remote.normal(input_root(path)).rstrip("/")
     if remote.is_url(root) != remote.is_url(where):
         return
     inside = (root.rstrip("/") + "/").startswith(where + "/") if remote.is_url(root) else \
