@@ -86,7 +86,10 @@ def run_entries(run_dir: str) -> dict[str, str]:
 
 def input_root(path: str) -> str:
     """What a source path claims on disk: the path itself, or for a glob the folder its pattern starts
-    from (data/**/*.jsonl: data), since anything written under it could match the pattern next time."""
+    from (data/**/*.jsonl: data), since anything written under it could match the pattern next time.
+    file:///x is the local path /x."""
+    if path.lower().startswith("file:///"):
+        path = path[len("file://"):]
     if not any(c in path for c in "*?["):
         return path
     head = []

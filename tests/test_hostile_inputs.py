@@ -55,3 +55,6 @@ def test_the_run_folder_is_never_inside_or_around_the_training_data(tmp_path):
             check_run_folder(cfg, os.path.join(cfg.output.dir, cfg.output.name))
     ok = load_config(None, [f"data.train={tmp_path / 'data'}", f"output.dir={tmp_path / 'runs'}"])
     check_run_folder(ok, os.path.join(ok.output.dir, ok.output.name))
+    as_url = load_config(None, [f"data.train=file://{tmp_path / 'data'}", f"output.dir={tmp_path / 'data'}"])
+    with pytest.raises(ConfigError, match="lies inside"):  # file:///x is the local path /x
+        check_run_folder(as_url, os.path.join(as_url.output.dir, as_url.output.name))

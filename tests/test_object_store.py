@@ -168,6 +168,8 @@ def test_an_unfinished_publication_is_never_read_and_the_next_prepare_resumes(s3
     with pytest.raises(DataError, match="no manifest.json .an unfinished publication"):
         ensure_prepared(cfg(tiny_model_path, f"s3://{b}/prepared/{folder}", tmp_path / "x"), tokenizer,
                         tiny_model_path, progress=False)
+    # an old failure note of a task of another attempt does not block a prepare that does it all
+    server.client().put_object(Bucket=b, Key=f"prepared/{folder}/failed-task5.txt", Body=b"old failure")
     capsys.readouterr()
     [p] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=True)
     assert "4 unit(s), 2 for this task" in capsys.readouterr().err  # units 0 and 2 were in the store
@@ -279,7 +281,9 @@ def test_a_manifest_edited_in_the_store_is_refused_before_anything_is_written(s3
     good = json.loads(server.client().get_object(Bucket=b, Key=key)["Body"].read())
     for bad in ({**good, "shards": [dict(good["shards"][0], file=outside)]},
                 {**good, "shards": [dict(good["shards"][0], file=str(victim))]},
-                [good], {k: v for k, v in good.items() if k != "counts"}):
+                [good], {k: v for k, v in good.items() if k != "counts"}, {**good, "counts": {}},
+                {k: v for k, v in good.items() if k != "source"}, {**good, "shards": []},
+                {**good, "counts": {**good["counts"], "dialogues": "12"}}):
         server.client().put_object(Bucket=b, Key=key, Body=json.dumps(bad).encode())
         monkeypatch.setenv("RESURE_CACHE", str(tmp_path / f"node-{uuid.uuid4().hex[:6]}"))
         with pytest.raises(DataError, match=rf"s3://{b}/{key}: (damaged|not a resure-ds prepared folder)"):
@@ -335,9 +339,19 @@ def test_where_and_how_a_url_is_written(s3, tmp_path, tiny_model_path, tokenizer
     with pytest.raises(DataError, match="lies inside the source"):
         ensure_prepared(cfg(tiny_model_path, str(data / "raw"), data / "raw"), tokenizer, tiny_model_path,
                         progress=False)
-    with pytest.raises(DataError, match="lies inside the source"):  # a glob that reaches into subfolders
-        ensure_prepared(cfg(tiny_model_path, str(data / "raw" / "**" / "*.jsonl"), data / "raw" / "prepared"),
+    with pytest.raises(DataError, match="lies inside the source"):  # a glob that reaches .json files below
+        ensure_prepared(cfg(tiny_model_path, str(data / "raw" / "**" / "*.json*"), data / "raw" / "prepared"),
                         tokenizer, tiny_model_path, progress=False)
+    [g] = ensure_prepared(cfg(tiny_model_path, str(data / "raw" / "**" / "*.jsonl"), data / "raw" / "prep-ok"),
+                          tokenizer, tiny_model_path, progress=False)  # can never match what prepare writes
+    assert g.folder.startswith(str(data / "raw" / "prep-ok"))
+    shutil.rmtree(data / "raw" / "prep-ok")
+    (data / "evalset").mkdir()
+    shutil.copy(data / "raw" / "part-0.jsonl", data / "evalset" / "part-0.jsonl")
+    with pytest.raises(DataError, match="lies inside the source .*evalset"):  # before the training source is written
+        ensure_prepared(cfg(tiny_model_path, str(data / "raw" / "part-1.jsonl"), data / "evalset" / "prep",
+                            f"data.eval={data / 'evalset'}"), tokenizer, tiny_model_path, progress=False)
+    assert not os.path.exists(data / "evalset" / "prep")
     assert server.keys(b, "raw/prepared") == [] and not os.path.exists(data / "raw" / "prepared")
     # a one-level glob never reads what prepare writes below its folder (test_prepare's data/*.* with data/prep)
     # repeated slashes collapse; file:// is a local path
@@ -356,9 +370,10 @@ def test_where_and_how_a_url_is_written(s3, tmp_path, tiny_model_path, tokenizer
                                  f"s3://{b}/prepared"), tokenizer, tiny_model_path, progress=False)
     assert d.manifest["counts"]["dialogues"] == p.manifest["counts"]["dialogues"]
     assert h.manifest["source"]["files"][0][0] == f"s3://{b}/h/a#1.jsonl"
-    # Azure's container@account and an S3 version query are not credentials
+    # Azure's container@account is not a credential
     cfg(tiny_model_path, "abfs://container@account.dfs.core.windows.net/x.jsonl", tmp_path / "p")
-    cfg(tiny_model_path, f"s3://{b}/x.jsonl?versionId=3", tmp_path / "p")
+    with pytest.raises(ConfigError, match=r"A query is not read"):  # a version id would be taken for a glob
+        cfg(tiny_model_path, f"s3://{b}/x.jsonl?versionId=3", tmp_path / "p")
 
 
 def test_other_readers_follow_a_published_folder_and_bad_bytes_are_not_the_store(s3, tmp_path, tiny_model_path,
@@ -386,6 +401,6 @@ def test_other_readers_follow_a_published_folder_and_bad_bytes_are_not_the_store
     with pytest.raises(DataError, match=r"cut.jsonl.gz: not a whole gzip file"):
         ensure_prepared(cfg(tiny_model_path, str(tmp_path / "cut.jsonl.gz"), tmp_path / "p"), tokenizer,
                         tiny_model_path, progress=False)
-    with pytest.raises(DataError, match=r"ftp://nohost.invalid/x.jsonl: the store failed while connecting"):
+    with pytest.raises(DataError, match=r"^ftp://nohost.invalid/x.jsonl: the store failed while connecting"):
         ensure_prepared(cfg(tiny_model_path, "ftp://nohost.invalid/x.jsonl", tmp_path / "p"), tokenizer,
                         tiny_model_path, progress=False)

@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -378,9 +379,24 @@ def test_the_launch_check_hashes_a_shard_again_only_when_it_was_written_since(tm
         b = f.read(1)
         f.seek(100)
         f.write(bytes([b[0] ^ 1]))
-    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # (its change time moved: a user cannot set it)
+    stamps = os.path.join(p.folder, ".verified.json")
+    with open(stamps, encoding="utf-8") as f:
+        seen = json.load(f)
+    seen["00001.arrow"][2] = os.stat(shard).st_ctime_ns  # as if the byte had flipped on disk by itself
+    with open(stamps, "w", encoding="utf-8") as f:
+        json.dump(seen, f)
     assert prepare(c, tokenizer, tiny_model_path)[0].hit  # not read again: the stamp is unchanged
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # written since (here: touched)
+    with pytest.raises(DataError, match=r"00001.arrow: its SHA-256 differs"):
+        prepare(c, tokenizer, tiny_model_path)
+    # a folder restored from a backup with its times (cp -a; on the same disk the inodes can come back
+    # the same): the change times are new, so every shard is hashed again
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    backup = str(tmp_path / "backup")
+    shutil.copytree(p.folder, backup, copy_function=shutil.copy2)
+    shutil.rmtree(p.folder)
+    shutil.copytree(backup, p.folder, copy_function=shutil.copy2)
     with pytest.raises(DataError, match=r"00001.arrow: its SHA-256 differs"):
         prepare(c, tokenizer, tiny_model_path)
 

@@ -67,10 +67,9 @@ class SourceSpec:
 
 
 # user:password@ in any URL, a bare user@ in http(s) (a token; Azure's container@account is not one),
-# a query naming a signature, credential, token or key (a presigned URL's; ?versionId=3 is not one)
+# or a ?key=value query (a presigned URL's signature; a version id is not read either). A glob's ? has no =.
 URL_SECRET = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*:[^/?#@]*@|https?://[^/?#]*@"
-                        r"|[A-Za-z][A-Za-z0-9+.-]*://[^?]*\?(.*[&?])?[^&=/]*(signature|credential|token|key|secret|"
-                        r"password|sig)[^&=/]*=)", re.IGNORECASE)
+                        r"|[A-Za-z][A-Za-z0-9+.-]*://[^?]*\?[^/]*=)", re.IGNORECASE)
 
 
 def url_secret_error(at: str, path: Any) -> str | None:
@@ -79,7 +78,8 @@ def url_secret_error(at: str, path: Any) -> str | None:
     if isinstance(path, str) and URL_SECRET.match(path):
         return (f"{at}: {path.split('://', 1)[0]}:// URL with credentials or a ?query; the recipe is written "
                 "into the run folder, so give the bare URL and let the store's client find the credentials "
-                "(for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws; docs/operating.md)")
+                "(for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws; docs/operating.md). A "
+                "query is not read (a presigned URL: download the file; an object's version: copy it to a key)")
     return None
 
 

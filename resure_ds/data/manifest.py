@@ -36,10 +36,13 @@ def read_manifest(folder: str) -> dict:
     if not isinstance(m, dict) or m.get("format") != PREPARED_FORMAT or m.get("version") != FORMAT_VERSION:
         raise DataError(f"{remote.shown(path)}: not a resure-ds prepared folder of format version {FORMAT_VERSION}; "
                         f"{fix}")
-    shards, counts = m.get("shards"), m.get("counts")
+    shards, counts, source = m.get("shards"), m.get("counts"), m.get("source")
     if not isinstance(shards, list) or not isinstance(counts, dict) or not all(
             isinstance(s, dict) and isinstance(s.get("file"), str) and SHARD_NAME.fullmatch(s["file"])
-            and isinstance(s.get("bytes"), int) and isinstance(s.get("sha256"), str) for s in shards):
+            and isinstance(s.get("bytes"), int) and isinstance(s.get("sha256"), str) for s in shards) \
+            or not all(type(counts.get(k)) is int for k in ("dialogues", "rows", "tokens", "records")) \
+            or not isinstance(source, dict) or not isinstance(source.get("path"), str) \
+            or not isinstance(m.get("key"), str) or (counts["dialogues"] > 0 and not shards):
         raise DataError(f"{remote.shown(path)}: damaged (its shards or counts are not as prepare writes them: each "
                         f"shard a plain file name with its bytes and SHA-256); delete {remote.shown(folder)} and "
                         f"{fix}")
@@ -63,15 +66,16 @@ def file_digest(path: str) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-VERIFIED = ".verified.json"  # in a prepared folder: shard -> [size, mtime_ns, inode, SHA-256] when last hashed here
+VERIFIED = ".verified.json"  # in a prepared folder: shard -> [size, mtime_ns, ctime_ns, inode, SHA-256] when last hashed
 
 
 def verify_shards(folder: str, manifest: dict, checksums: bool = True) -> None:
     """Every shard the manifest lists is there with the size (and SHA-256) it was written with: a
     shard damaged after prepare (truncated, overwritten, half copied) is named here, before any
-    rank or loader worker reads it. Checksums are incremental: a shard whose size, modification time
-    and inode are those it had when it was last hashed here (.verified.json) is not read again, so a
-    launch costs a stat per shard; a shard written since (copied, restored, edited) is hashed."""
+    rank or loader worker reads it. Checksums are incremental: a shard whose size, modification and
+    change times and inode are those it had when it was last hashed here (.verified.json) is not read
+    again, so a launch costs a stat per shard; a shard written since (copied, restored from a backup
+    with its times, edited) is hashed: no user command sets a file's change time back."""
     seen = _verified(folder) if checksums else {}
     now = {}
     for s in manifest["shards"]:
@@ -86,7 +90,7 @@ def verify_shards(folder: str, manifest: dict, checksums: bool = True) -> None:
             raise DataError(f"{path}: {st.st_size} bytes, {s['bytes']} were written (damaged after prepare); {fix}")
         if not checksums:
             continue
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, s["sha256"]]
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, s["sha256"]]
         if seen.get(s["file"]) != stamp and file_digest(path)[1] != s["sha256"]:
             raise DataError(f"{path}: its SHA-256 differs from the one recorded at prepare (damaged after "
                             f"prepare); {fix}")

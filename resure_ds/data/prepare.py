@@ -26,6 +26,7 @@ prepare resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -86,24 +87,32 @@ def prepared_root(cfg: Config) -> str:
         os.path.join(cache_root(), "prepared")
 
 
-def _check_root_outside(spec: SourceSpec, src: Source, root: str) -> None:
-    """data.prepared_dir may not be a source folder or lie inside one: its shards and records would be
-    read as the source's files the next time (and change its key)."""
-    if src.kind != "files":
-        return
-    path = remote.local(spec.path)
-    if any(c in path for c in "*?["):  # a one-level glob (data/*.jsonl) never reaches <prepared_dir>/<name>/...
-        rest = path[len(input_root(path)):].strip("/")
-        if "/" not in rest and "**" not in rest:
-            return
-    where = remote.normal(input_root(path)).rstrip("/")
-    if remote.is_url(root) != remote.is_url(where):
-        return
-    inside = (root.rstrip("/") + "/").startswith(where + "/") if remote.is_url(root) else \
-        (os.path.isdir(where) and files_inside(root, where))
-    if inside:
-        raise DataError(f"data.prepared_dir={remote.shown(root)} lies inside the source {remote.shown(spec.path)}: its "
-                        "shards would be read as the source's files; give a prepared_dir outside the training data")
+def check_prepared_dir(cfg: Config) -> None:
+    """data.prepared_dir may not lie where a source would read what prepare writes there (its manifests
+    and unit records are .json files): inside a source folder (read recursively), or under a glob that
+    reaches below its first level and matches .json names. Checked for every source, training and
+    validation, before anything is written."""
+    root = prepared_root(cfg)
+    paths = [s.path for s in train_specs(cfg.data)] + ([cfg.data.eval] if isinstance(cfg.data.eval, str) else [])
+    for spec_path in paths:
+        path = remote.local(spec_path)
+        if path == "chitchat":
+            continue
+        if any(c in path for c in "*?["):
+            rest = path[len(input_root(path)):].strip("/")
+            last = rest.rsplit("/", 1)[-1]
+            if ("/" not in rest and "**" not in rest) or not any(
+                    fnmatch.fnmatchcase(n, last) for n in ("manifest.json", "00000.json", "reference.json")):
+                continue
+        where = remote.normal(input_root(path)).rstrip("/")
+        if remote.is_url(root) != remote.is_url(where):
+            continue
+        inside = (root.rstrip("/") + "/").startswith(where + "/") if remote.is_url(root) else \
+            (os.path.isdir(where) and files_inside(root, where))
+        if inside:
+            raise DataError(f"data.prepared_dir={remote.shown(root)} lies inside the source {remote.shown(spec_path)}: "
+                            "the manifests and records prepare writes would be read as the source's files; give a "
+                            "prepared_dir outside the training and validation data")
 
 
 def prepared_folder(spec: SourceSpec, src: Source, fps: dict, cfg: Config) -> str:
@@ -305,7 +314,7 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         return Prepared(spec, src.files[0], m, True)
     key = source_key(src, fps, cfg)
     root = prepared_root(cfg)
-    _check_root_outside(spec, src, root)
+    check_prepared_dir(cfg)
     folder = prepared_folder(spec, src, fps, cfg)
     if remote.is_url(root):
         return _prepare_published(spec, src, folder, key, fps, cfg, tokenizer, model_path, workers, task, progress,
@@ -325,9 +334,9 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         units = units_of(src)
         partial = folder + ".partial"
         os.makedirs(partial, exist_ok=True)
-        stale = os.path.join(partial, f"failed-task{me}.txt")  # from an earlier attempt of this task
-        if os.path.exists(stale):
-            os.remove(stale)
+        for name in os.listdir(partial):  # from an earlier attempt of this task (of any task: one task owns all)
+            if name == f"failed-task{me}.txt" or (tasks == 1 and name.startswith("failed-task")):
+                os.remove(os.path.join(partial, name))
         todo = [(u, i, partial) for i, u in enumerate(units)
                 if i % tasks == me and not os.path.exists(_unit_record(partial, i))]
         if progress:
@@ -396,7 +405,7 @@ def _prepare_published(spec: SourceSpec, src: Source, url: str, key: str, fps: d
             return Prepared(spec, publish.fetch(url, m, checksums), m, True)
         units = units_of(src)
         os.makedirs(stage, exist_ok=True)
-        publish.clear_failure(url, me)
+        publish.clear_failures(url, me, tasks)
         there = publish.recorded_units(url)
         mine = [i for i in range(len(units)) if i % tasks == me and i not in there]
         upload = lambda i, record: publish.upload_unit(url, stage, i, record)  # noqa: E731
@@ -450,6 +459,7 @@ def ensure_prepared(cfg: Config, tokenizer, model_path: str, workers: int | None
                     task: tuple[int, int] = (0, 1), progress: bool = True, checksums: bool = True) -> list[Prepared]:
     """Every source of data.train, prepared (or found prepared)."""
     specs = train_specs(cfg.data)  # validated by load_config
+    check_prepared_dir(cfg)  # every source's, before the first is prepared
     workers = workers or default_workers(cfg)
     return [prepare_source(s, cfg, tokenizer, model_path, workers, task, progress, checksums=checksums)
             for s in specs]

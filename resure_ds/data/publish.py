@@ -79,10 +79,11 @@ def note_failure(url: str, task: int, message: str) -> None:
         remote.write_bytes(remote.join(url, f"failed-task{task}.txt"), message.encode())
 
 
-def clear_failure(url: str, task: int) -> None:
-    path = remote.join(url, f"failed-task{task}.txt")
-    if remote.exists(path):
-        remote.remove(path)
+def clear_failures(url: str, task: int, tasks: int) -> None:
+    """An earlier attempt's failure note of this task (of every task, when one task prepares it all)."""
+    for name in failed_tasks(url):
+        if name == f"failed-task{task}.txt" or tasks == 1:
+            remote.remove(remote.join(url, name))
 
 
 def wait_for_units(url: str, n: int, wait_s: float) -> list[dict] | dict:

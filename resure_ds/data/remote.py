@@ -45,11 +45,14 @@ def is_url(path: str) -> bool:
 
 
 def local(path: str) -> str:
-    """file:///x (and file://localhost/x) -> /x; anything else unchanged."""
+    """file:///x (and file://localhost/x) -> /x; anything else unchanged (file://host/x names another
+    machine: it stays as written, and is then no such file here)."""
     if not path.lower().startswith("file://"):
         return path
     rest = path[len("file://"):]
-    return rest[len("localhost"):] if rest.lower().startswith("localhost/") else rest
+    if rest.startswith("/"):
+        return rest
+    return rest[len("localhost"):] if rest.lower().startswith("localhost/") else path
 
 
 def normal(url: str) -> str:
@@ -86,10 +89,13 @@ def _fs(url: str):
     try:
         with store_errors(url, "connecting"):
             return fsspec.core.url_to_fs(url)
+    except DataError:
+        raise
     except ImportError as e:
-        pkg = BACKENDS.get(sch, "the fsspec backend for it")
-        raise DataError(f"{shown(url)}: reading {sch}:// needs the {pkg} package ({e}); install it "
-                        f"(pip install {pkg}) or copy the data to a local folder") from None
+        pkg = BACKENDS.get(sch)
+        need = f"the {pkg} package ({e}); install it (pip install {pkg})" if pkg else \
+            f"a package fsspec names: {e}; install it"
+        raise DataError(f"{shown(url)}: reading {sch}:// needs {need}, or copy the data to a local folder") from None
     except ValueError as e:
         raise DataError(f"{shown(url)}: no fsspec backend reads {sch}:// ({e}); use s3://, gs://, az://, hf:// "
                         "or https://, or a local path") from None
