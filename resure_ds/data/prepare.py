@@ -28,34 +28,29 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
-import itertools
 import json
 import os
 import re
 import shutil
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from ..config import Config, load_config, recipe_parser, split_recipe_args
 from ..config.parse import Layout, SourceSpec, config_layout, train_specs
 from ..errors import DataError, run_command
-from ..files import input_root, inside as files_inside, write_json
-from ..models import cache_root, load_tokenizer, resolve_model_path
-from .records import SkipCounter, unit_dialogues
-from . import overflow
+from ..files import input_root, inside as files_inside
+from ..models import cache_root, resolve_model_path
+from . import overflow, publish, remote
+from .manifest import FORMAT_VERSION, read_manifest, verify_shards, write_manifest
 from .overflow import OverflowCounts
-from .render import RENDER_VERSION, Renderer
-from .manifest import FORMAT_VERSION, file_digest, read_manifest, verify_shards, write_manifest
+from .records import SkipCounter
 from .reference import scored_keys
-from .shards import ShardWriter
+from .render import RENDER_VERSION
+from .sources import PREPARED_FORMAT, Source, resolve, source_fingerprint, units_of
 from .tokenizer_memo import OnDemand, fingerprints_of
-from .sources import PREPARED_FORMAT, Source, Unit, resolve, source_fingerprint, units_of
-from . import publish, remote
+from .units import run_units, unit_record
 
-RENDER_BATCH = 256  # dialogues tokenized per Rust call
 UNSCORED = 3  # exit status of --check-reference when stats.reference has sources left to score
 
 
@@ -131,124 +126,10 @@ def source_key(src: Source, fps: dict, cfg: Config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# -- one unit (in a worker process, or in this one) -----------------------------------
-_W: dict = {}
-
-
-def _setup(tokenizer, cfg_data: dict, tick) -> None:
-    """This process's renderer: it tokenizes max_length tokens under cut, whole dialogues under split
-    and drop (their rows are made from the whole rendering, data/overflow.py)."""
-    L, policy = cfg_data["max_length"], cfg_data["overflow"]
-    _W.update(renderer=Renderer(tokenizer, L if policy == "cut" else None, cfg_data["train_reasoning"]), max_length=L,
-              overflow=policy, skip=cfg_data["skip_invalid"], tick=tick)
-
-
-def _init_worker(model_path: str, chat_template: str | None, trust_remote_code: bool, cfg_data: dict,
-                 queue) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; the pool is the parallelism
-    _setup(load_tokenizer(model_path, chat_template, trust_remote_code), cfg_data,
-           queue.put if queue is not None else None)
-
-
-def _data_options(cfg: Config) -> dict:
-    return {"max_length": cfg.data.max_length, "overflow": cfg.data.overflow, "skip_invalid": cfg.data.skip_invalid,
-            "train_reasoning": cfg.data.train_reasoning}
-
-
-def _unit_record(partial_dir: str, index: int) -> str:
-    return os.path.join(partial_dir, "units", f"{index:05d}.json")
-
-
-def prepare_unit(unit: Unit, index: int, partial_dir: str) -> dict:
-    """Render one unit into <partial_dir>/<index>.arrow; returns (and records) its counts."""
-    r, skip, tick = _W["renderer"], _W["skip"], _W["tick"]
-    skipped, over, t0, notes = SkipCounter(), OverflowCounts(), time.perf_counter(), dict(r.notes)
-    writer = ShardWriter(os.path.join(partial_dir, f"{index:05d}.arrow"))
-    no_trained = kept = 0
-    dialogues = unit_dialogues(unit, skip, skipped)
-    while True:
-        batch = list(itertools.islice(dialogues, RENDER_BATCH))
-        if not batch:
-            break
-        # template refusals are invalid records like the others: an error, or counted
-        for ex in r.render_many(batch, skipped if skip else None):
-            if ex is None:
-                no_trained += 1
-                continue
-            rows = overflow.apply(ex, _W["overflow"], _W["max_length"], over)
-            kept += bool(rows)
-            for row in rows:
-                writer.add(row)
-        if tick is not None:
-            tick(len(batch))
-    writer.close()
-    size, sha = file_digest(writer.path)
-    stats = {"file": f"{index:05d}.arrow", "input": unit.path, "bytes": size, "sha256": sha,
-             "dialogues": kept, "rows": writer.rows_written,
-             "tokens": writer.tokens, "trained_tokens": writer.trained, "partial_turns": writer.partial,
-             "no_trained_token": no_trained, "overflow": over.to_dict(), "skipped": dict(skipped),
-             "reasoning_not_rendered": r.notes.get("reasoning_not_rendered", 0) - notes.get("reasoning_not_rendered", 0),
-             "seconds": time.perf_counter() - t0}
-    os.makedirs(os.path.dirname(_unit_record(partial_dir, index)), exist_ok=True)
-    write_json(_unit_record(partial_dir, index), stats)  # tasks of several machines share the folder
-    return stats
-
-
-def _prepare_unit_in_worker(args) -> dict:
-    return prepare_unit(*args)
-
-
-# -- running the units ----------------------------------------------------------------
-def _run_units(todo: list[tuple[Unit, int, str]], workers: int, model_path: str, cfg: Config, tokenizer,
-               progress: bool, after=None) -> None:
-    """Prepare the units of `todo`; after(index, record) is called here as each one finishes."""
-    from tqdm import tqdm
-
-    after = after or (lambda i, record: None)
-    bar = tqdm(desc="prepare", unit=" dlg", disable=not progress, dynamic_ncols=True, smoothing=0.1)
-    try:
-        if workers <= 1 or len(todo) <= 1:
-            _setup(tokenizer, _data_options(cfg), bar.update)
-            for job in todo:
-                after(job[1], prepare_unit(*job))
-            return
-        import multiprocessing as mp
-        from queue import Empty
-
-        ctx = mp.get_context("spawn")  # no fork of a process holding tokenizer threads
-        queue = ctx.Queue()
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                 initargs=(model_path, cfg.model.chat_template, cfg.model.trust_remote_code,
-                                           _data_options(cfg), queue)) as pool:
-            index = {pool.submit(_prepare_unit_in_worker, job): job[1] for job in todo}
-            pending = set(index)
-            try:
-                while pending:
-                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        try:
-                            after(index[f], f.result())  # a worker's DataError surfaces here, as it was raised
-                        except BrokenProcessPool:
-                            raise DataError("a prepare worker process died (killed, or out of memory?); run "
-                                            "prepare again: finished units are kept, the rest resume. Fewer "
-                                            "data.prepare_workers use less memory") from None
-                    try:
-                        while True:
-                            bar.update(queue.get_nowait())
-                    except Empty:
-                        pass
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
-    finally:
-        bar.close()
-
-
 def _merge(partial_dir: str, n_units: int, meta: dict) -> dict:
     units = []
     for i in range(n_units):
-        with open(_unit_record(partial_dir, i), encoding="utf-8") as f:
+        with open(unit_record(partial_dir, i), encoding="utf-8") as f:
             units.append(json.load(f))
     return merge_records(units, meta)
 
@@ -338,12 +219,12 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
             if name == f"failed-task{me}.txt" or (tasks == 1 and name.startswith("failed-task")):
                 os.remove(os.path.join(partial, name))
         todo = [(u, i, partial) for i, u in enumerate(units)
-                if i % tasks == me and not os.path.exists(_unit_record(partial, i))]
+                if i % tasks == me and not os.path.exists(unit_record(partial, i))]
         if progress:
             log(f"preparing {spec.label}: {len(units)} unit(s), {len(todo)} for this task, "
                 f"{min(workers, max(len(todo), 1))} worker(s) -> {folder}")
         try:
-            _run_units(todo, workers, model_path, cfg, tokenizer.get() if isinstance(tokenizer, OnDemand)
+            run_units(todo, workers, model_path, cfg, tokenizer.get() if isinstance(tokenizer, OnDemand)
                        else tokenizer, progress)
         except BaseException as e:
             if tasks > 1:
@@ -409,15 +290,15 @@ def _prepare_published(spec: SourceSpec, src: Source, url: str, key: str, fps: d
         there = publish.recorded_units(url)
         mine = [i for i in range(len(units)) if i % tasks == me and i not in there]
         upload = lambda i, record: publish.upload_unit(url, stage, i, record)  # noqa: E731
-        for i in [i for i in mine if os.path.exists(_unit_record(stage, i))]:  # rendered, not uploaded, last time
-            with open(_unit_record(stage, i), encoding="utf-8") as f:
+        for i in [i for i in mine if os.path.exists(unit_record(stage, i))]:  # rendered, not uploaded, last time
+            with open(unit_record(stage, i), encoding="utf-8") as f:
                 upload(i, json.load(f))
-        todo = [(units[i], i, stage) for i in mine if not os.path.exists(_unit_record(stage, i))]
+        todo = [(units[i], i, stage) for i in mine if not os.path.exists(unit_record(stage, i))]
         if progress:
             log(f"preparing {spec.label}: {len(units)} unit(s), {len(todo)} for this task, "
                 f"{min(workers, max(len(todo), 1))} worker(s) -> {remote.shown(url)}")
         try:
-            _run_units(todo, workers, model_path, cfg, tokenizer.get() if isinstance(tokenizer, OnDemand)
+            run_units(todo, workers, model_path, cfg, tokenizer.get() if isinstance(tokenizer, OnDemand)
                        else tokenizer, progress, after=upload)
         except BaseException as e:
             if tasks > 1:
@@ -442,7 +323,7 @@ def _wait_for_units(partial: str, n: int, wait_s: float) -> None:
         if failed:
             with open(os.path.join(partial, failed[0]), encoding="utf-8") as f:
                 raise DataError(f"prepare {failed[0][7:-4]} failed: {f.read()}")
-        missing = [i for i in range(n) if not os.path.exists(_unit_record(partial, i))]
+        missing = [i for i in range(n) if not os.path.exists(unit_record(partial, i))]
         if not missing:
             return
         if time.time() > deadline:
