@@ -50,6 +50,15 @@ def s3(server, monkeypatch, tmp_path):
     return server, bucket
 
 
+@pytest.fixture
+def stored(s3, tmp_path):
+    """s3, with raw_corpus's files in tmp_path/data and its raw/ folder uploaded to the bucket's raw/."""
+    server, bucket = s3
+    data = raw_corpus(tmp_path / "data")
+    server.upload_folder(str(data / "raw"), bucket, "raw")
+    return server, bucket, data
+
+
 def cfg(model, train, prepared, *extra):
     train = train if isinstance(train, str) else json.dumps(train)
     return load_config(None, [f"model.path={model}", f"data.train={train}", f"data.prepared_dir={prepared}",
@@ -99,10 +108,8 @@ def test_sources_in_the_store_prepare_the_same_shards_as_the_same_files_on_disk(
     assert "manifest.json" in published_one and {"00000.arrow", "units/00000.json"} <= set(published_one)
 
 
-def test_a_node_fetches_a_published_folder_once_and_checks_it(s3, tmp_path, tiny_model_path, tokenizer, monkeypatch):
-    server, b = s3
-    data = raw_corpus(tmp_path / "data")
-    server.upload_folder(str(data / "raw"), b, "raw")
+def test_a_node_fetches_a_published_folder_once_and_checks_it(stored, tmp_path, tiny_model_path, tokenizer, monkeypatch):
+    server, b, data = stored
     c = cfg(tiny_model_path, f"s3://{b}/raw", f"s3://{b}/prepared")
     [first] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
     shard_reads = lambda: [r for r in server.requests() if r.startswith("GET") and r.endswith(".arrow")]  # noqa: E731
@@ -124,11 +131,9 @@ def test_a_node_fetches_a_published_folder_once_and_checks_it(s3, tmp_path, tiny
     assert named.hit and named.folder == other.folder
 
 
-def test_an_edited_object_is_prepared_again_and_a_changed_shard_is_named(s3, tmp_path, tiny_model_path, tokenizer,
+def test_an_edited_object_is_prepared_again_and_a_changed_shard_is_named(stored, tmp_path, tiny_model_path, tokenizer,
                                                                           monkeypatch):
-    server, b = s3
-    data = raw_corpus(tmp_path / "data")
-    server.upload_folder(str(data / "raw"), b, "raw")
+    server, b, data = stored
     c = cfg(tiny_model_path, f"s3://{b}/raw/part-0.jsonl", f"s3://{b}/prepared")
     [p] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
     body = open(data / "raw" / "part-0.jsonl", "rb").read()
@@ -151,13 +156,11 @@ def test_an_edited_object_is_prepared_again_and_a_changed_shard_is_named(s3, tmp
         ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
 
 
-def test_an_unfinished_publication_is_never_read_and_the_next_prepare_resumes(s3, tmp_path, tiny_model_path,
+def test_an_unfinished_publication_is_never_read_and_the_next_prepare_resumes(stored, tmp_path, tiny_model_path,
                                                                               tokenizer, capsys):
     """Two tasks: task 1 never came, so task 0 gives up waiting; the folder in the store has units but no
     manifest. A consumer does not take it for prepared; the next prepare renders only the missing units."""
-    server, b = s3
-    data = raw_corpus(tmp_path / "data")
-    server.upload_folder(str(data / "raw"), b, "raw")
+    server, b, data = stored
     c = cfg(tiny_model_path, f"s3://{b}/raw", f"s3://{b}/prepared")
     [spec] = train_specs(c.data)
     with pytest.raises(DataError, match="after 1 s, 2 unit.s. are still not published"):
@@ -178,10 +181,8 @@ def test_an_unfinished_publication_is_never_read_and_the_next_prepare_resumes(s3
     assert shard_sums(p) == shard_sums(whole)
 
 
-def test_tasks_split_the_units_and_task_0_publishes(s3, tmp_path, tiny_model_path, tokenizer, monkeypatch):
-    server, b = s3
-    data = raw_corpus(tmp_path / "data")
-    server.upload_folder(str(data / "raw"), b, "raw")
+def test_tasks_split_the_units_and_task_0_publishes(stored, tmp_path, tiny_model_path, tokenizer, monkeypatch):
+    server, b, data = stored
     c = cfg(tiny_model_path, f"s3://{b}/raw", f"s3://{b}/prepared")
     [spec] = train_specs(c.data)
     monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "node1"))
@@ -195,13 +196,11 @@ def test_tasks_split_the_units_and_task_0_publishes(s3, tmp_path, tiny_model_pat
     assert shard_sums(p) == shard_sums(whole)
 
 
-def test_reference_losses_scored_on_one_node_reach_the_others(s3, tmp_path, tiny_model_path, tokenizer,
+def test_reference_losses_scored_on_one_node_reach_the_others(stored, tmp_path, tiny_model_path, tokenizer,
                                                                monkeypatch):
     import numpy as np
 
-    server, b = s3
-    data = raw_corpus(tmp_path / "data")
-    server.upload_folder(str(data / "raw"), b, "raw")
+    server, b, data = stored
     c = cfg(tiny_model_path, f"s3://{b}/raw/part-1.jsonl", f"s3://{b}/prepared")
     [p] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
     rows = p.manifest["counts"]["rows"]
@@ -264,13 +263,11 @@ def test_bad_credentials_and_a_dropped_connection_are_one_line_from_the_command(
     shutil.rmtree(tmp_path / "cache")
 
 
-def test_a_manifest_edited_in_the_store_is_refused_before_anything_is_written(s3, tmp_path, tiny_model_path,
+def test_a_manifest_edited_in_the_store_is_refused_before_anything_is_written(stored, tmp_path, tiny_model_path,
                                                                                tokenizer, monkeypatch):
     """A shard named ../x or /x, a manifest that is not an object, or one without its shards or counts:
     one error naming the manifest; no file is written (or removed) outside the node's copy."""
-    server, b = s3
-    data = raw_corpus(tmp_path / "data")
-    server.upload_folder(str(data / "raw"), b, "raw")
+    server, b, data = stored
     c = cfg(tiny_model_path, f"s3://{b}/raw/part-1.jsonl", f"s3://{b}/prepared")
     [p] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
     key = f"prepared/{os.path.basename(p.folder).rsplit('-', 1)[0]}/manifest.json"
@@ -295,16 +292,14 @@ def test_a_manifest_edited_in_the_store_is_refused_before_anything_is_written(s3
                         tiny_model_path, progress=False)
 
 
-def test_a_node_waiting_for_units_takes_the_manifest_another_node_published(s3, tmp_path, tiny_model_path,
+def test_a_node_waiting_for_units_takes_the_manifest_another_node_published(stored, tmp_path, tiny_model_path,
                                                                             tokenizer, monkeypatch):
     """Node A (task 0 of 2) has uploaded its units and waits for task 1's; node B, launched on its own
     (one task), renders only the two units missing and publishes: A ends with the one publication in
     the store instead of waiting out its deadline."""
     import threading
 
-    server, b = s3
-    data = raw_corpus(tmp_path / "data")
-    server.upload_folder(str(data / "raw"), b, "raw")
+    server, b, data = stored
     c = cfg(tiny_model_path, f"s3://{b}/raw", f"s3://{b}/prepared")
     [spec] = train_specs(c.data)
     monkeypatch.setenv("RESURE_CACHE", str(tmp_path / "nodeA"))
@@ -328,10 +323,8 @@ def test_a_node_waiting_for_units_takes_the_manifest_another_node_published(s3, 
     assert there["shards"] == got["p"].manifest["shards"]  # one publication, whoever wrote it
 
 
-def test_where_and_how_a_url_is_written(s3, tmp_path, tiny_model_path, tokenizer, monkeypatch):
-    server, b = s3
-    data = raw_corpus(tmp_path / "data")
-    server.upload_folder(str(data / "raw"), b, "raw")
+def test_where_and_how_a_url_is_written(stored, tmp_path, tiny_model_path, tokenizer, monkeypatch):
+    server, b, data = stored
     # prepared_dir inside the source: refused before anything is written there (in the store and on disk)
     with pytest.raises(DataError, match=rf"data.prepared_dir=s3://{b}/raw/prepared lies inside the source"):
         ensure_prepared(cfg(tiny_model_path, f"s3://{b}/raw/", f"s3://{b}/raw/prepared"), tokenizer, tiny_model_path,
@@ -376,14 +369,12 @@ def test_where_and_how_a_url_is_written(s3, tmp_path, tiny_model_path, tokenizer
         cfg(tiny_model_path, f"s3://{b}/x.jsonl?versionId=3", tmp_path / "p")
 
 
-def test_other_readers_follow_a_published_folder_and_bad_bytes_are_not_the_store(s3, tmp_path, tiny_model_path,
+def test_other_readers_follow_a_published_folder_and_bad_bytes_are_not_the_store(stored, tmp_path, tiny_model_path,
                                                                                 tokenizer):
     from resure_ds.data.records import read_dialogues
     from resure_ds.plan import steps_per_epoch
 
-    server, b = s3
-    data = raw_corpus(tmp_path / "data")
-    server.upload_folder(str(data / "raw"), b, "raw")
+    server, b, data = stored
     c = cfg(tiny_model_path, f"s3://{b}/raw/part-0.jsonl", f"s3://{b}/prepared")
     [p] = ensure_prepared(c, tokenizer, tiny_model_path, progress=False)
     url = f"s3://{b}/prepared/{os.path.basename(p.folder).rsplit('-', 1)[0]}"

@@ -215,22 +215,10 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         units = units_of(src)
         partial = folder + ".partial"
         os.makedirs(partial, exist_ok=True)
-        for name in os.listdir(partial):  # from an earlier attempt of this task (of any task: one task owns all)
-            if name == f"failed-task{me}.txt" or (tasks == 1 and name.startswith("failed-task")):
-                os.remove(os.path.join(partial, name))
+        publish.clear_failures(partial, me, tasks)
         todo = [(u, i, partial) for i, u in enumerate(units)
                 if i % tasks == me and not os.path.exists(unit_record(partial, i))]
-        if progress:
-            log(f"preparing {spec.label}: {len(units)} unit(s), {len(todo)} for this task, "
-                f"{min(workers, max(len(todo), 1))} worker(s) -> {folder}")
-        try:
-            run_units(todo, workers, model_path, cfg, tokenizer.get() if isinstance(tokenizer, OnDemand)
-                       else tokenizer, progress)
-        except BaseException as e:
-            if tasks > 1:
-                with open(os.path.join(partial, f"failed-task{me}.txt"), "w", encoding="utf-8") as f:
-                    f.write(str(e))
-            raise
+        _render_share(spec, len(units), todo, folder, partial, task, workers, model_path, cfg, tokenizer, progress)
         if me != 0:
             return Prepared(spec, folder, {}, False)
         _wait_for_units(partial, len(units), wait_s)
@@ -294,16 +282,7 @@ def _prepare_published(spec: SourceSpec, src: Source, url: str, key: str, fps: d
             with open(unit_record(stage, i), encoding="utf-8") as f:
                 upload(i, json.load(f))
         todo = [(units[i], i, stage) for i in mine if not os.path.exists(unit_record(stage, i))]
-        if progress:
-            log(f"preparing {spec.label}: {len(units)} unit(s), {len(todo)} for this task, "
-                f"{min(workers, max(len(todo), 1))} worker(s) -> {remote.shown(url)}")
-        try:
-            run_units(todo, workers, model_path, cfg, tokenizer.get() if isinstance(tokenizer, OnDemand)
-                       else tokenizer, progress, after=upload)
-        except BaseException as e:
-            if tasks > 1:
-                publish.note_failure(url, me, str(e))
-            raise
+        _render_share(spec, len(units), todo, url, url, task, workers, model_path, cfg, tokenizer, progress, upload)
         if me != 0:
             return Prepared(spec, stage, {}, False)
         records = publish.wait_for_units(url, len(units), wait_s)
@@ -313,6 +292,23 @@ def _prepare_published(spec: SourceSpec, src: Source, url: str, key: str, fps: d
         m = publish.publish_manifest(url, {"format": PREPARED_FORMAT, "version": FORMAT_VERSION, **m})
     _done(spec, m, cfg, t0, progress)
     return Prepared(spec, publish.fetch(url, m, checksums), m, False)
+
+
+def _render_share(spec: SourceSpec, n_units: int, todo: list, target: str, notes: str, task: tuple[int, int],
+                  workers: int, model_path: str, cfg: Config, tokenizer, progress: bool, after=None) -> None:
+    """This task's units rendered (after(index, record) as each one finishes); a failure of one task of
+    several is noted in `notes` (failed-task<N>.txt) for task 0, which waits for them all."""
+    me, tasks = task
+    if progress:
+        log(f"preparing {spec.label}: {n_units} unit(s), {len(todo)} for this task, "
+            f"{min(workers, max(len(todo), 1))} worker(s) -> {remote.shown(target)}")
+    try:
+        run_units(todo, workers, model_path, cfg, tokenizer.get() if isinstance(tokenizer, OnDemand) else tokenizer,
+                  progress, after)
+    except BaseException as e:
+        if tasks > 1:
+            publish.note_failure(notes, me, str(e))
+        raise
 
 
 def _wait_for_units(partial: str, n: int, wait_s: float) -> None:
@@ -339,8 +335,8 @@ def default_workers(cfg: Config) -> int:
 def ensure_prepared(cfg: Config, tokenizer, model_path: str, workers: int | None = None,
                     task: tuple[int, int] = (0, 1), progress: bool = True, checksums: bool = True) -> list[Prepared]:
     """Every source of data.train, prepared (or found prepared)."""
-    specs = train_specs(cfg.data)  # validated by load_config
-    check_prepared_dir(cfg)  # every source's, before the first is prepared
+    specs = train_specs(cfg.data)  # validated by load_config; the first prepare_source checks data.prepared_dir
+    # against every source (training and validation) before anything is written
     workers = workers or default_workers(cfg)
     return [prepare_source(s, cfg, tokenizer, model_path, workers, task, progress, checksums=checksums)
             for s in specs]

@@ -20,6 +20,7 @@ import io
 import os
 import posixpath
 import re
+import shutil
 from typing import IO, Iterator
 
 from ..errors import DataError
@@ -162,7 +163,11 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """A whole object (remote: one PUT, which a reader sees whole or not at all)."""
+    """A whole object (remote: one PUT, which a reader sees whole or not at all) or file."""
+    if not is_url(path):
+        with open(local(path), "wb") as f:
+            f.write(data)
+        return
     fs, p = _fs(path)
     with store_errors(path, "writing"):
         fs.pipe_file(p, data)
@@ -180,30 +185,27 @@ def get(url: str, local_file: str) -> None:
         fs.get_file(p, local_file)
 
 
-def exists(path: str) -> bool:
+def _ask(path: str, on_disk, method: str, doing: str = "looking for"):
+    """A question about one path: os's answer for a local one, the store's for a URL (its listing of
+    the parent read afresh: another process may have written since)."""
     if not is_url(path):
-        return os.path.exists(local(path))
+        return on_disk(local(path))
     fs, p = _fs(path)
-    with store_errors(path, "looking for"):
+    with store_errors(path, doing):
         fs.invalidate_cache(posixpath.dirname(p))
-        return fs.exists(p)
+        return getattr(fs, method)(p)
+
+
+def exists(path: str) -> bool:
+    return _ask(path, os.path.exists, "exists")
 
 
 def isfile(path: str) -> bool:
-    if not is_url(path):
-        return os.path.isfile(local(path))
-    fs, p = _fs(path)
-    with store_errors(path, "looking for"):
-        fs.invalidate_cache(posixpath.dirname(p))
-        return fs.isfile(p)
+    return _ask(path, os.path.isfile, "isfile")
 
 
 def isdir(path: str) -> bool:
-    if not is_url(path):
-        return os.path.isdir(local(path))
-    fs, p = _fs(path)
-    with store_errors(path, "looking for"):
-        return fs.isdir(p)
+    return _ask(path, os.path.isdir, "isdir")
 
 
 def _url(path: str, like: str) -> str:
@@ -242,14 +244,13 @@ def glob(pattern: str) -> list[str]:
 
 
 def size(path: str) -> int:
-    if not is_url(path):
-        return os.path.getsize(local(path))
-    fs, p = _fs(path)
-    with store_errors(path, "looking up"):
-        return int(fs.size(p))
+    return int(_ask(path, os.path.getsize, "size", "looking up"))
 
 
 def remove(path: str, recursive: bool = False) -> None:
+    if not is_url(path):
+        (shutil.rmtree if recursive else os.remove)(local(path))
+        return
     fs, p = _fs(path)
     with store_errors(path, "removing"):
         fs.rm(p, recursive=recursive)
@@ -265,11 +266,17 @@ def fingerprint(url: str) -> list:
         version = next((str(info[k]) for k in ("ETag", "etag", "e_tag", "md5", "last_commit", "LastModified",
                                                  "mtime", "last_modified", "updated") if info.get(k)), None)
         if version is None:
-            h = hashlib.sha256()
             with fs.open(p, "rb") as f:
-                h.update(f.read(1 << 16))
-                if int(info["size"]) > 2 << 16:
-                    f.seek(-(1 << 16), os.SEEK_END)
-                    h.update(f.read())
-            version = h.hexdigest()[:16]
+                version = head_tail_digest(f, int(info["size"]))
     return [shown(url), int(info["size"]), version.strip('"')]
+
+
+def head_tail_digest(f, size: int) -> str:
+    """SHA-256 (16 hex digits) of a file's first and last 64 KiB: a file's identity without reading it
+    whole (local files' fingerprints use it beside size and mtime, a store's objects without a version)."""
+    h = hashlib.sha256()
+    h.update(f.read(1 << 16))
+    if size > 2 << 16:
+        f.seek(-(1 << 16), os.SEEK_END)
+        h.update(f.read())
+    return h.hexdigest()[:16]

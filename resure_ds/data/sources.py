@@ -20,9 +20,9 @@ errors and, where the record has no `id`, as its dialogue id (`file:12`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob as globlib
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -69,13 +69,8 @@ def file_fingerprint(path: str) -> list:
     if remote.is_url(path):
         return remote.fingerprint(path)
     st = os.stat(path)
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        h.update(f.read(1 << 16))
-        if st.st_size > 2 << 16:
-            f.seek(-(1 << 16), os.SEEK_END)
-            h.update(f.read())
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns, h.hexdigest()[:16]]
+        return [os.path.abspath(path), st.st_size, st.st_mtime_ns, remote.head_tail_digest(f, st.st_size)]
 
 
 def _data_files(folder: str) -> list[str]:
@@ -215,11 +210,8 @@ def _units(src: Source) -> list[Unit]:
         n = chitchat_count(src.files[0])
         return [Unit("chitchat", src.files[0], a, min(a + CHITCHAT_UNIT, n), a) for a in range(0, n, CHITCHAT_UNIT)]
     if src.kind == "hf":  # one unit per Arrow file of the folder, its rows numbered across the folder
-        units, row = [], 0
-        for _, rows in hf_files(src.files[0]):
-            units.append(Unit("hf", src.files[0], row, row + rows, row))
-            row += rows
-        return [u for u in units if u.stop > u.start]
+        return [Unit("hf", src.files[0], first, first + rows, first) for _, first, rows in hf_files(src.files[0])
+                if rows]
     units = []
     for path in src.files:
         if path.endswith(".jsonl"):
@@ -353,19 +345,32 @@ def load_hf(folder: str):
         raise DataError(f"{folder}: not a dataset saved with datasets' save_to_disk ({e})") from None
 
 
-def hf_files(folder: str) -> list[tuple[str, int]]:
-    """A saved datasets folder's Arrow files, in the dataset's order, with their row counts (read off
-    the memory-mapped files' batch headers: no row is decoded)."""
+def hf_files(folder: str) -> tuple[tuple[str, int, int], ...]:
+    """A saved datasets folder's Arrow files, in the dataset's order: (path, its first row across the
+    folder, its rows), the rows read off the memory-mapped files' batch headers (no row is decoded).
+    Computed once per state of the folder's state.json in a process."""
+    try:
+        st = os.stat(os.path.join(folder, "state.json"))
+    except OSError as e:
+        raise DataError(f"{folder}: not a dataset saved with datasets' save_to_disk ({e}); save it again, or "
+                        "give its data as .parquet/.jsonl files") from None
+    return _hf_files(folder, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _hf_files(folder: str, _mtime_ns: int, _size: int) -> tuple[tuple[str, int, int], ...]:
     import pyarrow as pa
 
     try:
         with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
             names = [d["filename"] for d in json.load(f)["_data_files"]]
-        out = []
+        out, first = [], 0
         for name in names:
             with pa.memory_map(os.path.join(folder, name)) as m:
-                out.append((os.path.join(folder, name), sum(b.num_rows for b in pa.ipc.open_stream(m))))
-        return out
+                rows = sum(b.num_rows for b in pa.ipc.open_stream(m))
+            out.append((os.path.join(folder, name), first, rows))
+            first += rows
+        return tuple(out)
     except (OSError, ValueError, KeyError, TypeError, pa.ArrowInvalid) as e:
         raise DataError(f"{folder}: not a dataset saved with datasets' save_to_disk ({e}); save it again, or "
                         "give its data as .parquet/.jsonl files") from None
@@ -375,18 +380,10 @@ def _read_hf(u: Unit) -> Iterator[tuple[str, Any]]:
     """One Arrow file of a datasets folder, streamed (an IterableDataset: nothing is loaded whole)."""
     import datasets
 
-    path = next(p for p, first in _file_starts(u.path) if first == u.start)
+    path = next(p for p, first, _ in hf_files(u.path) if first == u.start)
     ds = datasets.load_dataset("arrow", data_files=[path], split="train", streaming=True)
     for j, rec in enumerate(ds):
         yield f"row {u.start + j}", rec
-
-
-def _file_starts(folder: str) -> list[tuple[str, int]]:
-    out, row = [], 0
-    for path, rows in hf_files(folder):
-        out.append((path, row))
-        row += rows
-    return out
 
 
 def _read_chitchat(u: Unit) -> Iterator[tuple[str, Any]]:
