@@ -10,12 +10,20 @@ peak memory of the process tree and of its largest process); the prepared bytes;
 of the prepared shards three ways (every SHA-256, as the first launch on a node does; incremental,
 as every later launch does; sizes only, as each rank does); the prepare command's cache hit (what
 launch/train.sh spends on data before the ranks start); and a rank's first batch at 90% of the
-epoch (open the shards, one permutation, one window). Results: benchmarks/results/corpus_growth.json
-(each size's entry rewritten as it finishes).
+epoch (open the shards, one permutation, one window).
+
+--parts verdict measures the commands on a run's results at each size: a run folder over the corpus
+as one epoch of training would leave it (config.json and sources.json as a run writes them, one audit
+row per assistant turn in rank segments of the writer's size, one metrics line per step of 305 turns,
+as benchmarks/report_scale.py's real run trained), its values drawn at random (about 10% of turns
+below weight 1); then, as a user runs them, the report (summary, plot, report.html), --export and
+--filter --min-weight 0.5: wall time, peak memory, audit bytes per turn. Results:
+benchmarks/results/corpus_growth.json (each size's entries updated as they finish).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -26,11 +34,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.corpus_scale import PY, base_dialogues, run_prepare  # noqa: E402
+from benchmarks.corpus_scale import PY, base_dialogues, run_prepare, watch  # noqa: E402
 
 WORK = os.path.join(ROOT, "benchmarks", "work", "corpus_growth")
 OUT = os.path.join(ROOT, "benchmarks", "results", "corpus_growth.json")
 PER_FILE = 10_000
+TURNS_PER_STEP = 305  # benchmarks/report_scale.py's run: 2 ranks of 16 packed rows of 512 tokens
 
 
 def log(*a):
@@ -116,21 +125,120 @@ def measure(n: int) -> dict:
     return res
 
 
+# -- the commands on a run's results -----------------------------------------------------------------
+def synth_run(data: str, run: str) -> dict:
+    """A run folder over the corpus in `data` as one epoch would leave it (see the module's doc)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from resure_ds.config import load_config, to_dict
+    from resure_ds.config.parse import train_specs
+    from resure_ds.data.sources import resolve, source_fingerprint
+    from resure_ds.report.audit import FLUSH_ROWS, SCHEMA, _write
+    from resure_ds.report.run_files import write_sources
+
+    shutil.rmtree(run, ignore_errors=True)
+    os.makedirs(os.path.join(run, "audit"))
+    cfg = to_dict(load_config("recipes/default.yaml", [f"data.train={data}", "data.max_length=256"]))
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    spec = train_specs(cfg["data"])[0]
+    write_sources(run, [{"name": spec.label, "files": source_fingerprint(resolve(spec))}])
+    rng, turns, segs = np.random.default_rng(0), 0, [0, 0]
+    pending: list[pa.Table] = []
+
+    def flush(final: bool = False) -> None:
+        t = pa.concat_tables(pending) if pending else None
+        pending.clear()
+        while t is not None and (t.num_rows >= 2 * FLUSH_ROWS or (final and t.num_rows)):
+            for rank in (0, 1):  # each rank's rows, in training order, FLUSH_ROWS a segment
+                part = t.slice(0, 2 * FLUSH_ROWS).filter(pc.equal(t.slice(0, 2 * FLUSH_ROWS).column("rank"), rank))
+                if part.num_rows:
+                    _write(os.path.join(run, "audit", f"rank{rank:05d}-seg{segs[rank]:06d}.parquet"), part)
+                    segs[rank] += 1
+            t = t.slice(2 * FLUSH_ROWS) if t.num_rows > 2 * FLUSH_ROWS else None
+        if t is not None:
+            pending.append(t)
+
+    for path in sorted(glob.glob(os.path.join(data, "*.parquet"))):
+        t = pq.read_table(path, columns=["id", "messages"])
+        roles = pc.struct_field(pc.list_flatten(t.column("messages")), "role")
+        parent = pc.list_parent_indices(t.column("messages")).to_numpy()
+        rows = parent[pc.equal(roles, "assistant").to_numpy(zero_copy_only=False)]
+        k = len(rows)
+        turn = np.arange(k) - np.searchsorted(rows, rows)  # index among the dialogue's assistant messages
+        step = (turns + np.arange(k)) // TURNS_PER_STEP + 1
+        z = rng.normal(0, 1, k)
+        w = np.where(z > 1.28, np.exp(-(z - 1.28)), 1.0)
+        pending.append(pa.Table.from_pydict({
+            "source": pa.array([spec.label] * k), "dialogue_id": t.column("id").take(pa.array(rows)),
+            "turn": pa.array(turn, pa.int32()), "loss": rng.gamma(4.0, 0.6, k), "z": z, "weight": w,
+            "warm": step > 10, "step": pa.array(step, pa.int32()), "partial": np.zeros(k, bool),
+            "rank": pa.array((step + np.arange(k)) % 2, pa.int32()), "ref_loss": pa.nulls(k, pa.float64()),
+            "data_weight": np.ones(k), "z_loss": z, "z_excess": pa.nulls(k, pa.float64()),
+            "source_weight": np.ones(k)}, schema=SCHEMA))
+        turns += k
+        flush()
+    flush(final=True)
+    steps = turns // TURNS_PER_STEP + 1
+    nb = cfg["stats"]["num_buckets"]
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        for s in range(1, steps + 1):
+            f.write(json.dumps({"step": s, "loss": 2.4, "weighted_loss": 2.3, "mean_weight": 0.96, "frac_w_lt_1": 0.1, "frac_w_lt_0.5": 0.04, "lr": 1e-5,
+                                "bucket_mean": [2.4] * nb, "bucket_std": [0.6] * nb, "bucket_n": [s * 30] * nb,
+                                "step_time_s": 1.0, "nonfinite_total": 0}) + "\n")
+    return {"audited_turns": turns, "steps": steps}
+
+
+def verdict_costs(n: int) -> dict:
+    """The report, --export and --filter on a run over the corpus of n dialogues: time, peak memory."""
+    from resure_ds.report.audit import segments
+
+    data, run = os.path.join(WORK, f"corpus-{n}"), os.path.join(WORK, f"run-{n}")
+    build(data, n)
+    t = time.perf_counter()
+    res = synth_run(data, run)
+    res["synth_s"] = time.perf_counter() - t
+    res["audit_bytes"] = sum(os.path.getsize(p) for p in segments(run))
+    res["audit_bytes_per_turn"] = res["audit_bytes"] / res["audited_turns"]
+    out = os.path.join(WORK, f"verdict-{n}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    for name, extra in (("report", []), ("export", ["--export", os.path.join(out, "verdict.parquet")]),
+                        ("filter", ["--filter", os.path.join(out, "filtered"), "--min-weight", "0.5"])):
+        w = watch([PY, "-m", "resure_ds.report", run, *extra])
+        assert w["rc"] == 0, (name, w["stderr"][-2000:])
+        res[name] = {k: v for k, v in w.items() if k not in ("stdout", "stderr", "rc")}
+        log(f"{n:,}: {name} {w['wall_s']:.1f} s, peak RSS {w['peak_rss_tree_mb']:.0f} MB")
+    res["filter"]["counts"] = {k: v for k, v in json.load(open(os.path.join(out, "filtered", "filter_counts.json")))
+                               .items() if k != "outputs"}
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="*", type=int, default=[30_000, 300_000, 3_000_000])
+    ap.add_argument("--parts", nargs="*", choices=("prepare", "verdict"), default=["prepare", "verdict"])
     ap.add_argument("--keep", action="store_true", help="keep each size's corpus and prepared folder")
     a = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     res = json.load(open(OUT)) if os.path.exists(OUT) else {}
     res["machine"] = f"{os.cpu_count()} CPU cores, {sys.platform}"
     for n in a.sizes:
-        res[str(n)] = measure(n)
+        entry = res.setdefault(str(n), {})
+        if "prepare" in a.parts:
+            entry.update(measure(n))
+        if "verdict" in a.parts:
+            entry["verdict"] = verdict_costs(n)
         os.makedirs(os.path.dirname(OUT), exist_ok=True)
         with open(OUT, "w") as f:
             json.dump(res, f, indent=2, default=float)
         if not a.keep:
             shutil.rmtree(os.path.join(WORK, f"prep-{n}"), ignore_errors=True)
+            shutil.rmtree(os.path.join(WORK, f"run-{n}"), ignore_errors=True)
     log(f"results: {OUT}")
 
 

@@ -112,33 +112,45 @@ def part_render(res: dict, trials: int = 3) -> None:
 
 
 # -- 2. prepare: throughput with 1 and 2 workers, peak memory at 30k vs 300k -----------------------
-def run_prepare(data: str, prepared: str, workers: int, max_length: int = 256) -> dict:
-    """`python -m resure_ds.data.prepare` as a user runs it; wall time and peak RSS of its process tree."""
+def watch(cmd: list[str], env: dict | None = None) -> dict:
+    """Run cmd from the repository root; its wall time, the peak RSS of its process tree and of its
+    largest process (sampled every 0.2 s), its return code, stdout and stderr."""
+    import tempfile
+
     import psutil
 
-    shutil.rmtree(prepared, ignore_errors=True)
-    cmd = [PY, "-m", "resure_ds.data.prepare", "recipes/default.yaml", f"data.train={data}",
-           f"data.prepared_dir={prepared}", f"data.max_length={max_length}", f"data.prepare_workers={workers}"]
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # a pipe would fill and block it
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, env=env)
     proc, peak, peak_one = psutil.Process(p.pid), 0, 0
     while p.poll() is None:
         try:
-            tree = [proc] + proc.children(recursive=True)
-            rss = [q.memory_info().rss for q in tree]
+            rss = [q.memory_info().rss for q in [proc] + proc.children(recursive=True)]
             peak, peak_one = max(peak, sum(rss)), max(peak_one, max(rss))
         except psutil.Error:
             pass
         time.sleep(0.2)
     wall = time.perf_counter() - t0
-    folder = p.stdout.read().strip().splitlines()[-1]
-    assert p.returncode == 0, cmd
+    out.seek(0)
+    err.seek(0)
+    return {"wall_s": wall, "peak_rss_tree_mb": peak / 2 ** 20, "peak_rss_one_process_mb": peak_one / 2 ** 20,
+            "rc": p.returncode, "stdout": out.read(), "stderr": err.read()}
+
+
+def run_prepare(data: str, prepared: str, workers: int, max_length: int = 256) -> dict:
+    """`python -m resure_ds.data.prepare` as a user runs it; wall time and peak RSS of its process tree."""
+    shutil.rmtree(prepared, ignore_errors=True)
+    cmd = [PY, "-m", "resure_ds.data.prepare", "recipes/default.yaml", f"data.train={data}",
+           f"data.prepared_dir={prepared}", f"data.max_length={max_length}", f"data.prepare_workers={workers}"]
+    w = watch(cmd)
+    assert w["rc"] == 0, (cmd, w["stderr"][-2000:])
+    folder = w["stdout"].strip().splitlines()[-1]
     m = json.load(open(os.path.join(folder, "manifest.json")))
     c = m["counts"]
-    return {"workers": workers, "wall_s": wall, "prepare_s": m["seconds"], "dialogues": c["dialogues"],
+    return {"workers": workers, "wall_s": w["wall_s"], "prepare_s": m["seconds"], "dialogues": c["dialogues"],
             "tokens": c["tokens"], "dialogues_per_s": c["dialogues"] / m["seconds"],
-            "tokens_per_s": c["tokens"] / m["seconds"], "peak_rss_tree_mb": peak / 2 ** 20,
-            "peak_rss_one_process_mb": peak_one / 2 ** 20, "folder": folder}
+            "tokens_per_s": c["tokens"] / m["seconds"], "peak_rss_tree_mb": w["peak_rss_tree_mb"],
+            "peak_rss_one_process_mb": w["peak_rss_one_process_mb"], "folder": folder}
 
 
 def part_prepare(res: dict) -> None:

@@ -3,12 +3,14 @@ import gzip
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from resure_ds.report.audit import AuditLog
-from resure_ds.report.verdict import export, filter_corpus, group_stats, last_seen
+from resure_ds.report.scan import GroupStats, last_seen
+from resure_ds.report.verdict import export, filter_corpus
 
 
 def row(src, did, turn, w, step, z=0.0, warm=True):
@@ -42,6 +44,12 @@ def test_last_seen_takes_the_latest_step_and_counts_visits():
     v = last_seen(pa.Table.from_pylist(log_rows[::-1])).to_pylist()
     assert [(r["source"], r["dialogue_id"], r["turn"], r["weight"], r["step"], r["times_seen"]) for r in v] == [
         ("s", "a", 0, 0.9, 5, 2), ("s", "a", 1, 1.0, 1, 1), ("t", "a", 0, 0.4, 2, 1)]
+
+
+def group_stats(v, by, cap=None):
+    g = GroupStats(by, cap)
+    g.add(v)
+    return g.rows()
 
 
 def test_group_stats_per_source():
@@ -222,3 +230,112 @@ def test_a_glob_source_protects_its_folder_and_a_link_inside_an_input_is_refused
     with pytest.raises(ValueError, match="lies inside .*data, an input of this run"):
         export(str(tmp_path / "run"), str(tmp_path / "data" / "link.parquet"))
     assert os.path.islink(tmp_path / "data" / "link.parquet") and not (tmp_path / "elsewhere.parquet").exists()
+
+
+def random_audit(n_dialogues=300, visits=2, seed=0):
+    """Rows as two ranks log them: every dialogue's turns trained `visits` times, in shuffled steps."""
+    import random
+
+    rnd, rows = random.Random(seed), []
+    for v in range(visits):
+        order = list(range(n_dialogues))
+        rnd.shuffle(order)
+        for i, d in enumerate(order):
+            src = "A" if d % 3 else "B"
+            for t in range(1 + d % 4):
+                w = 1.0 if rnd.random() < 0.7 else round(rnd.random(), 3)
+                rows.append({**row(src, f"d{d}", t, w, 1 + v * n_dialogues + i, z=rnd.gauss(0, 1),
+                                   warm=i > 5), "rank": i % 2})
+    return rows
+
+
+def test_the_verdict_in_parts_is_the_verdict_whole(tmp_path):
+    """An audit of 1,500 rows spread over 15 parts (every dialogue's turns in one part) gives the same verdict rows, the
+    same per-group statistics, the same lowest turns and the same per-dialogue verdicts as read whole."""
+    from resure_ds.report.scan import DialogueVerdicts, Lowest, verdict_parts
+
+    log = AuditLog(str(tmp_path), 0, flush_rows=97)  # several segments, as a long run writes them
+    log.add(random_audit())
+    log.flush()
+    whole = list(verdict_parts(str(tmp_path)))
+    parts = list(verdict_parts(str(tmp_path), part_rows=100))
+    assert len(whole) == 1 and len(parts) == 15 and all(p.num_rows for p in parts)
+    for p in parts:  # a dialogue never split between parts
+        keys = set(zip(p.column("source").to_pylist(), p.column("dialogue_id").to_pylist()))
+        assert not any(keys & set(zip(q.column("source").to_pylist(), q.column("dialogue_id").to_pylist()))
+                       for q in parts if q is not p)
+    key = lambda r: (r["source"], r["dialogue_id"], r["turn"])  # noqa: E731
+    assert sorted(pa.concat_tables(parts).to_pylist(), key=key) == whole[0].to_pylist()
+
+    def accumulate(tables):
+        by_src, by_turn, low, dv = GroupStats("source"), GroupStats("turn", cap=2), Lowest(7), DialogueVerdicts(0.5)
+        for t in tables:
+            for acc in (by_src, by_turn, low, dv):
+                acc.add(t)
+        return by_src.rows(), by_turn.rows(), low.rows(), dv.done()
+
+    a, b = accumulate(whole), accumulate(parts)
+    for x, y in zip(a[:2], b[:2]):
+        assert [{k: pytest.approx(v) for k, v in r.items()} for r in x] == y
+    assert a[2] == b[2] and len(a[2]) == 7 and [r["weight"] for r in a[2]] == sorted(r["weight"] for r in a[2])
+    v = whole[0].to_pylist()
+    for d in [f"d{i}" for i in range(301)]:  # d300 was never trained
+        src = "A" if int(d[1:]) % 3 else "B"
+        low = [r["turn"] for r in v if r["dialogue_id"] == d and r["weight"] < 0.5]
+        expect = (any(r["dialogue_id"] == d for r in v), min(low) if low else None)
+        assert a[3].lookup(src, d) == b[3].lookup(src, d) == expect
+    assert b[3].lookup("A", "d1")[0] and b[3].lookup("B", "d1") == (False, None)  # the source is part of the key
+
+
+def test_export_and_filter_in_parts_write_what_they_write_whole(tmp_path, monkeypatch):
+    """--export and --filter on an audit read in parts: the same rows (export in another order) and the
+    same filtered corpus and counts."""
+    from resure_ds.report import scan
+
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps(dialog(f"d{i}", 1 + i % 4)) + "\n" for i in range(320)))
+    write_run(tmp_path / "run", [{"path": str(src), "name": "A"}], [r for r in random_audit() if r["source"] == "A"])
+    out = {}
+    for name, part_rows in (("whole", scan.PART_ROWS), ("parts", 50)):
+        monkeypatch.setattr(scan, "PART_ROWS", part_rows)
+        monkeypatch.setattr(scan.verdict_parts, "__defaults__", (part_rows,))
+        n = export(str(tmp_path / "run"), str(tmp_path / f"{name}.parquet"))
+        c = filter_corpus(str(tmp_path / "run"), str(tmp_path / name), 0.5, "turn")
+        out[name] = (n, pq.read_table(tmp_path / f"{name}.parquet").to_pylist(), c,
+                     (tmp_path / name / "00-A" / "data.jsonl").read_text())
+    (n1, v1, c1, f1), (n2, v2, c2, f2) = out["whole"], out["parts"]
+    key = lambda r: (r["source"], r["dialogue_id"], r["turn"])  # noqa: E731
+    assert n1 == n2 == len(v1) > 400 and v1 == sorted(v2, key=key) and v1 != v2  # parts: grouped, not sorted
+    assert {k: v for k, v in c1.items() if k != "outputs"} == {k: v for k, v in c2.items() if k != "outputs"}
+    assert f1 == f2 and c1["cut"] > 20 and c1["dropped"] > 20 and c1["not_trained_kept"] == 120  # d0, d3, ... and d300-d319
+
+
+def test_quantiles_past_the_exact_limit_stay_within_half_a_bin(monkeypatch):
+    from resure_ds.report.scan import Quantiles
+
+    monkeypatch.setattr(Quantiles, "EXACT", 1000)
+    x = np.random.default_rng(0).standard_normal(50_000) * 3
+    x[:5] = [np.nan, np.inf, -80.0, 60.0, 0.0]  # non-finite values left out; values past the range kept in the ends
+    q = Quantiles()
+    for chunk in np.array_split(x, 37):
+        q.add(chunk)
+    finite = x[np.isfinite(x)]
+    assert q.hist is not None and q.count == len(finite) and (q.lo, q.hi) == (-80.0, 60.0)
+    got, exact = q.quantiles([0.0, 0.1, 0.5, 0.9, 1.0]), np.quantile(finite, [0.0, 0.1, 0.5, 0.9, 1.0])
+    assert got[0] == -80.0 and got[-1] == 60.0
+    assert np.abs(np.array(got[1:4]) - exact[1:4]).max() <= 0.0005 + 1e-9
+
+
+def test_the_verdict_in_parts_names_a_temporary_folder_it_cannot_write(tmp_path, monkeypatch):
+    import tempfile
+
+    from resure_ds.report.scan import verdict_parts
+
+    log = AuditLog(str(tmp_path / "run"), 0)
+    log.add(random_audit(n_dialogues=40))
+    log.flush()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no" / "such"))
+    with pytest.raises(ValueError, match=r"audit's 200 rows are read in parts through temporary files under .*no/such, "
+                                         r"which cannot be written there .*point TMPDIR at a folder"):
+        list(verdict_parts(str(tmp_path / "run"), part_rows=50))
+    assert len(list(verdict_parts(str(tmp_path / "run")))) == 1  # one part: no temporary file

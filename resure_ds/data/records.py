@@ -318,6 +318,14 @@ def to_dialogue(unit: Unit, where: str, record: Any) -> Dialogue:
     return Dialogue(did, messages, f"{unit.path} {where}", tools, _weights(record, messages, unit.layout))
 
 
+def dialogue_id(unit: Unit, where: str, record: Any) -> str | None:
+    """The id to_dialogue gives a record, read without validating the rest (None: not an object)."""
+    if not isinstance(record, dict):
+        return None
+    own = record.get(unit.layout.col("id"))
+    return str(own) if own is not None else default_id(unit, where)
+
+
 def _weights(record: dict, messages: list[dict], layout: Layout) -> tuple[float, ...] | None:
     """Each assistant message's data weight (its own times the record's), taken off the messages;
     None where the record gives none."""
@@ -360,6 +368,12 @@ def _in_memory(ds: Any) -> Iterator[tuple[str, Any]]:
         yield f"row {i}", rec
 
 
+def raw_source(spec: SourceSpec):
+    """The source whose records a spec reads (a prepared folder: the one it was prepared from)."""
+    src = resolve(spec)
+    return resolve(manifest_source(src.files[0])) if src.kind == "prepared" else src
+
+
 def read_dialogues(spec: Any, skip_invalid: bool = False,
                    skipped: SkipCounter | None = None) -> Iterator[Dialogue]:
     """Stream validated dialogues of one source (a path as data.train takes it, or an in-memory
@@ -370,8 +384,5 @@ def read_dialogues(spec: Any, skip_invalid: bool = False,
         name = str(getattr(getattr(spec, "info", None), "dataset_name", None) or type(spec).__name__)
         yield from unit_dialogues(Unit("memory", name, 0, 0, 0), skip_invalid, skipped, _in_memory(spec))
         return
-    src = resolve(spec if isinstance(spec, SourceSpec) else SourceSpec(spec))
-    if src.kind == "prepared":
-        src = resolve(manifest_source(src.files[0]))
-    for unit in units_of(src):
+    for unit in units_of(raw_source(spec if isinstance(spec, SourceSpec) else SourceSpec(spec))):
         yield from unit_dialogues(unit, skip_invalid, skipped)

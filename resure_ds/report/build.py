@@ -7,26 +7,21 @@ import json
 import os
 import time
 
-import numpy as np
-import pyarrow as pa
-
 from ..config.parse import train_specs
 from ..data import overflow
-from ..data.records import read_dialogues
+from ..data.records import InvalidRecord, dialogue_id, raw_source, to_dialogue
+from ..data.sources import read_unit, units_of
 from ..files import write_json, write_text
-from .audit import read_audit
 from .html import render
 from .plots import training_png
 from .run_files import DATA_COUNTS, read_config, read_metrics
-from .verdict import group_stats, last_seen
+from .scan import AuditSums, GroupStats, Lowest, audit_sums, verdict_parts
 
 
 # -- text ---------------------------------------------------------------------------------------
-def summary_lines(run_dir: str, metrics: list[dict], audit: pa.Table, data: dict | None) -> list[str]:
+def summary_lines(run_dir: str, metrics: list[dict], sums: AuditSums, data: dict | None) -> list[str]:
     last = metrics[-min(5, len(metrics)):]
-    w = audit.column("weight").to_numpy()
-    n, warm = len(w), int(np.sum(audit.column("warm").to_numpy(zero_copy_only=False)))
-    down = int((w < 1).sum())
+    n, warm, down = sums.rows, sums.warm, sums.below_1
     lines = [
         f"run: {run_dir}",
         f"steps: {metrics[-1]['step']}   train time (sum of step times): {sum(m['step_time_s'] for m in metrics):.0f} s",
@@ -34,7 +29,7 @@ def summary_lines(run_dir: str, metrics: list[dict], audit: pa.Table, data: dict
         f"final weighted loss: {sum(m['weighted_loss'] for m in last) / len(last):.4f}",
         f"final mean weight: {sum(m['mean_weight'] for m in last) / len(last):.4f}",
         f"turns audited: {n} ({warm} after warm-up); down-weighted (w < 1): {down} "
-        f"({down / max(n, 1):.1%}), w < 0.5: {int((w < 0.5).sum())}",
+        f"({down / max(n, 1):.1%}), w < 0.5: {sums.below_half}",
         f"non-finite turn losses skipped: {metrics[-1]['nonfinite_total']}",
     ]
     val = [m for m in metrics if "val_loss" in m]
@@ -52,26 +47,29 @@ def summary_lines(run_dir: str, metrics: list[dict], audit: pa.Table, data: dict
     return lines
 
 
-def top_downweighted(verdict: pa.Table, cfg: dict, k: int) -> list[dict]:
-    """The k turns with the lowest last-seen weight (highest z first among equals), each with its
-    reply and the message before it, read back from the training data (a scan that stops once all
-    are found)."""
-    v = verdict
-    z = np.nan_to_num(np.asarray(v.column("z").to_numpy(zero_copy_only=False), dtype=float), nan=-np.inf)
-    order = np.lexsort((-z, v.column("weight").to_numpy()))[:k]
-    rows = v.take(pa.array(order, pa.int64())).to_pylist() if len(order) else []
+def with_text(rows: list[dict], cfg: dict) -> list[dict]:
+    """The verdict rows (Lowest's), each with its reply and the message before it, read back from the
+    training data (a scan that stops once all are found)."""
     want: dict[str, set] = {}
     for r in rows:
         want.setdefault(r["source"], set()).add(r["dialogue_id"])
     found: dict[tuple[str, str], list[dict]] = {}
     for spec in train_specs(cfg["data"]):
         ids = want.get(spec.label, set())
-        for d in read_dialogues(spec, skip_invalid=True) if ids else ():
-            if d.dialogue_id in ids:
-                found[(spec.label, d.dialogue_id)] = d.messages
-                ids.discard(d.dialogue_id)
+        for unit in units_of(raw_source(spec)) if ids else ():
+            for where, rec in read_unit(unit):
+                did = dialogue_id(unit, where, rec)  # a cheap look first: most records are not wanted
+                if did not in ids:
+                    continue
+                try:
+                    found[(spec.label, did)] = to_dialogue(unit, where, rec).messages
+                except InvalidRecord:
+                    continue
+                ids.discard(did)
                 if not ids:
                     break
+            if not ids:
+                break
     for r in rows:
         msgs = found.get((r["source"], r["dialogue_id"]), [])
         at = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
@@ -104,17 +102,19 @@ def build_report(run_dir: str, data: dict | None, with_plot: bool, html: bool, t
     elif os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    metrics, audit, rows = read_metrics(run_dir), read_audit(run_dir), []
-    lines = summary_lines(run_dir, metrics, audit, data)
+    metrics, sums, rows = read_metrics(run_dir), audit_sums(run_dir), []
+    lines = summary_lines(run_dir, metrics, sums, data)
     if with_plot:
-        lines.append(f"plot: {training_png(run_dir, metrics, audit)}")
+        lines.append(f"plot: {training_png(run_dir, metrics, sums)}")
     if html:
         cfg = read_config(run_dir)
-        verdict = last_seen(audit)
-        rows = top_downweighted(verdict, cfg, top)
-        page = render(run_dir, cfg, metrics, audit, lines,
-                      group_stats(verdict, "source"),
-                      group_stats(verdict, "turn", cap=cfg["stats"]["num_buckets"] - 1), rows, with_plot)
+        by_source, by_depth = GroupStats("source"), GroupStats("turn", cap=cfg["stats"]["num_buckets"] - 1)
+        lowest = Lowest(top)
+        for v in verdict_parts(run_dir):
+            for acc in (by_source, by_depth, lowest):
+                acc.add(v)
+        rows = with_text(lowest.rows(), cfg)
+        page = render(run_dir, cfg, metrics, sums, lines, by_source.rows(), by_depth.rows(), rows, with_plot)
         out = os.path.join(run_dir, "report.html")
         write_text(out, page)
         lines.append(f"report: {out} ({os.path.getsize(out) / 1e6:.2f} MB, built in {time.perf_counter() - t0:.1f} s)")

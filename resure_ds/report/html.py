@@ -14,10 +14,10 @@ import json
 import time
 
 import numpy as np
-import pyarrow as pa
 
 from .plots import (plot_buckets, plot_loss, plot_lr, plot_source_shares, plot_weight_hist, plot_weights_over_steps,
                     plot_z_by_source, pyplot, source_shares)
+from .scan import AuditSums
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
@@ -71,14 +71,14 @@ GROUP_COLS = [("turns", "turns", "{:,}"), ("dialogues", "dialogues", "{:,}"), ("
               ("z_p90", "z p90", "{:.2f}")]
 
 
-def render(run_dir: str, cfg: dict, metrics: list[dict], audit: pa.Table,
+def render(run_dir: str, cfg: dict, metrics: list[dict], sums: AuditSums,
            summary: list[str], by_source: list[dict], by_depth: list[dict], top: list[dict], plots: bool) -> str:
     figs = ""
     if plots:
         figs = "".join([_figure(plot_loss, metrics), _figure(plot_lr, metrics), _figure(plot_buckets, metrics),
                         _figure(plot_weights_over_steps, metrics),
-                        _figure(plot_weight_hist, audit.column("weight").to_numpy()),
-                        _figure(plot_z_by_source, audit, size=(6, 1.6 + 0.35 * max(len(by_source), 1))),
+                        _figure(plot_weight_hist, sums),
+                        _figure(plot_z_by_source, sums, size=(6, 1.6 + 0.35 * max(len(by_source), 1))),
                         _figure(plot_source_shares, metrics) if source_shares(metrics) else ""])
     nb = cfg.get("stats", {}).get("num_buckets")
     depth_rows = [{**r, "turn": f"{r['turn']}" + ("+" if nb and r["turn"] >= nb - 1 else "")} for r in by_depth]

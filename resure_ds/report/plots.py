@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pyarrow as pa
 
 from ..files import temp_name
+from .scan import AuditSums
 
 
 def plot_loss(ax, metrics: list[dict]) -> None:
@@ -48,21 +48,26 @@ def plot_weights_over_steps(ax, metrics: list[dict]) -> None:
     ax.legend()
 
 
-def plot_weight_hist(ax, weights: np.ndarray) -> None:
-    ax.hist(weights, bins=40, range=(0, 1), log=True)
-    ax.set(title=f"weight of every trained turn ({len(weights):,} rows)", xlabel="weight")
+def plot_weight_hist(ax, sums: AuditSums) -> None:
+    ax.stairs(sums.weight_hist, np.linspace(0, 1, len(sums.weight_hist) + 1), fill=True)
+    if sums.weight_hist.any():
+        ax.set_yscale("log")
+    ax.set(title=f"weight of every trained turn ({sums.rows:,} rows)", xlabel="weight")
 
 
-def plot_z_by_source(ax, audit: pa.Table) -> None:
-    warm = audit.filter(audit.column("warm"))
-    src = warm.column("source").to_numpy(zero_copy_only=False)
-    z = np.asarray(warm.column("z").to_numpy(zero_copy_only=False), dtype=float)
-    names = sorted(set(src.tolist()))
-    data = [z[(src == s) & np.isfinite(z)] for s in names]
-    if any(len(d) for d in data):
-        ax.boxplot([d if len(d) else [np.nan] for d in data], vert=False, showfliers=True,
-                   flierprops={"markersize": 2})
-        ax.set_yticks(range(1, len(names) + 1), [s[-30:] for s in names], fontsize=7)
+def plot_z_by_source(ax, sums: AuditSums) -> None:
+    """A box per source: quartiles, whiskers at 1.5 IQR (within the data), the extremes beyond them."""
+    names = sorted(n for n, q in sums.z_by_source.items() if q.count)
+    boxes = []
+    for n in names:
+        q = sums.z_by_source[n]
+        q1, med, q3 = q.quantiles([0.25, 0.5, 0.75])
+        lo, hi = max(q.lo, q1 - 1.5 * (q3 - q1)), min(q.hi, q3 + 1.5 * (q3 - q1))
+        boxes.append({"med": med, "q1": q1, "q3": q3, "whislo": lo, "whishi": hi, "label": n[-30:],
+                      "fliers": [x for x in (q.lo, q.hi) if x < lo or x > hi]})
+    if boxes:
+        ax.bxp(boxes, orientation="horizontal", showfliers=True, flierprops={"markersize": 2})
+        ax.tick_params(axis="y", labelsize=7)
     ax.set(title="turn-loss z per source (after warm-up)", xlabel="z")
 
 
@@ -96,14 +101,14 @@ def plot_source_shares(ax, metrics: list[dict]) -> None:
     ax.legend(fontsize=7)
 
 
-def training_png(run_dir: str, metrics: list[dict], audit: pa.Table) -> str:
+def training_png(run_dir: str, metrics: list[dict], sums: AuditSums) -> str:
     plt = pyplot()
 
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     plot_loss(ax[0, 0], metrics)
     plot_buckets(ax[0, 1], metrics)
     plot_weights_over_steps(ax[1, 0], metrics)
-    plot_weight_hist(ax[1, 1], audit.column("weight").to_numpy())
+    plot_weight_hist(ax[1, 1], sums)
     fig.tight_layout()
     out = os.path.join(run_dir, "training.png")
     fig.savefig(temp_name(out), dpi=90, format="png")

@@ -16,35 +16,17 @@ import json
 import os
 import sys
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config.parse import train_specs
-from ..data.manifest import manifest_source
-from ..data.records import InvalidRecord, record_format, to_dialogue
+from ..data.records import InvalidRecord, raw_source, record_format, to_dialogue
 from ..data.sources import load_hf, read_unit, resolve, source_fingerprint, units_of
 from ..errors import ConfigError, DataError
 from ..files import atomic, check_target, input_root, run_entries
 from ..stats.sources import metric_names
-from .audit import read_audit
 from .run_files import read_config, read_metrics, read_sources
-
-KEY = ["source", "dialogue_id", "turn"]
-LAST = ["weight", "z", "loss", "step", "warm", "partial", "z_loss", "z_excess", "source_weight"]
-
-
-def last_seen(audit: pa.Table) -> pa.Table:
-    """One row per (source, dialogue_id, turn): the weight, z and loss of its latest step, and how
-    many times it was trained."""
-    t = audit.sort_by([("step", "ascending")])
-    cols = [c for c in LAST if c in t.column_names]
-    g = t.group_by(KEY, use_threads=False).aggregate([(c, "last") for c in cols] + [("step", "count")])
-    names = {f"{c}_last": c for c in cols}
-    g = g.rename_columns([names.get(c, "times_seen" if c == "step_count" else c) for c in g.column_names])
-    return g.select([*KEY, *cols, "times_seen"]).sort_by(
-        [("source", "ascending"), ("dialogue_id", "ascending"), ("turn", "ascending")])
+from .scan import DialogueVerdicts, verdict_parts
 
 
 def export(run_dir: str, path: str) -> int:
@@ -59,11 +41,10 @@ def export(run_dir: str, path: str) -> int:
                      "and the training data")
         if os.path.isdir(out):
             raise ConfigError(f"--export {out}: is a folder; give the path of a .parquet file to write")
-    v = last_seen(read_audit(run_dir))
-    _write_parquet(v, path)
+    turns = _write_parquet(verdict_parts(run_dir), path)
     if shares is not None:
-        _write_parquet(shares, sources_path(path))
-    return v.num_rows
+        _write_parquet([shares], sources_path(path))
+    return turns
 
 
 def protected(run_dir: str) -> dict[str, str]:
@@ -132,46 +113,31 @@ def source_table(metrics: list[dict], labels: list[str] | None = None) -> pa.Tab
                                                         ("turns", pa.int64())]))
 
 
-def _write_parquet(table: pa.Table, path: str) -> None:
+def _write_parquet(tables, path: str) -> int:
+    """The tables (one schema) as one Parquet file, in their order; returns the rows written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rows = 0
     with atomic(path) as tmp:  # never a torn file under the final name, no temporary left on failure
-        pq.write_table(table, tmp, compression="zstd")
-
-
-def group_stats(v: pa.Table, by: str, cap: int | None = None) -> list[dict]:
-    """Per value of `by` (source, or turn): turns, dialogues, mean weight, fractions below 1 and
-    0.5, and the z quantiles of its warm turns. cap: values above it join it (turn depths beyond
-    the last statistics bucket share that bucket)."""
-    out = []
-    col = v.column(by).to_numpy(zero_copy_only=False)
-    if cap is not None:
-        col = np.minimum(col, cap)
-    w, z = v.column("weight").to_numpy(), v.column("z").to_numpy(zero_copy_only=False)
-    warm = v.column("warm").to_numpy(zero_copy_only=False)
-    dids = v.column("dialogue_id").to_numpy(zero_copy_only=False)
-    for key in sorted(set(col.tolist())):
-        m = col == key
-        zz = np.asarray(z[m & warm], dtype=float)
-        zz = zz[np.isfinite(zz)]
-        q = np.quantile(zz, [0.1, 0.5, 0.9]).tolist() if len(zz) else [None] * 3
-        out.append({by: key, "turns": int(m.sum()), "dialogues": len(set(dids[m].tolist())),
-                    "mean_weight": float(w[m].mean()), "frac_w_lt_1": float((w[m] < 1).mean()),
-                    "frac_w_lt_0.5": float((w[m] < 0.5).mean()), "warm_turns": int(len(zz)),
-                    "z_p10": q[0], "z_p50": q[1], "z_p90": q[2]})
-    return out
+        writer = None
+        try:
+            for t in tables:
+                writer = writer or pq.ParquetWriter(tmp, t.schema, compression="zstd")
+                writer.write_table(t)
+                rows += t.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+    return rows
 
 
 # -- applying the verdict to the corpus ------------------------------------------------------------
-def _verdict_by_dialogue(run_dir: str, min_weight: float) -> tuple[set, dict[tuple[str, str], int]]:
-    """From one read of the audit: the (source, dialogue_id) pairs trained, and for those with a turn
-    whose last-seen weight is below min_weight, the first such turn."""
-    v = last_seen(read_audit(run_dir))
-    trained = set(zip(v.column("source").to_pylist(), v.column("dialogue_id").to_pylist()))
-    low = v.filter(pc.less(v.column("weight"), min_weight))
-    first: dict[tuple[str, str], int] = {}
-    for s, d, t in zip(*(low.column(c).to_pylist() for c in KEY)):
-        first[(s, d)] = min(t, first.get((s, d), t))
-    return trained, first
+def _verdict_by_dialogue(run_dir: str, min_weight: float) -> DialogueVerdicts:
+    """From one read of the audit, part by part: per (source, dialogue_id) trained, its first turn whose
+    last-seen weight is below min_weight."""
+    verdicts = DialogueVerdicts(min_weight)
+    for v in verdict_parts(run_dir):
+        verdicts.add(v)
+    return verdicts.done()
 
 
 def _cut(record: dict, messages: list[dict], turn: int, layout) -> dict | None:
@@ -245,10 +211,7 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
     if unit not in ("dialogue", "turn"):
         raise ConfigError(f"--unit must be 'dialogue' or 'turn', got {unit!r}")
     cfg = read_config(run_dir)
-    sources = []
-    for spec in train_specs(cfg["data"]):
-        src = resolve(spec)
-        sources.append((spec, resolve(manifest_source(src.files[0])) if src.kind == "prepared" else src))
+    sources = [(spec, raw_source(spec)) for spec in train_specs(cfg["data"])]
     _check_output(out_dir, run_dir, sources)
     _check_unchanged(run_dir, sources)
     final = os.path.realpath(out_dir)  # a link to an empty folder: the folder it names is replaced
@@ -259,7 +222,7 @@ def filter_corpus(run_dir: str, out_dir: str, min_weight: float, unit: str = "di
 
 def _filter_into(run_dir: str, out_dir: str, final: str, sources: list, min_weight: float, unit: str) -> dict:
     """The filter's work, into out_dir (renamed to final, an empty folder or none, when done)."""
-    trained, low = _verdict_by_dialogue(run_dir, min_weight)
+    verdicts = _verdict_by_dialogue(run_dir, min_weight)
     counts = {"min_weight": min_weight, "unit": unit, "records": 0, "kept": 0, "dropped": 0, "cut": 0,
               "turns_removed": 0, "not_trained_kept": 0, "invalid_kept": 0,
               "unreadable_dropped": 0, "outputs": []}
@@ -282,12 +245,11 @@ def _filter_into(run_dir: str, out_dir: str, final: str, sources: list, min_weig
                         counts["invalid_kept"] += 1
                         w.add(rec, index, False)
                     continue
-                key = (spec.label, d.dialogue_id)
-                if key not in trained:
+                trained, t = verdicts.lookup(spec.label, d.dialogue_id)
+                if not trained:
                     counts["not_trained_kept"] += 1
                     w.add(rec, index, False)
                     continue
-                t = low.get(key)
                 n_turns = sum(m["role"] == "assistant" for m in d.messages)
                 if t is None:
                     counts["kept"] += 1
