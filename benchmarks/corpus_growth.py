@@ -192,14 +192,15 @@ def synth_run(data: str, run: str) -> dict:
     return {"audited_turns": turns, "steps": steps}
 
 
-def verdict_costs(n: int) -> dict:
-    """The report, --export and --filter on a run over the corpus of n dialogues: time, peak memory."""
+def verdict_costs(n: int, commands: list[str], res: dict) -> dict:
+    """The report, --export and --filter (those in `commands`) on a run over the corpus of n dialogues:
+    time, peak memory; into res (the size's earlier entry: the commands not run keep their numbers)."""
     from resure_ds.report.audit import segments
 
     data, run = os.path.join(WORK, f"corpus-{n}"), os.path.join(WORK, f"run-{n}")
     build(data, n)
     t = time.perf_counter()
-    res = synth_run(data, run)
+    res.update(synth_run(data, run))
     res["synth_s"] = time.perf_counter() - t
     res["audit_bytes"] = sum(os.path.getsize(p) for p in segments(run))
     res["audit_bytes_per_turn"] = res["audit_bytes"] / res["audited_turns"]
@@ -208,12 +209,15 @@ def verdict_costs(n: int) -> dict:
     os.makedirs(out)
     for name, extra in (("report", []), ("export", ["--export", os.path.join(out, "verdict.parquet")]),
                         ("filter", ["--filter", os.path.join(out, "filtered"), "--min-weight", "0.5"])):
+        if name not in commands:
+            continue
         w = watch([PY, "-m", "resure_ds.report", run, *extra])
         assert w["rc"] == 0, (name, w["stderr"][-2000:])
         res[name] = {k: v for k, v in w.items() if k not in ("stdout", "stderr", "rc")}
         log(f"{n:,}: {name} {w['wall_s']:.1f} s, peak RSS {w['peak_rss_tree_mb']:.0f} MB")
-    res["filter"]["counts"] = {k: v for k, v in json.load(open(os.path.join(out, "filtered", "filter_counts.json")))
-                               .items() if k != "outputs"}
+    if "filter" in commands:
+        res["filter"]["counts"] = {k: v for k, v in json.load(open(os.path.join(out, "filtered", "filter_counts.json")))
+                                   .items() if k != "outputs"}
     shutil.rmtree(out, ignore_errors=True)
     return res
 
@@ -222,6 +226,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="*", type=int, default=[30_000, 300_000, 3_000_000])
     ap.add_argument("--parts", nargs="*", choices=("prepare", "verdict"), default=["prepare", "verdict"])
+    ap.add_argument("--commands", nargs="*", choices=("report", "export", "filter"),
+                    default=["report", "export", "filter"], help="with --parts verdict: which commands to time")
     ap.add_argument("--keep", action="store_true", help="keep each size's corpus and prepared folder")
     a = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
@@ -232,7 +238,7 @@ def main() -> None:
         if "prepare" in a.parts:
             entry.update(measure(n))
         if "verdict" in a.parts:
-            entry["verdict"] = verdict_costs(n)
+            entry["verdict"] = verdict_costs(n, a.commands, entry.get("verdict", {}))
         os.makedirs(os.path.dirname(OUT), exist_ok=True)
         with open(OUT, "w") as f:
             json.dump(res, f, indent=2, default=float)

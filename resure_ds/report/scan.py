@@ -265,8 +265,10 @@ class DialogueVerdicts:
         i = int(np.searchsorted(sorted_keys, key))
         return i if i < len(sorted_keys) and sorted_keys[i] == key else -1
 
-    def lookup(self, source: str, dialogue_id: str) -> tuple[bool, int | None]:
-        """(trained, the first low turn or None)."""
+    def lookup(self, source: str, dialogue_id: str | None) -> tuple[bool, int | None]:
+        """(trained, the first low turn or None); (False, None) for no id."""
+        if dialogue_id is None:
+            return False, None
         key = np.frombuffer(_digest(source, dialogue_id), "S16")[0]
         if self._find(self.trained, key) < 0:
             return False, None

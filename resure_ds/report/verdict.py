@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config.parse import train_specs
-from ..data.records import InvalidRecord, raw_source, record_format, to_dialogue
+from ..data.records import InvalidRecord, dialogue_id, raw_source, record_format, to_dialogue
 from ..data.sources import load_hf, read_unit, resolve, source_fingerprint, units_of
 from ..errors import ConfigError, DataError
 from ..files import atomic, check_target, input_root, run_entries
@@ -228,14 +228,18 @@ def _filter_into(run_dir: str, out_dir: str, final: str, sources: list, min_weig
               "unreadable_dropped": 0, "outputs": []}
     for i, (spec, src) in enumerate(sources):
         folder = os.path.join(out_dir, f"{i:02d}-{_slug(spec.label)}")
-        writers: dict[str, _Writer] = {}
+        w, w_path = None, None
         for u in units_of(src):
-            out_path = _out_path(src, u.path, folder)
-            if u.path not in writers:
-                writers[u.path] = _Writer(out_path, u.path if src.kind != "chitchat" else "x.jsonl", src.kind)
-            w = writers[u.path]
+            if u.path != w_path:  # a file's units come together: its output is closed when they are done
+                _close(w, counts, final, out_dir)
+                w, w_path = _Writer(_out_path(src, u.path, folder), u.path if src.kind != "chitchat" else "x.jsonl",
+                                    src.kind), u.path
             for index, (where, rec) in enumerate(read_unit(u), start=u.start if src.kind == "hf" else 0):
                 counts["records"] += 1
+                if verdicts.lookup(spec.label, dialogue_id(u, where, rec)) == (True, None):
+                    counts["kept"] += 1  # trained, no low turn: kept as it is, without validating it again
+                    w.add(rec, index, False)
+                    continue
                 try:
                     d = to_dialogue(u, where, rec)
                 except InvalidRecord:
@@ -251,10 +255,6 @@ def _filter_into(run_dir: str, out_dir: str, final: str, sources: list, min_weig
                     w.add(rec, index, False)
                     continue
                 n_turns = sum(m["role"] == "assistant" for m in d.messages)
-                if t is None:
-                    counts["kept"] += 1
-                    w.add(rec, index, False)
-                    continue
                 kept = _cut(rec, d.messages, t, u.layout) if unit == "turn" else None
                 counts["turns_removed"] += n_turns - (t if kept is not None else 0)
                 if kept is None:
@@ -262,13 +262,17 @@ def _filter_into(run_dir: str, out_dir: str, final: str, sources: list, min_weig
                 else:
                     counts["cut"] += 1
                     w.add(kept, index, True)
-        for w in writers.values():
-            w.close()
-            counts["outputs"].append(os.path.join(final, os.path.relpath(w.path, out_dir)))
+        _close(w, counts, final, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "filter_counts.json"), "w", encoding="utf-8") as f:
         json.dump(counts, f, indent=1)
     return counts
+
+
+def _close(w: _Writer | None, counts: dict, final: str, out_dir: str) -> None:
+    if w is not None:
+        w.close()
+        counts["outputs"].append(os.path.join(final, os.path.relpath(w.path, out_dir)))
 
 
 def _check_unchanged(run_dir: str, sources: list) -> None:
