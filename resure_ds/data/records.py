@@ -308,8 +308,8 @@ def _side(value: Any, role: str, c) -> list[dict]:
 
 def to_dialogue(unit: Unit, where: str, record: Any) -> Dialogue:
     """Validate one record read from a unit. Raises InvalidRecord."""
-    messages, own_id = normalise(record, unit.layout)
-    did = str(own_id) if own_id is not None else default_id(unit, where)
+    messages, _ = normalise(record, unit.layout)
+    did = dialogue_id(unit, where, record)
     tools = record_tools(record, unit.layout)
     _check_strings(did, "id")
     for i, m in enumerate(messages):

@@ -236,7 +236,8 @@ def _filter_into(run_dir: str, out_dir: str, final: str, sources: list, min_weig
                                     src.kind), u.path
             for index, (where, rec) in enumerate(read_unit(u), start=u.start if src.kind == "hf" else 0):
                 counts["records"] += 1
-                if verdicts.lookup(spec.label, dialogue_id(u, where, rec)) == (True, None):
+                trained, t = verdicts.lookup(spec.label, dialogue_id(u, where, rec))  # to_dialogue's id
+                if trained and t is None:
                     counts["kept"] += 1  # trained, no low turn: kept as it is, without validating it again
                     w.add(rec, index, False)
                     continue
@@ -249,7 +250,6 @@ def _filter_into(run_dir: str, out_dir: str, final: str, sources: list, min_weig
                         counts["invalid_kept"] += 1
                         w.add(rec, index, False)
                     continue
-                trained, t = verdicts.lookup(spec.label, d.dialogue_id)
                 if not trained:
                     counts["not_trained_kept"] += 1
                     w.add(rec, index, False)
