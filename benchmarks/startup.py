@@ -13,7 +13,8 @@ step_time_s):
   script          the outer script until its port probe (common.sh; NUM_PROCS, how many ranks)
   port            a free port for the rendezvous
   prepare         the recipe checked, the model converted, the data prepared (a cache hit when warm)
-  launcher        deepspeed's launcher processes, until the first rank's shell starts Python
+  launcher        the per-node launcher (resure_ds/node.py, or DeepSpeed's), until the first rank's
+                  shell starts Python
   rank_imports    the rank's Python and imports, until its recipe starts (the remainder: first
                   step logged - everything else)
   group_model_tokenizer, data, engine, resume: inside the rank (train.py's timers)
@@ -38,7 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACE = "PS4='+@${EPOCHREALTIME}@ '; set -x\n"  # bash reads PS4 from a file, not (as root) from the environment
 MARKS = (("script", r"^set -euo pipefail"), ("port", r"import socket"), ("prepare", r"-m resure_ds\.data\.prepare"),
-         ("launcher", r"^exec \S*(deepspeed|python\S* -u -m deepspeed)"), ("rank_imports", r"-m resure_ds\.train"))
+         ("launcher", r"^exec \S*(deepspeed|python\S* -u -m (deepspeed|resure_ds\.node))"), ("rank_imports", r"-m resure_ds\.train"))
 RANK_PHASES = ("group_model_tokenizer", "data", "engine", "resume")
 
 

@@ -57,21 +57,30 @@ if [[ -n "${NODE_RANK:-}" && -z "${MASTER_PORT:-}" ]]; then
   echo "[resure_ds] error: NODE_RANK is set: set MASTER_PORT, the same on every node" >&2
   exit 2
 fi
+if [[ -n "${NODE_RANK:-}" && -n "${HOSTFILE:-}" && -z "${MASTER_ADDR:-}" ]]; then
+  echo "[resure_ds] error: NODE_RANK is set: set MASTER_ADDR (the first node), the same on every node" >&2
+  exit 2
+fi
 MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}"
-if [[ -z "${HOSTFILE:-}" && -z "${LAUNCHER_ARGS:-}" ]] && { ! (( gpu )) || [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]]; }; then
-  # One node, no launcher flags and no CUDA_VISIBLE_DEVICES on a GPU machine (the runner reports
-  # how it treats them): DeepSpeed's per-node launcher itself, with the command its runner would
-  # build for --num_gpus (the runner is one more process importing all of DeepSpeed).
-  world=$(printf '{"localhost": [%s]}' "$(seq -s ', ' 0 $((NUM_PROCS - 1)))" | base64 -w0 | tr '+/' '-_')
-  launcher=("$PYTHON" -u -m deepspeed.launcher.launch "--world_info=$world" --master_addr=127.0.0.1
-            "--master_port=$MASTER_PORT" --no_python --no_local_rank)
+if [[ -z "${LAUNCHER_ARGS:-}" && ( -z "${HOSTFILE:-}" || -n "${NODE_RANK:-}" ) ]] \
+   && { ! (( gpu )) || [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]]; }; then
+  # This node's ranks started here (one machine, or this node of a hostfile), by resure_ds/node.py:
+  # it passes SIGTERM/SIGUSR1 on and waits for the ranks' checkpoint and status 75, where
+  # DeepSpeed's per-node launcher kills them within 30 s and exits 1 (a pre-empted job would not
+  # resume). With launcher flags, several nodes over ssh, or CUDA_VISIBLE_DEVICES on a GPU machine
+  # (the runner reports how it treats them): DeepSpeed's runner.
+  launcher=("$PYTHON" -u -m resure_ds.node --master-port "$MASTER_PORT")
+  if [[ -n "${HOSTFILE:-}" ]]; then
+    launcher+=(--hostfile "$HOSTFILE" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR")
+  else
+    launcher+=(--nproc "$NUM_PROCS")
+  fi
 else
   launcher=(deepspeed --no_python --no_local_rank --master_port "$MASTER_PORT")
   if [[ -n "${HOSTFILE:-}" ]]; then
     launcher+=(--hostfile "$HOSTFILE")
     [[ -n "${MASTER_ADDR:-}" ]] && launcher+=(--master_addr "$MASTER_ADDR")
     if [[ -n "${NODE_RANK:-}" ]]; then
-      : "${MASTER_ADDR:?NODE_RANK is set: set MASTER_ADDR (the first node) on every node}"
       launcher+=(--no_ssh --node_rank "$NODE_RANK")
     fi
   else

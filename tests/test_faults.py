@@ -114,8 +114,10 @@ def test_damaged_checkpoint_is_named_on_resume(straight, tiny_model_path, tmp_pa
 
 
 def test_stop_signal_saves_and_exits_75(straight, tiny_model_path, tmp_path):
-    """SIGUSR1 to one rank (what slurm.sbatch forwards): every rank stops at the next step
-    boundary with a checkpoint and status 75; the same command finishes like the straight run."""
+    """SIGTERM to the launcher and to every rank at once (what SLURM does to a pre-empted job): every
+    rank stops at the next step boundary with a checkpoint, and the job's status is 75 (DeepSpeed's
+    per-node launcher killed the ranks and exited 1). The same command finishes like the straight
+    run. (SIGUSR1 to one rank, what slurm.sbatch forwards: tests/test_e2e.py's SLURM test.)"""
     args = args_for(tiny_model_path, tmp_path, "signalled")
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "train.sh"), *args], cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -124,7 +126,8 @@ def test_stop_signal_saves_and_exits_75(straight, tiny_model_path, tmp_path):
     while not (os.path.exists(metrics_path) and open(metrics_path, encoding="utf-8").read().count("\n") >= 1):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
         time.sleep(0.05)
-    os.kill(rank_pid(1, "output.name=signalled"), signal.SIGUSR1)
+    for pid in (proc.pid, rank_pid(0, "output.name=signalled"), rank_pid(1, "output.name=signalled")):
+        os.kill(pid, signal.SIGTERM)  # proc.pid: train.sh exec'd the launcher
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_RESUME, err[-4000:]
     assert "(a signal (SIGTERM/SIGUSR1)); checkpoint saved" in err
@@ -172,7 +175,7 @@ def test_two_nodes_over_loopback_train_save_and_resume(straight, tiny_model_path
 
     codes, outs = pair()
     assert codes == [EXIT_RESUME, EXIT_RESUME], outs[0][1][-3000:] + outs[1][1][-3000:]
-    assert "nnodes=2, num_local_procs=1, node_rank=1" in outs[1][0] + outs[1][1]
+    assert "node 1 of 2 node(s): ranks 1 to 1 of 2" in outs[1][1]
     codes, outs = pair()
     assert codes == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     assert "at step 3 (rows" in outs[0][1]

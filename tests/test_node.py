@@ -1,0 +1,184 @@
+"""resure_ds/node.py, this node's launcher, with ranks that are small bash scripts: what each rank
+receives, when the others are ended, and the job's status. (The training ranks under it:
+tests/test_faults.py's stop-signal and kill tests.)"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from resure_ds import node
+from tests.conftest import ROOT
+
+# A rank: notes each signal it gets in $DIR/$RANK, and exits 75 two seconds after SIGTERM or SIGUSR1
+# (a checkpoint's save), 130 on SIGINT.
+RANK = r"""
+trap 'echo TERM >> "$DIR/$RANK"; sleep 2; exit 75' TERM
+trap 'echo USR1 >> "$DIR/$RANK"; sleep 2; exit 75' USR1
+trap 'echo INT >> "$DIR/$RANK"; exit 130' INT
+echo started >> "$DIR/$RANK"
+while :; do sleep 0.1; done
+"""
+
+
+def start(tmp_path, rank_script, nproc=2, grace=node.GRACE_S, stop_wait=node.STOP_WAIT_S):
+    """The launcher in a process of its own (its signal handlers are the ones under test)."""
+    code = (f"import sys; from resure_ds import node; node.GRACE_S = {grace}; node.STOP_WAIT_S = {stop_wait}; "
+            f"sys.exit(node.main(sys.argv[1:]))")
+    return subprocess.Popen([sys.executable, "-c", code, "--nproc", str(nproc), "--master-port", "1",
+                             "bash", "-c", rank_script], cwd=ROOT, env={**os.environ, "DIR": str(tmp_path),
+                                                                      "PYTHONPATH": ROOT},
+                            stderr=subprocess.PIPE, text=True)
+
+
+def seen(tmp_path, rank):
+    path = tmp_path / str(rank)
+    return path.read_text().split() if path.exists() else []
+
+
+def wait_started(tmp_path, nproc=2, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not all("started" in seen(tmp_path, r) for r in range(nproc)):
+        assert time.monotonic() < deadline, "the ranks did not start"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_reaches_every_rank_once_and_the_job_exits_75(tmp_path, sig):
+    """SLURM's pre-emption (SIGTERM) or warning (SIGUSR1) to the launcher: each rank is told once and
+    given the time its save takes (DeepSpeed's launcher killed the ranks and exited 1)."""
+    proc = start(tmp_path, RANK)
+    wait_started(tmp_path)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    name = signal.Signals(sig).name[3:]
+    assert seen(tmp_path, 0) == seen(tmp_path, 1) == ["started", name]
+
+
+def test_a_failed_rank_ends_the_others_and_its_status_is_the_jobs(tmp_path):
+    """Rank 1 fails (status 3); rank 0 ignores SIGTERM (as a rank stuck in a collective with a dead
+    peer does): it gets SIGTERM, then SIGKILL after the grace period; the job's status is 3."""
+    script = r"""
+trap 'echo TERM >> "$DIR/$RANK"' TERM
+echo started >> "$DIR/$RANK"
+if [[ $RANK == 1 ]]; then sleep 0.5; exit 3; fi
+while :; do sleep 0.1; done
+"""
+    t0 = time.monotonic()
+    proc = start(tmp_path, script, grace=1.0)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3, err
+    assert time.monotonic() - t0 < 15
+    assert seen(tmp_path, 0) == ["started", "TERM"]
+
+
+def test_a_rank_that_stops_with_a_checkpoint_waits_for_the_others(tmp_path):
+    """Rank 0 exits 75 first; rank 1 takes 3 s more to finish its part and exits 75 too: it is not
+    ended early, and the job exits 75. Had it hung, it would be ended after STOP_WAIT_S (here 1 s
+    would have; 30 s is given)."""
+    script = r"""
+echo started >> "$DIR/$RANK"
+if [[ $RANK == 1 ]]; then trap 'echo TERM >> "$DIR/$RANK"' TERM; sleep 3; echo done >> "$DIR/$RANK"; fi
+exit 75
+"""
+    proc = start(tmp_path, script, stop_wait=30.0)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert seen(tmp_path, 1) == ["started", "done"]
+
+
+def test_a_rank_that_hangs_after_a_peer_stopped_is_ended_and_the_job_fails(tmp_path):
+    script = r"""
+echo started >> "$DIR/$RANK"
+if [[ $RANK == 1 ]]; then trap '' TERM; while :; do sleep 0.1; done; fi
+exit 75
+"""
+    proc = start(tmp_path, script, grace=0.5, stop_wait=0.5)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGKILL, err  # not 75: rank 1's part of the save is unknown
+
+
+def test_ctrl_c_reaches_each_rank_once_and_a_second_one_kills(tmp_path):
+    """The ranks run in process groups of their own, so a terminal's Ctrl-C (to the launcher's
+    group) reaches them once, through the launcher. A rank that ignores it is killed by the second."""
+    proc = start(tmp_path, RANK)
+    wait_started(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert seen(tmp_path, 0) == seen(tmp_path, 1) == ["started", "INT"]
+
+    stubborn = r"""
+trap 'echo INT >> "$DIR/$RANK"' INT
+echo started >> "$DIR/$RANK"
+while :; do sleep 0.1; done
+"""
+    for r in (0, 1):
+        (tmp_path / str(r)).unlink()
+    proc = start(tmp_path, stubborn)
+    wait_started(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGKILL, err
+    assert seen(tmp_path, 0) == ["started", "INT"]
+
+
+def test_when_the_launcher_is_killed_the_ranks_are_told_to_stop(tmp_path):
+    """SIGKILL (or the OOM killer) to the launcher: the kernel sends every rank SIGTERM, which a
+    training rank takes as a stop request (a checkpoint, then status 75); none is left running."""
+    proc = start(tmp_path, RANK)
+    wait_started(tmp_path)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while not all("TERM" in seen(tmp_path, r) for r in (0, 1)):
+        assert time.monotonic() < deadline, (seen(tmp_path, 0), seen(tmp_path, 1))
+        time.sleep(0.05)
+
+
+def test_ranks_are_numbered_from_the_hostfile(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=2\n\nnode-b   slots=3  # the second\n")
+    hosts = node.read_hostfile(str(hostfile))
+    assert hosts == [("node-a", 2), ("node-b", 3)]
+    envs = node.rank_envs(hosts, 1, "10.0.0.1", 29500)
+    assert [(e["RANK"], e["LOCAL_RANK"]) for e in envs] == [("2", "0"), ("3", "1"), ("4", "2")]
+    assert {(e["WORLD_SIZE"], e["LOCAL_SIZE"], e["LOCAL_WORLD_SIZE"], e["CROSS_RANK"], e["CROSS_SIZE"],
+             e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs} == {("5", "3", "3", "1", "2", "10.0.0.1", "29500")}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("node-a slots=0\n", "line 1: 'node-a slots=0': write `HOSTNAME slots=N` with N >= 1"),
+    ("node-a\n", "line 1: 'node-a'"),
+    ("node-a slots=1\nnode-a slots=2\n", "line 2: host node-a is listed twice"),
+    ("# nothing\n", "lists no host"),
+])
+def test_a_bad_hostfile_is_one_line_naming_it(tmp_path, text, match):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    with pytest.raises(node.LaunchError, match=match.replace("(", r"\(").replace("`", "`")) as e:
+        node.read_hostfile(str(hostfile))
+    assert str(hostfile) in str(e.value)
+    with pytest.raises(node.LaunchError, match="NODE_RANK=2: the hostfile lists 1 node"):
+        node.rank_envs([("a", 1)], 2, "x", 1)
+
+
+def test_a_rank_ended_by_the_stop_signal_while_starting_counts_as_stopped(tmp_path):
+    """A rank that had not yet installed its handler (Python still importing) dies of the SIGTERM
+    passed on: it had saved nothing since the last checkpoint, so the job is to be run again (75)."""
+    script = r"""
+echo started >> "$DIR/$RANK"
+if [[ $RANK == 1 ]]; then trap 'sleep 1; exit 75' TERM; fi
+while :; do sleep 0.1; done
+"""
+    proc = start(tmp_path, script)
+    wait_started(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
