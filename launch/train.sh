@@ -62,13 +62,17 @@ if [[ -n "${NODE_RANK:-}" && -n "${HOSTFILE:-}" && -z "${MASTER_ADDR:-}" ]]; the
   exit 2
 fi
 MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}"
-if [[ -z "${LAUNCHER_ARGS:-}" && ( -z "${HOSTFILE:-}" || -n "${NODE_RANK:-}" ) ]] \
-   && { ! (( gpu )) || [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]]; }; then
+if [[ -n "${NODE_RANK:-}" ]] && ! [[ "$NODE_RANK" =~ ^[0-9]{1,4}$ ]]; then
+  echo "[resure_ds] error: NODE_RANK=$NODE_RANK: give this node's line in HOSTFILE, from 0" >&2
+  exit 2
+fi
+LAUNCHER_ARGS="${LAUNCHER_ARGS:-}"
+if [[ -z "${LAUNCHER_ARGS//[[:space:]]/}" && ( -z "${HOSTFILE:-}" || -n "${NODE_RANK:-}" ) ]]; then
   # This node's ranks started here (one machine, or this node of a hostfile), by resure_ds/node.py:
   # it passes SIGTERM/SIGUSR1 on and waits for the ranks' checkpoint and status 75, where
   # DeepSpeed's per-node launcher kills them within 30 s and exits 1 (a pre-empted job would not
-  # resume). With launcher flags, several nodes over ssh, or CUDA_VISIBLE_DEVICES on a GPU machine
-  # (the runner reports how it treats them): DeepSpeed's runner.
+  # resume). Ranks inherit CUDA_VISIBLE_DEVICES and take device LOCAL_RANK among those.
+  # With launcher flags, or several nodes over ssh: DeepSpeed's runner.
   launcher=("$PYTHON" -u -m resure_ds.node --master-port "$MASTER_PORT")
   if [[ -n "${HOSTFILE:-}" ]]; then
     launcher+=(--hostfile "$HOSTFILE" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR")
@@ -88,6 +92,13 @@ else
   fi
   # shellcheck disable=SC2206
   launcher+=(${LAUNCHER_ARGS:-})
+fi
+# On a CPU machine the ranks' first collective JIT-builds DeepSpeed's shared-memory all-reduce op,
+# once per machine (tens of seconds): build it beside prepare rather than after it. The ranks take
+# the build's lock and wait for it, or build it themselves if this one failed.
+ext="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions}"
+if ! (( gpu )) && ! compgen -G "$ext/py*_cpu/deepspeed_shm_comm/deepspeed_shm_comm*.so" >/dev/null; then
+  "$PYTHON" -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' >/dev/null 2>&1 &
 fi
 # Before any rank starts: check the recipe, convert the embedded model once, and prepare the
 # data (a cache hit when unchanged). Bad config or data stops here, with one clear error.

@@ -44,6 +44,45 @@ def test_a_rank_count_that_is_not_a_positive_integer_is_one_line():
                                                       "ranks per node, 1 to 9999\n"), out.stderr
 
 
+@pytest.mark.parametrize("gpu, extra, expect", [
+    (False, {}, "-m resure_ds.node --master-port 5 --nproc 2 "),
+    (False, {"LAUNCHER_ARGS": "  "}, "-m resure_ds.node --master-port 5 --nproc 2 "),
+    (False, {"LAUNCHER_ARGS": "--bind_cores_to_rank"}, "deepspeed --no_python --no_local_rank --master_port 5 --num_gpus 2 --bind_cores_to_rank "),
+    (False, {"HOSTFILE": "H"}, "deepspeed --no_python --no_local_rank --master_port 5 --hostfile H "),
+    (False, {"HOSTFILE": "H", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"},
+     "-m resure_ds.node --master-port 5 --hostfile H --node-rank 1 --master-addr 10.0.0.1 "),
+    # SLURM sets CUDA_VISIBLE_DEVICES for --gres=gpu: the ranks take LOCAL_RANK among those
+    (True, {"CUDA_VISIBLE_DEVICES": "2,3"}, "-m resure_ds.node --master-port 5 --nproc 2 "),
+    (True, {"CUDA_VISIBLE_DEVICES": "0,1", "HOSTFILE": "H", "NODE_RANK": "0", "MASTER_ADDR": "n0"},
+     "-m resure_ds.node --master-port 5 --hostfile H --node-rank 0 --master-addr n0 "),
+])
+def test_which_launcher_starts_the_ranks(tmp_path, gpu, extra, expect):
+    """resure_ds/node.py (stop signals passed on, status 75 kept) wherever train.sh starts a node's
+    ranks itself; DeepSpeed's runner for launcher flags and ssh. PYTHON and deepspeed are stand-ins
+    that print the command they were given."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "py").write_text('#!/bin/bash\ncase "$*" in *data.prepare*) exit 0;; *cuda.device_count*) echo 2;; '
+                             '*) echo "RUN $*";; esac\n')
+    (bin_ / "deepspeed").write_text('#!/bin/bash\necho "RUN deepspeed $*"\n')
+    if gpu:
+        (bin_ / "nvidia-smi").write_text("#!/bin/bash\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    out = subprocess.run(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin", "PYTHON": str(bin_ / "py"),
+                              "MASTER_PORT": "5", **({} if gpu else {"NUM_PROCS": "2"}), **extra})
+    assert out.returncode == 0, out.stderr
+    assert expect + f"{TRAIN} recipes/sft.yaml" in out.stdout.replace("RUN ", ""), out.stdout
+
+
+def test_a_node_rank_that_is_not_a_number_is_one_line():
+    out = subprocess.run(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**env(), "HOSTFILE": "H", "NODE_RANK": "abc", "MASTER_ADDR": "n0", "MASTER_PORT": "5"})
+    assert out.returncode == 2
+    assert out.stderr == "[resure_ds] error: NODE_RANK=abc: give this node's line in HOSTFILE, from 0\n"
+
+
 def test_a_held_lock_is_refused_naming_its_holder_and_a_dead_ones_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
                                "from resure_ds.runtime.run_folder import RunLock; RunLock(sys.argv[2]).acquire(); "

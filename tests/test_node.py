@@ -23,14 +23,28 @@ while :; do sleep 0.1; done
 """
 
 
-def start(tmp_path, rank_script, nproc=2, grace=node.GRACE_S, stop_wait=node.STOP_WAIT_S):
+def start(tmp_path, rank_script, nproc=2, grace=node.GRACE_S, stop_wait=node.STOP_WAIT_S,
+          interrupt_wait=node.INTERRUPT_WAIT_S, prefix=()):
     """The launcher in a process of its own (its signal handlers are the ones under test)."""
     code = (f"import sys; from resure_ds import node; node.GRACE_S = {grace}; node.STOP_WAIT_S = {stop_wait}; "
-            f"sys.exit(node.main(sys.argv[1:]))")
-    return subprocess.Popen([sys.executable, "-c", code, "--nproc", str(nproc), "--master-port", "1",
+            f"node.INTERRUPT_WAIT_S = {interrupt_wait}; sys.exit(node.main(sys.argv[1:]))")
+    return subprocess.Popen([*prefix, sys.executable, "-c", code, "--nproc", str(nproc), "--master-port", "1",
                              "bash", "-c", rank_script], cwd=ROOT, env={**os.environ, "DIR": str(tmp_path),
                                                                       "PYTHONPATH": ROOT},
                             stderr=subprocess.PIPE, text=True)
+
+
+def processes_with(marker: str) -> list[int]:
+    """Processes whose command line holds marker."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read().replace(b"\0", b" "):
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
 
 
 def seen(tmp_path, rank):
@@ -47,24 +61,41 @@ def wait_started(tmp_path, nproc=2, timeout=20):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_reaches_every_rank_once_and_the_job_exits_75(tmp_path, sig):
-    """SLURM's pre-emption (SIGTERM) or warning (SIGUSR1) to the launcher: each rank is told once and
-    given the time its save takes (DeepSpeed's launcher killed the ranks and exited 1)."""
+    """SLURM's pre-emption (SIGTERM) or warning (SIGUSR1) to the launcher, five times in a row: each
+    rank is told once and given the time its save takes (DeepSpeed's launcher killed the ranks and
+    exited 1)."""
     proc = start(tmp_path, RANK)
     wait_started(tmp_path)
-    proc.send_signal(sig)
+    for _ in range(5):
+        proc.send_signal(sig)
+        time.sleep(0.1)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 75, err
     name = signal.Signals(sig).name[3:]
     assert seen(tmp_path, 0) == seen(tmp_path, 1) == ["started", name]
 
 
-def test_a_failed_rank_ends_the_others_and_its_status_is_the_jobs(tmp_path):
+def test_the_first_rank_to_fail_gives_the_jobs_status(tmp_path):
+    """Rank 1 fails with 3, rank 0 with 1 a few milliseconds later (as peers do once a collective
+    breaks): the job's status is 3, the cause, every time."""
+    script = 'sleep 1; if [[ $RANK == 1 ]]; then exit 3; fi; sleep 0.02; exit 1'
+    codes = []
+    for _ in range(4):
+        proc = start(tmp_path, script)
+        proc.communicate(timeout=30)
+        codes.append(proc.returncode)
+    assert codes == [3, 3, 3, 3]
+
+
+def test_a_failed_rank_ends_the_others_and_their_children(tmp_path):
     """Rank 1 fails (status 3); rank 0 ignores SIGTERM (as a rank stuck in a collective with a dead
-    peer does): it gets SIGTERM, then SIGKILL after the grace period; the job's status is 3."""
+    peer does) and has a child of its own (a data worker, say): both get SIGTERM, then SIGKILL
+    after the grace period; nothing is left; the job's status is 3."""
     script = r"""
 trap 'echo TERM >> "$DIR/$RANK"' TERM
 echo started >> "$DIR/$RANK"
 if [[ $RANK == 1 ]]; then sleep 0.5; exit 3; fi
+sleep 3001 &
 while :; do sleep 0.1; done
 """
     t0 = time.monotonic()
@@ -73,6 +104,8 @@ while :; do sleep 0.1; done
     assert proc.returncode == 3, err
     assert time.monotonic() - t0 < 15
     assert seen(tmp_path, 0) == ["started", "TERM"]
+    time.sleep(0.2)
+    assert processes_with("sleep 3001") == []
 
 
 def test_a_rank_that_stops_with_a_checkpoint_waits_for_the_others(tmp_path):
@@ -101,32 +134,54 @@ exit 75
     assert proc.returncode == 128 + signal.SIGKILL, err  # not 75: rank 1's part of the save is unknown
 
 
-def test_ctrl_c_reaches_each_rank_once_and_a_second_one_kills(tmp_path):
-    """The ranks run in process groups of their own, so a terminal's Ctrl-C (to the launcher's
-    group) reaches them once, through the launcher. A rank that ignores it is killed by the second."""
-    proc = start(tmp_path, RANK)
-    wait_started(tmp_path)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, err
-    assert seen(tmp_path, 0) == seen(tmp_path, 1) == ["started", "INT"]
-
-    stubborn = r"""
-trap 'echo INT >> "$DIR/$RANK"' INT
+def test_a_rank_ended_by_the_launchers_own_sigterm_is_not_counted_as_stopped(tmp_path):
+    """After a SIGTERM passed on, rank 0 saves (75) and rank 1 does not (it survives the request but
+    dies of the launcher's SIGTERM that ends the ranks, 143 like the request's): the job fails."""
+    script = r"""
 echo started >> "$DIR/$RANK"
+if [[ $RANK == 0 ]]; then trap 'exit 75' TERM; else trap 'trap - TERM' TERM; fi
 while :; do sleep 0.1; done
 """
-    for r in (0, 1):
-        (tmp_path / str(r)).unlink()
-    proc = start(tmp_path, stubborn)
+    proc = start(tmp_path, script, grace=5.0, stop_wait=0.5)
+    wait_started(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_an_interrupt_to_the_launcher_alone_ends_the_ranks_after_a_wait(tmp_path, sig):
+    """A terminal's Ctrl-C or hang-up reaches the ranks itself (they share the launcher's process
+    group; nothing is passed on twice). Sent to the launcher alone, the ranks still running after
+    INTERRUPT_WAIT_S get SIGTERM: they save and exit 75."""
+    proc = start(tmp_path, RANK, interrupt_wait=0.5)
+    wait_started(tmp_path)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert seen(tmp_path, 0) == seen(tmp_path, 1) == ["started", "TERM"]
+
+
+def test_a_second_ctrl_c_kills_the_ranks(tmp_path):
+    proc = start(tmp_path, r"""trap '' INT TERM; echo started >> "$DIR/$RANK"; while :; do sleep 0.1; done""")
     wait_started(tmp_path)
     proc.send_signal(signal.SIGINT)
-    time.sleep(1)
+    time.sleep(0.5)
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGKILL, err
-    assert seen(tmp_path, 0) == ["started", "INT"]
+
+
+def test_the_ranks_share_the_launchers_process_group(tmp_path):
+    """So an outer tool's kill of the group (here `timeout -k`, which ends the group with SIGKILL)
+    reaches every rank, and a rank may read the terminal (pdb)."""
+    script = r"""trap '' TERM; echo started >> "$DIR/$RANK"; exec sleep 3002"""
+    proc = start(tmp_path, script, prefix=("timeout", "-k", "1", "2"))
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL  # timeout ends its own group, itself included
+    time.sleep(0.2)
+    assert processes_with("sleep 3002") == []
 
 
 def test_when_the_launcher_is_killed_the_ranks_are_told_to_stop(tmp_path):
@@ -142,9 +197,46 @@ def test_when_the_launcher_is_killed_the_ranks_are_told_to_stop(tmp_path):
         time.sleep(0.05)
 
 
+def test_a_rank_forked_after_the_launcher_died_does_not_run(tmp_path):
+    """The launcher's own SIGTERM handler is dropped in the child before anything else, so the
+    guard for a launcher that died before PR_SET_PDEATHSIG took effect ends the child."""
+    code = ("import signal, subprocess, sys; from resure_ds import node; "
+            "signal.signal(signal.SIGTERM, lambda *a: None); "
+            "p = subprocess.Popen(['true'], preexec_fn=node._rank_setup(parent=1)); sys.exit(p.wait())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 128 + signal.SIGTERM
+
+
+def test_a_rank_that_cannot_start_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "resure_ds.node", "--nproc", "2", "--master-port", "1",
+                          str(tmp_path / "missing.sh")], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert f"[resure_ds] error: rank 0 could not start {tmp_path / 'missing.sh'}: No such file" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--nproc", "0", "true"], "--nproc 0: give 1 or more ranks"),
+    (["--nproc", "1", "--node-rank", "1", "true"], "--node-rank goes with --hostfile"),
+    (["--nproc", "1"], "give the command each rank runs"),
+])
+def test_bad_arguments_are_one_line(argv, match):
+    out = subprocess.run([sys.executable, "-m", "resure_ds.node", "--master-port", "1", *argv], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_command_after_double_dash_runs():
+    out = subprocess.run([sys.executable, "-m", "resure_ds.node", "--master-port", "1", "--nproc", "1", "--",
+                          "bash", "-c", "exit 7"], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 7, out.stderr
+
+
 def test_ranks_are_numbered_from_the_hostfile(tmp_path):
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("# two nodes\nnode-a slots=2\n\nnode-b   slots=3  # the second\n")
+    hostfile.write_text("# two nodes\nnode-a slots=2 max_slots=4\n\nnode-b   slots=3  # the second\n")
     hosts = node.read_hostfile(str(hostfile))
     assert hosts == [("node-a", 2), ("node-b", 3)]
     envs = node.rank_envs(hosts, 1, "10.0.0.1", 29500)
@@ -158,10 +250,11 @@ def test_ranks_are_numbered_from_the_hostfile(tmp_path):
     ("node-a\n", "line 1: 'node-a'"),
     ("node-a slots=1\nnode-a slots=2\n", "line 2: host node-a is listed twice"),
     ("# nothing\n", "lists no host"),
+    (b"n\xe9ud slots=1\n", "is not UTF-8 text"),
 ])
 def test_a_bad_hostfile_is_one_line_naming_it(tmp_path, text, match):
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text(text)
+    hostfile.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(node.LaunchError, match=match.replace("(", r"\(").replace("`", "`")) as e:
         node.read_hostfile(str(hostfile))
     assert str(hostfile) in str(e.value)
