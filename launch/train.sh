@@ -103,12 +103,20 @@ fi
 # Before any rank starts: check the recipe, convert the embedded model once, and prepare the
 # data (a cache hit when unchanged). Bad config or data stops here, with one clear error.
 # With stats.reference, sources without reference losses are scored once (status 3 says so).
+# A stop asked for meanwhile (SIGTERM/SIGUSR1, e.g. passed on by srun) ends the job once prepare is
+# done, before any rank starts: status 75, run again to continue.
+stop=0
+trap 'stop=1' TERM USR1
 status=0
 "$PYTHON" -m resure_ds.data.prepare --check-reference "${ARGS[@]}" >/dev/null || status=$?
 if [[ $status == 3 ]]; then
   "$PYTHON" -m resure_ds.eval.score "${ARGS[@]}" >/dev/null
-elif [[ $status != 0 ]]; then
-  exit "$status"
+elif [[ $status != 0 && ! ( $stop == 1 && ( $status == 143 || $status == 138 ) ) ]]; then
+  exit "$status"  # (prepare ended by the stop signal itself: it resumes from its finished units)
+fi
+if (( stop )); then
+  echo "[resure_ds] a stop was asked for while preparing: no rank started; run again to continue" >&2
+  exit 75
 fi
 exec "${launcher[@]}" "$0" "${ARGS[@]}"
 # Python reads everything above as one string and runs what follows: this file again, under bash.

@@ -260,3 +260,61 @@ def test_slurm_script_single_node_auto_zero_sft_forwards_the_warning_and_requeue
     assert calls.read_text().count("requeue") == 1  # a finished job is not requeued
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 21)) and all(r["mean_weight"] == 1.0 for r in rows)
+
+
+# srun's stand-in: one task per node of the job's node list, on this machine, with SLURM_NODEID;
+# SIGUSR1 and SIGTERM passed to every task (as srun does); the highest task status is its own.
+FAKE_SRUN = r"""#!/usr/bin/env bash
+while [[ $1 == --* ]]; do shift; done
+pids=(); i=0
+for _ in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do SLURM_NODEID=$i "$@" & pids+=($!); i=$((i + 1)); done
+trap 'kill -USR1 "${pids[@]}"' USR1
+trap 'kill -TERM "${pids[@]}"' TERM
+rc=0
+for p in "${pids[@]}"; do
+  while kill -0 "$p" 2>/dev/null; do wait "$p"; done
+  wait "$p"; c=$?; (( c > rc )) && rc=$c
+done
+exit $rc
+"""
+
+
+def test_slurm_script_on_two_nodes_runs_a_launcher_per_node_and_requeues_on_the_warning(tmp_path, tiny_model_path):
+    """slurm.sbatch on a two-node allocation (two "nodes" on this machine, srun's stand-in above):
+    one launch/train.sh per node with NODE_RANK, no ssh. SIGUSR1 to the batch script reaches srun,
+    which passes it to each node's launcher, which passes it to its rank: both stop with a
+    checkpoint, the job's status is 75 and it requeues itself."""
+    import signal
+    import time
+
+    from tests.dist import free_port
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "scontrol.log"
+    (fake / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n'
+                                   '[[ "$1" == show ]] && printf "node0\\nnode1\\n"\nexit 0\n')
+    (fake / "srun").write_text(FAKE_SRUN)
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    run = os.path.join(tmp_path, "slurm2")
+    job = subprocess.Popen(
+        ["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "recipes/default.yaml", f"model.path={tiny_model_path}",
+         "train.max_steps=20", "data.max_length=96", "checkpoint.export=false", "checkpoint.every=0",
+         "output.report=false", "output.plot=false", f"output.dir={tmp_path}", "output.name=slurm2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env(), "PATH": f"{fake}{os.pathsep}{env()['PATH']}", "SLURM_JOB_NODELIST": "node[0-1]",
+             "SLURM_JOB_ID": "43", "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(free_port()), "HOSTFILE": str(tmp_path / "hostfile"), "OMP_NUM_THREADS": "1"})
+    path = os.path.join(run, "metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while not (os.path.exists(path) and os.path.getsize(path) > 0):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-5000:]
+        time.sleep(0.02)
+    job.send_signal(signal.SIGUSR1)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == EXIT_RESUME, err[-5000:]
+    assert (tmp_path / "hostfile").read_text() == "node0 slots=1\nnode1 slots=1\n"
+    assert "node 0 of 2 node(s): ranks 0 to 0 of 2" in err and "node 1 of 2 node(s): ranks 1 to 1 of 2" in err
+    assert "requeue 43" in calls.read_text() and "(a signal (SIGTERM/SIGUSR1)); checkpoint saved" in err
+    assert 1 <= len(metrics(run)) < 20

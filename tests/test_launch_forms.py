@@ -76,6 +76,32 @@ def test_which_launcher_starts_the_ranks(tmp_path, gpu, extra, expect):
     assert expect + f"{TRAIN} recipes/sft.yaml" in out.stdout.replace("RUN ", ""), out.stdout
 
 
+@pytest.mark.parametrize("prepare_dies", [False, True])
+def test_a_stop_asked_for_while_preparing_starts_no_rank_and_exits_75(tmp_path, prepare_dies):
+    """SIGUSR1 (srun passes slurm.sbatch's warning to each node's script) or SIGTERM (pre-emption,
+    which reaches prepare too) while prepare runs: no launcher starts, status 75."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "py").write_text(f'#!/bin/bash\ncase "$*" in *data.prepare*) trap "exit 143" TERM; echo $$ > {tmp_path}/p; '
+                             f'mv {tmp_path}/p {tmp_path}/preparing; sleep 2 & wait; exit 0;; *) echo "RUN $*";; esac\n')
+    (bin_ / "py").chmod(0o755)
+    proc = subprocess.Popen(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin",
+                                            "PYTHON": str(bin_ / "py"), "MASTER_PORT": "5", "NUM_PROCS": "2"})
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "preparing").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    if prepare_dies:  # pre-emption: SIGTERM to every process of the job, prepare included
+        proc.send_signal(signal.SIGTERM)
+        os.kill(int((tmp_path / "preparing").read_text()), signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert "a stop was asked for while preparing: no rank started" in err and "RUN" not in out
+
+
 def test_a_node_rank_that_is_not_a_number_is_one_line():
     out = subprocess.run(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={**env(), "HOSTFILE": "H", "NODE_RANK": "abc", "MASTER_ADDR": "n0", "MASTER_PORT": "5"})
