@@ -124,3 +124,28 @@ def test_export_and_filter_from_the_command_line(run, tmp_path):
         with open(p) as f:
             kept += [json.loads(ln)["id"] for ln in f]
     assert len(kept) == 24 - len(below) and not {d for _, d in below} & set(kept)
+
+
+def test_the_metrics_are_read_in_bounded_memory(tmp_path, monkeypatch):
+    """A long run's metrics.jsonl: the plots get at most 2 x PLOT_ROWS evenly spaced rows with the
+    first and the last, only the keys they draw; every validation and the last five rows are kept
+    whole; the summary's sums cover every row. (benchmarks/report_metrics.py measures the memory.)"""
+    from resure_ds.report import run_files
+
+    monkeypatch.setattr(run_files, "PLOT_ROWS", 50)
+    with open(tmp_path / "metrics.jsonl", "w", encoding="utf-8") as f:
+        for s in range(1, 1001):
+            row = {"step": s, "loss": 1.0, "weighted_loss": 1.0, "lr": 0.1, "bucket_mean": [1.0], "bucket_std": [0.1],
+                   "bucket_n": [s], "mean_weight": 1.0, "frac_w_lt_1": 0.0, "frac_w_lt_0.5": 0.0, "step_time_s": 0.5,
+                   "grad_norm": 1.0, "source_share/a": 0.5, "source/a/turns": s, "nonfinite_total": 0}
+            if s % 7 == 0:
+                row.update(val_loss=2.0, val_turn_loss=2.1)
+            f.write(json.dumps(row) + "\n\n")  # blank lines are skipped
+    m = run_files.read_report_metrics(str(tmp_path))
+    steps = [r["step"] for r in m.rows]
+    assert m.count == 1000 and m.step == 1000 and m.train_time_s == 500.0
+    assert len(steps) <= 100 and steps[0] == 1 and steps[-1] == 1000
+    assert len({b - a for a, b in zip(steps[:-2], steps[1:-1])}) == 1  # evenly spaced but for the last
+    assert set(m.rows[0]) == set(run_files.PLOT_KEYS) | {"source_share/a"}
+    assert [v["step"] for v in m.val] == list(range(7, 1001, 7)) and set(m.val[0]) == {"step", "val_loss", "val_turn_loss"}
+    assert [r["step"] for r in m.last] == [996, 997, 998, 999, 1000] and "grad_norm" in m.last[-1]

@@ -12,7 +12,7 @@ import os
 from ..errors import ConfigError, run_command
 from .audit import segments
 from .build import build_report
-from .run_files import read_config, read_metrics
+from .run_files import has_a_step, read_config
 from .verdict import export, filter_corpus
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(a: argparse.Namespace) -> None:
     need = [n for n in ("config.json", "metrics.jsonl") if not os.path.exists(os.path.join(a.run_dir, n))]
-    if need or not read_metrics(a.run_dir):
+    if need or not has_a_step(a.run_dir):
         missing = ", ".join(need) or "metrics.jsonl is empty"
         raise ConfigError(f"{a.run_dir}: not a run folder with a logged step ({missing}); give runs/<output.name> of a "
                           "run that has trained at least one step")

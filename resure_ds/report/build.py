@@ -14,27 +14,26 @@ from ..data.sources import read_unit, units_of
 from ..files import write_json, write_text
 from .html import render
 from .plots import training_png
-from .run_files import DATA_COUNTS, read_config, read_metrics
+from .run_files import DATA_COUNTS, Metrics, read_config, read_report_metrics
 from .scan import AuditSums, GroupStats, Lowest, audit_sums, verdict_parts
 
 
 # -- text ---------------------------------------------------------------------------------------
-def summary_lines(run_dir: str, metrics: list[dict], sums: AuditSums, data: dict | None) -> list[str]:
-    last = metrics[-min(5, len(metrics)):]
+def summary_lines(run_dir: str, metrics: Metrics, sums: AuditSums, data: dict | None) -> list[str]:
+    last = metrics.last
     n, warm, down = sums.rows, sums.warm, sums.below_1
     lines = [
         f"run: {run_dir}",
-        f"steps: {metrics[-1]['step']}   train time (sum of step times): {sum(m['step_time_s'] for m in metrics):.0f} s",
+        f"steps: {metrics.step}   train time (sum of step times): {metrics.train_time_s:.0f} s",
         f"final loss (mean of last {len(last)} steps): {sum(m['loss'] for m in last) / len(last):.4f}",
         f"final weighted loss: {sum(m['weighted_loss'] for m in last) / len(last):.4f}",
         f"final mean weight: {sum(m['mean_weight'] for m in last) / len(last):.4f}",
         f"turns audited: {n} ({warm} after warm-up); down-weighted (w < 1): {down} "
         f"({down / max(n, 1):.1%}), w < 0.5: {sums.below_half}",
-        f"non-finite turn losses skipped: {metrics[-1]['nonfinite_total']}",
+        f"non-finite turn losses skipped: {last[-1]['nonfinite_total']}",
     ]
-    val = [m for m in metrics if "val_loss" in m]
-    if val:
-        v = val[-1]
+    if metrics.val:
+        v = metrics.val[-1]
         depth = ", ".join(f"{x:.4f}" for x in v["val_depth_loss"])
         lines.append(f"validation loss at step {v['step']}: {v['val_loss']:.4f} (turn mean {v['val_turn_loss']:.4f}; "
                      f"per turn depth: {depth}; {v['val_dialogues']} dialogues)")
@@ -102,7 +101,7 @@ def build_report(run_dir: str, data: dict | None, with_plot: bool, html: bool, t
     elif os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    metrics, sums, rows = read_metrics(run_dir), audit_sums(run_dir), []
+    metrics, sums, rows = read_report_metrics(run_dir), audit_sums(run_dir), []
     lines = summary_lines(run_dir, metrics, sums, data)
     if with_plot:
         lines.append(f"plot: {training_png(run_dir, metrics, sums)}")

@@ -17,6 +17,7 @@ import numpy as np
 
 from .plots import (plot_buckets, plot_loss, plot_lr, plot_source_shares, plot_weight_hist, plot_weights_over_steps,
                     plot_z_by_source, pyplot, source_shares)
+from .run_files import Metrics
 from .scan import AuditSums
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -71,7 +72,7 @@ GROUP_COLS = [("turns", "turns", "{:,}"), ("dialogues", "dialogues", "{:,}"), ("
               ("z_p90", "z p90", "{:.2f}")]
 
 
-def render(run_dir: str, cfg: dict, metrics: list[dict], sums: AuditSums,
+def render(run_dir: str, cfg: dict, metrics: Metrics, sums: AuditSums,
            summary: list[str], by_source: list[dict], by_depth: list[dict], top: list[dict], plots: bool) -> str:
     figs = ""
     if plots:

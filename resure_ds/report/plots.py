@@ -6,30 +6,33 @@ import os
 import numpy as np
 
 from ..files import temp_name
+from .run_files import Metrics
 from .scan import AuditSums
 
 
-def plot_loss(ax, metrics: list[dict]) -> None:
-    steps = [m["step"] for m in metrics]
-    ax.plot(steps, [m["loss"] for m in metrics], label="loss (token mean)")
-    ax.plot(steps, [m["weighted_loss"] for m in metrics], label="weighted loss (optimised)")
-    val = [m for m in metrics if "val_loss" in m]
-    if val:
-        ax.plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-", label="validation loss (clean)")
+def plot_loss(ax, metrics: Metrics) -> None:
+    steps = [m["step"] for m in metrics.rows]
+    ax.plot(steps, [m["loss"] for m in metrics.rows], label="loss (token mean)")
+    ax.plot(steps, [m["weighted_loss"] for m in metrics.rows], label="weighted loss (optimised)")
+    if metrics.val:
+        val = metrics.val
+        ax.plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-" if len(val) <= 200 else "-",
+                label="validation loss (clean)")
     ax.set(title="loss", xlabel="step")
     ax.legend()
 
 
-def plot_lr(ax, metrics: list[dict]) -> None:
-    ax.plot([m["step"] for m in metrics], [m["lr"] for m in metrics])
+def plot_lr(ax, metrics: Metrics) -> None:
+    ax.plot([m["step"] for m in metrics.rows], [m["lr"] for m in metrics.rows])
     ax.set(title="learning rate", xlabel="step")
 
 
-def plot_buckets(ax, metrics: list[dict]) -> None:
-    steps = [m["step"] for m in metrics]
-    mean = np.array([m["bucket_mean"] for m in metrics], dtype=float)
-    std = np.array([m["bucket_std"] for m in metrics], dtype=float)
-    n = np.array([m["bucket_n"] for m in metrics], dtype=float)
+def plot_buckets(ax, metrics: Metrics) -> None:
+    rows = metrics.rows
+    steps = [m["step"] for m in rows]
+    mean = np.array([m["bucket_mean"] for m in rows], dtype=float)
+    std = np.array([m["bucket_std"] for m in rows], dtype=float)
+    n = np.array([m["bucket_n"] for m in rows], dtype=float)
     mean[n < 1] = np.nan  # a bucket has no mean before its first turn
     for b in range(mean.shape[1]):
         if n[-1, b] > 1:
@@ -39,11 +42,12 @@ def plot_buckets(ax, metrics: list[dict]) -> None:
     ax.legend(fontsize=7)
 
 
-def plot_weights_over_steps(ax, metrics: list[dict]) -> None:
-    steps = [m["step"] for m in metrics]
-    ax.plot(steps, [m["mean_weight"] for m in metrics], label="mean weight")
-    ax.plot(steps, [m["frac_w_lt_1"] for m in metrics], label="fraction w < 1")
-    ax.plot(steps, [m["frac_w_lt_0.5"] for m in metrics], label="fraction w < 0.5")
+def plot_weights_over_steps(ax, metrics: Metrics) -> None:
+    rows = metrics.rows
+    steps = [m["step"] for m in rows]
+    ax.plot(steps, [m["mean_weight"] for m in rows], label="mean weight")
+    ax.plot(steps, [m["frac_w_lt_1"] for m in rows], label="fraction w < 1")
+    ax.plot(steps, [m["frac_w_lt_0.5"] for m in rows], label="fraction w < 0.5")
     ax.set(title="weights over training", xlabel="step", ylim=(-0.02, 1.02))
     ax.legend()
 
@@ -83,16 +87,17 @@ def pyplot():
     return plt
 
 
-def source_shares(metrics: list[dict]) -> dict[str, list]:
-    """source_share/<name> per step, by name (empty for a run of one source)."""
-    names = [k.split("/", 1)[1] for k in (metrics[-1] if metrics else {}) if k.startswith("source_share/")]
+def source_shares(metrics: Metrics) -> dict[str, list]:
+    """source_share/<name> per plotted step, by name (empty for a run of one source)."""
+    rows = metrics.rows
+    names = [k.split("/", 1)[1] for k in (rows[-1] if rows else {}) if k.startswith("source_share/")]
     if len(names) < 2:
         return {}
-    return {n: [m.get(f"source_share/{n}") for m in metrics] for n in names}
+    return {n: [m.get(f"source_share/{n}") for m in rows] for n in names}
 
 
-def plot_source_shares(ax, metrics: list[dict]) -> None:
-    steps = [m["step"] for m in metrics]
+def plot_source_shares(ax, metrics: Metrics) -> None:
+    steps = [m["step"] for m in metrics.rows]
     for name, v in source_shares(metrics).items():
         ax.plot(steps, [np.nan if x is None else x for x in v], label=name[-30:])
     adaptive = any(len({round(x, 9) for x in v if x is not None}) > 1 for v in source_shares(metrics).values())
@@ -101,7 +106,7 @@ def plot_source_shares(ax, metrics: list[dict]) -> None:
     ax.legend(fontsize=7)
 
 
-def training_png(run_dir: str, metrics: list[dict], sums: AuditSums) -> str:
+def training_png(run_dir: str, metrics: Metrics, sums: AuditSums) -> str:
     plt = pyplot()
 
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))

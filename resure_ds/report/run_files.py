@@ -3,15 +3,63 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
 
 from ..files import write_json
 
 DATA_COUNTS = "data_counts.json"
+PLOT_ROWS = 2000  # the plots draw at most 2 x this many steps, evenly spaced, and the last
+PLOT_KEYS = ("step", "loss", "weighted_loss", "lr", "bucket_mean", "bucket_std", "bucket_n", "mean_weight",
+             "frac_w_lt_1", "frac_w_lt_0.5")
 
 
-def read_metrics(run_dir: str) -> list[dict]:
+def iter_metrics(run_dir: str) -> Iterator[dict]:
+    """metrics.jsonl's rows, one at a time."""
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+        for ln in f:
+            if ln.strip():
+                yield json.loads(ln)
+
+
+def has_a_step(run_dir: str) -> bool:
+    return next(iter_metrics(run_dir), None) is not None
+
+
+@dataclass
+class Metrics:
+    """What the report reads from metrics.jsonl, in one pass and in memory bounded by PLOT_ROWS (a
+    week-long run logs a row per step: 163,656 rows held whole took 417 MB)."""
+    rows: list[dict] = field(default_factory=list)  # for the plots: PLOT_KEYS and source_share/*
+    val: list[dict] = field(default_factory=list)  # step and val_* of every validation
+    last: list[dict] = field(default_factory=list)  # the last 5 rows, whole
+    train_time_s: float = 0.0  # the sum of step times
+    count: int = 0  # rows read
+
+    @property
+    def step(self) -> int:
+        return self.last[-1]["step"]
+
+
+def read_report_metrics(run_dir: str) -> Metrics:
+    """Every stride-th row for the plots, the stride doubling whenever 2 x PLOT_ROWS are held, and the
+    last row always; every validation; the last five rows whole."""
+    m, stride, last = Metrics(), 1, deque(maxlen=5)
+    for i, row in enumerate(iter_metrics(run_dir)):
+        m.count += 1
+        m.train_time_s += row.get("step_time_s", 0.0)
+        last.append(row)
+        if "val_loss" in row:
+            m.val.append({k: v for k, v in row.items() if k == "step" or k.startswith("val_")})
+        if i % stride == 0:
+            m.rows.append({k: v for k, v in row.items() if k in PLOT_KEYS or k.startswith("source_share/")})
+            if len(m.rows) >= 2 * PLOT_ROWS:
+                m.rows, stride = m.rows[::2], stride * 2
+    m.last = list(last)
+    if last and (not m.rows or m.rows[-1]["step"] != last[-1]["step"]):
+        m.rows.append({k: v for k, v in last[-1].items() if k in PLOT_KEYS or k.startswith("source_share/")})
+    return m
 
 
 def read_config(run_dir: str) -> dict:

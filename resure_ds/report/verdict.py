@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import sys
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,7 +26,7 @@ from ..data.sources import load_hf, read_unit, resolve, source_fingerprint, unit
 from ..errors import ConfigError, DataError
 from ..files import atomic, check_target, input_root, run_entries
 from ..stats.sources import metric_names
-from .run_files import read_config, read_metrics, read_sources
+from .run_files import iter_metrics, read_config, read_sources
 from .scan import DialogueVerdicts, verdict_parts
 
 
@@ -33,7 +34,7 @@ def export(run_dir: str, path: str) -> int:
     """Write the last-seen verdict of every trained turn as Parquet; returns the number of turns. A run
     of several sources also gets <path stem>.sources.parquet: per step and source, its share, its
     reliability and its turns so far (the metrics' source_share/ and source/ values)."""
-    shares = source_table(read_metrics(run_dir), _labels(run_dir)) \
+    shares = source_tables(run_dir, _labels(run_dir)) \
         if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else None
     guard = protected(run_dir)
     for out in [path] + ([sources_path(path)] if shares is not None else []):
@@ -43,7 +44,7 @@ def export(run_dir: str, path: str) -> int:
             raise ConfigError(f"--export {out}: is a folder; give the path of a .parquet file to write")
     turns = _write_parquet(verdict_parts(run_dir), path)
     if shares is not None:
-        _write_parquet([shares], sources_path(path))
+        _write_parquet(shares, sources_path(path))
     return turns
 
 
@@ -98,19 +99,34 @@ def _labels(run_dir: str) -> list[str]:
         return []
 
 
-def source_table(metrics: list[dict], labels: list[str] | None = None) -> pa.Table | None:
-    """step, source, share, reliability, turns: one row per step and source (None for one source). The
-    metrics name a source by its metric-safe name; `labels` (data.train order) map them back."""
-    names = [k.split("/", 1)[1] for k in (metrics[-1] if metrics else {}) if k.startswith("source_share/")]
+SOURCE_SCHEMA = pa.schema([("step", pa.int32()), ("source", pa.string()), ("share", pa.float64()),
+                           ("reliability", pa.float64()), ("turns", pa.int64())])
+
+
+def source_tables(run_dir: str, labels: list[str] | None = None) -> Iterator[pa.Table] | None:
+    """step, source, share, reliability, turns: one row per step and source, in tables of about
+    100,000 rows read as they are written (None for a run of one source). The metrics name a source
+    by its metric-safe name; `labels` (data.train order) map them back."""
+    last: dict = {}
+    for last in iter_metrics(run_dir):
+        pass
+    names = [k.split("/", 1)[1] for k in last if k.startswith("source_share/")]
     if len(names) < 2:
         return None
     label = dict(zip(metric_names(labels), labels)) if labels else {}
-    rows = [{"step": m["step"], "source": label.get(n, n), "share": m.get(f"source_share/{n}"),
-             "reliability": m.get(f"source/{n}/reliability"), "turns": m.get(f"source/{n}/turns")}
-            for m in metrics for n in names]
-    return pa.Table.from_pylist(rows, schema=pa.schema([("step", pa.int32()), ("source", pa.string()),
-                                                        ("share", pa.float64()), ("reliability", pa.float64()),
-                                                        ("turns", pa.int64())]))
+
+    def tables() -> Iterator[pa.Table]:
+        rows: list[dict] = []
+        for m in iter_metrics(run_dir):
+            rows.extend({"step": m["step"], "source": label.get(n, n), "share": m.get(f"source_share/{n}"),
+                         "reliability": m.get(f"source/{n}/reliability"), "turns": m.get(f"source/{n}/turns")}
+                        for n in names)
+            if len(rows) >= 100_000:
+                yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+    return tables()
 
 
 def _write_parquet(tables, path: str) -> int:
