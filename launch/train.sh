@@ -37,12 +37,26 @@ if [[ -n "${RANK:-}" || -n "${LOCAL_RANK:-}" ]]; then
   exec "$PYTHON" -u -m resure_ds.train "${ARGS[@]}"
 fi
 
+# A stop asked for before the ranks start (SIGTERM/SIGUSR1, e.g. passed on by srun or slurm.sbatch)
+# ends the job once the step under way (prepare, scoring) is done, before any rank starts: status 75,
+# run again to continue.
+stop=0
+trap 'stop=1' TERM USR1
+stopped() {  # $1: the status of the step under way (3: scoring still to do); after a stop, 75
+  if (( stop )) && [[ $1 == 0 || $1 == 3 || $1 == 143 || $1 == 138 ]]; then
+    echo "[resure_ds] a stop was asked for while preparing: no rank started; run again to continue" >&2
+    exit 75
+  fi
+}
+
 gpu=0  # a GPU driver's tools or device files: ask torch; none of them: a CPU machine (no torch import)
 if command -v nvidia-smi >/dev/null 2>&1 || command -v rocm-smi >/dev/null 2>&1 || command -v amd-smi >/dev/null 2>&1 \
    || [[ -e /dev/nvidiactl || -e /proc/driver/nvidia || -e /dev/kfd ]]; then
   gpu=1
 fi
-if [[ -z "${NUM_PROCS:-}" ]]; then
+if [[ -n "${HOSTFILE:-}" ]]; then
+  NUM_PROCS="${NUM_PROCS:-1}"  # the hostfile's slots decide
+elif [[ -z "${NUM_PROCS:-}" ]]; then
   if (( gpu )); then
     NUM_PROCS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')
   else
@@ -93,30 +107,20 @@ else
   # shellcheck disable=SC2206
   launcher+=(${LAUNCHER_ARGS:-})
 fi
-# On a CPU machine the ranks' first collective JIT-builds DeepSpeed's shared-memory all-reduce op,
-# once per machine (tens of seconds): build it beside prepare rather than after it. The ranks take
-# the build's lock and wait for it, or build it themselves if this one failed.
-ext="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions}"
-if ! (( gpu )) && ! compgen -G "$ext/py*_cpu/deepspeed_shm_comm/deepspeed_shm_comm*.so" >/dev/null; then
-  "$PYTHON" -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' >/dev/null 2>&1 &
-fi
 # Before any rank starts: check the recipe, convert the embedded model once, and prepare the
 # data (a cache hit when unchanged). Bad config or data stops here, with one clear error.
 # With stats.reference, sources without reference losses are scored once (status 3 says so).
-# A stop asked for meanwhile (SIGTERM/SIGUSR1, e.g. passed on by srun) ends the job once prepare is
-# done, before any rank starts: status 75, run again to continue.
-stop=0
-trap 'stop=1' TERM USR1
+# (A step ended by the stop signal itself resumes from its finished units when run again.)
 status=0
 "$PYTHON" -m resure_ds.data.prepare --check-reference "${ARGS[@]}" >/dev/null || status=$?
+stopped "$status"
 if [[ $status == 3 ]]; then
-  "$PYTHON" -m resure_ds.eval.score "${ARGS[@]}" >/dev/null
-elif [[ $status != 0 && ! ( $stop == 1 && ( $status == 143 || $status == 138 ) ) ]]; then
-  exit "$status"  # (prepare ended by the stop signal itself: it resumes from its finished units)
+  status=0
+  "$PYTHON" -m resure_ds.eval.score "${ARGS[@]}" >/dev/null || status=$?
+  stopped "$status"
 fi
-if (( stop )); then
-  echo "[resure_ds] a stop was asked for while preparing: no rank started; run again to continue" >&2
-  exit 75
+if [[ $status != 0 ]]; then
+  exit "$status"
 fi
 exec "${launcher[@]}" "$0" "${ARGS[@]}"
 # Python reads everything above as one string and runs what follows: this file again, under bash.

@@ -262,14 +262,16 @@ def test_slurm_script_single_node_auto_zero_sft_forwards_the_warning_and_requeue
     assert [r["step"] for r in rows] == list(range(1, 21)) and all(r["mean_weight"] == 1.0 for r in rows)
 
 
-# srun's stand-in: one task per node of the job's node list, on this machine, with SLURM_NODEID;
-# SIGUSR1 and SIGTERM passed to every task (as srun does); the highest task status is its own.
+# srun's stand-in, as Slurm's srun behaves: one task per node of the job's node list (here all on this
+# machine), each with SLURM_NODEID and in a process group of its own; SIGUSR1 passed to every process
+# of every task; SIGTERM answered by killing every task (srun's "forcing job termination"); the
+# highest task status is its own.
 FAKE_SRUN = r"""#!/usr/bin/env bash
 while [[ $1 == --* ]]; do shift; done
 pids=(); i=0
-for _ in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do SLURM_NODEID=$i "$@" & pids+=($!); i=$((i + 1)); done
-trap 'kill -USR1 "${pids[@]}"' USR1
-trap 'kill -TERM "${pids[@]}"' TERM
+for _ in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do SLURM_NODEID=$i setsid "$@" & pids+=($!); i=$((i + 1)); done
+trap 'for q in "${pids[@]}"; do kill -USR1 -- "-$q"; done' USR1
+trap 'for q in "${pids[@]}"; do kill -KILL -- "-$q"; done' TERM
 rc=0
 for p in "${pids[@]}"; do
   while kill -0 "$p" 2>/dev/null; do wait "$p"; done
@@ -316,5 +318,7 @@ def test_slurm_script_on_two_nodes_runs_a_launcher_per_node_and_requeues_on_the_
     assert job.returncode == EXIT_RESUME, err[-5000:]
     assert (tmp_path / "hostfile").read_text() == "node0 slots=1\nnode1 slots=1\n"
     assert "node 0 of 2 node(s): ranks 0 to 0 of 2" in err and "node 1 of 2 node(s): ranks 1 to 1 of 2" in err
+    # srun signals every process: the loader's worker and multiprocessing's resource tracker outlive it
+    assert "resource_tracker: process died unexpectedly" not in err and "DataLoader worker" not in err
     assert "requeue 43" in calls.read_text() and "(a signal (SIGTERM/SIGUSR1)); checkpoint saved" in err
     assert 1 <= len(metrics(run)) < 20

@@ -102,6 +102,59 @@ def test_a_stop_asked_for_while_preparing_starts_no_rank_and_exits_75(tmp_path, 
     assert "a stop was asked for while preparing: no rank started" in err and "RUN" not in out
 
 
+def sbatch_stand_ins(tmp_path, nodes: str) -> tuple:
+    """scontrol (the node list; requeues logged) and srun (tests/test_e2e.FAKE_SRUN) stand-ins."""
+    from tests.test_e2e import FAKE_SRUN
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    calls = tmp_path / "scontrol.log"
+    (bin_ / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n'
+                                   f'[[ "$1" == show ]] && printf "{nodes}"\nexit 0\n')
+    (bin_ / "srun").write_text(FAKE_SRUN)
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    return bin_, calls
+
+
+def test_a_node_that_fails_is_not_hidden_by_another_nodes_75(tmp_path):
+    """srun's status is the highest task status, so node 0's 75 would outrank node 1's 3 and the
+    job would be requeued: the script reads each node's own status. (launch/train.sh here is a
+    stand-in in a submit folder of its own.)"""
+    bin_, calls = sbatch_stand_ins(tmp_path, "node0\\nnode1\\n")
+    submit = tmp_path / "submit"
+    (submit / "launch").mkdir(parents=True)
+    (submit / "launch" / "train.sh").write_text('[[ $NODE_RANK == 1 ]] && exit 3\nexit 75\n')
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60,
+                         env={**env(), "PATH": f"{bin_}:{env()['PATH']}", "SLURM_JOB_NODELIST": "node[0-1]",
+                              "SLURM_JOB_ID": "44", "SLURM_SUBMIT_DIR": str(submit)})
+    assert out.returncode == 3, out.stderr
+    assert "node 1 (node1) ended with status 3: the job failed, not requeued" in out.stderr
+    assert "requeue" not in calls.read_text()
+
+
+def test_the_warning_during_prepare_on_one_node_stops_and_requeues(tmp_path):
+    """SIGUSR1 to the batch script while launch/train.sh still prepares (no rank yet): it reaches
+    train.sh, which starts no rank and exits 75; the job requeues itself."""
+    bin_, calls = sbatch_stand_ins(tmp_path, "localhost\\n")
+    (bin_ / "py").write_text(f'#!/bin/bash\ncase "$*" in *data.prepare*) touch {tmp_path}/preparing; sleep 2; exit 0;; '
+                             '*) echo "RUN $*";; esac\n')
+    (bin_ / "py").chmod(0o755)
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "recipes/sft.yaml"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin", "PYTHON": str(bin_ / "py"),
+                                 "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "45", "GPUS_PER_NODE": "2"})
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "preparing").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert "no rank started" in err and "RUN" not in out and "requeue 45" in calls.read_text()
+
+
 def test_a_node_rank_that_is_not_a_number_is_one_line():
     out = subprocess.run(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={**env(), "HOSTFILE": "H", "NODE_RANK": "abc", "MASTER_ADDR": "n0", "MASTER_PORT": "5"})

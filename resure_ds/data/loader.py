@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import signal
+from multiprocessing import resource_tracker
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -130,4 +131,14 @@ def make_loader(ds: RankBatches, num_workers: int, prefetch: int, pin_memory: bo
         # spawn: a fresh interpreter maps the shards itself; no fork of a process holding
         # communication threads
         multiprocessing_context="spawn", persistent_workers=False, worker_init_fn=functools.partial(_ignore, tuple(ignore_signals)))
-    return iter(loader)
+    # The workers and multiprocessing's resource tracker (which they register with; it blocks SIGINT
+    # and SIGTERM itself, not SIGUSR1) start with the signals blocked, so a signal sent to every
+    # process of the job (srun) cannot end them before the worker's init ignores it; the training
+    # process gets what arrived meanwhile once they are started.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, ignore_signals) if ignore_signals else None
+    try:
+        resource_tracker.ensure_running()
+        return iter(loader)
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
