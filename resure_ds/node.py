@@ -32,6 +32,7 @@ import ctypes
 import os
 import re
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -256,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         hosts = read_hostfile(args.hostfile) if args.hostfile else [("localhost", args.nproc)]
         envs = rank_envs(hosts, args.node_rank or 0, args.master_addr, args.master_port)
         print(f"[resure_ds] node {args.node_rank or 0} of {len(hosts)} node(s): ranks "
-              f"{envs[0]['RANK']} to {envs[-1]['RANK']} of {envs[0]['WORLD_SIZE']}", file=sys.stderr, flush=True)
+              f"{envs[0]['RANK']} to {envs[-1]['RANK']} of {envs[0]['WORLD_SIZE']}, each running {shlex.join(args.cmd)}",
+              file=sys.stderr, flush=True)
         node.start(args.cmd, envs)
     except LaunchError as e:
         print(f"[resure_ds] error: {e}", file=sys.stderr)
