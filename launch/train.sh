@@ -67,6 +67,10 @@ if ! [[ "$NUM_PROCS" =~ ^[1-9][0-9]{0,3}$ ]]; then
   echo "[resure_ds] error: NUM_PROCS=$NUM_PROCS: give the number of ranks per node, 1 to 9999" >&2
   exit 2
 fi
+if [[ -n "${NODE_RANK:-}" ]] && ! [[ "$NODE_RANK" =~ ^[0-9]{1,4}$ ]]; then
+  echo "[resure_ds] error: NODE_RANK=$NODE_RANK: give this node's line in HOSTFILE, from 0" >&2
+  exit 2
+fi
 if [[ -n "${NODE_RANK:-}" && -z "${MASTER_PORT:-}" ]]; then
   echo "[resure_ds] error: NODE_RANK is set: set MASTER_PORT, the same on every node" >&2
   exit 2
@@ -76,10 +80,6 @@ if [[ -n "${NODE_RANK:-}" && -n "${HOSTFILE:-}" && -z "${MASTER_ADDR:-}" ]]; the
   exit 2
 fi
 MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}"
-if [[ -n "${NODE_RANK:-}" ]] && ! [[ "$NODE_RANK" =~ ^[0-9]{1,4}$ ]]; then
-  echo "[resure_ds] error: NODE_RANK=$NODE_RANK: give this node's line in HOSTFILE, from 0" >&2
-  exit 2
-fi
 LAUNCHER_ARGS="${LAUNCHER_ARGS:-}"
 if [[ -z "${LAUNCHER_ARGS//[[:space:]]/}" && ( -z "${HOSTFILE:-}" || -n "${NODE_RANK:-}" ) ]]; then
   # This node's ranks started here (one machine, or this node of a hostfile), by resure_ds/node.py:

@@ -120,7 +120,6 @@ def tree(pid: int) -> list[int]:
 
 class Node:
     def __init__(self):
-        self.procs: list[subprocess.Popen] = []
         self.alive: dict[int, subprocess.Popen] = {}  # started and not yet reaped (a zombie can be signalled)
         self.ended: list[int] = []  # statuses, in the order the ranks ended
         self.passed: list[int] = []  # stop signals passed on: each once, a rank started later gets them too
@@ -135,7 +134,6 @@ class Node:
                 proc = subprocess.Popen(cmd, env={**os.environ, **e}, preexec_fn=_rank_setup(os.getpid()))
             except OSError as err:
                 raise LaunchError(f"rank {e['RANK']} could not start {cmd[0]}: {err.strerror or err}") from err
-            self.procs.append(proc)
             self.alive[proc.pid] = proc
             for signum in self.passed:
                 self._kill([proc.pid], signum)
@@ -168,12 +166,15 @@ class Node:
 
     def end_ranks(self, at_once: bool = False) -> None:
         """SIGTERM to every running rank's process tree, then (GRACE_S later, or now) SIGKILL."""
-        if self.ending < 2 and (at_once or self.ending == 1):
+        if self.ending == 2:
+            return
+        pids = [p for pid in self.alive for p in tree(pid)]
+        if at_once or self.ending == 1:
             self.ending = 2
-            self._kill([p for pid in self.alive for p in tree(pid)], signal.SIGKILL)
-        elif self.ending == 0:
+            self._kill(pids, signal.SIGKILL)
+        else:
             self.ending, self.deadline = 1, time.monotonic() + GRACE_S
-            self._kill([p for pid in self.alive for p in tree(pid)], signal.SIGTERM)
+            self._kill(pids, signal.SIGTERM)
 
     def _reaped(self, proc: subprocess.Popen) -> None:
         del self.alive[proc.pid]  # before reaping: a handler must not signal a reaped pid
@@ -186,7 +187,7 @@ class Node:
             self._due(0.0)
 
     def wait(self) -> int:
-        fds = _pidfds(self.procs)
+        fds = _pidfds(list(self.alive.values()))
         poller = select.poll()
         for fd in fds:
             poller.register(fd, select.POLLIN)
@@ -195,9 +196,10 @@ class Node:
                 # a deadline set by a signal handler is seen within POLL_S (poll resumes after a handler)
                 timeout = POLL_S if self.deadline is None else min(POLL_S, max(0.0, self.deadline - time.monotonic()))
                 if fds:
-                    done = [fds[fd] for fd, _ in poller.poll(timeout * 1000)]
-                    for p in done:
-                        poller.unregister(next(fd for fd, q in fds.items() if q is p))
+                    ready = [fd for fd, _ in poller.poll(timeout * 1000)]
+                    for fd in ready:
+                        poller.unregister(fd)
+                    done = [fds[fd] for fd in ready]
                 else:
                     time.sleep(timeout)
                     done = [p for p in list(self.alive.values()) if p.poll() is not None]

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -60,6 +61,15 @@ def assert_same_training(a_dir, b_dir, from_step=0, rel=1e-9):
 def shm_buffers() -> set:
     """DeepSpeed's CPU all-reduce buffers in /dev/shm (memory): a run must leave none behind."""
     return {n for n in os.listdir("/dev/shm") if n.startswith(f"deepspeed_allreduce_buffer_{os.getuid()}_")}
+
+
+def wait_for_a_step(proc: subprocess.Popen, run_dir, timeout: float = 300) -> None:
+    """Until the launched run `proc` has logged its first step (a whole line of metrics.jsonl)."""
+    path, deadline = os.path.join(run_dir, "metrics.jsonl"), time.monotonic() + timeout
+    while not (os.path.exists(path) and "\n" in open(path, encoding="utf-8").read()):
+        assert proc.poll() is None, "the run ended before its first step:\n" + proc.communicate()[1][-5000:]
+        assert time.monotonic() < deadline, f"no step logged within {timeout:.0f} s"
+        time.sleep(0.02)
 
 
 def metrics(run_dir):

@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import ROOT
 from tests.e2e_common import (COMMON, EXIT_RESUME, HOLDOUT, assert_same_training, audit, env, launch, metrics,
-                              shm_buffers)
+                              shm_buffers, wait_for_a_step)
 
 pytestmark = pytest.mark.slow  # real multi-process runs: minutes
 
@@ -218,7 +218,6 @@ def test_slurm_script_single_node_auto_zero_sft_forwards_the_warning_and_requeue
     hostfile path over ssh is DeepSpeed's runner; test_faults.py runs two launchers, one per
     "node" with NODE_RANK, on this machine.)"""
     import signal
-    import time
 
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -239,11 +238,7 @@ def test_slurm_script_single_node_auto_zero_sft_forwards_the_warning_and_requeue
                  "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "2"})
 
     first = job()
-    path = os.path.join(run, "metrics.jsonl")
-    deadline = time.monotonic() + 300
-    while not (os.path.exists(path) and os.path.getsize(path) > 0):
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-5000:]
-        time.sleep(0.02)
+    wait_for_a_step(first, run)
     first.send_signal(signal.SIGUSR1)
     out, err = first.communicate(timeout=300)
     assert first.returncode == EXIT_RESUME, err[-5000:]
@@ -287,7 +282,6 @@ def test_slurm_script_on_two_nodes_runs_a_launcher_per_node_and_requeues_on_the_
     which passes it to each node's launcher, which passes it to its rank: both stop with a
     checkpoint, the job's status is 75 and it requeues itself."""
     import signal
-    import time
 
     from tests.dist import free_port
 
@@ -308,11 +302,7 @@ def test_slurm_script_on_two_nodes_runs_a_launcher_per_node_and_requeues_on_the_
         env={**env(), "PATH": f"{fake}{os.pathsep}{env()['PATH']}", "SLURM_JOB_NODELIST": "node[0-1]",
              "SLURM_JOB_ID": "43", "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
              "MASTER_PORT": str(free_port()), "HOSTFILE": str(tmp_path / "hostfile"), "OMP_NUM_THREADS": "1"})
-    path = os.path.join(run, "metrics.jsonl")
-    deadline = time.monotonic() + 300
-    while not (os.path.exists(path) and os.path.getsize(path) > 0):
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-5000:]
-        time.sleep(0.02)
+    wait_for_a_step(job, run)
     job.send_signal(signal.SIGUSR1)
     _, err = job.communicate(timeout=300)
     assert job.returncode == EXIT_RESUME, err[-5000:]

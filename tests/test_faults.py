@@ -12,7 +12,8 @@ import time
 import pytest
 
 from tests.conftest import ROOT
-from tests.e2e_common import COMMON, EXIT_RESUME, assert_same_training, env, launch, metrics, shm_buffers
+from tests.e2e_common import (COMMON, EXIT_RESUME, assert_same_training, env, launch, metrics, shm_buffers,
+                               wait_for_a_step)
 
 pytestmark = pytest.mark.slow  # real multi-process runs: minutes
 
@@ -121,11 +122,7 @@ def test_stop_signal_saves_and_exits_75(straight, tiny_model_path, tmp_path):
     args = args_for(tiny_model_path, tmp_path, "signalled")
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "train.sh"), *args], cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics_path = os.path.join(tmp_path, "signalled", "metrics.jsonl")
-    deadline = time.monotonic() + 300
-    while not (os.path.exists(metrics_path) and open(metrics_path, encoding="utf-8").read().count("\n") >= 1):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
-        time.sleep(0.05)
+    wait_for_a_step(proc, os.path.join(tmp_path, "signalled"))
     for pid in (proc.pid, rank_pid(0, "output.name=signalled"), rank_pid(1, "output.name=signalled")):
         os.kill(pid, signal.SIGTERM)  # proc.pid: train.sh exec'd the launcher
     _, err = proc.communicate(timeout=300)

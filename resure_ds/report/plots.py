@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from ..files import temp_name
-from .run_files import Metrics
+from .run_files import Metrics, share_names
 from .scan import AuditSums
 
 
@@ -90,7 +90,7 @@ def pyplot():
 def source_shares(metrics: Metrics) -> dict[str, list]:
     """source_share/<name> per plotted step, by name (empty for a run of one source)."""
     rows = metrics.rows
-    names = [k.split("/", 1)[1] for k in (rows[-1] if rows else {}) if k.startswith("source_share/")]
+    names = share_names(rows[-1]) if rows else []
     if len(names) < 2:
         return {}
     return {n: [m.get(f"source_share/{n}") for m in rows] for n in names}

@@ -23,6 +23,15 @@ def iter_metrics(run_dir: str) -> Iterator[dict]:
                 yield json.loads(ln)
 
 
+def share_names(row: dict) -> list[str]:
+    """The sources a metrics row gives a share to (source_share/<name>), by metric-safe name."""
+    return [k.split("/", 1)[1] for k in row if k.startswith("source_share/")]
+
+
+def _plotted(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k in PLOT_KEYS or k.startswith("source_share/")}
+
+
 def has_a_step(run_dir: str) -> bool:
     return next(iter_metrics(run_dir), None) is not None
 
@@ -53,12 +62,12 @@ def read_report_metrics(run_dir: str) -> Metrics:
         if "val_loss" in row:
             m.val.append({k: v for k, v in row.items() if k == "step" or k.startswith("val_")})
         if i % stride == 0:
-            m.rows.append({k: v for k, v in row.items() if k in PLOT_KEYS or k.startswith("source_share/")})
+            m.rows.append(_plotted(row))
             if len(m.rows) >= 2 * PLOT_ROWS:
                 m.rows, stride = m.rows[::2], stride * 2
     m.last = list(last)
     if last and (not m.rows or m.rows[-1]["step"] != last[-1]["step"]):
-        m.rows.append({k: v for k, v in last[-1].items() if k in PLOT_KEYS or k.startswith("source_share/")})
+        m.rows.append(_plotted(last[-1]))
     return m
 
 

@@ -26,7 +26,7 @@ from ..data.sources import load_hf, read_unit, resolve, source_fingerprint, unit
 from ..errors import ConfigError, DataError
 from ..files import atomic, check_target, input_root, run_entries
 from ..stats.sources import metric_names
-from .run_files import iter_metrics, read_config, read_sources
+from .run_files import iter_metrics, read_config, read_sources, share_names
 from .scan import DialogueVerdicts, verdict_parts
 
 
@@ -110,7 +110,7 @@ def source_tables(run_dir: str, labels: list[str] | None = None) -> Iterator[pa.
     last: dict = {}
     for last in iter_metrics(run_dir):
         pass
-    names = [k.split("/", 1)[1] for k in last if k.startswith("source_share/")]
+    names = share_names(last)
     if len(names) < 2:
         return None
     label = dict(zip(metric_names(labels), labels)) if labels else {}
