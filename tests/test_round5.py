@@ -117,6 +117,12 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
                             "clean_nll_noninferior_0"}
     assert verdict["passes"] == all(verdict[k] for k in ("emission_below_sft", "half_of_oracle_gain",
                                                          "clean_nll_noninferior_30", "clean_nll_noninferior_0"))
+    big = cell["two_signals_adaptive"]["largest_share_over_configured"]
+    assert big["ratio"] == max(v for r in adaptive for v in r["final_share_over_configured"].values())
+    assert big["source"] in res["sources"] and big["seed"] in (0, 1)
+    assert f"The largest in any run: {big['ratio']:.2f} ({big['source']}, seed {big['seed']})" in (
+        tmp_path / "results.md").read_text()
+    assert len(res["code"]["commit"]) == 40 and isinstance(res["code"]["changed"], list)
     assert "### Noise 30%" in (tmp_path / "results.md").read_text()
     assert os.path.getsize(tmp_path / "round5.png") > 5000
     again = study(29672)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 
@@ -41,6 +42,7 @@ CORRUPT_P = 0.5  # each reply of a noisy source's dialogue is corrupted with thi
 # trained token (a dialogue whose replies were all masked would otherwise leave the epoch, and the run
 # would repeat rows to fill its steps) and the step's token count N is sft's; their gradient is 1e-6 of it
 MASKED = 1e-6
+SHARE_ALARM = 10.0  # an adaptive mixture's final share above this multiple of its configured share is named
 QUANTILE = {"resure.threshold": "quantile", "resure.down_share": BUDGET}
 TWO = {"stats.signals": "[loss,excess]", "resure.two_sided": "true", "resure.threshold": "quantile",
        "resure.weight_fn": "hard", "resure.down_share": BUDGET / 2, "stats.decay": 0.98}
@@ -506,9 +508,13 @@ def summarise(results: list[dict], det: dict, p: dict) -> dict:
             for k in ("removed_share", "removed_precision", "w_corrupted", "w_clean"):
                 vals = [r[k] for r in runs.values() if r.get(k) is not None]
                 c["mean"][k] = sum(vals) / len(vals) if vals else None
-            shares = [r["final_share_over_configured"] for r in runs.values() if r.get("final_share_over_configured")]
+            shares = {r["seed"]: r["final_share_over_configured"] for r in runs.values()
+                      if r.get("final_share_over_configured")}
             if shares:
-                c["final_share_over_configured"] = {s: sum(x[s] for x in shares) / len(shares) for s in shares[0]}
+                first = next(iter(shares.values()))
+                c["final_share_over_configured"] = {s: sum(x[s] for x in shares.values()) / len(shares) for s in first}
+                ratio, src, seed = max((x[s], s, sd) for sd, x in shares.items() for s in x)
+                c["largest_share_over_configured"] = {"ratio": ratio, "source": src, "seed": seed}
             cell[arm] = c
         if "oracle_turn" in by and by["oracle_turn"] and sft:
             o = by["oracle_turn"]
@@ -608,8 +614,11 @@ def write_markdown(out: str, summary: dict, det: dict, p: dict) -> None:
                          f"{_f(m['w_corrupted'])} / {_f(m['w_clean'])} |")
         for arm, c in s["arms"].items():
             if c.get("final_share_over_configured"):
+                big = c["largest_share_over_configured"]
                 L += ["", f"`{arm}`: each source's final share over its configured share (seed means): "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in c["final_share_over_configured"].items())]
+                      + ", ".join(f"{k} {v:.2f}" for k, v in c["final_share_over_configured"].items())
+                      + f". The largest in any run: {big['ratio']:.2f} ({big['source']}, seed {big['seed']}), "
+                      + ("more" if big["ratio"] > SHARE_ALARM else "not more") + f" than {SHARE_ALARM:g} times."]
         if s.get("detection"):
             L += ["", "Detection in training (`two_signals` arm's audit): AUROC per signal for the corrupted turns "
                   "(mean [95% t] over seeds):", "", "| signal | all | " + " | ".join(KINDS) + " |",
@@ -742,13 +751,24 @@ def main() -> None:
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"profile": a.profile, "settings": p, "arms": {k: [v[0], v[1], v[2]] for k, v in ARMS.items()},
                    "sources": SOURCES, "corrupt_p": CORRUPT_P, "detector": det, "summary": summary, "runs": results,
-                   "runs_left": len(specs) - len(results)}, f, indent=1)
+                   "runs_left": len(specs) - len(results), "code": code_version()}, f, indent=1)
     write_markdown(out, summary, det, p)
     write_plot(out, summary)
     print(f"[round5] {len(results)} of {len(specs)} runs -> {out}/results.md", flush=True)
     from resure_ds.train import cleanup
 
     cleanup()
+
+
+def code_version() -> dict:
+    """The commit the tables were written from and the tracked files changed since (the runs record
+    no commit: a grid that ran on one commit says so here)."""
+    def git(*args):
+        r = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    changed = git("diff", "--name-only", "HEAD")
+    return {"commit": git("rev-parse", "HEAD"), "changed": changed.split("\n") if changed else []}
 
 
 def outcomes_of_base(model: str, ctx: dict, p: dict, out: str) -> dict:
