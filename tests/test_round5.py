@@ -54,6 +54,89 @@ def test_fieller_ends_solve_its_equation_and_hold_the_ratio():
     assert fieller([0.1], [0.2])["share"] is None
 
 
+def _run(noise, arm, seed, rate, nll=2.0):
+    return {"noise": noise, "arm": arm, "seed": seed, "clean_nll": nll,
+            "emission": {"any": rate, "canned": rate / 2, "weak": 0.0, "loop": rate / 2},
+            "preference": {k: 0.5 for k in ("canned", "weak", "loop", "cutoff", "offtopic")}}
+
+
+def _grid(arms30: dict, arms0: dict, seeds=range(8)):
+    """Made-up runs: arm -> (emission rate at seed 0, its step per seed); the same seed jitter in every arm."""
+    jit = [0.01 * ((3 * s) % 5 - 2) for s in range(8)]
+    return ([_run(0.3, a, s, r + d * s + jit[s]) for a, (r, d) in arms30.items() for s in seeds]
+            + [_run(0.0, a, s, 0.05, 2.0 + d * s + 0.001 * jit[s]) for a, d in arms0.items() for s in seeds])
+
+
+def test_success_rule_waits_for_complete_cells_and_judges_each_condition():
+    """decide: (1) and (2) at 30% first; (3) only for an arm that passed them; an arm short of seeds for
+    a condition it reaches is incomplete, and no rule ships until none is."""
+    from benchmarks.noisy_mix.round5 import summarise
+
+    det, p = {"primary_kinds": ["canned", "loop"]}, {"seeds": list(range(8))}
+    arms30 = {"sft": (0.25, 0.0), "oracle_turn": (0.12, 0.001), "excess_quantile": (0.16, 0.0),
+              "excess_quantile_hard": (0.14, 0.0), "two_signals": (0.245, 0.0)}
+    runs = _grid(arms30, {"sft": 0.0, "excess_quantile": 0.0005})
+    runs += [r for r in _grid({"excess_quantile_hard": (0.14, 0.0)}, {}) if r["seed"] < 7]
+    runs = [r for r in runs if not (r["arm"] == "excess_quantile_hard" and r["seed"] == 7)]
+    dec = summarise(runs, det, p)["decision"]
+    v = dec["per_arm"]
+    assert v["excess_quantile"]["state"] == "passes" and v["excess_quantile"]["oracle_share"] > 0.5
+    assert v["two_signals"]["state"] == "fails" and v["two_signals"]["emission_below_sft"]  # resolved, but
+    assert not v["two_signals"]["half_of_oracle_gain"] and v["two_signals"]["oracle_share"] < 0.1  # small
+    assert v["two_signals"]["clean_nll_noninferior_0"] is None  # its 0% runs are not needed
+    assert v["excess_quantile_hard"]["state"] == "incomplete" and "7 of 8" in v["excess_quantile_hard"]["why"]
+    assert v["two_signals_adaptive"]["state"] == "incomplete"
+    assert not dec["final"] and dec["shipped"] is None
+    # complete: the hard rule's eighth seed, its 0% runs, and the adaptive arm (resolved worse than sft)
+    runs += _grid({"excess_quantile_hard": (0.14, 0.0)}, {"excess_quantile_hard": 0.0}, seeds=[7])
+    runs += _grid({}, {"excess_quantile_hard": 0.0}, seeds=range(7))
+    runs += _grid({"two_signals_adaptive": (0.30, 0.0)}, {})
+    summary = summarise(runs, det, p)
+    dec = summary["decision"]
+    assert dec["final"] and dec["per_arm"]["excess_quantile_hard"]["state"] == "passes"
+    assert dec["per_arm"]["two_signals_adaptive"]["state"] == "fails"
+    assert dec["shipped"] == "excess_quantile_hard"  # the larger reduction of the two that pass
+    worse = summary["0.3"]["arms"]["two_signals_adaptive"]["oracle_share"]["emission_any"]
+    assert worse["share"] is None and worse["n"] == 8  # a resolved increase gets no share of the oracle's gain
+    assert list(summary)[:2] == ["0.3", "0.0"]
+    # the guardrail: a clean-NLL cost at 0% above the margin fails condition (3)
+    runs = [r for r in runs if not (r["noise"] == 0.0 and r["arm"] == "excess_quantile_hard")]
+    runs += _grid({}, {"excess_quantile_hard": 0.004})
+    v = summarise(runs, det, p)["decision"]["per_arm"]["excess_quantile_hard"]
+    assert v["state"] == "fails" and v["clean_nll_noninferior_30"] and not v["clean_nll_noninferior_0"]
+
+
+def test_runs_judged_by_another_detector_stand_only_if_it_judges_alike(tmp_path):
+    """A run recorded without this study's detector hash has its saved replies judged again: it stands
+    if every verdict is the same, and the tables stop, naming the run, if one differs or the replies are gone."""
+    from benchmarks.noisy_mix.noise5 import Detector
+    from benchmarks.noisy_mix.round5 import recheck_detector
+
+    rng = random.Random(0)
+    human = ["I went there with my sister last week", "not really, I prefer tea", "my dog loves the park"]
+    pairs = [("how are you", rng.choice(human)) for _ in range(20)] + [("how are you", "ok ok ok ok ok ok ok ok")] * 20
+    det = Detector().fit(pairs, ["human"] * 20 + ["loop"] * 20)
+    ctx = {"contexts": [{"id": f"c{i}", "messages": [{"role": "user", "content": "how are you"}]} for i in range(4)]}
+    replies = ["my dog loves the park", "ok ok ok ok ok ok ok ok", "not really", "ok ok ok ok ok ok ok ok"]
+    pred = det.predict([("how are you", r) for r in replies])
+    assert pred.count("loop") == 2
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    saved = tmp_path / "runs" / "old" / "replies.jsonl"
+    saved.write_text("".join(json.dumps({"id": f"c{i}", "reply": r, "detector": x}) + "\n"
+                             for i, (r, x) in enumerate(zip(replies, pred))))
+    sha = det.state()["sha256"]
+    runs = [{"name": "old"}, {"name": "new", "detector_sha256": sha}]
+    assert recheck_detector(runs, det, {"sha256": sha}, ctx, str(tmp_path)) == ["old"]
+    flipped = pred[:3] + ["human" if pred[3] != "human" else "loop"]
+    saved.write_text("".join(json.dumps({"id": f"c{i}", "reply": r, "detector": x}) + "\n"
+                             for i, (r, x) in enumerate(zip(replies, flipped))))
+    with pytest.raises(SystemExit, match="old: .* judges 1 of its 4 replies otherwise"):
+        recheck_detector(runs, det, {"sha256": sha}, ctx, str(tmp_path))
+    saved.unlink()
+    with pytest.raises(SystemExit, match="old: .* missing"):
+        recheck_detector([{"name": "old", "detector_sha256": "0" * 64}], det, {"sha256": sha}, ctx, str(tmp_path))
+
+
 def test_noise_halves_are_disjoint_and_canned_has_two_hundred_strings():
     train, probe = canned_pool("train"), canned_pool("probe")
     assert len(set(train)) == len(train) == 100 and len(set(probe)) == len(probe) == 100
@@ -117,6 +200,10 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
                             "clean_nll_noninferior_0"}
     assert verdict["passes"] == all(verdict[k] for k in ("emission_below_sft", "half_of_oracle_gain",
                                                          "clean_nll_noninferior_30", "clean_nll_noninferior_0"))
+    assert verdict["state"] in ("passes", "fails")  # both seeds at both rates: judged
+    # the other candidates were not run (--only): no rule ships, and the tables say why
+    assert not res["summary"]["decision"]["final"] and res["summary"]["decision"]["shipped"] is None
+    assert "not decided (a candidate's cells are incomplete)" in (tmp_path / "results.md").read_text()
     big = cell["two_signals_adaptive"]["largest_share_over_configured"]
     assert big["ratio"] == max(v for r in adaptive for v in r["final_share_over_configured"].values())
     assert big["source"] in res["sources"] and big["seed"] in (0, 1)

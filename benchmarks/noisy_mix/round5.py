@@ -488,7 +488,7 @@ def value(r: dict, name: str) -> float | None:
 def summarise(results: list[dict], det: dict, p: dict) -> dict:
     primary = det["primary_kinds"]
     out = {}
-    for noise in sorted({r["noise"] for r in results}):
+    for noise in sorted({r["noise"] for r in results}, reverse=True):  # 30% first, as the README reads
         at = [r for r in results if r["noise"] == noise]
         by = {a: {r["seed"]: r for r in at if r["arm"] == a} for a in ARMS}
         sft = by["sft"]
@@ -525,40 +525,60 @@ def summarise(results: list[dict], det: dict, p: dict) -> dict:
                     gain = [value(sft[s], name) - value(by[arm][s], name) for s in seeds]
                     ceil = [value(sft[s], name) - value(o[s], name) for s in seeds]
                     own, ref = paired(gain), paired(ceil)
-                    resolved = lambda d: d["lo"] is not None and (d["lo"] > 0 or d["hi"] < 0)  # noqa: E731
-                    c["oracle_share"][name] = (fieller(gain, ceil) if resolved(own) and resolved(ref)
-                                               else {"share": None, "reason": "the arm's or the oracle's own "
-                                                     "difference is not resolved"})
+                    gained = lambda d: d["lo"] is not None and d["lo"] > 0  # noqa: E731  (a resolved *reduction*)
+                    c["oracle_share"][name] = ({**fieller(gain, ceil), "n": len(seeds)} if gained(own) and gained(ref)
+                                               else {"share": None, "n": len(seeds), "reason": "the arm's or the "
+                                                     "oracle's own reduction is not resolved"})
         aur = [r["auroc"] for r in at if r["arm"] == "two_signals" and r.get("auroc")]
         det_tab = {}
         for name in (aur[0] if aur else {}):
             det_tab[name] = {k: paired([x[name][k] for x in aur if x[name].get(k) is not None])
                              for k in ("all", *KINDS)}
         out[str(noise)] = {"arms": cell, "detection": det_tab}
-    out["decision"] = decide(out, primary)
+    out["decision"] = decide(out, primary, len(p["seeds"]))
     return out
 
 
-def decide(summary: dict, primary: list[str]) -> dict:
-    """The pre-stated success rule (README, round 5), arm by arm."""
+def decide(summary: dict, primary: list[str], seeds: int) -> dict:
+    """The pre-stated success rule (README, round 5), arm by arm, on complete cells only: conditions (1)
+    and (2) at 30% noise, then (3) at 30% and 0%. An arm short of `seeds` pairs for a condition it
+    reaches is "incomplete", and no rule ships while any candidate is."""
     hi, lo = summary.get("0.3", {}).get("arms", {}), summary.get("0.0", {}).get("arms", {})
     verdict = {}
     for arm in CANDIDATES:
-        if arm not in hi or arm not in lo:
-            verdict[arm] = {"passes": False, "why": "not measured at both noise rates"}
+        if arm not in hi:
+            verdict[arm] = {"passes": False, "state": "incomplete", "why": "not measured at 30% noise"}
             continue
         em = hi[arm]["minus_sft"]["emission_any"]
-        share = hi[arm].get("oracle_share", {}).get("emission_any", {}).get("share")
-        n30, n0 = hi[arm]["minus_sft"]["clean_nll"], lo[arm]["minus_sft"]["clean_nll"]
+        sh = hi[arm].get("oracle_share", {}).get("emission_any", {})
+        short = [f"{what} has {n} of {seeds} seeds" for what, n in
+                 (("emission minus sft at 30%", em["n"]), ("the oracle share", sh.get("n", 0)))
+                 if n < seeds]
+        if short:
+            verdict[arm] = {"passes": False, "state": "incomplete", "why": "; ".join(short)}
+            continue
+        share = sh.get("share")
         checks = {"emission_below_sft": em["hi"] is not None and em["hi"] < 0,
-                  "half_of_oracle_gain": share is not None and share >= 0.5,
-                  "clean_nll_noninferior_30": n30["hi"] is not None and n30["hi"] < 0.01,
-                  "clean_nll_noninferior_0": n0["hi"] is not None and n0["hi"] < 0.01}
-        verdict[arm] = {"passes": all(checks.values()), **checks, "emission_any_minus_sft": em,
-                        "oracle_share": share}
+                  "half_of_oracle_gain": share is not None and share >= 0.5}
+        v = {"emission_any_minus_sft": em, "oracle_share": share, **checks}
+        if not all(checks.values()):
+            verdict[arm] = {**v, "passes": False, "state": "fails", "clean_nll_noninferior_30": None,
+                            "clean_nll_noninferior_0": None}
+            continue
+        n30, n0 = hi[arm]["minus_sft"]["clean_nll"], (lo.get(arm) or {}).get("minus_sft", {}).get("clean_nll")
+        if n0 is None or n0["n"] < seeds:
+            verdict[arm] = {**v, "passes": False, "state": "incomplete",
+                            "why": f"clean NLL at 0% has {0 if n0 is None else n0['n']} of {seeds} seeds"}
+            continue
+        v["clean_nll_noninferior_30"] = n30["hi"] is not None and n30["hi"] < 0.01
+        v["clean_nll_noninferior_0"] = n0["hi"] is not None and n0["hi"] < 0.01
+        ok = v["clean_nll_noninferior_30"] and v["clean_nll_noninferior_0"]
+        verdict[arm] = {**v, "passes": ok, "state": "passes" if ok else "fails"}
+    final = all(v["state"] != "incomplete" for v in verdict.values())
     passing = [a for a in CANDIDATES if verdict[a]["passes"]]
-    best = min(passing, key=lambda a: verdict[a]["emission_any_minus_sft"]["mean"]) if passing else None
-    return {"per_arm": verdict, "shipped": best}
+    # several pass: the largest reduction (the lowest mean difference); an exact tie goes to the first listed
+    best = min(passing, key=lambda a: verdict[a]["emission_any_minus_sft"]["mean"]) if passing and final else None
+    return {"per_arm": verdict, "final": final, "shipped": best}
 
 
 def fmt(d: dict, digits: int = 3) -> str:
@@ -568,24 +588,27 @@ def fmt(d: dict, digits: int = 3) -> str:
     return s + ("" if d.get("lo") is None else f" [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]")
 
 
-def write_markdown(out: str, summary: dict, det: dict, p: dict) -> None:
+def write_markdown(out: str, summary: dict, det: dict, p: dict, missing: list[str]) -> None:
     primary = det["primary_kinds"]
     L = ["### The detector (fit before any run)", "",
          "| class | held-out precision | held-out recall | human replies flagged as it |", "| --- | --- | --- | --- |"]
     for c in (*CLASSES[1:], "any noise"):
         pc = det["per_class"][c]
-        fp = det["human_flagged_as"].get(c)
+        fp = det["human_flagged_as"].get(c) if c != "any noise" else 1 - det["per_class"]["human"]["recall"]
         L.append(f"| {c} | {_f(pc['precision'])} | {_f(pc['recall'])} | {_f(fp)} |")
     L += ["", f"Kinds in the primary family (recall >= 0.5 and at most 5% of human replies flagged): "
           f"{', '.join(primary) or 'none'}.", ""]
+    if missing:
+        L += [f"Not run ({len(missing)} of the plan's runs; the tables hold the rest): " + ", ".join(missing) + ".", ""]
     for noise, s in summary.items():
         if noise == "decision" or not s.get("arms"):
             continue
         L += [f"### Noise {float(noise):.0%}", "", "Noise-emission rate of sampled replies (T=0.7; share of "
               f"{p['contexts']} held-out contexts), paired difference from sft with its 95% t-interval and, for "
               "the primary kinds, the Holm-adjusted p:", "",
-              "| arm | n | any noise | minus sft | " + " | ".join(f"{k} minus sft (Holm p)" for k in CLASSES[1:])
-              + " | oracle share (any) [95% Fieller] |",
+              "| arm | pairs | any noise | minus sft | "
+              + " | ".join(f"{k} minus sft" + (" (Holm p)" if k in primary else "") for k in CLASSES[1:])
+              + " | oracle share (any) [95% Fieller], pairs |",
               "| --- | --- | --- | --- |" + " --- |" * len(CLASSES[1:]) + " --- |"]
         for arm, c in s["arms"].items():
             cells = []
@@ -593,9 +616,10 @@ def write_markdown(out: str, summary: dict, det: dict, p: dict) -> None:
                 h = c["holm"].get(f"emission_{k}")
                 cells.append(fmt(c["minus_sft"][f"emission_{k}"]) + ("" if h is None else f" ({h:.3f})"))
             sh = c.get("oracle_share", {}).get("emission_any")
-            share = "n/a" if not sh or sh.get("share") is None else (
-                f"{sh['share']:.2f} [{_f(sh.get('lo'))}, {_f(sh.get('hi'))}]")
-            L.append(f"| {arm} | {c['n']} | {_f(c['mean']['emission_any'])} | {fmt(c['minus_sft']['emission_any'])} | "
+            share = ("-" if arm in ("sft", "oracle_turn") or sh is None else "n/a" if sh.get("share") is None else
+                     f"{sh['share']:.2f} [{_f(sh.get('lo'))}, {_f(sh.get('hi'))}], {sh['n']}")
+            pairs = c["n"] if arm == "sft" else c["minus_sft"]["emission_any"]["n"]
+            L.append(f"| {arm} | {pairs} | {_f(c['mean']['emission_any'])} | {fmt(c['minus_sft']['emission_any'])} | "
                      + " | ".join(cells) + f" | {share} |")
         L += ["", "Clean NLL (held-out replies) and two-choice preference for held-out noise (share of pairs where "
               "the noise reply is likelier than the genuine one), paired difference from sft:", "",
@@ -627,15 +651,18 @@ def write_markdown(out: str, summary: dict, det: dict, p: dict) -> None:
                 L.append(f"| {name} | {fmt(d['all'])} | " + " | ".join(fmt(d[k]) for k in KINDS) + " |")
         L.append("")
     dec = summary.get("decision", {})
-    L += ["### The pre-stated success rule", "", "| rule | emission below sft | half of oracle_turn's gain | "
-          "clean NLL non-inferior at 30% | at 0% | passes |", "| --- | --- | --- | --- | --- | --- |"]
+    L += ["### The pre-stated success rule", "", "| rule | (1) emission below sft | (2) half of oracle_turn's gain | "
+          "(3) clean NLL non-inferior at 30% | at 0% | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    yn = {True: "yes", False: "no", None: "not judged"}
     for arm, v in dec.get("per_arm", {}).items():
         if "why" in v:
-            L.append(f"| {arm} | {v['why']} | | | | no |")
+            L.append(f"| {arm} | {v['why']} | | | | {v['state']} |")
             continue
-        L.append(f"| {arm} | {v['emission_below_sft']} | {v['half_of_oracle_gain']} | {v['clean_nll_noninferior_30']} "
-                 f"| {v['clean_nll_noninferior_0']} | {'yes' if v['passes'] else 'no'} |")
-    L += ["", f"Shipped as recipes/noisy.yaml: {dec.get('shipped') or 'none (no rule met the rule)'}.", ""]
+        L.append(f"| {arm} | {yn[v['emission_below_sft']]} | {yn[v['half_of_oracle_gain']]} | "
+                 f"{yn[v['clean_nll_noninferior_30']]} | {yn[v['clean_nll_noninferior_0']]} | {v['state']} |")
+    L += ["", "Shipped as recipes/noisy.yaml: " + (
+        dec["shipped"] if dec.get("shipped") else "none (no rule met the rule)" if dec.get("final")
+        else "not decided (a candidate's cells are incomplete)") + ".", ""]
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(L))
 
@@ -747,17 +774,45 @@ def main() -> None:
     if worker:
         return
     results = [done[run_name(s)] for s in specs if run_name(s) in done]
+    missing = [run_name(s) for s in specs if run_name(s) not in done]
+    rechecked = recheck_detector(results, detector, det, ctx, out)
     summary = summarise(results, det, p)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"profile": a.profile, "settings": p, "arms": {k: [v[0], v[1], v[2]] for k, v in ARMS.items()},
                    "sources": SOURCES, "corrupt_p": CORRUPT_P, "detector": det, "summary": summary, "runs": results,
-                   "runs_left": len(specs) - len(results), "code": code_version()}, f, indent=1)
-    write_markdown(out, summary, det, p)
+                   "runs_left": len(specs) - len(results), "not_run": missing, "detector_rechecked": rechecked,
+                   "code": code_version()}, f, indent=1)
+    write_markdown(out, summary, det, p, missing)
     write_plot(out, summary)
     print(f"[round5] {len(results)} of {len(specs)} runs -> {out}/results.md", flush=True)
     from resure_ds.train import cleanup
 
     cleanup()
+
+
+def recheck_detector(results: list[dict], detector, det: dict, ctx: dict, out: str) -> list[str]:
+    """Every run's replies were judged by the detector of these tables: a run that names another detector
+    or none (the runs made before each recorded its sha256) has its saved replies judged again, and
+    stands only if every verdict is the same. Returns the runs judged again."""
+    again = []
+    for r in results:
+        if r.get("detector_sha256") == det["sha256"]:
+            continue
+        path = os.path.join(out, "runs", r["name"], "replies.jsonl")
+        saved = read_jsonl(path) if os.path.exists(path) else []
+        if [x["id"] for x in saved] != [c["id"] for c in ctx["contexts"]]:
+            raise SystemExit(f"[round5] {r['name']}: recorded with detector {r.get('detector_sha256')}, and its "
+                             f"replies ({path}) are missing or not those of this study's contexts; run it again "
+                             "(delete its line from runs-*.jsonl and its folder under runs/)")
+        pred = detector.predict([(user_before(c["messages"], len(c["messages"])), x["reply"])
+                                 for c, x in zip(ctx["contexts"], saved)])
+        differ = sum(a != x["detector"] for a, x in zip(pred, saved))
+        if differ:
+            raise SystemExit(f"[round5] {r['name']}: recorded with detector {r.get('detector_sha256')}; this "
+                             f"study's detector ({det['sha256'][:12]}) judges {differ} of its {len(saved)} replies "
+                             "otherwise; run it again (delete its line from runs-*.jsonl and its folder under runs/)")
+        again.append(r["name"])
+    return again
 
 
 def code_version() -> dict:
