@@ -137,6 +137,39 @@ def test_runs_judged_by_another_detector_stand_only_if_it_judges_alike(tmp_path)
         recheck_detector([{"name": "old", "detector_sha256": "0" * 64}], det, {"sha256": sha}, ctx, str(tmp_path))
 
 
+def test_a_detector_fitted_before_is_adopted_once_and_never_swapped(tmp_path):
+    from benchmarks.noisy_mix.round5 import adopt_detector
+
+    a, b, out = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "study"
+    a.write_bytes(b"weights a")
+    b.write_bytes(b"weights b")
+    out.mkdir()
+    adopt_detector(str(a), str(out))
+    assert (out / "detector.pt").read_bytes() == b"weights a"
+    adopt_detector(str(a), str(out))  # the same again: nothing to do
+    with pytest.raises(SystemExit, match="holds another detector"):
+        adopt_detector(str(b), str(out))
+    with pytest.raises(SystemExit, match="no such file"):
+        adopt_detector(str(tmp_path / "none.pt"), str(out))
+    assert (out / "detector.pt").read_bytes() == b"weights a"
+
+
+def test_the_gpu_profile_runs_the_rule_the_cpu_grid_shipped_or_came_closest(tmp_path):
+    from benchmarks.noisy_mix.round5 import gpu_rule, summarise
+
+    path = tmp_path / "results.json"
+    assert gpu_rule(str(path)) == "two_signals_adaptive"  # no tables yet
+    det, p = {"primary_kinds": ["canned", "loop"]}, {"seeds": list(range(8))}
+    arms = {"sft": (0.25, 0.0), "oracle_turn": (0.12, 0.0), "excess_quantile": (0.24, 0.0), "two_signals": (0.22, 0.0)}
+    summary = summarise(_grid(arms, {}), det, p)
+    assert summary["decision"]["shipped"] is None
+    path.write_text(json.dumps({"summary": summary}))
+    assert gpu_rule(str(path)) == "two_signals"  # none shipped: the largest reduction
+    summary["decision"]["shipped"] = "excess_quantile"
+    path.write_text(json.dumps({"summary": summary}))
+    assert gpu_rule(str(path)) == "excess_quantile"
+
+
 def test_noise_halves_are_disjoint_and_canned_has_two_hundred_strings():
     train, probe = canned_pool("train"), canned_pool("probe")
     assert len(set(train)) == len(train) == 100 and len(set(probe)) == len(probe) == 100
@@ -201,9 +234,10 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert verdict["passes"] == all(verdict[k] for k in ("emission_below_sft", "half_of_oracle_gain",
                                                          "clean_nll_noninferior_30", "clean_nll_noninferior_0"))
     assert verdict["state"] in ("passes", "fails")  # both seeds at both rates: judged
-    # the other candidates were not run (--only): no rule ships, and the tables say why
-    assert not res["summary"]["decision"]["final"] and res["summary"]["decision"]["shipped"] is None
-    assert "not decided (a candidate's cells are incomplete)" in (tmp_path / "results.md").read_text()
+    # --only planned one candidate: it alone is judged, and the verdict is final
+    dec = res["summary"]["decision"]
+    assert set(dec["per_arm"]) == {"two_signals_adaptive"} and dec["final"]
+    assert dec["shipped"] == ("two_signals_adaptive" if verdict["passes"] else None)
     big = cell["two_signals_adaptive"]["largest_share_over_configured"]
     assert big["ratio"] == max(v for r in adaptive for v in r["final_share_over_configured"].values())
     assert big["source"] in res["sources"] and big["seed"] in (0, 1)

@@ -11,14 +11,15 @@
 #
 # The machine keeps what earlier calls left while it stays warm (a call within its idle release).
 # Until every part is there this script names the missing ones and stops (status 3). Then it joins
-# and checks the GGUF, converts it once, and runs round 4 of the study (benchmarks/noisy_mix/round4.py
-# --profile gpu: 1,024 dialogues, 512 tokens), the arms in STUDY_ARMS (default: sft, oracle, resure,
-# resure_excess, resure_excess_quantile, the ones that answer whether the weighting reaches the
-# oracle), which starts no run after STUDY_BUDGET_S (default 420) and writes the tables of the runs
-# done so far. STUDY_ARMS=all runs every arm.
-# Results under $OUT: study.log, and the study folder's results.json/md, plots and runs*.jsonl.
-# If the machine went back in between, copy the returned runs*.jsonl and base.json into
-# benchmarks/noisy_mix/work/round4-gpu/ here and carry that folder: the study continues from them.
+# and checks the GGUF, converts it once, and runs round 5 of the study (benchmarks/noisy_mix/round5.py
+# --profile gpu: 3,072 dialogues, 512 tokens, 5 seeds) on sft, oracle_turn and one rule, judged by
+# the detector the CPU grid was judged by (benchmarks/noisy_mix/results/round5-cpu/detector.pt).
+# The rule: STUDY_RULE, else the CPU grid's (results/round5-cpu/results.json: the rule it shipped,
+# else the candidate with the largest emission reduction at 30%), else two_signals_adaptive. It
+# starts no run after STUDY_BUDGET_S (default 420) and writes the tables of the runs done so far.
+# Results under $OUT: study.log, and the study folder's results.json/md, round5.png, base.json and
+# runs*.jsonl. If the machine went back in between, copy the returned runs*.jsonl and base.json into
+# benchmarks/noisy_mix/work/round5-gpu/ here and carry that folder: the study continues from them.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
 OUT="${OUT:-benchmarks/gpu/out}"
@@ -43,14 +44,15 @@ export PYTHONPATH="/tmp/site:$PWD:$PWD/.gpu-model${PYTHONPATH:+:$PYTHONPATH}" PA
   PYTHONUNBUFFERED=1 RESURE_CACHE="${RESURE_CACHE:-/tmp/resure-cache}"
 TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)" \
   && export TORCH_CUDA_ARCH_LIST
-ARMS="${STUDY_ARMS:-sft,oracle,resure,resure_excess,resure_excess_quantile}"
-only=(--only "$ARMS")
-[[ "$ARMS" == all ]] && only=()
-"$PY" benchmarks/noisy_mix/round4.py --profile "$PROFILE" --budget-s "${STUDY_BUDGET_S:-420}" "${only[@]}" \
-  > "$OUT/study.log" 2>&1
+RESULTS=benchmarks/noisy_mix/results/round5-cpu
+RULE="${STUDY_RULE:-$("$PY" -c 'import sys; from benchmarks.noisy_mix.round5 import gpu_rule; print(gpu_rule(sys.argv[1]))' \
+  "$RESULTS/results.json")}" || exit 1
+echo "[resure_ds] round 5 on this GPU: sft, oracle_turn and $RULE" >&2
+"$PY" benchmarks/noisy_mix/round5.py --profile "$PROFILE" --budget-s "${STUDY_BUDGET_S:-420}" \
+  --only "sft,oracle_turn,$RULE" --detector "$RESULTS/detector.pt" > "$OUT/study.log" 2>&1
 status=$?
-grep -a "^\[round4\]\|Error" "$OUT/study.log" | tail -n 60
-for f in benchmarks/noisy_mix/work/round4-"$PROFILE"/{results.json,results.md,base.json,runs*.jsonl}; do
+grep -a "^\[round5\]\|Error" "$OUT/study.log" | tail -n 60
+for f in benchmarks/noisy_mix/work/round5-"$PROFILE"/{results.json,results.md,round5.png,base.json,detector.json,runs*.jsonl}; do
   [[ -f "$f" ]] && cp "$f" "$OUT/"
 done
 exit "$status"

@@ -69,9 +69,11 @@ PROFILES = {
     "cpu": dict(model="smollm2", max_length=128, micro_batch_size=4, size=256, lr=1e-4, min_count=8,
                 seeds=list(range(8)), noises={"0.3": list(ARMS), "0.0": ["sft", *CANDIDATES]}, contexts=400,
                 gen_tokens=40, probe_pairs=50, detector_pairs=600, eval_dialogues=400, eval_length=192),
-    "gpu": dict(model="smollm2", max_length=512, micro_batch_size=16, size=4096, lr=1e-4, min_count=32,
-                seeds=list(range(5)), noises={"0.3": ["sft", "oracle_turn", "two_signals_adaptive"],
-                                              "0.0": ["sft", "two_signals_adaptive"]}, contexts=400,
+    # gpu: every candidate planned; benchmarks/gpu/study.sh runs sft, oracle_turn and one rule (--only).
+    # 3,072 dialogues: chitchat's train split holds 3,218
+    "gpu": dict(model="smollm2", max_length=512, micro_batch_size=16, size=3072, lr=1e-4, min_count=32,
+                seeds=list(range(5)), noises={"0.3": ["sft", "oracle_turn", *CANDIDATES],
+                                              "0.0": ["sft", *CANDIDATES]}, contexts=400,
                 gen_tokens=64, probe_pairs=100, detector_pairs=600, eval_dialogues=400, eval_length=512),
 }
 TEMPERATURE = 0.7
@@ -485,7 +487,7 @@ def value(r: dict, name: str) -> float | None:
     return r[group].get(key) if group in ("emission", "preference") else None
 
 
-def summarise(results: list[dict], det: dict, p: dict) -> dict:
+def summarise(results: list[dict], det: dict, p: dict, candidates: tuple = CANDIDATES) -> dict:
     primary = det["primary_kinds"]
     out = {}
     for noise in sorted({r["noise"] for r in results}, reverse=True):  # 30% first, as the README reads
@@ -535,17 +537,18 @@ def summarise(results: list[dict], det: dict, p: dict) -> dict:
             det_tab[name] = {k: paired([x[name][k] for x in aur if x[name].get(k) is not None])
                              for k in ("all", *KINDS)}
         out[str(noise)] = {"arms": cell, "detection": det_tab}
-    out["decision"] = decide(out, primary, len(p["seeds"]))
+    out["decision"] = decide(out, primary, len(p["seeds"]), candidates)
     return out
 
 
-def decide(summary: dict, primary: list[str], seeds: int) -> dict:
+def decide(summary: dict, primary: list[str], seeds: int, candidates: tuple = CANDIDATES) -> dict:
     """The pre-stated success rule (README, round 5), arm by arm, on complete cells only: conditions (1)
     and (2) at 30% noise, then (3) at 30% and 0%. An arm short of `seeds` pairs for a condition it
-    reaches is "incomplete", and no rule ships while any candidate is."""
+    reaches is "incomplete", and no rule ships while any candidate is. `candidates`: those the grid
+    plans (a profile or --only may plan fewer than CANDIDATES)."""
     hi, lo = summary.get("0.3", {}).get("arms", {}), summary.get("0.0", {}).get("arms", {})
     verdict = {}
-    for arm in CANDIDATES:
+    for arm in candidates:
         if arm not in hi:
             verdict[arm] = {"passes": False, "state": "incomplete", "why": "not measured at 30% noise"}
             continue
@@ -575,7 +578,7 @@ def decide(summary: dict, primary: list[str], seeds: int) -> dict:
         ok = v["clean_nll_noninferior_30"] and v["clean_nll_noninferior_0"]
         verdict[arm] = {**v, "passes": ok, "state": "passes" if ok else "fails"}
     final = all(v["state"] != "incomplete" for v in verdict.values())
-    passing = [a for a in CANDIDATES if verdict[a]["passes"]]
+    passing = [a for a in candidates if verdict[a]["passes"]]
     # several pass: the largest reduction (the lowest mean difference); an exact tie goes to the first listed
     best = min(passing, key=lambda a: verdict[a]["emission_any_minus_sft"]["mean"]) if passing and final else None
     return {"per_arm": verdict, "final": final, "shipped": best}
@@ -715,6 +718,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None, help="start no run after this many seconds")
     ap.add_argument("--only", default=None, help="comma-separated arms: run only these")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds: run only these")
+    ap.add_argument("--detector", default=None, metavar="PT", help="judge with this fitted detector (another "
+                    "profile's detector.pt) instead of fitting one; copied into the study folder")
     ap.add_argument("--prepare-only", action="store_true", help="the held-out material, the detector and the "
                     "base model's outcomes, then stop (before starting workers side by side)")
     a = ap.parse_args()
@@ -734,6 +739,8 @@ def main() -> None:
     test = [r for r in splits["test"] if assistant_positions(r["messages"])]
     eval_path = os.path.join(out, "test-eval.jsonl")
     write_jsonl(eval_path, test[: p["eval_dialogues"]])
+    if a.detector:
+        adopt_detector(a.detector, out)
     detector, det = fit_detector(splits, p, out)
     test_pool = [m["content"] for r in test for m in r["messages"] if m["role"] == "assistant"]
     ctx = {"eval_path": eval_path, "contexts": contexts(test, p, tok), "detector": detector,
@@ -776,7 +783,7 @@ def main() -> None:
     results = [done[run_name(s)] for s in specs if run_name(s) in done]
     missing = [run_name(s) for s in specs if run_name(s) not in done]
     rechecked = recheck_detector(results, detector, det, ctx, out)
-    summary = summarise(results, det, p)
+    summary = summarise(results, det, p, tuple(a for a in CANDIDATES if any(x["arm"] == a for x in specs)))
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"profile": a.profile, "settings": p, "arms": {k: [v[0], v[1], v[2]] for k, v in ARMS.items()},
                    "sources": SOURCES, "corrupt_p": CORRUPT_P, "detector": det, "summary": summary, "runs": results,
@@ -788,6 +795,39 @@ def main() -> None:
     from resure_ds.train import cleanup
 
     cleanup()
+
+
+def gpu_rule(results_path: str, default: str = "two_signals_adaptive") -> str:
+    """The rule the gpu profile runs beside sft and oracle_turn (benchmarks/gpu/study.sh): the one the
+    CPU grid's tables shipped, else the candidate with the largest emission reduction at 30% (the
+    lowest mean difference from sft), else `default` where there are no tables yet."""
+    if not os.path.exists(results_path):
+        return default
+    with open(results_path, encoding="utf-8") as f:
+        summary = json.load(f)["summary"]
+    dec, arms = summary["decision"], summary.get("0.3", {}).get("arms", {})
+    means = {a: arms[a]["minus_sft"]["emission_any"]["mean"] for a in dec["per_arm"] if a in arms}
+    means = {a: m for a, m in means.items() if m is not None}
+    return dec["shipped"] or min(means, key=means.get, default=default)
+
+
+def adopt_detector(path: str, out: str) -> None:
+    """Judge with a detector fitted before (so two profiles share one): copied into `out` as detector.pt;
+    a study folder that already holds another one is refused."""
+    import filecmp
+    import shutil
+
+    mine = os.path.join(out, "detector.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"[round5] --detector {path}: no such file (a study folder's detector.pt)")
+    if os.path.exists(mine):
+        if not filecmp.cmp(path, mine, shallow=False):
+            raise SystemExit(f"[round5] --detector {path}: {mine} holds another detector, which judged this "
+                             "folder's runs; use another --out, or drop --detector")
+        return
+    tmp = f"{mine}.{os.getpid()}.tmp"
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, mine)
 
 
 def recheck_detector(results: list[dict], detector, det: dict, ctx: dict, out: str) -> list[str]:
