@@ -81,14 +81,12 @@ if [[ -n "${NODE_RANK:-}" && -n "${HOSTFILE:-}" && -z "${MASTER_ADDR:-}" ]]; the
 fi
 MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}"
 LAUNCHER_ARGS="${LAUNCHER_ARGS:-}"
-own=0
 if [[ -z "${LAUNCHER_ARGS//[[:space:]]/}" && ( -z "${HOSTFILE:-}" || -n "${NODE_RANK:-}" ) ]]; then
   # This node's ranks started here (one machine, or this node of a hostfile), by resure_ds/node.py:
   # it passes SIGTERM/SIGUSR1 on and waits for the ranks' checkpoint and status 75, where
   # DeepSpeed's per-node launcher kills them within 30 s and exits 1 (a pre-empted job would not
   # resume). Ranks inherit CUDA_VISIBLE_DEVICES and take device LOCAL_RANK among those.
   # With launcher flags, or several nodes over ssh: DeepSpeed's runner.
-  own=1
   launcher=("$PYTHON" -u -m resure_ds.node --master-port "$MASTER_PORT")
   if [[ -n "${HOSTFILE:-}" ]]; then
     launcher+=(--hostfile "$HOSTFILE" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR")
@@ -122,32 +120,6 @@ if [[ $status == 3 ]]; then
   stopped "$status"
 fi
 if [[ $status != 0 ]]; then
-  exit "$status"
-fi
-if (( own )) && ready_dir="$(mktemp -d "${TMPDIR:-/tmp}/resure-node.XXXXXX" 2>/dev/null)"; then
-  # resure_ds/node.py runs as this script's child, not in its place: a stop that came while its
-  # Python started, before its handlers were in place, would end it unseen (status 138 or 143) and
-  # leave the job failed. This script passes SIGTERM/SIGUSR1 on, and where the launcher died of one
-  # before it was ready (it marks $RESURE_NODE_READY; no rank had started), the status is 75.
-  # SIGINT/SIGHUP reach the launcher through the process group (a terminal's Ctrl-C); sent to this
-  # script alone they are not passed on. If this script is killed, the launcher gets SIGTERM.
-  trap 'rm -rf "$ready_dir"' EXIT
-  export RESURE_NODE_READY="$ready_dir/ready" RESURE_NODE_PARENT=$$
-  child=""
-  # shellcheck source=launch/wait_child.sh
-  source "$(dirname "${BASH_SOURCE[0]}")/wait_child.sh"
-  # shellcheck disable=SC2329  # invoked by the traps below
-  pass_on() { stop=1; trapped=1; [[ -z $child ]] || kill -s "$1" "$child" 2>/dev/null || true; }
-  trap 'pass_on TERM' TERM
-  trap 'pass_on USR1' USR1
-  trap 'trapped=1' INT HUP
-  "${launcher[@]}" "$0" "${ARGS[@]}" &
-  child=$!
-  wait_child "$child"
-  if (( stop )) && [[ ! -e $RESURE_NODE_READY ]] && (( status == 138 || status == 143 )); then
-    echo "[resure_ds] a stop was asked for as the launcher started: no rank started; run again to continue" >&2
-    exit 75
-  fi
   exit "$status"
 fi
 exec "${launcher[@]}" "$0" "${ARGS[@]}"

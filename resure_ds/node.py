@@ -21,10 +21,6 @@ status did not say "run again to continue".
   step's reduction); those still running STOP_WAIT_S later are ended as above.
 - If this launcher dies without passing anything on (SIGKILL, the OOM killer), the kernel sends
   each rank SIGTERM (PR_SET_PDEATHSIG): they save and exit 75 as above.
-- Started by launch/train.sh (RESURE_NODE_READY and RESURE_NODE_PARENT set), which stays as its
-  parent and passes SIGTERM/SIGUSR1 on: it marks the moment its handlers are in place (a stop
-  before it ended this process, and train.sh exits 75: no rank had started), gets SIGTERM if
-  train.sh dies, and starts no rank if a stop came first (status 75).
 
 Exit status: the first failing rank's status (128 + N for a rank ended by signal N, ranks taken
 in the order they ended); else 75 if a rank stopped with a checkpoint; else 0.
@@ -99,7 +95,9 @@ def _rank_setup(parent: int):
     def setup() -> None:  # in the child, between fork and exec: no handler of ours may run here
         for sig in (*STOP_SIGNALS, *INTERRUPTS):
             signal.signal(sig, signal.SIG_DFL)
-        if not _prctl_deathsig():  # not Linux: nothing tells the ranks if this launcher dies
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # not Linux: nothing tells the ranks if this launcher dies
             return
         if os.getppid() != parent:  # it died before prctl took effect
             os._exit(128 + signal.SIGTERM)
@@ -252,38 +250,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _prctl_deathsig() -> bool:
-    """SIGTERM to this process when its parent dies; False where the kernel has no such call."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _started_by_train_sh(node: "Node") -> None:
-    """launch/train.sh waits for this process as its parent: it learns that the handlers are in place
-    (before, a stop signal could end this process unseen), and a parent that dies stops the ranks."""
-    ready, parent = os.environ.pop("RESURE_NODE_READY", None), os.environ.pop("RESURE_NODE_PARENT", None)
-    if parent and parent.isdigit() and _prctl_deathsig() and os.getppid() != int(parent):
-        node.on_signal(signal.SIGTERM, None)  # it died before prctl took effect
-    if ready:
-        try:
-            open(ready, "w").close()
-        except OSError:
-            pass  # train.sh's folder is gone: it is no longer waiting
-
-
 def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
     node = Node()
     for sig in (*STOP_SIGNALS, *INTERRUPTS):
         signal.signal(sig, node.on_signal)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)  # ignored in a background job of a script
-    _started_by_train_sh(node)
-    args = parse(sys.argv[1:] if argv is None else argv)
-    if node.passed:
-        print("[resure_ds] a stop was asked for as the launcher started: no rank started; run again to continue",
-              file=sys.stderr, flush=True)
-        return EXIT_RESUME
     try:
         hosts = read_hostfile(args.hostfile) if args.hostfile else [("localhost", args.nproc)]
         envs = rank_envs(hosts, args.node_rank or 0, args.master_addr, args.master_port)

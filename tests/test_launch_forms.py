@@ -1,6 +1,5 @@
 """launch/train.sh under every form of the deepspeed launcher, and one run per run folder."""
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -103,86 +102,6 @@ def test_a_stop_asked_for_while_preparing_starts_no_rank_and_exits_75(tmp_path, 
     assert "a stop was asked for while preparing: no rank started" in err and "RUN" not in out
 
 
-def real_launcher_stand_ins(tmp_path, rank: str) -> dict:
-    """The environment for launch/train.sh with the real resure_ds/node.py and ranks that run the
-    bash `rank` (prepare a stand-in that succeeds); `launching` is touched as the launcher starts."""
-    bin_ = tmp_path / "bin"
-    bin_.mkdir()
-    (bin_ / "py").write_text(
-        "#!/bin/bash\n"
-        'case "$*" in\n'
-        "  *data.prepare*) exit 0;;\n"
-        f'  *resure_ds.node*) touch {tmp_path}/launching; exec {sys.executable} "$@";;\n'
-        f"  *resure_ds.train*) {rank};;\n"
-        "esac\n")
-    (bin_ / "py").chmod(0o755)
-    return {"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin", "PYTHON": str(bin_ / "py"), "PYTHONPATH": ROOT,
-            "MASTER_PORT": "5", "NUM_PROCS": "2"}
-
-
-def test_a_stop_as_the_launcher_starts_is_kept(tmp_path):
-    """SIGUSR1 to launch/train.sh just as it hands over to resure_ds/node.py (the stand-in PYTHON
-    marks the moment, then starts the real launcher, whose Python takes tens of milliseconds to install
-    its handlers): the stop is kept, the ranks (bash stand-ins) are told, and the status is 75.
-    (Before train.sh stayed as the launcher's parent, the first try ended with the signal.)"""
-    env_ = real_launcher_stand_ins(tmp_path, f'trap "exit 75" USR1 TERM; touch {tmp_path}/rank$RANK; '
-                                             "sleep 30 & wait; exit 0")
-    for trial in range(3):
-        proc = subprocess.Popen(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env_)
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "launching").exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        (tmp_path / "launching").unlink()
-        proc.send_signal(signal.SIGUSR1)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 75, (trial, proc.returncode, err)
-
-
-def test_ranks_save_when_train_sh_is_killed(tmp_path):
-    """SIGKILL to launch/train.sh (the launcher's parent): the launcher gets SIGTERM and passes it on;
-    the ranks (bash stand-ins) save and exit 75, none left running."""
-    env_ = real_launcher_stand_ins(tmp_path, f'trap "echo $RANK >> {tmp_path}/saved; exit 75" TERM; '
-                                             f"touch {tmp_path}/rank$RANK; sleep 30 & wait; exit 0")
-    proc = subprocess.Popen(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env_)
-    try:
-        deadline = time.monotonic() + 30
-        while not ((tmp_path / "rank0").exists() and (tmp_path / "rank1").exists()):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        proc.kill()
-        proc.wait()
-        while sorted((tmp_path / "saved").read_text().split() if (tmp_path / "saved").exists() else []) != ["0", "1"]:
-            assert time.monotonic() < deadline, "the ranks were not told"
-            time.sleep(0.05)
-    finally:
-        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)])
-
-
-@pytest.mark.parametrize("posix", [False, True])
-def test_wait_child_gives_the_childs_status_whenever_a_signal_comes(posix):
-    """launch/wait_child.sh: a signal trapped while the child runs, with a trap that takes a while
-    (slurm.sbatch's walks the process tree) during which the child ends, or just after it ended, in
-    bash's default and POSIX modes (a second wait for a collected pid gives 127 there): the status
-    is always the child's own. (A loop of `wait` while `kill -0` succeeds gave 138 in 9 of these 12.)"""
-    script = (f'source {ROOT}/launch/wait_child.sh\n'
-              'trap "trapped=1; sleep 0.05" USR1\n'
-              'for code in 75 0 3; do\n'
-              '  for d in 0 0.01 0.02 0.05; do\n'
-              '    (sleep 0.03; exit "$code") & c=$!\n'
-              '    (sleep "$d"; kill -USR1 $$) &\n'
-              '    wait_child "$c"; echo "$code $status"\n'
-              '    wait\n'
-              '  done\n'
-              'done\n')
-    out = subprocess.run(["bash", *(["--posix"] if posix else []), "-c", script], capture_output=True, text=True,
-                         timeout=60)
-    lines = [ln.split() for ln in out.stdout.splitlines()]
-    assert len(lines) == 12 and all(want == got for want, got in lines), out.stdout + out.stderr
-
-
 def sbatch_stand_ins(tmp_path, nodes: str) -> tuple:
     """scontrol (the node list; requeues logged) and srun (tests/test_e2e.FAKE_SRUN) stand-ins."""
     from tests.test_e2e import FAKE_SRUN
@@ -206,7 +125,6 @@ def test_a_node_that_fails_is_not_hidden_by_another_nodes_75(tmp_path):
     submit = tmp_path / "submit"
     (submit / "launch").mkdir(parents=True)
     (submit / "launch" / "train.sh").write_text('[[ $NODE_RANK == 1 ]] && exit 3\nexit 75\n')
-    shutil.copy(os.path.join(ROOT, "launch", "wait_child.sh"), submit / "launch")
     out = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch")], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60,
                          env={**env(), "PATH": f"{bin_}:{env()['PATH']}", "SLURM_JOB_NODELIST": "node[0-1]",
