@@ -81,12 +81,14 @@ if [[ -n "${NODE_RANK:-}" && -n "${HOSTFILE:-}" && -z "${MASTER_ADDR:-}" ]]; the
 fi
 MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}"
 LAUNCHER_ARGS="${LAUNCHER_ARGS:-}"
+own=0
 if [[ -z "${LAUNCHER_ARGS//[[:space:]]/}" && ( -z "${HOSTFILE:-}" || -n "${NODE_RANK:-}" ) ]]; then
   # This node's ranks started here (one machine, or this node of a hostfile), by resure_ds/node.py:
   # it passes SIGTERM/SIGUSR1 on and waits for the ranks' checkpoint and status 75, where
   # DeepSpeed's per-node launcher kills them within 30 s and exits 1 (a pre-empted job would not
   # resume). Ranks inherit CUDA_VISIBLE_DEVICES and take device LOCAL_RANK among those.
   # With launcher flags, or several nodes over ssh: DeepSpeed's runner.
+  own=1
   launcher=("$PYTHON" -u -m resure_ds.node --master-port "$MASTER_PORT")
   if [[ -n "${HOSTFILE:-}" ]]; then
     launcher+=(--hostfile "$HOSTFILE" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR")
@@ -121,6 +123,13 @@ if [[ $status == 3 ]]; then
 fi
 if [[ $status != 0 ]]; then
   exit "$status"
+fi
+if (( own )); then
+  # From here until resure_ds/node.py has its handlers (tens of ms while its Python starts), a
+  # stop would end the launcher unseen (138/143, a failed job): it is ignored instead (ignored stays
+  # ignored across exec, until node.py's handlers replace it), and one that came before is kept.
+  trap '' TERM USR1
+  stopped 0
 fi
 exec "${launcher[@]}" "$0" "${ARGS[@]}"
 # Python reads everything above as one string and runs what follows: this file again, under bash.

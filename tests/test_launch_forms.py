@@ -102,6 +102,40 @@ def test_a_stop_asked_for_while_preparing_starts_no_rank_and_exits_75(tmp_path, 
     assert "a stop was asked for while preparing: no rank started" in err and "RUN" not in out
 
 
+def test_a_stop_as_the_launcher_starts_does_not_kill_the_job(tmp_path):
+    """SIGUSR1 just as launch/train.sh hands over to resure_ds/node.py (the stand-in PYTHON marks the
+    moment, then starts the real launcher, whose Python takes tens of milliseconds to install its
+    handlers): ignored until they are in place, so the job is not ended by it (it was, with the
+    signal's status, on the first try); once they are, the ranks (bash stand-ins) are told (75)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "py").write_text(
+        "#!/bin/bash\n"
+        'case "$*" in\n'
+        "  *data.prepare*) exit 0;;\n"
+        f'  *resure_ds.node*) touch {tmp_path}/launching; exec {sys.executable} "$@";;\n'
+        '  *resure_ds.train*) trap "exit 75" USR1; sleep 0.3 & wait; exit 0;;\n'
+        "esac\n")
+    (bin_ / "py").chmod(0o755)
+    seen = set()
+    for delay in (0, 0, 0, 0.2):
+        proc = subprocess.Popen(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin", "PYTHON": str(bin_ / "py"),
+                                     "PYTHONPATH": ROOT, "MASTER_PORT": "5", "NUM_PROCS": "2"})
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "launching").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        (tmp_path / "launching").unlink()
+        time.sleep(delay)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode in (0, 75), (delay, proc.returncode, err)
+        seen.add((delay, proc.returncode))
+    assert (0.2, 75) in seen  # the handlers in place: the stop reaches the ranks
+
+
 def sbatch_stand_ins(tmp_path, nodes: str) -> tuple:
     """scontrol (the node list; requeues logged) and srun (tests/test_e2e.FAKE_SRUN) stand-ins."""
     from tests.test_e2e import FAKE_SRUN
