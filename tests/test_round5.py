@@ -197,9 +197,9 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     """Five arms on two seeds at 30% and two arms at 0%, on the tiny model: every run recorded with
     the detector's hash; the same batches for every arm; paired intervals, Holm, the oracle's share
     and the success rule's verdict written; the same command again trains nothing."""
-    def study(port):
+    def study(port, *more):
         return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "round5.py"),
-                               "--profile", "quick", "--out", str(tmp_path), "--only", ",".join(ARMS)],
+                               "--profile", "quick", "--out", str(tmp_path), "--only", ",".join(ARMS), *more],
                               cwd=ROOT, capture_output=True, text=True, timeout=900,
                               env={**os.environ, "MASTER_PORT": str(port)})
     out = study(29671)
@@ -246,7 +246,16 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert len(res["code"]["commit"]) == 40 and isinstance(res["code"]["changed"], list)
     assert "### Noise 30%" in (tmp_path / "results.md").read_text()
     assert os.path.getsize(tmp_path / "round5.png") > 5000
-    again = study(29672)
+    again = study(29672, "--publish", str(tmp_path / "published"))
     assert again.returncode == 0, again.stderr[-4000:]
     assert f"{len(runs)} of {len(runs)} runs" in again.stdout and "clean NLL" not in again.stdout
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == runs
+    pub = tmp_path / "published"
+    assert json.loads((pub / "results.json").read_text())["runs"] == runs and (pub / "results.md").exists()
+    assert (pub / "detector.json").exists() and (pub / "round5.png").exists() and list(pub.glob("runs*.jsonl"))
+    import gzip
+    with gzip.open(pub / "replies.jsonl.gz", "rt", encoding="utf-8") as f:
+        replies = [json.loads(ln) for ln in f]
+    assert {x["run"] for x in replies} == {r["name"] for r in runs}
+    assert len(replies) == len(runs) * res["settings"]["contexts"]
+    assert all("detector" in x and "reply" in x for x in replies)

@@ -720,6 +720,8 @@ def main() -> None:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds: run only these")
     ap.add_argument("--detector", default=None, metavar="PT", help="judge with this fitted detector (another "
                     "profile's detector.pt) instead of fitting one; copied into the study folder")
+    ap.add_argument("--publish", default=None, metavar="DIR", help="after the tables: copy them, every run's "
+                    "record, the detector's report and every sampled reply (replies.jsonl.gz) into DIR")
     ap.add_argument("--prepare-only", action="store_true", help="the held-out material, the detector and the "
                     "base model's outcomes, then stop (before starting workers side by side)")
     a = ap.parse_args()
@@ -791,6 +793,8 @@ def main() -> None:
                    "code": code_version()}, f, indent=1)
     write_markdown(out, summary, det, p, missing)
     write_plot(out, summary)
+    if a.publish:
+        publish(out, a.publish, results)
     print(f"[round5] {len(results)} of {len(specs)} runs -> {out}/results.md", flush=True)
     from resure_ds.train import cleanup
 
@@ -809,6 +813,26 @@ def gpu_rule(results_path: str, default: str = "two_signals_adaptive") -> str:
     means = {a: arms[a]["minus_sft"]["emission_any"]["mean"] for a in dec["per_arm"] if a in arms}
     means = {a: m for a, m in means.items() if m is not None}
     return dec["shipped"] or min(means, key=means.get, default=default)
+
+
+def publish(out: str, dest: str, results: list[dict]) -> None:
+    """The study's record for the repository: the tables, the runs' records, the detector's report,
+    the base model's outcomes and every sampled reply with its run's name and the detector's class."""
+    import glob
+    import gzip
+    import shutil
+
+    os.makedirs(dest, exist_ok=True)
+    for name in ("results.json", "results.md", "round5.png", "detector.json", "base.json",
+                 *(os.path.basename(f) for f in sorted(glob.glob(os.path.join(out, "runs*.jsonl"))))):
+        if os.path.exists(os.path.join(out, name)):
+            shutil.copyfile(os.path.join(out, name), os.path.join(dest, name))
+    tmp = os.path.join(dest, f"replies.jsonl.gz.{os.getpid()}.tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for r in results:
+            for x in read_jsonl(os.path.join(out, "runs", r["name"], "replies.jsonl")):
+                f.write(json.dumps({"run": r["name"], **x}) + "\n")
+    os.replace(tmp, os.path.join(dest, "replies.jsonl.gz"))
 
 
 def adopt_detector(path: str, out: str) -> None:
