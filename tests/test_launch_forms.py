@@ -168,6 +168,36 @@ def test_a_node_that_fails_is_not_hidden_by_another_nodes_75(tmp_path):
     assert "requeue" not in calls.read_text()
 
 
+def warn_when(proc: subprocess.Popen, marker) -> tuple[str, str]:
+    """SIGUSR1 (SLURM's warning) to the batch script once `marker` exists; its output once it ended."""
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    return proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("on_warning, expect", [("exit 75", 75), ("exit 3", 3)])
+def test_one_node_status_is_the_one_its_train_sh_wrote(tmp_path, on_warning, expect):
+    """One node: launch/train.sh (a stand-in in a submit folder of its own) runs under a shell that
+    writes its status once it ended, and the job's status is that one (bash's wait can return the
+    warning's 138 for a child that has just exited); the warning reaches train.sh through that shell."""
+    bin_, calls = sbatch_stand_ins(tmp_path, "localhost\\n")
+    submit = tmp_path / "submit"
+    (submit / "launch").mkdir(parents=True)
+    (submit / "launch" / "train.sh").write_text(f'trap "{on_warning}" USR1\ntouch {tmp_path}/started\n'
+                                                "sleep 30 >/dev/null 2>&1 & wait\nexit 0\n")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "slurm.sbatch")], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env(), "PATH": f"{bin_}:{env()['PATH']}", "SLURM_JOB_NODELIST": "node0",
+                                 "SLURM_JOB_ID": "46", "SLURM_SUBMIT_DIR": str(submit)})
+    out, err = warn_when(proc, tmp_path / "started")
+    assert proc.returncode == expect, err
+    assert (submit / "runs" / "status-46.0").read_text().strip() == str(expect)
+    assert ("requeue 46" in calls.read_text()) == (expect == 75)
+
+
 def test_the_warning_during_prepare_on_one_node_stops_and_requeues(tmp_path):
     """SIGUSR1 to the batch script while launch/train.sh still prepares (no rank yet): it reaches
     train.sh, which starts no rank and exits 75; the job requeues itself."""
@@ -179,12 +209,7 @@ def test_the_warning_during_prepare_on_one_node_stops_and_requeues(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin", "PYTHON": str(bin_ / "py"),
                                  "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "45", "GPUS_PER_NODE": "2"})
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "preparing").exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=30)
+    out, err = warn_when(proc, tmp_path / "preparing")
     assert proc.returncode == 75, err
     assert "no rank started" in err and "RUN" not in out and "requeue 45" in calls.read_text()
 
