@@ -371,6 +371,11 @@ def preferences(model, tok, probes: dict, max_length: int) -> dict:
     return out
 
 
+def judge(detector, ctxs: list[dict], replies: list[dict]) -> list[str]:
+    """The detector's class of each sampled reply, read with the user's message before it."""
+    return detector.predict([(user_before(c["messages"], len(c["messages"])), r["reply"]) for c, r in zip(ctxs, replies)])
+
+
 def outcomes(model_dir: str, ctx: dict, p: dict, replies_path: str) -> dict:
     """Clean NLL, the noise-emission rates of sampled replies (written to replies_path with the
     detector's class), the two-choice preferences: one model."""
@@ -381,8 +386,7 @@ def outcomes(model_dir: str, ctx: dict, p: dict, replies_path: str) -> dict:
     # the replies whole within the first eval_length tokens of every held-out dialogue
     clean = evaluate(model, tok, ctx["eval_path"], p["eval_length"], overflow="cut")
     replies = sample_replies(model, tok, ctx["contexts"], p["gen_tokens"])
-    pred = ctx["detector"].predict([(user_before(c["messages"], len(c["messages"])), r["reply"])
-                                    for c, r in zip(ctx["contexts"], replies)])
+    pred = judge(ctx["detector"], ctx["contexts"], replies)
     n = max(len(pred), 1)
     emission = {c: sum(x == c for x in pred) / n for c in CLASSES[1:]}
     emission["any"] = sum(x != "human" for x in pred) / n
@@ -789,7 +793,7 @@ def main() -> None:
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"profile": a.profile, "settings": p, "arms": {k: [v[0], v[1], v[2]] for k, v in ARMS.items()},
                    "sources": SOURCES, "corrupt_p": CORRUPT_P, "detector": det, "summary": summary, "runs": results,
-                   "runs_left": len(specs) - len(results), "not_run": missing, "detector_rechecked": rechecked,
+                   "runs_left": len(missing), "not_run": missing, "detector_rechecked": rechecked,
                    "code": code_version()}, f, indent=1)
     write_markdown(out, summary, det, p, missing)
     write_plot(out, summary)
@@ -868,8 +872,7 @@ def recheck_detector(results: list[dict], detector, det: dict, ctx: dict, out: s
             raise SystemExit(f"[round5] {r['name']}: recorded with detector {r.get('detector_sha256')}, and its "
                              f"replies ({path}) are missing or not those of this study's contexts; run it again "
                              "(delete its line from runs-*.jsonl and its folder under runs/)")
-        pred = detector.predict([(user_before(c["messages"], len(c["messages"])), x["reply"])
-                                 for c, x in zip(ctx["contexts"], saved)])
+        pred = judge(detector, ctx["contexts"], saved)
         differ = sum(a != x["detector"] for a, x in zip(pred, saved))
         if differ:
             raise SystemExit(f"[round5] {r['name']}: recorded with detector {r.get('detector_sha256')}; this "
