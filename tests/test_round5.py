@@ -170,6 +170,15 @@ def test_the_gpu_profile_runs_the_rule_the_cpu_grid_shipped_or_came_closest(tmp_
     assert gpu_rule(str(path)) == "excess_quantile"
 
 
+def test_publishing_into_the_study_folder_itself_is_refused(tmp_path):
+    from benchmarks.noisy_mix.round5 import publish
+
+    (tmp_path / "results.md").write_text("tables")
+    with pytest.raises(SystemExit, match="that is the study folder itself"):
+        publish(str(tmp_path), str(tmp_path / "." / ""), [])
+    assert (tmp_path / "results.md").read_text() == "tables"
+
+
 def test_noise_halves_are_disjoint_and_canned_has_two_hundred_strings():
     train, probe = canned_pool("train"), canned_pool("probe")
     assert len(set(train)) == len(train) == 100 and len(set(probe)) == len(probe) == 100

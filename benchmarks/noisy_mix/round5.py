@@ -826,6 +826,9 @@ def publish(out: str, dest: str, results: list[dict]) -> None:
     import gzip
     import shutil
 
+    if os.path.realpath(dest) == os.path.realpath(out):
+        raise SystemExit(f"[round5] --publish {dest}: that is the study folder itself; name another folder "
+                         "(e.g. benchmarks/noisy_mix/results/round5-cpu)")
     os.makedirs(dest, exist_ok=True)
     for name in ("results.json", "results.md", "round5.png", "detector.json", "base.json",
                  *(os.path.basename(f) for f in sorted(glob.glob(os.path.join(out, "runs*.jsonl"))))):
