@@ -179,6 +179,29 @@ def test_publishing_into_the_study_folder_itself_is_refused(tmp_path):
     assert (tmp_path / "results.md").read_text() == "tables"
 
 
+def test_publishing_again_removes_an_earlier_publishs_runs_files(tmp_path):
+    from benchmarks.noisy_mix.round5 import publish
+
+    out, dest = tmp_path / "study", tmp_path / "published"
+    out.mkdir()
+    dest.mkdir()
+    (out / "runs-0of1.jsonl").write_text('{"name": "a"}\n')
+    (dest / "runs-0of2.jsonl").write_text('{"name": "old"}\n')  # an earlier split of the workers
+    (dest / "runs-1of2.jsonl").write_text('{"name": "old"}\n')
+    (dest / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds a record that is not round 5's"):  # runs files, no results.json
+        publish(str(out), str(dest), [])
+    (dest / "results.json").write_text(json.dumps({"profile": "cpu", "runs": []}))  # another round's record
+    with pytest.raises(SystemExit, match="holds a record that is not round 5's"):
+        publish(str(out), str(dest), [])
+    assert len(list(dest.glob("runs*.jsonl"))) == 2
+    (dest / "results.json").write_text(json.dumps({"study": "round5", "runs": []}))
+    publish(str(out), str(dest), [])
+    assert sorted(p.name for p in dest.glob("runs*.jsonl")) == ["runs-0of1.jsonl"]
+    assert (dest / "runs-0of1.jsonl").read_text() == '{"name": "a"}\n'
+    assert (dest / "notes.txt").read_text() == "mine"
+
+
 def test_noise_halves_are_disjoint_and_canned_has_two_hundred_strings():
     train, probe = canned_pool("train"), canned_pool("probe")
     assert len(set(train)) == len(train) == 100 and len(set(probe)) == len(probe) == 100
@@ -252,7 +275,7 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert big["source"] in res["sources"] and big["seed"] in (0, 1)
     assert f"The largest in any run: {big['ratio']:.2f} ({big['source']}, seed {big['seed']})" in (
         tmp_path / "results.md").read_text()
-    assert len(res["code"]["commit"]) == 40 and isinstance(res["code"]["changed"], list)
+    assert len(res["code"]["commit"]) == 40 and isinstance(res["code"]["changed"], list) and res["study"] == "round5"
     assert "### Noise 30%" in (tmp_path / "results.md").read_text()
     assert os.path.getsize(tmp_path / "round5.png") > 5000
     again = study(29672, "--publish", str(tmp_path / "published"))

@@ -791,8 +791,9 @@ def main() -> None:
     rechecked = recheck_detector(results, detector, det, ctx, out)
     summary = summarise(results, det, p, tuple(a for a in CANDIDATES if any(x["arm"] == a for x in specs)))
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"profile": a.profile, "settings": p, "arms": {k: [v[0], v[1], v[2]] for k, v in ARMS.items()},
-                   "sources": SOURCES, "corrupt_p": CORRUPT_P, "detector": det, "summary": summary, "runs": results,
+        json.dump({"study": "round5", "profile": a.profile, "settings": p,
+                   "arms": {k: [v[0], v[1], v[2]] for k, v in ARMS.items()}, "sources": SOURCES,
+                   "corrupt_p": CORRUPT_P, "detector": det, "summary": summary, "runs": results,
                    "runs_left": len(missing), "not_run": missing, "detector_rechecked": rechecked,
                    "code": code_version()}, f, indent=1)
     write_markdown(out, summary, det, p, missing)
@@ -821,7 +822,9 @@ def gpu_rule(results_path: str, default: str = "two_signals_adaptive") -> str:
 
 def publish(out: str, dest: str, results: list[dict]) -> None:
     """The study's record for the repository: the tables, the runs' records, the detector's report,
-    the base model's outcomes and every sampled reply with its run's name and the detector's class."""
+    the base model's outcomes and every sampled reply with its run's name and the detector's class.
+    The destination's runs*.jsonl that the study folder no longer holds are removed, so the record
+    is the study's runs and nothing else."""
     import glob
     import gzip
     import shutil
@@ -829,9 +832,25 @@ def publish(out: str, dest: str, results: list[dict]) -> None:
     if os.path.realpath(dest) == os.path.realpath(out):
         raise SystemExit(f"[round5] --publish {dest}: that is the study folder itself; name another folder "
                          "(e.g. benchmarks/noisy_mix/results/round5-cpu)")
+    theirs = None
+    if os.path.exists(os.path.join(dest, "results.json")):
+        with open(os.path.join(dest, "results.json"), encoding="utf-8") as f:
+            try:
+                theirs = json.load(f)
+            except ValueError:
+                pass
+    if ((theirs is not None or glob.glob(os.path.join(dest, "runs*.jsonl")))
+            and not (isinstance(theirs, dict) and theirs.get("study") == "round5")):
+        raise SystemExit(f"[round5] --publish {dest}: that folder holds a record that is not round 5's "
+                         "(results.json or runs*.jsonl, which would be overwritten); name an empty folder "
+                         "or round 5's own")
     os.makedirs(dest, exist_ok=True)
-    for name in ("results.json", "results.md", "round5.png", "detector.json", "base.json",
-                 *(os.path.basename(f) for f in sorted(glob.glob(os.path.join(out, "runs*.jsonl"))))):
+    runs = [os.path.basename(f) for f in sorted(glob.glob(os.path.join(out, "runs*.jsonl")))]
+    for stale in glob.glob(os.path.join(dest, "runs*.jsonl")):  # an earlier publish's split of the workers
+        if os.path.basename(stale) not in runs:
+            print(f"[round5] --publish: removed {stale} (not in {out}: an earlier publish's file)")
+            os.remove(stale)
+    for name in ("results.json", "results.md", "round5.png", "detector.json", "base.json", *runs):
         if os.path.exists(os.path.join(out, name)):
             shutil.copyfile(os.path.join(out, name), os.path.join(dest, name))
     tmp = os.path.join(dest, f"replies.jsonl.gz.{os.getpid()}.tmp")
