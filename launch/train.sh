@@ -26,6 +26,8 @@
 #   PYTHON        interpreter (default: python3)
 #   LAUNCHER_ARGS extra deepspeed launcher flags
 set -euo pipefail
+resure_stop=0  # a stop (TERM/USR1) asked for before the ranks start: noted from the first line (below)
+[[ -n "${RANK:-}" || -n "${LOCAL_RANK:-}" ]] || trap 'resure_stop=1' TERM USR1
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -39,11 +41,9 @@ fi
 
 # A stop asked for before the ranks start (SIGTERM/SIGUSR1, e.g. passed on by srun or slurm.sbatch)
 # ends the job once the step under way (prepare, scoring) is done, before any rank starts: status 75,
-# run again to continue.
-stop=0
-trap 'stop=1' TERM USR1
+# run again to continue. (The trap is set on the first line.)
 stopped() {  # $1: the status of the step under way (3: scoring still to do); after a stop, 75
-  if (( stop )) && [[ $1 == 0 || $1 == 3 || $1 == 143 || $1 == 138 ]]; then
+  if (( resure_stop )) && [[ $1 == 0 || $1 == 3 || $1 == 143 || $1 == 138 ]]; then
     echo "[resure_ds] a stop was asked for while preparing: no rank started; run again to continue" >&2
     exit 75
   fi

@@ -214,6 +214,124 @@ def test_the_warning_during_prepare_on_one_node_stops_and_requeues(tmp_path):
     assert "no rank started" in err and "RUN" not in out and "requeue 45" in calls.read_text()
 
 
+def slow(bin_, tool: str, marker, seconds: float = 1.0) -> None:
+    """A stand-in for /usr/bin/<tool> that marks its start and takes `seconds` more: a window made wide."""
+    (bin_ / tool).write_text(f"#!/bin/bash\ntouch {marker}\nsleep {seconds}\nexec /usr/bin/{tool} \"$@\"\n")
+    (bin_ / tool).chmod(0o755)
+
+
+def submit_folder(tmp_path, train_sh: str):
+    submit = tmp_path / "submit"
+    (submit / "launch").mkdir(parents=True)
+    (submit / "launch" / "train.sh").write_text(train_sh)
+    return submit
+
+
+def sbatch(tmp_path, bin_, submit, **extra) -> subprocess.Popen:
+    return subprocess.Popen(["bash", os.path.join(ROOT, "launch", "slurm.sbatch")], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env(), "PATH": f"{bin_}:{env()['PATH']}", "SLURM_SUBMIT_DIR": str(submit),
+                                 **extra})
+
+
+def test_a_stop_before_the_batch_script_started_any_node_requeues(tmp_path):
+    """SIGUSR1 while the batch script still reads its node list (scontrol made slow): it was the
+    default action then (138, a failed job); now no node starts, status 75, the job requeues."""
+    bin_, calls = sbatch_stand_ins(tmp_path, "node0\\n")
+    (bin_ / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n'
+                                   f'[[ "$1" == show ]] && {{ touch {tmp_path}/listing; sleep 1; printf "node0\\n"; }}\n'
+                                   "exit 0\n")
+    submit = submit_folder(tmp_path, f"touch {tmp_path}/ran\nexit 0\n")
+    proc = sbatch(tmp_path, bin_, submit, SLURM_JOB_NODELIST="node0", SLURM_JOB_ID="61")
+    out, err = warn_when(proc, tmp_path / "listing")
+    assert proc.returncode == 75, err
+    assert "a stop was asked for before any node started" in err and "requeue 61" in calls.read_text()
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_stop_as_train_sh_starts_is_not_its_death(tmp_path):
+    """SIGUSR1 to launch/train.sh while it is still sourcing common.sh (dirname made slow): the trap
+    is the first thing it sets, so it stops before any rank with 75 (it died with 138)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    slow(bin_, "dirname", tmp_path / "starting")
+    (bin_ / "py").write_text('#!/bin/bash\necho "RUN $*"\n')
+    (bin_ / "py").chmod(0o755)
+    proc = subprocess.Popen(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin",
+                                            "PYTHON": str(bin_ / "py"), "MASTER_PORT": "5", "NUM_PROCS": "2"})
+    out, err = warn_when(proc, tmp_path / "starting")
+    assert proc.returncode == 75, err
+    assert "no rank started" in err and "RUN" not in out
+
+
+def test_the_status_of_a_node_that_ends_during_the_warnings_forwarding_is_kept(tmp_path):
+    """Several nodes under DeepSpeed's runner (LAUNCHER_ARGS; its launch/train.sh runs on the batch
+    node). The warning reaches the rank (a bash stand-in) at once and it exits 75 while the batch
+    script is still forwarding it (pgrep made slow): bash's wait then gave the trap's 138, or -1
+    when waited for again (1 in about 10), and the job was not requeued; now the status that
+    launch/train.sh's shell wrote decides, as on one node."""
+    bin_, calls = sbatch_stand_ins(tmp_path, "node0\\nnode1\\n")
+    slow(bin_, "pgrep", tmp_path / "pgrep-started", 0.5)
+    submit = submit_folder(tmp_path, f"bash -c 'trap \"exit 75\" USR1; echo $$ > {tmp_path}/r; mv {tmp_path}/r "
+                                     f"{tmp_path}/rank; sleep 30 >/dev/null 2>&1 & wait' resure_ds.train\nexit $?\n")
+    proc = sbatch(tmp_path, bin_, submit, SLURM_JOB_NODELIST="node[0-1]", SLURM_JOB_ID="62",
+                  LAUNCHER_ARGS="--launcher pdsh")
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "rank").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    os.kill(int((tmp_path / "rank").read_text()), signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert (tmp_path / "pgrep-started").exists()  # the forwarding ran while the rank ended
+    assert proc.returncode == 75, err
+    assert "requeue 62" in calls.read_text()
+
+
+def test_one_node_ignores_a_hostfile_left_in_the_environment(tmp_path):
+    """sbatch passes the submitting shell's environment on: a HOSTFILE/NODE_RANK left there made
+    one node's train.sh start DeepSpeed's runner over ssh to that file's hosts."""
+    bin_, _ = sbatch_stand_ins(tmp_path, "node0\\n")
+    submit = submit_folder(tmp_path, f'echo "H=${{HOSTFILE:-}} N=${{NODE_RANK:-}} P=$NUM_PROCS" > {tmp_path}/seen\n')
+    proc = sbatch(tmp_path, bin_, submit, SLURM_JOB_NODELIST="node0", SLURM_JOB_ID="63", GPUS_PER_NODE="3",
+                  HOSTFILE=str(tmp_path / "stale-hostfile"), NODE_RANK="1")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "seen").read_text() == "H= N= P=3\n"
+    assert "one node: HOSTFILE/NODE_RANK from the environment are not used" in err
+
+
+def test_jobs_outside_slurm_do_not_share_status_files(tmp_path):
+    """Without SLURM_JOB_ID the status files are this script's own (local-<pid>): another job's in
+    the same runs/ folder (here node 1's 3) is neither removed nor read."""
+    bin_, _ = sbatch_stand_ins(tmp_path, "node0\\nnode1\\n")
+    submit = submit_folder(tmp_path, "exit 0\n")
+    (submit / "runs").mkdir()
+    (submit / "runs" / "status-local.1").write_text("3\n")  # another job's, as the script named them
+    env_ = {k: v for k, v in env().items() if k != "SLURM_JOB_ID"}
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env={**env_, "PATH": f"{bin_}:{env_['PATH']}",
+                                                     "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(submit)})
+    assert out.returncode == 0, out.stderr
+    assert (submit / "runs" / "status-local.1").read_text() == "3\n"
+    mine = sorted(p.name for p in (submit / "runs").glob("status-local-*"))
+    assert len(mine) == 2 and mine[0].endswith(".0") and mine[1].endswith(".1"), mine
+
+
+@pytest.mark.parametrize("nodelist, listed", [(None, ""), ("node[0-1]", "")])
+def test_a_job_without_nodes_is_one_line(tmp_path, nodelist, listed):
+    bin_, _ = sbatch_stand_ins(tmp_path, listed)
+    submit = submit_folder(tmp_path, f"touch {tmp_path}/ran\n")
+    env_ = {k: v for k, v in env().items() if k != "SLURM_JOB_NODELIST"}
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env={**env_, "PATH": f"{bin_}:{env_['PATH']}",
+                                                     "SLURM_SUBMIT_DIR": str(submit), "SLURM_JOB_ID": "64",
+                                                     **({"SLURM_JOB_NODELIST": nodelist} if nodelist else {})})
+    assert out.returncode == 2 and not (tmp_path / "ran").exists()
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("[resure_ds] error: SLURM_JOB_NODELIST")
+
+
 def test_a_node_rank_that_is_not_a_number_is_one_line():
     out = subprocess.run(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={**env(), "HOSTFILE": "H", "NODE_RANK": "abc", "MASTER_ADDR": "n0", "MASTER_PORT": "5"})
