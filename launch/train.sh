@@ -25,6 +25,8 @@
 #   MASTER_ADDR / MASTER_PORT   rendezvous (default: launcher's / a free port)
 #   PYTHON        interpreter (default: python3)
 #   LAUNCHER_ARGS extra deepspeed launcher flags
+#   RESURE_STOP_FILE  (set by launch/slurm.sbatch) a file made when a stop is asked for: seen
+#                 where a signal cannot be caught, as the ranks' launcher starts
 set -euo pipefail
 resure_stop=0  # a stop (TERM/USR1) asked for before the ranks start: noted from the first line (below)
 [[ -n "${RANK:-}" || -n "${LOCAL_RANK:-}" ]] || trap 'resure_stop=1' TERM USR1
@@ -43,6 +45,7 @@ fi
 # ends the job once the step under way (prepare, scoring) is done, before any rank starts: status 75,
 # run again to continue. (The trap is set on the first line.)
 stopped() {  # $1: the status of the step under way (3: scoring still to do); after a stop, 75
+  [[ -n "${RESURE_STOP_FILE:-}" && -e "$RESURE_STOP_FILE" ]] && resure_stop=1  # slurm.sbatch's
   if (( resure_stop )) && [[ $1 == 0 || $1 == 3 || $1 == 143 || $1 == 138 ]]; then
     echo "[resure_ds] a stop was asked for while preparing: no rank started; run again to continue" >&2
     exit 75
@@ -128,6 +131,8 @@ if (( own )); then
   # From here until resure_ds/node.py has its handlers (tens of ms while its Python starts), a
   # stop would end the launcher unseen (138/143, a failed job): it is ignored instead (ignored stays
   # ignored across exec, until node.py's handlers replace it), and one that came before is kept.
+  # Under slurm.sbatch, an ignored one is not lost: node.py looks for RESURE_STOP_FILE once its
+  # handlers are in place.
   trap '' TERM USR1
   stopped 0
 fi

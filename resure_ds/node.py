@@ -19,6 +19,10 @@ status did not say "run again to continue".
   with it, so each rank's process tree gets SIGTERM, then SIGKILL after GRACE_S.
 - A rank that exits 75 while others run: they are stopping too (every rank agrees on a stop in the
   step's reduction); those still running STOP_WAIT_S later are ended as above.
+- A stop asked for as this launcher started, while its signals were still ignored, is found from
+  RESURE_STOP_FILE (made by launch/slurm.sbatch before it signals): on one node it exits 75, no rank
+  started; on several it is passed on as if it came a moment later (the other nodes' ranks are
+  starting, and would wait for this node's).
 - If this launcher dies without passing anything on (SIGKILL, the OOM killer), the kernel sends
   each rank SIGTERM (PR_SET_PDEATHSIG): they save and exit 75 as above.
 
@@ -228,6 +232,14 @@ def _pidfds(procs: list[subprocess.Popen]) -> dict[int, subprocess.Popen]:
     return fds
 
 
+def stop_asked_before() -> bool:
+    """launch/slurm.sbatch makes RESURE_STOP_FILE before it signals a stop: one that came while this
+    process started, with the signals still ignored (launch/train.sh's hand-over), is seen here.
+    Read after the handlers are in place, so a stop is either caught or found here."""
+    path = os.environ.get("RESURE_STOP_FILE")
+    return bool(path) and os.path.exists(path)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m resure_ds.node", description=__doc__.split("\n\n")[0])
     p.add_argument("--master-addr", default="127.0.0.1")
@@ -255,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     node = Node()
     for sig in (*STOP_SIGNALS, *INTERRUPTS):
         signal.signal(sig, node.on_signal)
+    if stop_asked_before():
+        if args.hostfile is None:  # one node: no rank started anywhere
+            print("[resure_ds] a stop was asked for as the launcher started: no rank started; run again to continue",
+                  file=sys.stderr)
+            return EXIT_RESUME
+        node.on_signal(signal.SIGUSR1, None)  # several: as if it came a moment later (the others' ranks start)
     try:
         hosts = read_hostfile(args.hostfile) if args.hostfile else [("localhost", args.nproc)]
         envs = rank_envs(hosts, args.node_rank or 0, args.master_addr, args.master_port)

@@ -289,17 +289,61 @@ def test_the_status_of_a_node_that_ends_during_the_warnings_forwarding_is_kept(t
     assert "requeue 62" in calls.read_text()
 
 
-def test_one_node_ignores_a_hostfile_left_in_the_environment(tmp_path):
-    """sbatch passes the submitting shell's environment on: a HOSTFILE/NODE_RANK left there made
-    one node's train.sh start DeepSpeed's runner over ssh to that file's hosts."""
-    bin_, _ = sbatch_stand_ins(tmp_path, "node0\\n")
-    submit = submit_folder(tmp_path, f'echo "H=${{HOSTFILE:-}} N=${{NODE_RANK:-}} P=$NUM_PROCS" > {tmp_path}/seen\n')
-    proc = sbatch(tmp_path, bin_, submit, SLURM_JOB_NODELIST="node0", SLURM_JOB_ID="63", GPUS_PER_NODE="3",
-                  HOSTFILE=str(tmp_path / "stale-hostfile"), NODE_RANK="1")
+@pytest.mark.parametrize("listed, nodelist, extra, expect", [
+    ("\\nnode0\\n \\n", "node0", {}, "H= N= R= L= P=3 A=\n"),  # blank lines in the node list are no node
+    ("node0\\nnode1\\n", "node[0-1]", {"LAUNCHER_ARGS": "--launcher pdsh"}, None),
+])
+def test_a_rank_or_node_left_in_the_environment_is_not_used(tmp_path, listed, nodelist, extra, expect):
+    """sbatch passes the submitting shell's environment on: a HOSTFILE left there made one node's
+    train.sh start DeepSpeed's runner over ssh to that file's hosts; a NODE_RANK, under DeepSpeed's
+    runner on several nodes, put node 0's ranks on another node's line (the job hung); RANK or
+    LOCAL_RANK would put train.sh in rank mode."""
+    bin_, _ = sbatch_stand_ins(tmp_path, listed)
+    submit = submit_folder(tmp_path, f'echo "H=${{HOSTFILE:-}} N=${{NODE_RANK:-}} R=${{RANK:-}} L=${{LOCAL_RANK:-}} '
+                                     f'P=${{NUM_PROCS:-}} A=${{LAUNCHER_ARGS:-}}" > {tmp_path}/seen\n')
+    proc = sbatch(tmp_path, bin_, submit, SLURM_JOB_NODELIST=nodelist, SLURM_JOB_ID="63", GPUS_PER_NODE="3",
+                  HOSTFILE=str(tmp_path / "stale-hostfile"), NODE_RANK="1", RANK="5", LOCAL_RANK="1", **extra)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert (tmp_path / "seen").read_text() == "H= N= P=3\n"
-    assert "one node: HOSTFILE/NODE_RANK from the environment are not used" in err
+    hostfile = str(tmp_path / "stale-hostfile")  # several nodes: the path the job writes its hostfile to
+    assert (tmp_path / "seen").read_text() == (expect or f"H={hostfile} N= R= L= P=2 A=--launcher pdsh\n")
+    assert "RANK/LOCAL_RANK/NODE_RANK (and on one node HOSTFILE) from the environment are not used" in err
+
+
+def test_a_sigterm_to_the_whole_job_while_it_lists_its_nodes_requeues(tmp_path):
+    """Pre-emption sends SIGTERM to every process of the batch step, scontrol too: the empty node
+    list is the stop's doing, not an error (it was status 2, not requeued)."""
+    bin_, calls = sbatch_stand_ins(tmp_path, "node0\\n")
+    (bin_ / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n'
+                                   f'[[ "$1" == show ]] && {{ touch {tmp_path}/listing; sleep 5; printf "node0\\n"; }}\n'
+                                   "exit 0\n")
+    submit = submit_folder(tmp_path, f"touch {tmp_path}/ran\n")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "slurm.sbatch")], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**env(), "PATH": f"{bin_}:{env()['PATH']}", "SLURM_SUBMIT_DIR": str(submit),
+                                 "SLURM_JOB_NODELIST": "node0", "SLURM_JOB_ID": "66"})
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "listing").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert "a stop was asked for before any node started" in err and "requeue 66" in calls.read_text()
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_requeue_that_fails_says_so(tmp_path):
+    """scontrol requeue refused (the job was cancelled, or requeue is not allowed): one line saying
+    to submit it again; the status stays 75."""
+    bin_, calls = sbatch_stand_ins(tmp_path, "node0\\n")
+    (bin_ / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {calls}\n'
+                                   '[[ "$1" == show ]] && printf "node0\\n"\n[[ "$1" == requeue ]] && exit 1\nexit 0\n')
+    submit = submit_folder(tmp_path, "exit 75\n")
+    proc = sbatch(tmp_path, bin_, submit, SLURM_JOB_NODELIST="node0", SLURM_JOB_ID="67")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert "scontrol requeue failed (status 1" in err and "submit it again to continue" in err
 
 
 def test_jobs_outside_slurm_do_not_share_status_files(tmp_path):
@@ -330,6 +374,27 @@ def test_a_job_without_nodes_is_one_line(tmp_path, nodelist, listed):
                                                      **({"SLURM_JOB_NODELIST": nodelist} if nodelist else {})})
     assert out.returncode == 2 and not (tmp_path / "ran").exists()
     assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("[resure_ds] error: SLURM_JOB_NODELIST")
+
+
+def test_a_warning_as_the_node_starts_is_not_lost(tmp_path):
+    """SIGUSR1 to the batch script just after it forked the shell that runs launch/train.sh, before
+    train.sh exists to be signalled (bash made slow to start): the signal reached no one and the job
+    trained to its end (0); now the script makes RESURE_STOP_FILE first, train.sh finds it before
+    starting any rank, and the job requeues (75)."""
+    bin_, calls = sbatch_stand_ins(tmp_path, "localhost\\n")
+    (bin_ / "py").write_text('#!/bin/bash\ncase "$*" in *data.prepare*) exit 0;; *) echo "RUN $*";; esac\n')
+    (bin_ / "py").chmod(0o755)
+    (bin_ / "bash").write_text(f'#!/bin/bash\n[[ $1 == -c && $2 == node=0* ]] && {{ touch {tmp_path}/forking; sleep 1; }}\n'
+                               'exec /bin/bash "$@"\n')  # the shell that runs train.sh, made slow to start
+    (bin_ / "bash").chmod(0o755)
+    proc = subprocess.Popen(["/bin/bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "recipes/sft.yaml"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin", "PYTHON": str(bin_ / "py"),
+                                 "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "65", "GPUS_PER_NODE": "2"})
+    out, err = warn_when(proc, tmp_path / "forking")
+    assert proc.returncode == 75, err
+    assert "a stop was asked for while preparing: no rank started" in err and "RUN" not in out
+    assert "requeue 65" in calls.read_text() and os.path.exists(os.path.join(ROOT, "runs", "status-65.stop"))
 
 
 def test_a_node_rank_that_is_not_a_number_is_one_line():

@@ -275,3 +275,40 @@ while :; do sleep 0.1; done
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 75, err
+
+
+def test_a_stop_marked_before_the_launcher_started_is_not_lost(tmp_path):
+    """RESURE_STOP_FILE (launch/slurm.sbatch makes it before it signals): a stop that came while
+    the launcher started, its signals still ignored, is found once its handlers are in place. One
+    node: 75 with no rank started; without the file the ranks start as usual."""
+    code = "import sys; from resure_ds import node; sys.exit(node.main(sys.argv[1:]))"
+    marker = tmp_path / "status-1.stop"
+    marker.touch()
+    run = [sys.executable, "-c", code, "--nproc", "2", "--master-port", "1", "bash", "-c",
+           'echo started >> "$DIR/$RANK"']
+    env = {**os.environ, "DIR": str(tmp_path), "PYTHONPATH": ROOT, "RESURE_STOP_FILE": str(marker)}
+    out = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 75, out.stderr
+    assert "a stop was asked for as the launcher started: no rank started" in out.stderr
+    assert seen(tmp_path, 0) == seen(tmp_path, 1) == []
+    marker.unlink()
+    out = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert seen(tmp_path, 0) == seen(tmp_path, 1) == ["started"]
+
+
+def test_on_several_nodes_a_marked_stop_reaches_the_ranks(tmp_path):
+    """With a hostfile the other nodes' ranks are starting and would wait for this node's: the
+    ranks start, and are told to stop (USR1) as if the signal had come a moment later."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\nother slots=2\n")
+    marker = tmp_path / "status-1.stop"
+    marker.touch()
+    code = "import sys; from resure_ds import node; sys.exit(node.main(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", code, "--hostfile", str(hostfile), "--node-rank", "0",
+                          "--master-port", "1", "bash", "-c", RANK], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "DIR": str(tmp_path), "PYTHONPATH": ROOT,
+                                          "RESURE_STOP_FILE": str(marker)})
+    assert out.returncode == 75, out.stderr
+    assert all(seen(tmp_path, r) in (["started", "USR1"], ["USR1"], []) for r in (0, 1)), (seen(tmp_path, 0),
+                                                                                       seen(tmp_path, 1))
