@@ -7,7 +7,9 @@ through here. Outside a process group (unit tests, one process) every call is th
 core stays importable and testable without DeepSpeed.
 
 Collectives on the gloo backend (CPU) run on CPU tensors; on NCCL they need the accelerator's
-device, which the caller passes (``device``). The group's timeout (``dist.timeout``) bounds how
+device, which the caller passes (``device``), or, where it passes none, this rank's current CUDA
+device (runtime/engine.init_distributed sets it to LOCAL_RANK before any collective): an NCCL
+group has no CPU backend ("No backend type associated with device type cpu"). The group's timeout (``dist.timeout``) bounds how
 long a rank waits in any collective for a peer that died (docs/operating.md).
 """
 from __future__ import annotations
@@ -48,7 +50,11 @@ def barrier() -> None:
 
 
 def _device(device: torch.device | str | None) -> torch.device:
-    return torch.device(device) if device is not None else torch.device("cpu")
+    if device is not None:
+        return torch.device(device)
+    if active() and dist.get_backend() == "nccl":  # CUDA tensors only
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(t: torch.Tensor, device: torch.device | str | None = None, to_cpu: bool = True) -> torch.Tensor:

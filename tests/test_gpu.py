@@ -55,13 +55,17 @@ def _nccl_stats(rank, world):
     vals = torch.tensor([1.0, 2.0, 4.0], device="cuda", dtype=torch.float64)
     st.sync_update(vals, torch.tensor([0, 1, 1], device="cuda"), "cuda")
     red = dist.all_reduce_dict({"a": torch.tensor(2.0, device="cuda")}, device="cuda")
-    return {"state_device": str(st.state.device), "n": st.n.cpu(), "a": red["a"]}
+    # a collective given no device (the run folder's lock, zero_stage=auto) runs on this rank's GPU:
+    # an NCCL group has no CPU backend
+    return {"state_device": str(st.state.device), "n": st.n.cpu(), "a": red["a"],
+            "default_device": str(dist._device(None))}
 
 
 def test_nccl_one_rank_keeps_statistics_on_the_device(tmp_path):
     (r,) = run_ranks(_nccl_stats, 1, (), str(tmp_path), backend="nccl")
     assert r["state_device"].startswith("cuda")
     assert r["n"].tolist() == [1.0, 2.0, 0.0, 0.0] and r["a"] == 2.0
+    assert r["default_device"].startswith("cuda"), r
 
 
 def _fused_adam_steps(rank, world, model_path):

@@ -34,6 +34,9 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
 
     port = int(os.environ.get("MASTER_PORT", "29500"))
     deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, timeout=timedelta(seconds=timeout_s))
+    if not is_cpu():  # this rank's device before any collective (DeepSpeed's engine sets it only later):
+        # on NCCL the set-up's collectives (the run folder's lock, zero_stage=auto) run there
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))  # set by MPI discovery too
     _unlink_shm_buffer()
     return dist.rank(), dist.world()
 
