@@ -21,8 +21,8 @@ status did not say "run again to continue".
   step's reduction); those still running STOP_WAIT_S later are ended as above.
 - A stop asked for as this launcher started, while its signals were still ignored, is found from
   RESURE_STOP_FILE (made by launch/slurm.sbatch before it signals): on one node it exits 75, no rank
-  started; on several it is passed on as if it came a moment later (the other nodes' ranks are
-  starting, and would wait for this node's).
+  started. On several, the ranks start (the other nodes' ranks would wait for this node's) and find
+  the file themselves: every rank of the job ends together after the rendezvous (resure_ds/train.py).
 - If this launcher dies without passing anything on (SIGKILL, the OOM killer), the kernel sends
   each rank SIGTERM (PR_SET_PDEATHSIG): they save and exit 75 as above.
 
@@ -267,12 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     node = Node()
     for sig in (*STOP_SIGNALS, *INTERRUPTS):
         signal.signal(sig, node.on_signal)
-    if stop_asked_before():
-        if args.hostfile is None:  # one node: no rank started anywhere
-            print("[resure_ds] a stop was asked for as the launcher started: no rank started; run again to continue",
-                  file=sys.stderr)
-            return EXIT_RESUME
-        node.on_signal(signal.SIGUSR1, None)  # several: as if it came a moment later (the others' ranks start)
+    if stop_asked_before() and args.hostfile is None:  # one node: no rank started anywhere
+        print("[resure_ds] a stop was asked for as the launcher started: no rank started; run again to continue",
+              file=sys.stderr)
+        return EXIT_RESUME
     try:
         hosts = read_hostfile(args.hostfile) if args.hostfile else [("localhost", args.nproc)]
         envs = rank_envs(hosts, args.node_rank or 0, args.master_addr, args.master_port)

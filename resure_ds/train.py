@@ -15,6 +15,11 @@ import os
 import time
 import traceback
 
+from .runtime.stop import record_early
+
+if __name__ == "__main__":  # first: a stop while the imports below run (seconds) is recorded, not fatal
+    record_early()
+
 from .config import Config, load_config, parse_duration, split_recipe_args, to_dict
 from .data.pipeline import TrainingData
 from .data.order import Cursor
@@ -34,7 +39,7 @@ from .runtime.process import leave, leave_now
 from .runtime.profile import StepProfiler
 from .runtime.run_folder import RunFolderBusy
 from .runtime.sequence import SequenceParallel
-from .runtime.stop import EXIT_RESUME, SIGNALS, Divergence, StopPolicy
+from .runtime.stop import EXIT_RESUME, SIGNALS, Divergence, StopPolicy, StoppedAtStart
 from .runtime.trackers import check_installed, open_trackers
 from .stats.method import Method
 from .step import Stepper
@@ -58,6 +63,11 @@ class Recipe:
         self.stop.install()  # a SIGTERM/SIGUSR1 from here on stops at a step boundary with a checkpoint
         self.divergence = Divergence(cfg.train.max_bad_steps, cfg.train.lr)
         self.rank, self.world = init_distributed(cfg.dist.timeout)
+        # A stop asked for while the ranks started (a signal, or slurm.sbatch's RESURE_STOP_FILE) ends
+        # every rank here, together, before anything is loaded or written: on several nodes a rank that
+        # left alone would leave the others waiting in a collective.
+        if dist.all_reduce_dict({"stop": float(self.stop.asked_at_start())}, op="max")["stop"]:
+            raise StoppedAtStart()
         self.sp = SequenceParallel(cfg.train.sequence_parallel, self.rank, self.world)  # 1: every rank its rows
         self.run_dir = os.path.join(cfg.output.dir, cfg.output.name)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
@@ -273,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(recipe, overrides)
         run = run_recipe(cfg)
+    except StoppedAtStart:
+        print0(f"a stop was asked for as the ranks started: no step run, nothing saved; exit status {EXIT_RESUME}: "
+               "run the same command to continue")
+        cleanup()
+        return EXIT_RESUME
     except RunFolderBusy as e:  # one line, from rank 0, which knows the holder
         return leave_now(say_error(str(e)) if dist.rank() == 0 else 2)
     except (FileNotFoundError, ConfigError, DataError, TrainingError) as e:

@@ -177,3 +177,35 @@ def test_two_nodes_over_loopback_train_save_and_resume(straight, tiny_model_path
     assert codes == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     assert "at step 3 (rows" in outs[0][1]
     assert_same_training(straight, os.path.join(tmp_path, "twonode"))
+
+
+def test_a_stop_to_one_nodes_rank_while_it_starts_ends_both_nodes_together(tiny_model_path, tmp_path):
+    """Two nodes over loopback (a hostfile, NODE_RANK 0 and 1, one rank each). SIGUSR1 to node 1's
+    rank while it still imports (a second after it exists): it died of it, counted as stopped on its
+    node (75), while node 0's rank waited for it at the rendezvous until dist.timeout and failed. Now
+    the rank records it from its first line, and after the rendezvous every rank agrees to stop
+    before anything is loaded or written: both nodes exit 75, and no run folder is made."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    args = args_for(tiny_model_path, tmp_path, "startstop", "dist.timeout=60")
+    from tests.dist import free_port
+
+    port = str(free_port())
+    procs = [subprocess.Popen(["bash", os.path.join(ROOT, "launch", "train.sh"), *args], cwd=ROOT,
+                              env={**env(), "HOSTFILE": str(hostfile), "NODE_RANK": str(n), "OMP_NUM_THREADS": "1",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            pid = rank_pid(1, "output.name=startstop")
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline, "node 1's rank did not start"
+            time.sleep(0.01)
+    time.sleep(1.0)  # past the interpreter's start, into the imports (seconds)
+    os.kill(pid, signal.SIGUSR1)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [EXIT_RESUME, EXIT_RESUME], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "a stop was asked for as the ranks started: no step run, nothing saved" in outs[0][0] + outs[0][1]
+    assert not os.path.exists(os.path.join(tmp_path, "startstop"))

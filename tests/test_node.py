@@ -297,18 +297,18 @@ def test_a_stop_marked_before_the_launcher_started_is_not_lost(tmp_path):
     assert seen(tmp_path, 0) == seen(tmp_path, 1) == ["started"]
 
 
-def test_on_several_nodes_a_marked_stop_reaches_the_ranks(tmp_path):
-    """With a hostfile the other nodes' ranks are starting and would wait for this node's: the
-    ranks start, and are told to stop (USR1) as if the signal had come a moment later."""
+def test_on_several_nodes_a_marked_stop_is_left_to_the_ranks(tmp_path):
+    """With a hostfile the other nodes' ranks are starting and would wait for this node's: the ranks
+    start, and nothing is passed to them (a signal in their first milliseconds would kill them); they
+    find the file themselves (tests/test_stop.py: every rank ends together after the rendezvous)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\nother slots=2\n")
     marker = tmp_path / "status-1.stop"
     marker.touch()
     code = "import sys; from resure_ds import node; sys.exit(node.main(sys.argv[1:]))"
     out = subprocess.run([sys.executable, "-c", code, "--hostfile", str(hostfile), "--node-rank", "0",
-                          "--master-port", "1", "bash", "-c", RANK], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "DIR": str(tmp_path), "PYTHONPATH": ROOT,
-                                          "RESURE_STOP_FILE": str(marker)})
-    assert out.returncode == 75, out.stderr
-    assert all(seen(tmp_path, r) in (["started", "USR1"], ["USR1"], []) for r in (0, 1)), (seen(tmp_path, 0),
-                                                                                       seen(tmp_path, 1))
+                          "--master-port", "1", "bash", "-c", RANK.replace("while :; do sleep 0.1; done", "exit 0")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "DIR": str(tmp_path), "PYTHONPATH": ROOT, "RESURE_STOP_FILE": str(marker)})
+    assert out.returncode == 0, out.stderr
+    assert seen(tmp_path, 0) == seen(tmp_path, 1) == ["started"]

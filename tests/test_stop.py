@@ -81,3 +81,19 @@ def test_steps_that_train_no_token_stop_the_run_like_non_finite_ones():
 def test_numbers_that_would_fail_inside_a_rank_are_refused_before_it_starts(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_a_stop_while_the_rank_imports_is_recorded_for_the_policy():
+    """resure_ds/train.py's first act, run as a program: a SIGUSR1 before StopPolicy.install (its
+    imports take seconds) is recorded, not the default action (death), and the policy has it. In a
+    process of its own: the handlers and the record are process-wide."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time, sys; from resure_ds.runtime import stop; stop.record_early(); "
+            "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.05); p = stop.StopPolicy(0, 0); p.install(); "
+            "print(p.signalled, p.asked_at_start())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "RESURE_STOP_FILE"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["SIGUSR1", "True"]

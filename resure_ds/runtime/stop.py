@@ -11,6 +11,7 @@ requeues itself on that status.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 
@@ -18,6 +19,28 @@ from ..errors import TrainingError
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: stopped early on purpose, a checkpoint is saved; run again to continue
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+_EARLY: list[str] = []  # stop signals that came before StopPolicy.install: while the rank imported
+
+
+def record_early() -> None:
+    """A rank's first act (resure_ds/train.py run as a program): a SIGTERM/SIGUSR1 while its imports
+    run (seconds) is recorded for StopPolicy.install, not the signal's default action. A rank that
+    died of it counted as stopped on its node, but the ranks of the other nodes then waited for it
+    at the rendezvous until dist.timeout, and the job failed."""
+    for sig in SIGNALS:
+        signal.signal(sig, lambda signum, frame: _EARLY.append(signal.Signals(signum).name))
+
+
+def stop_file_made() -> bool:
+    """launch/slurm.sbatch makes RESURE_STOP_FILE before it signals a stop (docs/operating.md)."""
+    path = os.environ.get("RESURE_STOP_FILE")
+    return bool(path) and os.path.exists(path)
+
+
+class StoppedAtStart(Exception):
+    """A stop asked for before the first step, agreed by every rank: nothing to save."""
 
 
 class StopPolicy:
@@ -29,9 +52,14 @@ class StopPolicy:
         self.slowest_save = 0.0
 
     def install(self) -> None:
-        """Record SIGTERM/SIGUSR1 instead of dying (main thread only)."""
+        """Record SIGTERM/SIGUSR1 instead of dying (main thread only), and any that came before."""
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
+        if _EARLY and self.signalled is None:  # after the handlers: none is missed in between
+            self.signalled = _EARLY[0]
+
+    def asked_at_start(self) -> bool:
+        return self.signalled is not None or stop_file_made()
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = signal.Signals(signum).name
