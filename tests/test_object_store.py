@@ -395,3 +395,91 @@ def test_other_readers_follow_a_published_folder_and_bad_bytes_are_not_the_store
     with pytest.raises(DataError, match=r"^ftp://nohost.invalid/x.jsonl: the store failed while connecting"):
         ensure_prepared(cfg(tiny_model_path, "ftp://nohost.invalid/x.jsonl", tmp_path / "p"), tokenizer,
                         tiny_model_path, progress=False)
+
+
+def test_a_store_folder_reads_what_the_same_folder_on_disk_reads(s3, tmp_path, tiny_model_path, tokenizer):
+    """A file whose name starts with '.' was dropped from a folder in the store (not on disk): 40
+    dialogues lost, uncounted. Hidden folders are skipped in both; a key with a '..' part is refused."""
+    server, b = s3
+    folder = tmp_path / "hid"
+    first, second = chitchat_jsonl(folder, n_files=2, per_file=20)  # the second in nested/
+    os.rename(first, folder / ".part-0.jsonl")
+    (folder / ".cache").mkdir()
+    shutil.copy(second, folder / ".cache" / "copy.jsonl")  # a hidden folder: skipped by both
+    server.upload_folder(str(folder), b, "hid")
+    [disk] = ensure_prepared(cfg(tiny_model_path, str(folder), tmp_path / "prep"), tokenizer, tiny_model_path,
+                             progress=False)
+    [there] = ensure_prepared(cfg(tiny_model_path, f"s3://{b}/hid/", f"s3://{b}/prepared"), tokenizer,
+                              tiny_model_path, progress=False)
+    assert there.manifest["counts"] == disk.manifest["counts"] and disk.manifest["counts"]["dialogues"] == 40
+    server.client().put_object(Bucket=b, Key="dots/../x.jsonl", Body=open(second, "rb").read())
+    with pytest.raises(DataError, match=r"dots/\.\./x\.jsonl: a key with a '\.' or '\.\.' part"):
+        ensure_prepared(cfg(tiny_model_path, f"s3://{b}/dots/", f"s3://{b}/prepared"), tokenizer, tiny_model_path,
+                        progress=False)
+
+
+def test_a_scheme_is_one_store_however_it_is_written(stored, tmp_path, tiny_model_path, tokenizer):
+    """s3a:// is s3fs's other name for s3://: a prepared_dir written s3:// inside a source written s3a://
+    got past the check and wrote into the raw folder; S3:// read as no backend at all."""
+    server, b, data = stored
+    with pytest.raises(DataError, match="lies inside the source"):
+        ensure_prepared(cfg(tiny_model_path, f"s3a://{b}/raw/", f"s3://{b}/raw/prep"), tokenizer, tiny_model_path,
+                        progress=False)
+    assert server.keys(b, "raw/prep") == []
+    [p] = ensure_prepared(cfg(tiny_model_path, f"S3://{b}/raw/part-0.jsonl", f"s3://{b}/prepared"), tokenizer,
+                          tiny_model_path, progress=False)
+    assert p.manifest["counts"]["dialogues"] == 40
+
+
+def test_the_local_cache_full_or_read_only_is_not_blamed_on_the_store(s3, monkeypatch):
+    """The fetched copies live under RESURE_CACHE: a full disk or a read-only cache named the store
+    ("is the endpoint reachable?"). An unknown AWS profile is a credentials error, not a connection's."""
+    import errno
+
+    from resure_ds.data import remote
+
+    server, b = s3
+    for code, what in ((errno.ENOSPC, "no space left"), (errno.EROFS, "read-only")):
+        with pytest.raises(DataError, match=f"{what} on this machine .*RESURE_CACHE .* needs room and must be writable"):
+            with remote.store_errors(f"s3://{b}/x.arrow", "downloading"):
+                raise OSError(code, os.strerror(code), "/cache/fetched/x.arrow")
+    monkeypatch.setenv("AWS_PROFILE", "nosuch")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    _fresh_clients()
+    with pytest.raises(DataError, match=r"refused the credentials .*ProfileNotFound"):
+        remote.exists(f"s3://{b}/x.jsonl")
+
+
+def test_a_staged_shard_damaged_before_its_upload_is_rendered_again(stored, tmp_path, tiny_model_path, tokenizer,
+                                                                    monkeypatch):
+    """A prepare that rendered every unit but uploaded only the first (the store went away): its staged
+    shards wait in the cache. One was damaged meanwhile: it was uploaded as it was and then refused at
+    every fetch ("changed or damaged in the store"); now it is rendered again, and the publication is
+    the same as a local prepare's."""
+    from resure_ds.data import publish
+
+    server, b, data = stored
+    c = cfg(tiny_model_path, f"s3://{b}/raw", f"s3://{b}/prepared")
+    real = publish.upload_unit
+    calls = []
+
+    def store_gone_after_one(url, stage, i, record):
+        calls.append(i)
+        if len(calls) > 1:
+            raise DataError("the store failed while uploading (simulated)")
+        real(url, stage, i, record)
+
+    monkeypatch.setattr(publish, "upload_unit", store_gone_after_one)
+    with pytest.raises(DataError, match="simulated"):
+        ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    monkeypatch.setattr(publish, "upload_unit", real)
+    staged = sorted((tmp_path / "cache" / "fetched").glob("*.partial/0000[1-9].arrow"))
+    assert staged, list((tmp_path / "cache" / "fetched").iterdir())
+    raw = bytearray(staged[0].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    staged[0].write_bytes(bytes(raw))
+    [p] = ensure_prepared(c, tokenizer, tiny_model_path, workers=1, progress=False)
+    [whole] = ensure_prepared(cfg(tiny_model_path, str(data / "raw"), tmp_path / "local"), tokenizer,
+                              tiny_model_path, workers=1, progress=False)
+    assert shard_sums(p) == shard_sums(whole)

@@ -42,7 +42,7 @@ from ..errors import DataError, run_command
 from ..files import input_root, inside as files_inside
 from ..models import cache_root, resolve_model_path
 from . import overflow, publish, remote
-from .manifest import FORMAT_VERSION, read_manifest, verify_shards, write_manifest
+from .manifest import FORMAT_VERSION, file_digest, read_manifest, verify_shards, write_manifest
 from .overflow import OverflowCounts
 from .records import SkipCounter
 from .reference import scored_keys
@@ -280,7 +280,14 @@ def _prepare_published(spec: SourceSpec, src: Source, url: str, key: str, fps: d
         upload = lambda i, record: publish.upload_unit(url, stage, i, record)  # noqa: E731
         for i in [i for i in mine if os.path.exists(unit_record(stage, i))]:  # rendered, not uploaded, last time
             with open(unit_record(stage, i), encoding="utf-8") as f:
-                upload(i, json.load(f))
+                record = json.load(f)
+            shard = os.path.join(stage, record["file"])
+            if os.path.exists(shard) and file_digest(shard) == (record["bytes"], record["sha256"]):
+                upload(i, record)
+            else:  # gone or damaged since it was rendered: rendered again below, never uploaded as it is
+                for path in (shard, unit_record(stage, i)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
         todo = [(units[i], i, stage) for i in mine if not os.path.exists(unit_record(stage, i))]
         _render_share(spec, len(units), todo, url, url, task, workers, model_path, cfg, tokenizer, progress, upload)
         if me != 0:

@@ -14,6 +14,7 @@ out as one DataError naming the URL and the likely fix (`store_errors`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -56,12 +57,24 @@ def local(path: str) -> str:
     return rest[len("localhost"):] if rest.lower().startswith("localhost/") else path
 
 
-def normal(url: str) -> str:
-    """A URL with its path's repeated slashes collapsed (s3://b//x -> s3://b/x), as a local path's are;
-    a local path unchanged."""
+ALIASES = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}  # one store, one name (the same backend)
+
+
+def canonical(url: str) -> str:
+    """A URL with its scheme in lower case and under its one name (S3:// and s3a:// -> s3://): fsspec
+    knows no S3://, and a prepared_dir written s3a:// must not pass for another place than s3://."""
     if not is_url(url):
         return url
     head, rest = url.split("://", 1)
+    return f"{ALIASES.get(head.lower(), head.lower())}://{rest}"
+
+
+def normal(url: str) -> str:
+    """A URL with its scheme canonical and its path's repeated slashes collapsed (s3://b//x -> s3://b/x),
+    as a local path's are; a local path unchanged."""
+    if not is_url(url):
+        return url
+    head, rest = canonical(url).split("://", 1)
     netloc, sep, tail = rest.partition("/")
     return f"{head}://{netloc}{sep}{re.sub('/+', '/', tail).lstrip('/')}"
 
@@ -89,7 +102,7 @@ def _fs(url: str):
     sch = scheme(url)
     try:
         with store_errors(url, "connecting"):
-            return fsspec.core.url_to_fs(url)
+            return fsspec.core.url_to_fs(canonical(url))
     except DataError:
         raise
     except ImportError as e:
@@ -131,21 +144,50 @@ def store_errors(url: str, doing: str = "reading") -> Iterator[None]:
         yield
     except (DataError, ImportError):
         raise
-    except FileNotFoundError as e:
+    except OSError as e:
+        if e.errno in LOCAL_ERRNOS or (isinstance(e, FileNotFoundError) and _is_local(e.filename)):
+            raise DataError(local_error(e, f"{doing} {shown(url)}")) from None
+        _store_error(e, url, doing, creds)
+    except Exception as e:  # noqa: BLE001 -- each backend has its own errors for a dropped or refused connection
+        _store_error(e, url, doing, creds)
+
+
+LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+CREDENTIAL_ERRORS = ("ProfileNotFound", "SSOTokenLoadError", "TokenRetrievalError", "UnauthorizedSSOTokenError")
+
+
+def _is_local(filename) -> bool:
+    return isinstance(filename, str) and os.path.isabs(filename) and not is_url(filename)
+
+
+def local_error(e: OSError, doing: str) -> str:
+    """A local file's failure in a store's work (the fetched copies live under RESURE_CACHE)."""
+    from ..models import cache_root
+
+    what = {errno.ENOSPC: "no space left", errno.EDQUOT: "over the disk quota", errno.EROFS: "read-only"}.get(
+        e.errno, "a local file is missing")
+    where = f" ({e.filename})" if e.filename else ""
+    return (f"{doing}: {what} on this machine{where}: {e.strerror or e}; the local copies of the store's data "
+            f"live under RESURE_CACHE ({cache_root()}): it needs room and must be writable (set RESURE_CACHE "
+            "to another folder, or free space), then run again")
+
+
+def _store_error(e: BaseException, url: str, doing: str, creds: str) -> None:
+    if isinstance(e, FileNotFoundError):
         raise DataError(f"{shown(url)}: no such object, folder or bucket while {doing} ({_describe(e)}); check "
                         "the URL (bucket and key)") from None
-    except PermissionError as e:
+    if isinstance(e, PermissionError):
         raise DataError(f"{shown(url)}: access denied while {doing} ({_describe(e)}); check the credentials "
                         f"the backend finds: {creds}") from None
-    except Exception as e:  # noqa: BLE001 -- each backend has its own errors for a dropped or refused connection
-        if not _from_store(e):
-            raise  # a bug, not the store: keep its traceback
-        name = type(e).__name__
-        if "credential" in name.lower() or "signature" in str(e).lower() or "InvalidAccessKeyId" in str(e):
-            raise DataError(f"{shown(url)}: the store refused the credentials while {doing} ({name}: "
-                            f"{_describe(e)}); check {creds}") from None
-        raise DataError(f"{shown(url)}: the store failed while {doing} ({name}: {_describe(e)}); is the endpoint "
-                        "reachable? Run again to resume (finished work is kept)") from None
+    if not _from_store(e):
+        raise e  # a bug, not the store: keep its traceback
+    name = type(e).__name__
+    if ("credential" in name.lower() or name in CREDENTIAL_ERRORS or "signature" in str(e).lower()
+            or "InvalidAccessKeyId" in str(e)):
+        raise DataError(f"{shown(url)}: the store refused the credentials while {doing} ({name}: "
+                        f"{_describe(e)}); check {creds}") from None
+    raise DataError(f"{shown(url)}: the store failed while {doing} ({name}: {_describe(e)}); is the endpoint "
+                    "reachable? Run again to resume (finished work is kept)") from None
 
 
 def open_binary(path: str) -> IO[bytes]:
@@ -224,7 +266,9 @@ def listdir(path: str) -> list[str]:
 
 
 def walk_files(folder: str) -> list[str]:
-    """Every file under a remote folder (recursive, in os.walk's order), skipping names that start with '.'."""
+    """Every file under a remote folder (recursive, in os.walk's order), as a local folder is read:
+    folders whose names start with '.' skipped, files of any name kept. A key with a '.' or '..'
+    part is refused (a path would read it as another place)."""
     fs, p = _fs(folder)
     with store_errors(folder, "listing"):
         found = fs.find(p)
@@ -232,9 +276,15 @@ def walk_files(folder: str) -> list[str]:
         parts = rel.split("/")
         return [(1, d) for d in parts[:-1]] + [(0, parts[-1])]
 
-    rels = [posixpath.relpath(f, p) for f in found]
-    return [_url(posixpath.join(p, r), folder) for r in sorted(rels, key=walk_order)
-            if not any(part.startswith(".") for part in r.split("/"))]
+    base, rels = p.rstrip("/"), []
+    for f in found:
+        rel = f[len(base) + 1:] if f.startswith(base + "/") else posixpath.relpath(f, base)
+        if any(part in (".", "..") for part in rel.split("/")):
+            raise DataError(f"{shown(_url(f, folder))}: a key with a '.' or '..' part, which a path reads as another "
+                            "place; rename it in the store (or move it out of the folder)")
+        rels.append(rel)
+    return [_url(posixpath.join(base, r), folder) for r in sorted(rels, key=walk_order)
+            if not any(part.startswith(".") for part in r.split("/")[:-1])]
 
 
 def glob(pattern: str) -> list[str]:

@@ -117,8 +117,10 @@ def _resolve_url(spec: SourceSpec, fix: str) -> Source:
             raise DataError(f"{remote.shown(p)}: a datasets folder in an object store; copy it to a local disk "
                             "(or save it as .parquet files there)")
         if any(re.search(r"/units/\d+\.json$", f) for f in files) and any(f.endswith(".arrow") for f in files):
-            raise DataError(f"{remote.shown(p)}: no manifest.json (an unfinished publication of a prepared folder); "
-                            "run prepare again to finish it, or give the raw source")
+            raise DataError(f"{remote.shown(p)}: holds a prepared folder's shards and unit records (units/*.json) "
+                            "but no manifest.json: an unfinished publication (run prepare again to finish it), or a "
+                            "folder with prepared folders below it (give one of them, or the raw source, not a "
+                            "folder that holds both)")
         files = [f for f in files if f.endswith(SUFFIXES)]
         if not files:
             raise DataError(f"{remote.shown(p)}: the folder holds no {'/'.join(SUFFIXES)} object. {fix}")
