@@ -168,7 +168,7 @@ def test_an_unfinished_publication_is_never_read_and_the_next_prepare_resumes(st
     keys = server.keys(b, "prepared/")
     folder = keys[0].split("/")[1]
     assert not any(k.endswith("manifest.json") for k in keys) and any("/units/" in k for k in keys)
-    with pytest.raises(DataError, match="no manifest.json .an unfinished publication"):
+    with pytest.raises(DataError, match="no manifest.json: an unfinished publication"):
         ensure_prepared(cfg(tiny_model_path, f"s3://{b}/prepared/{folder}", tmp_path / "x"), tokenizer,
                         tiny_model_path, progress=False)
     # an old failure note of a task of another attempt does not block a prepare that does it all

@@ -91,6 +91,32 @@ def test_cache_hit_and_rebuilds(tmp_path, tiny_model_path, tokenizer):
     assert prepare(longer, tokenizer, tiny_model_path)[0].folder != changed.folder
 
 
+def test_a_file_edited_while_prepare_reads_it_publishes_nothing(tmp_path, tiny_model_path, tokenizer, monkeypatch):
+    """A record appended to a source file after its unit was read: the shards held the first version
+    under its key, and the manifest named the second, so the next run prepared again but this one
+    trained the mix. Now nothing is published, the error names the file, and the next run prepares
+    the new version whole."""
+    from resure_ds.data import prepare as prep
+
+    paths = chitchat_jsonl(tmp_path / "data", n_files=2, per_file=20)
+    c = cfg(tiny_model_path, str(tmp_path / "data"), tmp_path / "prep")
+    real = prep.run_units
+
+    def then_edited(*args, **kwargs):
+        real(*args, **kwargs)
+        with open(paths[0], "a", encoding="utf-8") as f:
+            f.write(json.dumps(OPENAI[0]) + "\n")
+
+    monkeypatch.setattr(prep, "run_units", then_edited)
+    with pytest.raises(DataError, match=rf"{re.escape(str(paths[0]))} changed while prepare read it; nothing was "
+                                        "published"):
+        prepare(c, tokenizer, tiny_model_path)
+    assert not list((tmp_path / "prep").glob("*/manifest.json"))
+    monkeypatch.setattr(prep, "run_units", real)
+    [p] = prepare(c, tokenizer, tiny_model_path)
+    assert not p.hit and p.manifest["counts"]["dialogues"] == 41
+
+
 def test_a_cache_hit_reads_the_tokenizer_from_its_memo_and_any_change_loads_it(tmp_path, tiny_model_path,
                                                                               monkeypatch):
     """The launcher's prepare on a cache hit imports no transformers (the memo gives the key); an

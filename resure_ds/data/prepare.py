@@ -115,9 +115,11 @@ def prepared_folder(spec: SourceSpec, src: Source, fps: dict, cfg: Config) -> st
     return remote.join(prepared_root(cfg), f"{_slug(spec.label)}-{source_key(src, fps, cfg)}")
 
 
-def source_key(src: Source, fps: dict, cfg: Config) -> str:
+def source_key(src: Source, fps: dict, cfg: Config, files: list | None = None) -> str:
+    """The prepared folder's key: the source's files as fingerprinted (`files`, else now), the
+    tokenizer and the settings that change the shards."""
     blob = json.dumps({"version": FORMAT_VERSION, "render": RENDER_VERSION, "kind": src.kind,
-                       "files": source_fingerprint(src), **fps,
+                       "files": source_fingerprint(src) if files is None else files, **fps,
                        "max_length": cfg.data.max_length, "overflow": cfg.data.overflow,
                        "skip_invalid": cfg.data.skip_invalid, "train_reasoning": cfg.data.train_reasoning,
                        # the default layout adds nothing, so caches made before layouts existed still hit
@@ -193,13 +195,15 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
             return Prepared(spec, publish.fetch(url, m, checksums), m, True)
         verify_shards(src.files[0], m, checksums)
         return Prepared(spec, src.files[0], m, True)
-    key = source_key(src, fps, cfg)
+    files = source_fingerprint(src)  # once: the key, and what the end of the prepare compares with
+    key = source_key(src, fps, cfg, files)
     root = prepared_root(cfg)
     check_prepared_dir(cfg)
-    folder = prepared_folder(spec, src, fps, cfg)
+    folder = remote.join(root, f"{_slug(spec.label)}-{key}")  # prepared_folder's, from this fingerprint
+    meta = lambda t0: _meta(spec, src, key, files, fps, cfg, workers, task[1], t0)  # noqa: E731
     if remote.is_url(root):
-        return _prepare_published(spec, src, folder, key, fps, cfg, tokenizer, model_path, workers, task, progress,
-                                  wait_s, checksums)
+        return _prepare_published(spec, src, folder, meta, workers, task, progress, wait_s, checksums, model_path,
+                                  cfg, tokenizer)
     os.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
     me, tasks = task
@@ -222,7 +226,7 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
         if me != 0:
             return Prepared(spec, folder, {}, False)
         _wait_for_units(partial, len(units), wait_s)
-        m = _merge(partial, len(units), _meta(spec, src, key, fps, cfg, workers, tasks, t0))
+        m = _merge(partial, len(units), meta(t0))
         shutil.rmtree(os.path.join(partial, "units"))
         write_manifest(partial, m)
         os.replace(partial, folder)
@@ -230,9 +234,19 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
     return Prepared(spec, folder, m, False)
 
 
-def _meta(spec: SourceSpec, src: Source, key: str, fps: dict, cfg: Config, workers: int, tasks: int,
+def _meta(spec: SourceSpec, src: Source, key: str, files: list, fps: dict, cfg: Config, workers: int, tasks: int,
           t0: float) -> dict:
-    return {"source": {"path": spec.path, "kind": src.kind, "files": source_fingerprint(src),
+    """The manifest's description of the source, fingerprinted again now that every unit is rendered:
+    a file edited, appended to or replaced while it was read would leave shards of two versions under
+    the first one's key, so it is refused and nothing is published."""
+    now = source_fingerprint(src)
+    if now != files:
+        changed = [str(b[0]) for a, b in zip(files, now) if a != b] or ["the list of files"]
+        raise DataError(f"{spec.label}: {', '.join(remote.shown(c) for c in changed[:3])}"
+                        f"{f' and {len(changed) - 3} more' if len(changed) > 3 else ''} changed while prepare read "
+                        "it; nothing was published. Run prepare again once the source stays as it is (its shards "
+                        "are made anew, under the new version's key)")
+    return {"source": {"path": spec.path, "kind": src.kind, "files": files,
                        "layout": spec.layout.to_dict()},
             "name": spec.label, "key": key, **fps, "max_length": cfg.data.max_length,
             "overflow": cfg.data.overflow, "skip_invalid": cfg.data.skip_invalid, "workers": workers, "tasks": tasks,
@@ -255,9 +269,9 @@ def _done(spec: SourceSpec, m: dict, cfg: Config, t0: float, progress: bool) -> 
         raise _empty_error(spec, m)
 
 
-def _prepare_published(spec: SourceSpec, src: Source, url: str, key: str, fps: dict, cfg: Config, tokenizer,
-                       model_path: str, workers: int, task: tuple[int, int], progress: bool, wait_s: float,
-                       checksums: bool) -> Prepared:
+def _prepare_published(spec: SourceSpec, src: Source, url: str, meta, workers: int, task: tuple[int, int],
+                       progress: bool, wait_s: float, checksums: bool, model_path: str, cfg: Config,
+                       tokenizer) -> Prepared:
     """prepare_source with data.prepared_dir in an object store (data/publish.py): the units rendered
     here, uploaded one by one, the manifest published by task 0 when all are in the store, then this
     node's verified copy."""
@@ -295,7 +309,7 @@ def _prepare_published(spec: SourceSpec, src: Source, url: str, key: str, fps: d
         records = publish.wait_for_units(url, len(units), wait_s)
         if isinstance(records, dict):  # published meanwhile by another node preparing the same source
             return Prepared(spec, publish.fetch(url, records, checksums), records, True)
-        m = merge_records(records, _meta(spec, src, key, fps, cfg, workers, tasks, t0))
+        m = merge_records(records, meta(t0))
         m = publish.publish_manifest(url, {"format": PREPARED_FORMAT, "version": FORMAT_VERSION, **m})
     _done(spec, m, cfg, t0, progress)
     return Prepared(spec, publish.fetch(url, m, checksums), m, False)
