@@ -38,15 +38,37 @@ if [[ -n "${RANK:-}" || -n "${LOCAL_RANK:-}" ]]; then
   if [[ -z "${OMP_NUM_THREADS:-}" && -n "${LOCAL_SIZE:-${LOCAL_WORLD_SIZE:-}}" ]]; then
     export OMP_NUM_THREADS=$(( $(nproc) / ${LOCAL_SIZE:-${LOCAL_WORLD_SIZE}} > 0 ? $(nproc) / ${LOCAL_SIZE:-${LOCAL_WORLD_SIZE}} : 1 ))
   fi
+  if [[ "${CROSS_SIZE:-1}" != 1 ]]; then
+    # Several nodes: until resure_ds/train.py records stops (its first line), one would kill this rank
+    # and leave the other nodes' ranks waiting at the rendezvous: ignored instead (until replaced);
+    # under slurm.sbatch the rank still finds it (RESURE_STOP_FILE).
+    trap '' TERM USR1
+  fi
   exec "$PYTHON" -u -m resure_ds.train "${ARGS[@]}"
 fi
 
 # A stop asked for before the ranks start (SIGTERM/SIGUSR1, e.g. passed on by srun or slurm.sbatch)
 # ends the job once the step under way (prepare, scoring) is done, before any rank starts: status 75,
 # run again to continue. (The trap is set on the first line.)
+# One node of several (NODE_RANK) with its data ready hands the stop to its ranks instead: another
+# node may have started its ranks already, and they would wait for this node's at the rendezvous;
+# right after it every rank ends together (resure_ds/train.py reads RESURE_STOP_FILE).
 stopped() {  # $1: the status of the step under way (3: scoring still to do); after a stop, 75
   [[ -n "${RESURE_STOP_FILE:-}" && -e "$RESURE_STOP_FILE" ]] && resure_stop=1  # slurm.sbatch's
   if (( resure_stop )) && [[ $1 == 0 || $1 == 3 || $1 == 143 || $1 == 138 ]]; then
+    if [[ $1 == 0 && -n "${NODE_RANK:-}" ]]; then
+      if [[ -z "${RESURE_STOP_FILE:-}" ]]; then
+        RESURE_STOP_FILE=$(mktemp "${TMPDIR:-/tmp}/resure-stop.XXXXXX")
+        export RESURE_STOP_FILE
+      fi
+      : > "$RESURE_STOP_FILE"
+      if (( resure_stop < 2 )); then
+        echo "[resure_ds] a stop was asked for while preparing: this node's ranks start, and stop with the" \
+          "other nodes' after their rendezvous" >&2
+      fi
+      resure_stop=2
+      return 0
+    fi
     echo "[resure_ds] a stop was asked for while preparing: no rank started; run again to continue" >&2
     exit 75
   fi
@@ -131,8 +153,8 @@ if (( own )); then
   # From here until resure_ds/node.py has its handlers (tens of ms while its Python starts), a
   # stop would end the launcher unseen (138/143, a failed job): it is ignored instead (ignored stays
   # ignored across exec, until node.py's handlers replace it), and one that came before is kept.
-  # Under slurm.sbatch, an ignored one is not lost: node.py looks for RESURE_STOP_FILE once its
-  # handlers are in place.
+  # Under slurm.sbatch, an ignored one is not lost: node.py (one node) or the ranks (several) look
+  # for RESURE_STOP_FILE once their handlers are in place.
   trap '' TERM USR1
   stopped 0
 fi

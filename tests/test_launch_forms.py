@@ -397,6 +397,39 @@ def test_a_warning_as_the_node_starts_is_not_lost(tmp_path):
     assert "requeue 65" in calls.read_text() and os.path.exists(os.path.join(ROOT, "runs", "status-65.stop"))
 
 
+@pytest.mark.parametrize("how", ["file", "signal"])
+def test_on_several_nodes_a_stop_while_preparing_is_handed_to_the_ranks(tmp_path, how):
+    """One node of several (NODE_RANK) whose data are ready: it exited 75 before starting its ranks,
+    while another node's ranks, already started, waited for them at the rendezvous until dist.timeout
+    (a failed job). Now it starts its ranks with RESURE_STOP_FILE made, and every rank ends together
+    right after the rendezvous (tests/test_faults). A stop by signal gets a file of its own."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "py").write_text(f'#!/bin/bash\ncase "$*" in *data.prepare*) touch {tmp_path}/preparing; sleep 1; exit 0;; '
+                             '*) echo "RUN $* STOP=${RESURE_STOP_FILE:-}"; [[ -e ${RESURE_STOP_FILE:-/none} ]] && '
+                             'echo MADE;; esac\n')
+    (bin_ / "py").chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    marker = tmp_path / "status-9.stop"
+    if how == "file":
+        marker.touch()
+    proc = subprocess.Popen(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin", "TMPDIR": str(tmp_path),
+                                            "PYTHON": str(bin_ / "py"), "MASTER_PORT": "5", "MASTER_ADDR": "node0",
+                                            "HOSTFILE": str(hostfile), "NODE_RANK": "1",
+                                            **({"RESURE_STOP_FILE": str(marker)} if how == "file" else {})})
+    if how == "signal":
+        out, err = warn_when(proc, tmp_path / "preparing")
+    else:
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "resure_ds.node" in out and "--node-rank 1" in out and "MADE" in out, out
+    assert "this node's ranks start, and stop with the other nodes' after their rendezvous" in err
+    if how == "signal":
+        assert f"STOP={tmp_path}/resure-stop." in out
+
+
 def test_a_node_rank_that_is_not_a_number_is_one_line():
     out = subprocess.run(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={**env(), "HOSTFILE": "H", "NODE_RANK": "abc", "MASTER_ADDR": "n0", "MASTER_PORT": "5"})
