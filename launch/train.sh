@@ -54,7 +54,9 @@ fi
 # node may have started its ranks already, and they would wait for this node's at the rendezvous;
 # right after it every rank ends together (resure_ds/train.py reads RESURE_STOP_FILE).
 stopped() {  # $1: the status of the step under way (3: scoring still to do); after a stop, 75
-  [[ -n "${RESURE_STOP_FILE:-}" && -e "$RESURE_STOP_FILE" ]] && resure_stop=1  # slurm.sbatch's
+  if (( ! resure_stop )) && [[ -n "${RESURE_STOP_FILE:-}" && -e "$RESURE_STOP_FILE" ]]; then
+    resure_stop=1  # slurm.sbatch's
+  fi
   if (( resure_stop )) && [[ $1 == 0 || $1 == 3 || $1 == 143 || $1 == 138 ]]; then
     if [[ $1 == 0 && -n "${NODE_RANK:-}" ]]; then
       if [[ -z "${RESURE_STOP_FILE:-}" ]]; then
