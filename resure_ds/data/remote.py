@@ -25,6 +25,7 @@ import shutil
 from typing import IO, Iterator
 
 from ..errors import DataError
+from ..models import cache_root
 
 SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
@@ -162,8 +163,6 @@ def _is_local(filename) -> bool:
 
 def local_error(e: OSError, doing: str) -> str:
     """A local file's failure in a store's work (the fetched copies live under RESURE_CACHE)."""
-    from ..models import cache_root
-
     what = {errno.ENOSPC: "no space left", errno.EDQUOT: "over the disk quota", errno.EROFS: "read-only"}.get(
         e.errno, "a local file is missing")
     where = f" ({e.filename})" if e.filename else ""
