@@ -442,7 +442,14 @@ def test_the_local_cache_full_or_read_only_is_not_blamed_on_the_store(s3, monkey
     for code, what in ((errno.ENOSPC, "no space left"), (errno.EROFS, "read-only")):
         with pytest.raises(DataError, match=f"{what} on this machine .*RESURE_CACHE .* needs room and must be writable"):
             with remote.store_errors(f"s3://{b}/x.arrow", "downloading"):
-                raise OSError(code, os.strerror(code), "/cache/fetched/x.arrow")
+                raise OSError(code, os.strerror(code), os.path.join(os.environ["RESURE_CACHE"], "fetched", "x.arrow"))
+    with pytest.raises(DataError, match=r"a local file is missing on this machine \(relcache/x.arrow\).*RESURE_CACHE"):
+        monkeypatch.setenv("RESURE_CACHE", "relcache")  # relative, as a user may set it
+        with remote.store_errors(f"s3://{b}/x.arrow", "uploading"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "relcache/x.arrow")
+    with pytest.raises(DataError, match=r"\(/var/run/token\).*this machine's file, not the store's"):
+        with remote.store_errors(f"s3://{b}/x.arrow", "connecting"):  # e.g. AWS_WEB_IDENTITY_TOKEN_FILE
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/var/run/token")
     monkeypatch.setenv("AWS_PROFILE", "nosuch")
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
@@ -483,3 +490,26 @@ def test_a_staged_shard_damaged_before_its_upload_is_rendered_again(stored, tmp_
     [whole] = ensure_prepared(cfg(tiny_model_path, str(data / "raw"), tmp_path / "local"), tokenizer,
                               tiny_model_path, workers=1, progress=False)
     assert shard_sums(p) == shard_sums(whole)
+
+
+def test_an_object_replaced_while_prepare_reads_it_publishes_nothing(stored, tmp_path, tiny_model_path, tokenizer,
+                                                                      monkeypatch):
+    """A folder of Parquet objects, one replaced after its unit was read: the fingerprint at the end came
+    from the listing cached at the start (only JSONL sources listed again), so the change went unseen."""
+    from resure_ds.data import prepare as prep
+
+    server, b, data = stored
+    server.upload_folder(str(data / "pq"), b, "pq")
+    c = cfg(tiny_model_path, f"s3://{b}/pq/", f"s3://{b}/prepared")
+    real = prep.run_units
+
+    def then_replaced(*args, **kwargs):
+        real(*args, **kwargs)
+        table = pq.read_table(data / "pq" / "part.parquet").slice(0, 10)
+        pq.write_table(table, tmp_path / "short.parquet")
+        server.client().put_object(Bucket=b, Key="pq/part.parquet", Body=(tmp_path / "short.parquet").read_bytes())
+
+    monkeypatch.setattr(prep, "run_units", then_replaced)
+    with pytest.raises(DataError, match=rf"s3://{b}/pq/part.parquet changed while prepare read it; nothing was published"):
+        ensure_prepared(c, tokenizer, tiny_model_path, progress=False)
+    assert not [k for k in server.keys(b, "prepared/") if k.endswith("manifest.json")]

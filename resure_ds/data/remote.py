@@ -157,18 +157,31 @@ LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 CREDENTIAL_ERRORS = ("ProfileNotFound", "SSOTokenLoadError", "TokenRetrievalError", "UnauthorizedSSOTokenError")
 
 
+def _in_cache(filename) -> bool:
+    if not isinstance(filename, str) or is_url(filename):
+        return False
+    root = os.path.abspath(cache_root())
+    return os.path.abspath(filename).startswith(root + os.sep)
+
+
 def _is_local(filename) -> bool:
-    return isinstance(filename, str) and os.path.isabs(filename) and not is_url(filename)
+    """A file of this machine (a store's errors name no filename, or a key, never an absolute path)."""
+    return isinstance(filename, str) and not is_url(filename) and (os.path.isabs(filename) or _in_cache(filename))
 
 
 def local_error(e: OSError, doing: str) -> str:
-    """A local file's failure in a store's work (the fetched copies live under RESURE_CACHE)."""
+    """A local file's failure in a store's work; where it lies under RESURE_CACHE (the fetched copies),
+    what that folder needs."""
     what = {errno.ENOSPC: "no space left", errno.EDQUOT: "over the disk quota", errno.EROFS: "read-only"}.get(
         e.errno, "a local file is missing")
     where = f" ({e.filename})" if e.filename else ""
-    return (f"{doing}: {what} on this machine{where}: {e.strerror or e}; the local copies of the store's data "
-            f"live under RESURE_CACHE ({cache_root()}): it needs room and must be writable (set RESURE_CACHE "
-            "to another folder, or free space), then run again")
+    text = f"{doing}: {what} on this machine{where}: {e.strerror or e}"
+    if e.filename is None or _in_cache(e.filename):
+        return (f"{text}; the local copies of the store's data live under RESURE_CACHE ({cache_root()}): it needs "
+                "room and must be writable (set RESURE_CACHE to another folder, or free space), then run again")
+    if e.errno in LOCAL_ERRNOS:
+        return f"{text}; that disk needs room and must be writable, then run again"
+    return f"{text}; it is this machine's file, not the store's: check it, then run again"
 
 
 def _store_error(e: BaseException, url: str, doing: str, creds: str) -> None:
@@ -278,12 +291,13 @@ def walk_files(folder: str) -> list[str]:
     base, rels = p.rstrip("/"), []
     for f in found:
         rel = f[len(base) + 1:] if f.startswith(base + "/") else posixpath.relpath(f, base)
-        if any(part in (".", "..") for part in rel.split("/")):
+        parts = rel.split("/")
+        if any(part in (".", "..") for part in parts):
             raise DataError(f"{shown(_url(f, folder))}: a key with a '.' or '..' part, which a path reads as another "
                             "place; rename it in the store (or move it out of the folder)")
-        rels.append(rel)
-    return [_url(posixpath.join(base, r), folder) for r in sorted(rels, key=walk_order)
-            if not any(part.startswith(".") for part in r.split("/")[:-1])]
+        if not any(part.startswith(".") for part in parts[:-1]):  # in a hidden folder: skipped
+            rels.append(rel)
+    return [_url(posixpath.join(base, r), folder) for r in sorted(rels, key=walk_order)]
 
 
 def glob(pattern: str) -> list[str]:
@@ -311,6 +325,7 @@ def fingerprint(url: str) -> list:
     the first and last 64 KiB. An edited object changes it; nothing is read whole."""
     fs, p = _fs(url)
     with store_errors(url, "looking up"):
+        fs.invalidate_cache(posixpath.dirname(p))  # a listing cached at the start would answer at the end too
         info = fs.info(p)
         version = next((str(info[k]) for k in ("ETag", "etag", "e_tag", "md5", "last_commit", "LastModified",
                                                  "mtime", "last_modified", "updated") if info.get(k)), None)
