@@ -239,6 +239,7 @@ def _meta(spec: SourceSpec, src: Source, key: str, files: list, fps: dict, cfg: 
     """The manifest's description of the source, fingerprinted again now that every unit is rendered:
     a file edited, appended to or replaced while it was read would leave shards of two versions under
     the first one's key, so it is refused and nothing is published."""
+    remote.refresh(src.files)
     now = source_fingerprint(src)
     if now != files:
         changed = [str(b[0]) for a, b in zip(files, now) if a != b] or ["the list of files"]

@@ -325,14 +325,29 @@ def fingerprint(url: str) -> list:
     the first and last 64 KiB. An edited object changes it; nothing is read whole."""
     fs, p = _fs(url)
     with store_errors(url, "looking up"):
-        fs.invalidate_cache(posixpath.dirname(p))  # a listing cached at the start would answer at the end too
-        info = fs.info(p)
+        info = fs.info(p)  # from this process's listing, if it has one (refresh reads it again)
         version = next((str(info[k]) for k in ("ETag", "etag", "e_tag", "md5", "last_commit", "LastModified",
                                                  "mtime", "last_modified", "updated") if info.get(k)), None)
         if version is None:
             with fs.open(p, "rb") as f:
                 version = head_tail_digest(f, int(info["size"]))
     return [shown(url), int(info["size"]), version.strip('"')]
+
+
+def refresh(urls: list[str]) -> None:
+    """Forget this process's listings of these URLs' folders and read them again (one listing a
+    folder), so that fingerprints taken next are the store's now: a fingerprint is answered from a
+    listing cached when the folder was first listed, which would hide an object replaced since."""
+    done = set()
+    for url in (u for u in urls if is_url(u)):
+        fs, p = _fs(url)
+        folder = posixpath.dirname(p)
+        if folder in done:
+            continue
+        done.add(folder)
+        fs.invalidate_cache(folder)
+        with contextlib.suppress(Exception):  # a backend that cannot list (https): its info asks the store
+            fs.ls(folder, detail=True)
 
 
 def head_tail_digest(f, size: int) -> str:
