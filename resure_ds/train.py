@@ -63,11 +63,7 @@ class Recipe:
         self.stop.install()  # a SIGTERM/SIGUSR1 from here on stops at a step boundary with a checkpoint
         self.divergence = Divergence(cfg.train.max_bad_steps, cfg.train.lr)
         self.rank, self.world = init_distributed(cfg.dist.timeout)
-        # A stop asked for while the ranks started (a signal, or slurm.sbatch's RESURE_STOP_FILE) ends
-        # every rank here, together, before anything is loaded or written: on several nodes a rank that
-        # left alone would leave the others waiting in a collective.
-        if dist.all_reduce_dict({"stop": float(self.stop.asked_at_start())}, op="max")["stop"]:
-            raise StoppedAtStart()
+        self.stop.end_if_asked_at_start(dist.all_reduce_dict)  # every rank together, before anything is written
         self.sp = SequenceParallel(cfg.train.sequence_parallel, self.rank, self.world)  # 1: every rank its rows
         self.run_dir = os.path.join(cfg.output.dir, cfg.output.name)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
@@ -120,7 +116,7 @@ class Recipe:
         if found.progress.data != self.data.identity():
             raise DataError(f"{found.path} trained on other data: {self.data.describe_change(found.progress.data)}; "
                             f"its data position would mean nothing here. Resume with that data, {fresh}")
-        diff = checkpoint.differences(found.progress.trained_on, self.trained_on())
+        diff = checkpoint.differences(found.progress.trained_on, checkpoint.trained_on(self.cfg, self.shape_config))
         if diff:
             raise ConfigError(f"{found.path} was trained with another setting ({'; '.join(diff)}): resuming "
                               f"would repeat and skip data or load tensors of another shape. Resume with the "
@@ -213,18 +209,12 @@ class Recipe:
         return res
 
     # -- save ------------------------------------------------------------------------------
-    def trained_on(self) -> dict:
-        c = self.cfg
-        return {"model": self.shape_config, "model.lora.rank": c.model.lora.rank, "train.seed": c.train.seed,
-                "data.packing": c.data.packing, "data.pack_window": c.data.pack_window,
-                "train.zero_stage": c.train.zero_stage, "stats.signals": c.stats.signals,
-                "data.mixture": c.data.mixture}
-
     def progress(self) -> checkpoint.Progress:
         t = self.cfg.train
         return checkpoint.Progress(self.step, self.cursor.to_dict(), self.world,
                                    self.sp.dp_world * t.micro_batch_size * t.grad_accum, self.data.identity(),
-                                   self.method.state_dict(), self.best_val, self.trained_on())
+                                   self.method.state_dict(), self.best_val,
+                                   checkpoint.trained_on(self.cfg, self.shape_config))
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
@@ -283,9 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(recipe, overrides)
         run = run_recipe(cfg)
-    except StoppedAtStart:
-        print0(f"a stop was asked for as the ranks started: no step run, nothing saved; exit status {EXIT_RESUME}: "
-               "run the same command to continue")
+    except StoppedAtStart as e:
+        print0(str(e))
         cleanup()
         return EXIT_RESUME
     except RunFolderBusy as e:  # one line, from rank 0, which knows the holder

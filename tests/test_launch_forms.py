@@ -151,6 +151,26 @@ def sbatch_stand_ins(tmp_path, nodes: str) -> tuple:
     return bin_, calls
 
 
+def stand_in(bin_, name: str, script: str) -> None:
+    """An executable bash script `name` in bin_ (first on the PATH of the command under test)."""
+    (bin_ / name).write_text(f"#!/bin/bash\n{script}")
+    (bin_ / name).chmod(0o755)
+
+
+def slow(bin_, tool: str, marker, seconds: float = 1.0) -> None:
+    """A stand-in for /usr/bin/<tool> that marks its start and takes `seconds` more: a window made wide."""
+    stand_in(bin_, tool, f"touch {marker}\nsleep {seconds}\nexec /usr/bin/{tool} \"$@\"\n")
+
+
+def repo_sbatch(tmp_path, bin_, job: str) -> subprocess.Popen:
+    """launch/slurm.sbatch of this repository on one node, with its launch/train.sh and bin_'s py
+    as PYTHON (a stand-in that prepares and launches nothing)."""
+    return subprocess.Popen(["/bin/bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "recipes/sft.yaml"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin", "PYTHON": str(bin_ / "py"),
+                                 "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": job, "GPUS_PER_NODE": "2"})
+
+
 def test_a_node_that_fails_is_not_hidden_by_another_nodes_75(tmp_path):
     """srun's status is the highest task status, so node 0's 75 would outrank node 1's 3 and the
     job would be requeued: the script reads each node's own status. (launch/train.sh here is a
@@ -202,22 +222,12 @@ def test_the_warning_during_prepare_on_one_node_stops_and_requeues(tmp_path):
     """SIGUSR1 to the batch script while launch/train.sh still prepares (no rank yet): it reaches
     train.sh, which starts no rank and exits 75; the job requeues itself."""
     bin_, calls = sbatch_stand_ins(tmp_path, "localhost\\n")
-    (bin_ / "py").write_text(f'#!/bin/bash\ncase "$*" in *data.prepare*) touch {tmp_path}/preparing; sleep 2; exit 0;; '
-                             '*) echo "RUN $*";; esac\n')
-    (bin_ / "py").chmod(0o755)
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "recipes/sft.yaml"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin", "PYTHON": str(bin_ / "py"),
-                                 "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "45", "GPUS_PER_NODE": "2"})
+    stand_in(bin_, "py", f'case "$*" in *data.prepare*) touch {tmp_path}/preparing; sleep 2; exit 0;; '
+                         '*) echo "RUN $*";; esac\n')
+    proc = repo_sbatch(tmp_path, bin_, "45")
     out, err = warn_when(proc, tmp_path / "preparing")
     assert proc.returncode == 75, err
     assert "no rank started" in err and "RUN" not in out and "requeue 45" in calls.read_text()
-
-
-def slow(bin_, tool: str, marker, seconds: float = 1.0) -> None:
-    """A stand-in for /usr/bin/<tool> that marks its start and takes `seconds` more: a window made wide."""
-    (bin_ / tool).write_text(f"#!/bin/bash\ntouch {marker}\nsleep {seconds}\nexec /usr/bin/{tool} \"$@\"\n")
-    (bin_ / tool).chmod(0o755)
 
 
 def submit_folder(tmp_path, train_sh: str):
@@ -255,8 +265,7 @@ def test_a_stop_as_train_sh_starts_is_not_its_death(tmp_path):
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     slow(bin_, "dirname", tmp_path / "starting")
-    (bin_ / "py").write_text('#!/bin/bash\necho "RUN $*"\n')
-    (bin_ / "py").chmod(0o755)
+    stand_in(bin_, "py", 'echo "RUN $*"\n')
     proc = subprocess.Popen(["bash", TRAIN, "recipes/sft.yaml"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin",
                                             "PYTHON": str(bin_ / "py"), "MASTER_PORT": "5", "NUM_PROCS": "2"})
@@ -382,15 +391,10 @@ def test_a_warning_as_the_node_starts_is_not_lost(tmp_path):
     trained to its end (0); now the script makes RESURE_STOP_FILE first, train.sh finds it before
     starting any rank, and the job requeues (75)."""
     bin_, calls = sbatch_stand_ins(tmp_path, "localhost\\n")
-    (bin_ / "py").write_text('#!/bin/bash\ncase "$*" in *data.prepare*) exit 0;; *) echo "RUN $*";; esac\n')
-    (bin_ / "py").chmod(0o755)
-    (bin_ / "bash").write_text(f'#!/bin/bash\n[[ $1 == -c && $2 == node=0* ]] && {{ touch {tmp_path}/forking; sleep 1; }}\n'
-                               'exec /bin/bash "$@"\n')  # the shell that runs train.sh, made slow to start
-    (bin_ / "bash").chmod(0o755)
-    proc = subprocess.Popen(["/bin/bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "recipes/sft.yaml"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin", "PYTHON": str(bin_ / "py"),
-                                 "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "65", "GPUS_PER_NODE": "2"})
+    stand_in(bin_, "py", 'case "$*" in *data.prepare*) exit 0;; *) echo "RUN $*";; esac\n')
+    stand_in(bin_, "bash", f'[[ $1 == -c && $2 == node=0* ]] && {{ touch {tmp_path}/forking; sleep 1; }}\n'
+                           'exec /bin/bash "$@"\n')  # the shell that runs train.sh, made slow to start
+    proc = repo_sbatch(tmp_path, bin_, "65")
     out, err = warn_when(proc, tmp_path / "forking")
     assert proc.returncode == 75, err
     assert "a stop was asked for while preparing: no rank started" in err and "RUN" not in out
@@ -405,10 +409,9 @@ def test_on_several_nodes_a_stop_while_preparing_is_handed_to_the_ranks(tmp_path
     right after the rendezvous (tests/test_faults). A stop by signal gets a file of its own."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    (bin_ / "py").write_text(f'#!/bin/bash\ncase "$*" in *data.prepare*) touch {tmp_path}/preparing; sleep 1; exit 0;; '
-                             '*) echo "RUN $* STOP=${RESURE_STOP_FILE:-}"; [[ -e ${RESURE_STOP_FILE:-/none} ]] && '
-                             'echo MADE;; esac\n')
-    (bin_ / "py").chmod(0o755)
+    stand_in(bin_, "py", f'case "$*" in *data.prepare*) touch {tmp_path}/preparing; sleep 1; exit 0;; '
+                         '*) echo "RUN $* STOP=${RESURE_STOP_FILE:-}"; [[ -e ${RESURE_STOP_FILE:-/none} ]] && '
+                         'echo MADE;; esac\n')
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     marker = tmp_path / "status-9.stop"

@@ -110,9 +110,10 @@ def check_prepared_dir(cfg: Config) -> None:
                             "prepared_dir outside the training and validation data")
 
 
-def prepared_folder(spec: SourceSpec, src: Source, fps: dict, cfg: Config) -> str:
-    """Where a raw source's shards go (or are found): <data.prepared_dir>/<name>-<key>."""
-    return remote.join(prepared_root(cfg), f"{_slug(spec.label)}-{source_key(src, fps, cfg)}")
+def prepared_folder(spec: SourceSpec, src: Source, fps: dict, cfg: Config, key: str | None = None) -> str:
+    """Where a raw source's shards go (or are found): <data.prepared_dir>/<name>-<key> (the key given,
+    or the source's now)."""
+    return remote.join(prepared_root(cfg), f"{_slug(spec.label)}-{key or source_key(src, fps, cfg)}")
 
 
 def source_key(src: Source, fps: dict, cfg: Config, files: list | None = None) -> str:
@@ -199,7 +200,7 @@ def prepare_source(spec: SourceSpec, cfg: Config, tokenizer, model_path: str, wo
     key = source_key(src, fps, cfg, files)
     root = prepared_root(cfg)
     check_prepared_dir(cfg)
-    folder = remote.join(root, f"{_slug(spec.label)}-{key}")  # prepared_folder's, from this fingerprint
+    folder = prepared_folder(spec, src, fps, cfg, key)
     meta = lambda t0: _meta(spec, src, key, files, fps, cfg, workers, task[1], t0)  # noqa: E731
     if remote.is_url(root):
         return _prepare_published(spec, src, folder, meta, workers, task, progress, wait_s, checksums, model_path,

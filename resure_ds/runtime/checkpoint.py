@@ -112,6 +112,15 @@ class Progress:
                    d["method"], d.get("best_val"), d.get("trained_on", {}))
 
 
+def trained_on(cfg, shape_config: dict) -> dict:
+    """The settings a checkpoint was trained with that a resume must keep (differences names any that
+    changed): the model's shape and the options that change partitions, data order or the method's state."""
+    return {"model": shape_config, "model.lora.rank": cfg.model.lora.rank, "train.seed": cfg.train.seed,
+            "data.packing": cfg.data.packing, "data.pack_window": cfg.data.pack_window,
+            "train.zero_stage": cfg.train.zero_stage, "stats.signals": cfg.stats.signals,
+            "data.mixture": cfg.data.mixture}
+
+
 def differences(saved: dict, now: dict) -> list[str]:
     """'key: checkpoint A, this run B' for every key whose value differs (keys only one side has are
     not compared)."""

@@ -42,6 +42,10 @@ def stop_file_made() -> bool:
 class StoppedAtStart(Exception):
     """A stop asked for before the first step, agreed by every rank: nothing to save."""
 
+    def __init__(self):
+        super().__init__(f"a stop was asked for as the ranks started: no step run, nothing saved; exit status "
+                         f"{EXIT_RESUME}: run the same command to continue")
+
 
 class StopPolicy:
     def __init__(self, stop_after: int, time_limit_s: float, started: float | None = None):
@@ -60,6 +64,14 @@ class StopPolicy:
 
     def asked_at_start(self) -> bool:
         return self.signalled is not None or stop_file_made()
+
+    def end_if_asked_at_start(self, reduce_max) -> None:
+        """Right after the rendezvous: a stop asked for while the ranks started (a signal, or
+        slurm.sbatch's RESURE_STOP_FILE) ends every rank together (StoppedAtStart), before anything
+        is loaded or written; on several nodes a rank that left alone would leave the others waiting
+        in a collective. reduce_max: dist.all_reduce_dict (passed in: this module imports no torch)."""
+        if reduce_max({"stop": float(self.asked_at_start())}, op="max")["stop"]:
+            raise StoppedAtStart()
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = signal.Signals(signum).name
