@@ -27,6 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from benchmarks.noisy_mix import keep5  # noqa: E402
 from benchmarks.noisy_mix.corrupt import write_jsonl  # noqa: E402
 from benchmarks.noisy_mix.metrics import auroc  # noqa: E402
 from benchmarks.noisy_mix.noise5 import (CLASSES, KINDS, Detector, cutoff_reply, loop_reply,  # noqa: E402
@@ -340,16 +341,31 @@ def sample_replies(model, tok, ctxs: list[dict], max_new: int, batch: int = 50) 
     return out
 
 
-def fast(model):
-    """The model on a GPU where there is one, in bf16 where the hardware computes it natively (1.65x
-    faster here than fp32 for the same outcomes; every arm is measured the same way)."""
+def fast(model, dtype: str):
+    """The model on a GPU where there is one, in the grid's precision (`grid_dtype`: bf16 where the
+    hardware computes it natively, 1.65x faster than fp32 for the same outcomes; every arm is
+    measured the same way)."""
     import torch
-
-    from resure_ds.runtime.engine import cpu_bf16_kind
 
     if torch.cuda.is_available():
         return model.to("cuda", torch.bfloat16)
-    return model.to(torch.bfloat16) if cpu_bf16_kind() != "none" else model
+    return model.to(torch.bfloat16) if dtype == "bf16" else model.float()
+
+
+def grid_dtype(asked: str, keep: str | None) -> str:
+    """The precision every run of the grid trains and samples in: `asked`, with auto resolved for
+    this machine. A grid continued from kept runs (keep5.py) that used another precision is refused:
+    a pair of arms must differ in the arm only, not in the machine's arithmetic."""
+    from resure_ds.runtime.engine import native_bf16
+
+    mine = ("bf16" if native_bf16() else "fp32") if asked == "auto" else asked
+    used = sorted({r.get("dtype") for r in keep5.kept_runs(keep).values()}) if keep else []
+    if used and used != [mine]:
+        raise SystemExit(f"[round5] the runs kept in {keep} trained and sampled in {', '.join(map(str, used))}; "
+                         f"this machine would use {mine}{' (its CPU has no native bf16)' if asked == 'auto' else ''}. "
+                         f"Continue on a machine of that kind, or pass --dtype {used[0]} (bf16 without native "
+                         "support is emulated: several times slower)")
+    return mine
 
 
 def preferences(model, tok, probes: dict, max_length: int) -> dict:
@@ -382,7 +398,7 @@ def outcomes(model_dir: str, ctx: dict, p: dict, replies_path: str) -> dict:
     from resure_ds.eval.offline import evaluate, load_model
 
     model, tok = load_model(model_dir)
-    model = fast(model)
+    model = fast(model, p["dtype"])
     # the replies whole within the first eval_length tokens of every held-out dialogue
     clean = evaluate(model, tok, ctx["eval_path"], p["eval_length"], overflow="cut")
     replies = sample_replies(model, tok, ctx["contexts"], p["gen_tokens"])
@@ -457,17 +473,16 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str) ->
     method, extra, files = ARMS[spec["arm"]]
     runs = os.path.join(out, "runs")
     if files == "offline_filter":
-        sft = os.path.join(runs, run_name({**spec, "arm": "sft"}), "export")
-        if not os.path.exists(sft):
-            raise RuntimeError(f"{run_name(spec)} needs the sft run of its seed first ({sft})")
+        sft = sft_model(spec, p, model, meta, runs)
         mixture = offline_filter_files(meta, sft, model, p)
     else:
         mixture = meta["files"][files]
     steps = math.ceil(meta["size"] / p["micro_batch_size"])  # one epoch: one dialogue per row
-    extra = {**extra, "data.packing": "false", "data.skip_invalid": "true"}
+    extra = {**extra, "data.packing": "false", "data.skip_invalid": "true", "model.dtype": p["dtype"]}
     t0 = time.time()
     run_dir = train_one(run_name(spec), json.dumps(mixture), model, p, method, steps, spec["seed"], extra, runs)
-    res = {**spec, "name": run_name(spec), "steps": steps, "train_s": time.time() - t0,
+    res = {**spec, "name": run_name(spec), "steps": steps, "train_s": time.time() - t0, "dtype": p["dtype"],
+           "cpu": cpu_kind(),
            "detector_sha256": ctx["detector_sha256"],
            **outcomes(os.path.join(run_dir, "export"), ctx, p, os.path.join(run_dir, "replies.jsonl")),
            **training_measures(run_dir, meta, spec)}
@@ -476,6 +491,23 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str) ->
             res["offline_filter"] = {k: v for k, v in json.load(f).items() if k != "files"}
     res["wall_s"] = time.time() - t0
     return res
+
+
+def sft_model(spec: dict, p: dict, model: str, meta: dict, runs: str) -> str:
+    """The model the offline filter scores with: the sft run of the same seed. Where that run was
+    made on another machine (its record kept, its model not: keep5.py), sft is trained again on the
+    same sample, seed and steps into runs/<sft run>-again, and nothing of it is recorded."""
+    sft = {**spec, "arm": "sft"}
+    for name in (run_name(sft), run_name(sft) + "-again"):
+        if os.path.exists(os.path.join(runs, name, "export")):
+            return os.path.join(runs, name, "export")
+    steps = math.ceil(meta["size"] / p["micro_batch_size"])
+    print(f"[round5] {run_name(spec)}: the sft model of its seed is not on this machine; training it again",
+          flush=True)
+    extra = {"data.packing": "false", "data.skip_invalid": "true", "model.dtype": p["dtype"]}
+    again = train_one(run_name(sft) + "-again", json.dumps(meta["files"]["noisy"]), model, p, "sft", steps,
+                      spec["seed"], extra, runs)
+    return os.path.join(again, "export")
 
 
 # -- the tables -----------------------------------------------------------------------------------------
@@ -726,10 +758,16 @@ def main() -> None:
                     "profile's detector.pt) instead of fitting one; copied into the study folder")
     ap.add_argument("--publish", default=None, metavar="DIR", help="after the tables: copy them, every run's "
                     "record, the detector's report and every sampled reply (replies.jsonl.gz) into DIR")
+    ap.add_argument("--keep", default=None, metavar="DIR", help="keep every finished run's record and replies "
+                    "in DIR too (e.g. benchmarks/noisy_mix/results/round5-cpu/grid, committed), and first take "
+                    "DIR's runs that the study folder lacks: a new machine continues the grid (keep5.py)")
+    ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="the precision every run "
+                    "trains and samples in (auto: bf16 where the CPU computes it natively); a grid continued "
+                    "from --keep must use its runs' precision")
     ap.add_argument("--prepare-only", action="store_true", help="the held-out material, the detector and the "
                     "base model's outcomes, then stop (before starting workers side by side)")
     a = ap.parse_args()
-    p = PROFILES[a.profile]
+    p = {**PROFILES[a.profile], "dtype": grid_dtype(a.dtype, a.keep)}
     out = os.path.abspath(a.out or os.path.join(ROOT, "benchmarks", "noisy_mix", "work", f"round5-{a.profile}"))
     os.makedirs(out, exist_ok=True)
     worker = tuple(int(x) for x in a.worker.split("/")) if a.worker else None
@@ -753,9 +791,11 @@ def main() -> None:
            "detector_sha256": det["sha256"],
            "probes": probe_pairs(test, test_pool, p, out, tok)}
     base_path = os.path.join(out, "base.json")
-    if not os.path.exists(base_path):
-        with open(base_path, "w", encoding="utf-8") as f:
-            json.dump(outcomes_of_base(model, ctx, p, out), f)
+    if not os.path.exists(base_path):  # written whole, by a rename: a killed start leaves none
+        base = outcomes_of_base(model, ctx, p, out)
+        with open(base_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(base, f)
+        os.replace(base_path + ".tmp", base_path)
     if a.prepare_only:
         print(f"[round5] prepared {out}: {len(ctx['contexts'])} contexts, detector primary kinds "
               f"{det['primary_kinds']}", flush=True)
@@ -767,6 +807,10 @@ def main() -> None:
         specs = [x for x in specs if str(x["seed"]) in a.seeds.split(",")]
     mine = [x for x in specs if worker is None or x["seed"] % worker[1] == worker[0]]
     log = os.path.join(out, f"runs-{worker[0]}of{worker[1]}.jsonl" if worker else "runs.jsonl")
+    if a.keep:
+        restored = keep5.restore(a.keep, out)
+        if restored:
+            print(f"[round5] {len(restored)} runs taken from {a.keep}", flush=True)
     done = {}
     for fname in sorted(os.listdir(out)):
         if fname.startswith("runs") and fname.endswith(".jsonl"):
@@ -782,8 +826,12 @@ def main() -> None:
         with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(res) + "\n")
         done[res["name"]] = res
+        if a.keep:
+            keep5.save(a.keep, out)
         print(f"[round5] {res['name']}: emission {res['emission']['any']:.3f}, clean NLL {res['clean_nll']:.4f} "
               f"({res['wall_s']:.0f} s; {time.time() - t0:.0f} s in all)", flush=True)
+    if a.keep:
+        keep5.save(a.keep, out)
     if worker:
         return
     results = [done[run_name(s)] for s in specs if run_name(s) in done]
@@ -913,6 +961,12 @@ def code_version() -> dict:
 
     changed = git("diff", "--name-only", "HEAD")
     return {"commit": git("rev-parse", "HEAD"), "changed": changed.split("\n") if changed else []}
+
+
+def cpu_kind() -> str:
+    from resure_ds.runtime.engine import cpu_bf16_kind
+
+    return cpu_bf16_kind()
 
 
 def outcomes_of_base(model: str, ctx: dict, p: dict, out: str) -> dict:
