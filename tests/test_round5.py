@@ -202,11 +202,14 @@ def test_publishing_again_removes_an_earlier_publishs_runs_files(tmp_path):
     assert (dest / "notes.txt").read_text() == "mine"
 
 
-def _study_with_runs(folder, names):
-    folder.mkdir()
+GRID = {"profile": "cpu", "dtype": "bf16"}
+
+
+def _study_with_runs(folder, names, dtype="bf16"):
+    folder.mkdir(parents=True)
     with open(folder / "runs-0of2.jsonl", "w") as f:
         for i, name in enumerate(names):
-            f.write(json.dumps({"name": name, "emission": {"any": 0.1 * i}}) + "\n")
+            f.write(json.dumps({"name": name, "dtype": dtype, "emission": {"any": 0.1 * i}}) + "\n")
             (folder / "runs" / name).mkdir(parents=True)
             (folder / "runs" / name / "replies.jsonl").write_text(json.dumps({"id": i, "reply": "hi"}) + "\n")
 
@@ -214,53 +217,84 @@ def _study_with_runs(folder, names):
 def test_kept_runs_carry_a_grid_to_a_new_machine_and_two_records_of_a_run_are_refused(tmp_path):
     from benchmarks.noisy_mix import keep5
 
-    old, new, keep = tmp_path / "old-machine", tmp_path / "new-machine", tmp_path / "kept"
+    old, new, keep = tmp_path / "old-machine", tmp_path / "new-machine", tmp_path / "grid[cpu]"  # a glob character
     _study_with_runs(old, ["n0.3-sft-seed0", "n0.3-resure-seed0"])
     with open(old / "runs-1of2.jsonl", "w") as f:  # the other worker is writing its first record
         f.write('{"name": "n0.3-sft-se')
-    assert keep5.save(str(keep), str(old)) == ["n0.3-resure-seed0", "n0.3-sft-seed0"]
-    assert keep5.save(str(keep), str(old)) == []
+    assert keep5.save(str(keep), str(old), GRID) == ["n0.3-resure-seed0", "n0.3-sft-seed0"]
+    assert keep5.save(str(keep), str(old), GRID) == []
     assert sorted(p.name for p in keep.iterdir()) == [
-        "n0.3-resure-seed0.json", "n0.3-resure-seed0.replies.jsonl.gz", "n0.3-sft-seed0.json",
+        "grid.json", "n0.3-resure-seed0.json", "n0.3-resure-seed0.replies.jsonl.gz", "n0.3-sft-seed0.json",
         "n0.3-sft-seed0.replies.jsonl.gz"]
     new.mkdir()
-    assert keep5.restore(str(keep), str(new)) == ["n0.3-resure-seed0", "n0.3-sft-seed0"]
-    assert keep5.restore(str(keep), str(new)) == []
+    assert keep5.restore(str(keep), str(new), GRID) == ["n0.3-resure-seed0", "n0.3-sft-seed0"]
+    assert keep5.restore(str(keep), str(new), GRID) == []
     for name in ("n0.3-sft-seed0", "n0.3-resure-seed0"):
         assert (new / "runs" / name / "replies.jsonl").read_text() == (old / "runs" / name / "replies.jsonl").read_text()
     assert keep5._records(str(new)) == keep5._records(str(old))
-    assert keep5.restore(str(tmp_path / "none"), str(new)) == []  # no kept folder yet: nothing taken
+    assert keep5.restore(str(tmp_path / "none"), str(new), GRID) == []  # no kept folder yet: nothing taken
+    for other in ({"profile": "quick", "dtype": "bf16"}, {"profile": "cpu", "dtype": "fp32"}):
+        for step in (keep5.save, keep5.restore):
+            with pytest.raises(SystemExit, match="keeps a grid of .* share one profile and precision"):
+                step(str(keep), str(new), other)
+    with pytest.raises(SystemExit, match="that is the study folder itself"):
+        keep5.save(str(new), str(new), GRID)
     with open(new / "runs-0of2.jsonl", "a") as f:  # the new machine ran seed 0's sft again, with another result
-        f.write(json.dumps({"name": "n0.3-sft-seed0", "emission": {"any": 0.5}}) + "\n")
+        f.write(json.dumps({"name": "n0.3-sft-seed0", "dtype": "bf16", "emission": {"any": 0.5}}) + "\n")
     for step in (keep5.save, keep5.restore):
         with pytest.raises(SystemExit, match="run n0.3-sft-seed0: two different records"):
-            step(str(keep), str(new))
+            step(str(keep), str(new), GRID)
     (new / "runs-kept.jsonl").unlink()  # the kept record is not in the study folder: the two folders differ
     for step in (keep5.save, keep5.restore):
         with pytest.raises(SystemExit, match="run n0.3-sft-seed0: .* differ"):
-            step(str(keep), str(new))
+            step(str(keep), str(new), GRID)
     (keep / "n0.3-sft-seed0.json").rename(keep / "renamed.json")
     with pytest.raises(SystemExit, match="renamed.json: the record names run 'n0.3-sft-seed0'"):
-        keep5.restore(str(keep), str(new))
+        keep5.restore(str(keep), str(new), GRID)
 
 
-def test_a_kept_record_whose_replies_are_gone_is_named(tmp_path):
+def test_kept_replies_lost_or_swapped_by_hand_are_named_or_made_again(tmp_path):
+    from benchmarks.noisy_mix import keep5
+
+    study, keep, new = tmp_path / "study", tmp_path / "kept", tmp_path / "new"
+    _study_with_runs(study, ["n0.3-sft-seed1", "n0.3-clean-seed1"])
+    keep5.save(str(keep), str(study), GRID)
+    (keep / "n0.3-sft-seed1.replies.jsonl.gz").unlink()  # lost by hand: the study folder still has them
+    assert keep5.save(str(keep), str(study), GRID) == ["n0.3-sft-seed1"]
+    gz = (keep / "n0.3-sft-seed1.replies.jsonl.gz").read_bytes()
+    (keep / "n0.3-sft-seed1.replies.jsonl.gz").write_bytes((keep / "n0.3-clean-seed1.replies.jsonl.gz").read_bytes())
+    with pytest.raises(SystemExit, match="n0.3-sft-seed1.replies.jsonl.gz: not the replies its run"):
+        keep5.restore(str(keep), str(new), GRID)
+    (keep / "n0.3-sft-seed1.replies.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    with pytest.raises(SystemExit, match="n0.3-sft-seed1.replies.jsonl.gz: .*cannot be read"):
+        keep5.restore(str(keep), str(new), GRID)
+    assert not (new / "runs-kept.jsonl").exists()
+    (keep / "stray.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="stray.json: not a kept run"):
+        keep5.kept_runs(str(keep))
+
+
+def test_a_kept_record_whose_replies_are_gone_is_named_and_precisions_are_not_mixed(tmp_path):
     from benchmarks.noisy_mix import keep5
 
     _study_with_runs(tmp_path / "study", ["n0.3-sft-seed1"])
     (tmp_path / "study" / "runs" / "n0.3-sft-seed1" / "replies.jsonl").unlink()
     with pytest.raises(SystemExit, match="n0.3-sft-seed1: its record is in .* but its replies .* are missing"):
-        keep5.save(str(tmp_path / "kept"), str(tmp_path / "study"))
-    assert not list((tmp_path / "kept").iterdir())
+        keep5.save(str(tmp_path / "kept"), str(tmp_path / "study"), GRID)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["grid.json"]
+    _study_with_runs(tmp_path / "fp32", ["n0.3-sft-seed2"], dtype="fp32")  # a worker started with --dtype fp32
+    with pytest.raises(SystemExit, match="n0.3-sft-seed2 .* was made in fp32, this grid in bf16"):
+        keep5.save(str(tmp_path / "kept"), str(tmp_path / "fp32"), GRID)
 
 
 def test_a_grid_continues_only_in_the_precision_its_kept_runs_used(tmp_path):
+    from benchmarks.noisy_mix import keep5
     from benchmarks.noisy_mix.round5 import grid_dtype
 
     keep = tmp_path / "kept"
     assert grid_dtype("fp32", str(keep)) == "fp32"  # nothing kept yet: any precision starts a grid
-    keep.mkdir()
-    (keep / "n0.3-sft-seed0.json").write_text(json.dumps({"name": "n0.3-sft-seed0", "dtype": "fp32"}))
+    _study_with_runs(tmp_path / "study", ["n0.3-sft-seed0"], dtype="fp32")
+    keep5.save(str(keep), str(tmp_path / "study"), {"profile": "cpu", "dtype": "fp32"})
     assert grid_dtype("fp32", str(keep)) == "fp32"
     with pytest.raises(SystemExit, match="trained and sampled in fp32; this machine would use bf16.*--dtype fp32"):
         grid_dtype("bf16", str(keep))

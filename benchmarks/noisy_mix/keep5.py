@@ -2,103 +2,193 @@
 
 The grid runs for many hours and its study folder holds what one machine made: trained models,
 seed data, the runs' records. Each finished run's record and sampled replies are all the tables
-need, so they are kept in DIR, one pair of files per run:
+need, so they are kept in DIR:
 
-    DIR/<run>.json               the run's record, as in the study folder's runs-*.jsonl
-    DIR/<run>.replies.jsonl.gz   its 400 sampled replies with the detector's verdicts
+    DIR/grid.json                the grid's profile and precision: every kept run has them
+    DIR/<run>.json               {"record": the run's record, as in runs-*.jsonl, "replies_sha256": ...}
+    DIR/<run>.replies.jsonl.gz   its sampled replies with the detector's verdicts
 
-A run's record is written after its replies, each by a rename, so a record in DIR always has its
-replies. `restore` puts DIR's runs into a study folder that lacks them (a new machine continues the
-grid where the last one stopped); `save` copies the study folder's finished runs into DIR. A run
-held in both with two different records is refused: one grid, one record per run.
+A run's file is written after its replies, each by a rename, so a run in DIR always has its
+replies, and restore checks them against their sha256. `restore` puts DIR's runs into a study
+folder that lacks them (a new machine continues the grid where the last one stopped); `save`
+copies the study folder's finished runs into DIR. A run held in both with two different records is
+refused: one grid, one record per run. Both hold a lock in the study folder, so the two workers
+started side by side take turns.
 """
 from __future__ import annotations
 
-import glob
+import contextlib
+import fcntl
 import gzip
+import hashlib
 import json
 import os
-import shutil
+import re
+
+RUN = re.compile(r"n[0-9.]+-[a-z_]+-seed[0-9]+")  # round5.run_name's form
+
+
+def _refuse(msg: str) -> SystemExit:
+    return SystemExit(f"[round5] {msg}")
+
+
+@contextlib.contextmanager
+def _locked(out: str):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".keep.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _records(out: str) -> dict:
     found = {}
-    for path in sorted(glob.glob(os.path.join(out, "runs*.jsonl"))):
-        with open(path, encoding="utf-8") as f:
+    for fname in sorted(os.listdir(out)):
+        if not (fname.startswith("runs") and fname.endswith(".jsonl")):
+            continue
+        with open(os.path.join(out, fname), encoding="utf-8") as f:
             for line in f:
-                if line.strip() and line.endswith("\n"):  # a line without its end is being written
-                    r = json.loads(line)
-                    if found.get(r["name"], r) != r:
-                        raise SystemExit(f"[round5] run {r['name']}: two different records of it in "
-                                         f"{out}/runs*.jsonl (two runs of one arm and seed); keep one: remove "
-                                         "the other line")
-                    found[r["name"]] = r
+                if not (line.strip() and line.endswith("\n")):  # a line without its end is being written
+                    continue
+                r = json.loads(line)
+                if found.get(r["name"], r) != r:
+                    raise _refuse(f"run {r['name']}: two different records of it in {out}/runs*.jsonl (two "
+                                  "runs of one arm and seed); keep one: remove the other line")
+                found[r["name"]] = r
     return found
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def grid_of(keep: str) -> dict | None:
+    """DIR's grid.json ({"profile", "dtype"}), or None where DIR holds none yet."""
+    path = os.path.join(keep, "grid.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def kept_runs(keep: str) -> dict:
-    """DIR's runs by name (none where DIR does not exist)."""
+    """DIR's runs by name: {"record", "replies_sha256"} (none where DIR does not exist)."""
     found = {}
-    for path in sorted(glob.glob(os.path.join(keep, "*.json"))):
-        with open(path, encoding="utf-8") as f:
-            r = json.load(f)
-        if f"{r.get('name')}.json" != os.path.basename(path):
-            raise SystemExit(f"[round5] {path}: the record names run {r.get('name')!r}, not the file's; "
-                             "a kept run's file is <run>.json (rename it or remove it)")
-        found[r["name"]] = r
+    if not os.path.isdir(keep):
+        return found
+    for fname in sorted(os.listdir(keep)):
+        if not fname.endswith(".json") or fname == "grid.json":
+            continue
+        path = os.path.join(keep, fname)
+        try:
+            with open(path, encoding="utf-8") as f:
+                k = json.load(f)
+            name = k["record"]["name"]
+        except (ValueError, TypeError, KeyError) as e:
+            raise _refuse(f"{path}: not a kept run ({type(e).__name__}: {e}); a kept run's file is "
+                          "{\"record\": ..., \"replies_sha256\": ...} written by --keep: remove it") from None
+        if f"{name}.json" != fname:
+            raise _refuse(f"{path}: the record names run {name!r}, not the file's; a kept run's file is "
+                          "<run>.json (rename it or remove it)")
+        found[name] = k
     return found
 
 
+def _check_grid(keep: str, grid: dict) -> None:
+    theirs = grid_of(keep)
+    if theirs is not None and theirs != grid:
+        raise _refuse(f"{keep} keeps a grid of {theirs}; this one is {grid}: a grid's runs share one "
+                      "profile and precision (another --keep folder, or --dtype/--profile as the kept grid's)")
+
+
 def _differ(name: str, keep: str, out: str) -> SystemExit:
-    return SystemExit(f"[round5] run {name}: {keep}/{name}.json and the record in {out}/runs*.jsonl differ "
-                      "(two runs of one arm and seed); keep one: remove the other record and its replies")
+    return _refuse(f"run {name}: {keep}/{name}.json and the record in {out}/runs*.jsonl differ (two runs "
+                   "of one arm and seed); keep one: remove the other record and its replies")
 
 
-def restore(keep: str, out: str) -> list[str]:
+def _same_folder(keep: str, out: str) -> None:
+    if os.path.realpath(keep) == os.path.realpath(out):
+        raise _refuse(f"--keep {keep}: that is the study folder itself; name a folder of its own "
+                      "(e.g. benchmarks/noisy_mix/results/round5-cpu/grid)")
+
+
+def restore(keep: str, out: str, grid: dict) -> list[str]:
     """DIR's runs that the study folder lacks, written into it (out/runs-kept.jsonl and each run's
     out/runs/<run>/replies.jsonl). Returns the runs restored."""
+    _same_folder(keep, out)
     if not os.path.isdir(keep):
         return []
-    have, kept = _records(out), kept_runs(keep)
-    new = []
-    for name, r in sorted(kept.items()):
-        if name in have:
-            if have[name] != r:
-                raise _differ(name, keep, out)
-            continue
-        folder = os.path.join(out, "runs", name)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f"replies.jsonl.{os.getpid()}.tmp")
-        with gzip.open(os.path.join(keep, f"{name}.replies.jsonl.gz"), "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, os.path.join(folder, "replies.jsonl"))
-        new.append(name)
-    if new:
-        with open(os.path.join(out, "runs-kept.jsonl"), "a", encoding="utf-8") as f:
-            for name in new:
-                f.write(json.dumps(kept[name]) + "\n")
+    _check_grid(keep, grid)
+    with _locked(out):
+        have, kept = _records(out), kept_runs(keep)
+        new = []
+        for name, k in sorted(kept.items()):
+            if name in have:
+                if have[name] != k["record"]:
+                    raise _differ(name, keep, out)
+                continue
+            folder = os.path.join(out, "runs", name)
+            os.makedirs(folder, exist_ok=True)
+            src, tmp = os.path.join(keep, f"{name}.replies.jsonl.gz"), os.path.join(folder, "replies.jsonl.tmp")
+            try:
+                with gzip.open(src, "rb") as f, open(tmp, "wb") as g:
+                    g.write(f.read())
+            except (OSError, EOFError) as e:
+                raise _refuse(f"{src}: {type(e).__name__}: {e}; the kept replies of run {name} cannot be "
+                              f"read: remove {name}.json beside it, and the run is made again") from None
+            if _sha256(tmp) != k["replies_sha256"]:
+                os.remove(tmp)
+                raise _refuse(f"{src}: not the replies its run {name} kept (sha256 differs); remove "
+                              f"{name}.json beside it, and the run is made again")
+            os.replace(tmp, os.path.join(folder, "replies.jsonl"))
+            new.append(name)
+        if new:  # rewritten whole, by a rename: a killed restore leaves the file as it was
+            path = os.path.join(out, "runs-kept.jsonl")
+            old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(old + "".join(json.dumps(kept[n]["record"]) + "\n" for n in new))
+            os.replace(path + ".tmp", path)
     return new
 
 
-def save(keep: str, out: str) -> list[str]:
-    """The study folder's finished runs that DIR lacks, copied into it. Returns the runs saved."""
+def save(keep: str, out: str, grid: dict) -> list[str]:
+    """The study folder's finished runs that DIR lacks (or whose replies it lacks), copied into it.
+    Returns the runs saved."""
+    _same_folder(keep, out)
     os.makedirs(keep, exist_ok=True)
-    kept, new = kept_runs(keep), []
-    for name, r in sorted(_records(out).items()):
-        if name in kept:
-            if kept[name] != r:
-                raise _differ(name, keep, out)
-            continue
-        replies = os.path.join(out, "runs", name, "replies.jsonl")
-        if not os.path.exists(replies):
-            raise SystemExit(f"[round5] run {name}: its record is in {out}/runs*.jsonl but its replies "
-                             f"({replies}) are missing; run it again (delete its line and its folder)")
-        tmp = os.path.join(keep, f".{name}.{os.getpid()}.tmp")
-        with open(replies, "rb") as src, gzip.open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, os.path.join(keep, f"{name}.replies.jsonl.gz"))
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(r, f)
-        os.replace(tmp, os.path.join(keep, f"{name}.json"))
-        new.append(name)
+    with _locked(out):
+        _check_grid(keep, grid)
+        kept, new = kept_runs(keep), []
+        if grid_of(keep) is None:
+            with open(os.path.join(keep, ".grid.json.tmp"), "w", encoding="utf-8") as f:
+                json.dump(grid, f)
+            os.replace(os.path.join(keep, ".grid.json.tmp"), os.path.join(keep, "grid.json"))
+        for name, r in sorted(_records(out).items()):
+            if not RUN.fullmatch(name):
+                raise _refuse(f"run {name!r} in {out}/runs*.jsonl: not a name round5.py gives a run")
+            if r.get("dtype") != grid["dtype"]:
+                raise _refuse(f"run {name} in {out}/runs*.jsonl was made in {r.get('dtype')}, this grid in "
+                              f"{grid['dtype']}: keep one precision per folder")
+            gz = os.path.join(keep, f"{name}.replies.jsonl.gz")
+            if name in kept:
+                if kept[name]["record"] != r:
+                    raise _differ(name, keep, out)
+                if os.path.exists(gz):
+                    continue
+            replies = os.path.join(out, "runs", name, "replies.jsonl")
+            if not os.path.exists(replies):
+                raise _refuse(f"run {name}: its record is in {out}/runs*.jsonl but its replies ({replies}) are "
+                              "missing; run it again (delete its line and its folder)")
+            tmp = os.path.join(keep, f".{name}.tmp")
+            with open(replies, "rb") as src, open(tmp, "wb") as raw, \
+                    gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:  # the same bytes each time
+                dst.write(src.read())
+            os.replace(tmp, gz)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"record": r, "replies_sha256": _sha256(replies)}, f)
+            os.replace(tmp, os.path.join(keep, f"{name}.json"))
+            new.append(name)
     return new

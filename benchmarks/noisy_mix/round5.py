@@ -347,24 +347,22 @@ def fast(model, dtype: str):
     measured the same way)."""
     import torch
 
-    if torch.cuda.is_available():
-        return model.to("cuda", torch.bfloat16)
-    return model.to(torch.bfloat16) if dtype == "bf16" else model.float()
+    return model.to("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
 def grid_dtype(asked: str, keep: str | None) -> str:
     """The precision every run of the grid trains and samples in: `asked`, with auto resolved for
     this machine. A grid continued from kept runs (keep5.py) that used another precision is refused:
-    a pair of arms must differ in the arm only, not in the machine's arithmetic."""
+    a pair of arms must differ in the arm, not in the precision of the machine's arithmetic."""
     from resure_ds.runtime.engine import native_bf16
 
     mine = ("bf16" if native_bf16() else "fp32") if asked == "auto" else asked
-    used = sorted({r.get("dtype") for r in keep5.kept_runs(keep).values()}) if keep else []
-    if used and used != [mine]:
-        raise SystemExit(f"[round5] the runs kept in {keep} trained and sampled in {', '.join(map(str, used))}; "
-                         f"this machine would use {mine}{' (its CPU has no native bf16)' if asked == 'auto' else ''}. "
-                         f"Continue on a machine of that kind, or pass --dtype {used[0]} (bf16 without native "
-                         "support is emulated: several times slower)")
+    used = (keep5.grid_of(keep) or {}).get("dtype", mine) if keep else mine
+    if used != mine:
+        raise SystemExit(f"[round5] the runs kept in {keep} trained and sampled in {used}; this machine would use "
+                         f"{mine}{' (its CPU has no native bf16)' if asked == 'auto' else ''}. Continue on a "
+                         f"machine of that kind, or pass --dtype {used} (bf16 without native support is "
+                         "emulated: several times slower)")
     return mine
 
 
@@ -469,11 +467,11 @@ def run_name(spec: dict) -> str:
     return f"n{spec['noise']}-{spec['arm']}-seed{spec['seed']}"
 
 
-def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str) -> dict:
+def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str, done: dict) -> dict:
     method, extra, files = ARMS[spec["arm"]]
     runs = os.path.join(out, "runs")
     if files == "offline_filter":
-        sft = sft_model(spec, p, model, meta, runs)
+        sft, again = sft_model(spec, p, model, meta, runs, done)
         mixture = offline_filter_files(meta, sft, model, p)
     else:
         mixture = meta["files"][files]
@@ -489,25 +487,29 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str) ->
     if files == "offline_filter":
         with open(os.path.join(meta["folder"], "offline_filter.json"), encoding="utf-8") as f:
             res["offline_filter"] = {k: v for k, v in json.load(f).items() if k != "files"}
+        res["offline_filter"]["sft_again"] = again
     res["wall_s"] = time.time() - t0
     return res
 
 
-def sft_model(spec: dict, p: dict, model: str, meta: dict, runs: str) -> str:
-    """The model the offline filter scores with: the sft run of the same seed. Where that run was
-    made on another machine (its record kept, its model not: keep5.py), sft is trained again on the
-    same sample, seed and steps into runs/<sft run>-again, and nothing of it is recorded."""
+def sft_model(spec: dict, p: dict, model: str, meta: dict, runs: str, done: dict) -> tuple[str, bool]:
+    """The model the offline filter scores with, and whether it was trained again: the sft run of
+    the same seed, which must have been made. Where it was made on another machine (its record kept,
+    its model not: keep5.py), sft is trained again on the same sample, seed and steps into
+    runs/<sft run>-again; the offline_filter run's record says so ("sft_again")."""
     sft = {**spec, "arm": "sft"}
+    if run_name(sft) not in done:
+        raise RuntimeError(f"{run_name(spec)} needs the sft run of its seed first ({run_name(sft)})")
     for name in (run_name(sft), run_name(sft) + "-again"):
         if os.path.exists(os.path.join(runs, name, "export")):
-            return os.path.join(runs, name, "export")
+            return os.path.join(runs, name, "export"), name != run_name(sft)
     steps = math.ceil(meta["size"] / p["micro_batch_size"])
     print(f"[round5] {run_name(spec)}: the sft model of its seed is not on this machine; training it again",
           flush=True)
     extra = {"data.packing": "false", "data.skip_invalid": "true", "model.dtype": p["dtype"]}
     again = train_one(run_name(sft) + "-again", json.dumps(meta["files"]["noisy"]), model, p, "sft", steps,
                       spec["seed"], extra, runs)
-    return os.path.join(again, "export")
+    return os.path.join(again, "export"), True
 
 
 # -- the tables -----------------------------------------------------------------------------------------
@@ -768,6 +770,7 @@ def main() -> None:
                     "base model's outcomes, then stop (before starting workers side by side)")
     a = ap.parse_args()
     p = {**PROFILES[a.profile], "dtype": grid_dtype(a.dtype, a.keep)}
+    grid = {"profile": a.profile, "dtype": p["dtype"]}  # what every run kept in --keep shares
     out = os.path.abspath(a.out or os.path.join(ROOT, "benchmarks", "noisy_mix", "work", f"round5-{a.profile}"))
     os.makedirs(out, exist_ok=True)
     worker = tuple(int(x) for x in a.worker.split("/")) if a.worker else None
@@ -793,9 +796,9 @@ def main() -> None:
     base_path = os.path.join(out, "base.json")
     if not os.path.exists(base_path):  # written whole, by a rename: a killed start leaves none
         base = outcomes_of_base(model, ctx, p, out)
-        with open(base_path + ".tmp", "w", encoding="utf-8") as f:
+        with open(f"{base_path}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
             json.dump(base, f)
-        os.replace(base_path + ".tmp", base_path)
+        os.replace(f"{base_path}.{os.getpid()}.tmp", base_path)
     if a.prepare_only:
         print(f"[round5] prepared {out}: {len(ctx['contexts'])} contexts, detector primary kinds "
               f"{det['primary_kinds']}", flush=True)
@@ -808,9 +811,10 @@ def main() -> None:
     mine = [x for x in specs if worker is None or x["seed"] % worker[1] == worker[0]]
     log = os.path.join(out, f"runs-{worker[0]}of{worker[1]}.jsonl" if worker else "runs.jsonl")
     if a.keep:
-        restored = keep5.restore(a.keep, out)
+        restored = keep5.restore(a.keep, out, grid)
         if restored:
             print(f"[round5] {len(restored)} runs taken from {a.keep}", flush=True)
+        keep5.save(a.keep, out, grid)  # and the study folder's runs made before --keep
     done = {}
     for fname in sorted(os.listdir(out)):
         if fname.startswith("runs") and fname.endswith(".jsonl"):
@@ -822,16 +826,14 @@ def main() -> None:
         key = (spec["noise"], spec["seed"])
         if key not in metas:
             metas[key] = seed_data(splits, p, spec["noise"], spec["seed"], tok, out)
-        res = one_run(spec, p, model, metas[key], ctx, out)
+        res = one_run(spec, p, model, metas[key], ctx, out, done)
         with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(res) + "\n")
         done[res["name"]] = res
         if a.keep:
-            keep5.save(a.keep, out)
+            keep5.save(a.keep, out, grid)
         print(f"[round5] {res['name']}: emission {res['emission']['any']:.3f}, clean NLL {res['clean_nll']:.4f} "
               f"({res['wall_s']:.0f} s; {time.time() - t0:.0f} s in all)", flush=True)
-    if a.keep:
-        keep5.save(a.keep, out)
     if worker:
         return
     results = [done[run_name(s)] for s in specs if run_name(s) in done]
@@ -964,9 +966,12 @@ def code_version() -> dict:
 
 
 def cpu_kind() -> str:
+    """The machine's kind as it bears on the arithmetic: the GPU's name, else the CPU's bf16 kind."""
+    import torch
+
     from resure_ds.runtime.engine import cpu_bf16_kind
 
-    return cpu_bf16_kind()
+    return f"cuda:{torch.cuda.get_device_name()}" if torch.cuda.is_available() else cpu_bf16_kind()
 
 
 def outcomes_of_base(model: str, ctx: dict, p: dict, out: str) -> dict:
