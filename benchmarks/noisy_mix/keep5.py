@@ -20,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
-import hashlib
 import json
 import os
 import re
+
+from resure_ds.data.manifest import file_digest
 
 RUN = re.compile(r"n[0-9.]+-[a-z_]+-seed[0-9]+")  # round5.run_name's form
 
@@ -55,14 +56,6 @@ def _records(out: str) -> dict:
                                   "runs of one arm and seed); keep one: remove the other line")
                 found[r["name"]] = r
     return found
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def grid_of(keep: str) -> dict | None:
@@ -139,7 +132,7 @@ def restore(keep: str, out: str, grid: dict) -> list[str]:
             except (OSError, EOFError) as e:
                 raise _refuse(f"{src}: {type(e).__name__}: {e}; the kept replies of run {name} cannot be "
                               f"read: remove {name}.json beside it, and the run is made again") from None
-            if _sha256(tmp) != k["replies_sha256"]:
+            if file_digest(tmp)[1] != k["replies_sha256"]:
                 os.remove(tmp)
                 raise _refuse(f"{src}: not the replies its run {name} kept (sha256 differs); remove "
                               f"{name}.json beside it, and the run is made again")
@@ -188,7 +181,7 @@ def save(keep: str, out: str, grid: dict) -> list[str]:
                 dst.write(src.read())
             os.replace(tmp, gz)
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"record": r, "replies_sha256": _sha256(replies)}, f)
+                json.dump({"record": r, "replies_sha256": file_digest(replies)[1]}, f)
             os.replace(tmp, os.path.join(keep, f"{name}.json"))
             new.append(name)
     return new

@@ -475,8 +475,7 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str, do
         mixture = offline_filter_files(meta, sft, model, p)
     else:
         mixture = meta["files"][files]
-    steps = math.ceil(meta["size"] / p["micro_batch_size"])  # one epoch: one dialogue per row
-    extra = {**extra, "data.packing": "false", "data.skip_invalid": "true", "model.dtype": p["dtype"]}
+    steps, extra = run_settings(extra, p, meta)
     t0 = time.time()
     run_dir = train_one(run_name(spec), json.dumps(mixture), model, p, method, steps, spec["seed"], extra, runs)
     res = {**spec, "name": run_name(spec), "steps": steps, "train_s": time.time() - t0, "dtype": p["dtype"],
@@ -492,6 +491,12 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str, do
     return res
 
 
+def run_settings(extra: dict, p: dict, meta: dict) -> tuple[int, dict]:
+    """An arm's steps and settings: one epoch, one dialogue per row, in the grid's precision."""
+    steps = math.ceil(meta["size"] / p["micro_batch_size"])
+    return steps, {**extra, "data.packing": "false", "data.skip_invalid": "true", "model.dtype": p["dtype"]}
+
+
 def sft_model(spec: dict, p: dict, model: str, meta: dict, runs: str, done: dict) -> tuple[str, bool]:
     """The model the offline filter scores with, and whether it was trained again: the sft run of
     the same seed, which must have been made. Where it was made on another machine (its record kept,
@@ -503,11 +508,11 @@ def sft_model(spec: dict, p: dict, model: str, meta: dict, runs: str, done: dict
     for name in (run_name(sft), run_name(sft) + "-again"):
         if os.path.exists(os.path.join(runs, name, "export")):
             return os.path.join(runs, name, "export"), name != run_name(sft)
-    steps = math.ceil(meta["size"] / p["micro_batch_size"])
     print(f"[round5] {run_name(spec)}: the sft model of its seed is not on this machine; training it again",
           flush=True)
-    extra = {"data.packing": "false", "data.skip_invalid": "true", "model.dtype": p["dtype"]}
-    again = train_one(run_name(sft) + "-again", json.dumps(meta["files"]["noisy"]), model, p, "sft", steps,
+    method, extra, files = ARMS["sft"]
+    steps, extra = run_settings(extra, p, meta)
+    again = train_one(run_name(sft) + "-again", json.dumps(meta["files"][files]), model, p, method, steps,
                       spec["seed"], extra, runs)
     return os.path.join(again, "export"), True
 
