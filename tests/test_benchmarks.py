@@ -37,7 +37,7 @@ def test_loss_memory_runs_and_records(tmp_path):
     assert entry["results"]["fused"]["peak_bytes"] < entry["results"]["logits"]["peak_bytes"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_gpu_bench_dry_run_on_cpu(tmp_path, smollm2_path):
     """benchmarks/gpu/bench.py with a 2-layer model on CPU, three of its rows: the plain loop with
     attention per dialogue, the recipe at ZeRO-3 with its tuned settings, and TRL (not installed in
@@ -68,7 +68,7 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path, smollm2_path):
     assert "plain-varlen" in table and "recipe-z3-tuned" in table and "trl" in table
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_report_scale_measures_a_run(tmp_path, straight):
     import shutil
 
@@ -96,7 +96,7 @@ def test_overflow_benchmark_accounts_for_every_turn(tmp_path):
     assert res["drop"]["dialogues"] < res["cut"]["dialogues"] <= res["split"]["dialogues"] < res["split"]["rows"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sequence_parallel_benchmark_runs_both_ways(tmp_path):
     """benchmarks/sequence_parallel.py at 256 tokens on 2 gloo ranks: SP=1 and SP=2 each record a
     peak and a speed, and the longest row within the budget."""
@@ -109,7 +109,7 @@ def test_sequence_parallel_benchmark_runs_both_ways(tmp_path):
     assert out["longest_within_budget"] == {"1": 256, "2": 256}
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_plan_memory_measures_a_run_beside_the_plan(tmp_path, tiny_model_path):
     out = tmp_path / "plan_memory.json"
     run("benchmarks/plan_memory.py", f"--model={tiny_model_path}", "--settings=1x64", "--steps=1", f"--results={out}")
@@ -127,7 +127,7 @@ def test_throughput_refuses_counts_that_would_time_nothing():
 
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_startup_times_every_phase_of_a_launch(tmp_path, tiny_model_path):
     """benchmarks/startup.py on the tiny model: the trace finds every mark of launch/train.sh in
     order, and the rank's own timers and first step fit after its Python started."""

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow  # an image build: minutes
+pytestmark = pytest.mark.long  # an image build: minutes
 
 
 def engine_missing() -> str | None:

@@ -323,7 +323,7 @@ def test_noise_halves_are_disjoint_and_canned_has_two_hundred_strings():
 ARMS = ("sft", "clean", "oracle_turn", "offline_filter", "two_signals_adaptive")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     """Five arms on two seeds at 30% and two arms at 0%, on the tiny model: every run recorded with
     the detector's hash; the same batches for every arm; paired intervals, Holm, the oracle's share

@@ -134,7 +134,7 @@ def test_a_resume_that_changes_the_signals_or_the_mixture_is_refused():
     assert Method(load_config(None, ["data.mixture=adaptive"]), [1.0]).mixture is None  # one source: fixed
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_source_of_canned_replies_loses_its_share_on_the_embedded_model(tmp_path):
     """A real run (SmolLM2-135M, 1 rank): a clean source and one whose every reply is canned
     boilerplate (a quarter of the draws); both signals, both tails, the adaptive mixture. The canned
