@@ -92,9 +92,8 @@ class Recipe:
             self.cursor = Cursor(**self.found.progress.cursor)
         # The loader's workers start now, so their start-up overlaps the engine's.
         self.batches = self.data.batches(self.sp.dp_rank, self.sp.dp_world, self.cursor, ignore_signals=SIGNALS)
-        self.engine = Engine(cfg, model_path, universal=self.found is not None and self.found.universal)
-        if cfg.data.packing:
-            self.engine.check_packing(len(self.tokenizer))
+        self.engine = Engine(cfg, model_path, universal=self.found is not None and self.found.universal,
+                             vocab=len(self.tokenizer))
         self.sp.install(self.engine.module.config, self.engine.attention)  # after the whole-row checks
         print0(self.engine.describe(self.world) + (f", validation on {self.validation.dialogues:,} dialogues"
                                                     if self.validation else ""))

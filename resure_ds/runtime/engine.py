@@ -174,7 +174,10 @@ def compile_blocks(model) -> int:
 class Engine:
     """A Hugging Face causal LM under DeepSpeed (ZeRO 0-3), AdamW and a warm-up schedule."""
 
-    def __init__(self, cfg: Config, model_path: str, universal: bool = False):
+    def __init__(self, cfg: Config, model_path: str, universal: bool = False, vocab: int | None = None):
+        """vocab: the tokenizer's size. Given, with data.packing, the start-up check also refuses a model
+        that lets the dialogues of a packed row see each other (the recipe passes it; a caller that
+        never packs rows need not)."""
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -220,24 +223,43 @@ class Engine:
         if cfg.model.compile:
             compiled = compile_blocks(self.module)
             dist.print0(f"model.compile: {compiled} transformer blocks compiled (torch.compile, one graph for all)")
-        if self.fused:
-            self._check_fused()
+        packed = bool(vocab) and cfg.data.packing
+        if self.fused or packed:
+            words = self.module.get_output_embeddings().out_features
+            self._check_model(min(vocab or words, words), packed)
 
-    def _check_fused(self) -> None:
-        """The fused head must give the model's own per-token NLL: a model that does anything to its
-        logits after the head (soft-capping, scaling) does not, and keeps the logits path (auto) or
-        stops (model.fused_loss=true). Every rank calls (a ZeRO-3 forward is collective)."""
-        vocab = self.module.get_output_embeddings().out_features
+    @torch.no_grad()
+    def _check_model(self, vocab: int, packed: bool) -> None:
+        """The start-up checks, on one row of random tokens (every rank calls: a ZeRO-3 forward is
+        collective), three forwards at most:
+        - packed: dialogue b after dialogue a in a packed row (position ids restarting) must get the
+          logits it gets alone, else the model is refused (it would let packed dialogues see each other);
+        - fused: the fused head must give the model's own per-token NLL on that row. A model that does
+          anything to its logits after the head (soft-capping, scaling) does not, and keeps the logits
+          path (model.fused_loss=auto) or stops (model.fused_loss=true)."""
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (1, 16), generator=g)
-        batch = {"input_ids": ids, "position_ids": torch.arange(16)[None]}
-        targets = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE)], 1).to(self.device)
+        a, b = torch.randint(0, vocab, (1, 12), generator=g), torch.randint(0, vocab, (1, 12), generator=g)
+        pos = torch.arange(12)[None]
+        alone = {"input_ids": b, "position_ids": pos}
+        row = {"input_ids": torch.cat([a, b], 1), "position_ids": torch.cat([pos, pos], 1)} if packed else alone
         self.engine.eval()
-        with torch.no_grad():
-            own = token_nll(self.forward(batch).float(), targets)
-            mine = self.token_nll(batch, targets)
+        logits = self.forward(row).float()
+        if packed:
+            own_row = self.forward(alone).float()
+            leak = float((logits[:, 12:] - own_row).abs().max() / (1 + own_row.abs().max()))
+        if self.fused:
+            ids = row["input_ids"]
+            targets = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE)], 1).to(self.device)
+            own, mine = token_nll(logits, targets), self.token_nll(row, targets)
         self.engine.train()
-        diff = float((mine - own).abs().max() / (1 + own.abs().max()))
+        if packed and leak > PACKING_TOLERANCE:
+            raise ConfigError(f"{self.model_path}: this model does not confine attention to each dialogue of a "
+                              "packed row (it ignores restarting position ids), so packed dialogues would see each "
+                              "other. Set data.packing=false, or use a model class with packed-sequence support")
+        if self.fused:
+            self._keep_fused_if_equal(float((mine - own).abs().max() / (1 + own.abs().max())))
+
+    def _keep_fused_if_equal(self, diff: float) -> None:
         if diff <= (5e-2 if self.dtype == "bf16" else 1e-3):
             return
         msg = (f"the fused LM head and loss differ from this model's own logits by {diff:.3g} (relative): "
@@ -285,27 +307,6 @@ class Engine:
                 f"{self.attention} attention{' (auto)' if c.model.attn_implementation == 'auto' else ''}, "
                 f"{'fused LM head and loss' if self.fused else 'logits path'}{', compiled' if c.model.compile else ''}"
                 + (f", sequence parallel {c.train.sequence_parallel} (Ulysses)" if c.train.sequence_parallel > 1 else ""))
-
-    def check_packing(self, vocab: int) -> None:
-        """Refuse a model that lets packed dialogues see each other (every rank calls)."""
-        if self.packing_leaks(vocab) > PACKING_TOLERANCE:
-            raise ConfigError(f"{self.model_path}: this model does not confine attention to each dialogue of a "
-                              "packed row (it ignores restarting position ids), so packed dialogues would see each "
-                              "other. Set data.packing=false, or use a model class with packed-sequence support")
-
-    @torch.no_grad()
-    def packing_leaks(self, vocab: int) -> float:
-        """How much a dialogue's logits change when another dialogue precedes it in a packed row
-        (relative to the logit scale): ~0 where the model confines attention by position ids,
-        O(1) where it does not. Every rank calls (a ZeRO-3 forward is collective)."""
-        g = torch.Generator().manual_seed(0)
-        a, b = torch.randint(0, vocab, (1, 12), generator=g), torch.randint(0, vocab, (1, 12), generator=g)
-        pos = torch.arange(12)[None]
-        self.engine.eval()
-        alone = self.forward({"input_ids": b, "position_ids": pos}).float()
-        packed = self.forward({"input_ids": torch.cat([a, b], 1), "position_ids": torch.cat([pos, pos], 1)}).float()
-        self.engine.train()
-        return float((packed[:, 12:] - alone).abs().max() / (1 + alone.abs().max()))
 
     def backward(self, weighted_sum: torch.Tensor, global_tokens: int) -> None:
         """Backward of (sum of w * token NLL on this rank's micro-batch) / N.
