@@ -7,6 +7,7 @@ at all (against the whole rendering of every dialogue), and the prepare time. Ra
 
     python benchmarks/overflow.py                       # the embedded corpus at max_length 256
     python benchmarks/overflow.py --data /data/x.jsonl --max-length 4096 --model /models/llama
+    python benchmarks/overflow.py --results overflow.json   # the JSON in a file too
 """
 from __future__ import annotations
 
@@ -77,6 +78,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--results", default=None,
+                    help="also write the JSON here (stdout can carry the libraries' log lines: DeepSpeed's, "
+                         "when the embedded model is converted on first use)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as work:
         res = [measure(p, args, work) for p in ("cut", "split", "drop")]
@@ -92,8 +96,12 @@ def main() -> None:
               f"({r['tokens_vs_cut']}x cut, {r['tokens_vs_whole']}x the whole renderings), {r['trained_tokens']:,} trained; assistant turns of {total:,}: "
               f"{r['turns_whole']:,} whole ({r['turns_whole_vs_cut']}x cut), {r['turns_partial']:,} partial, "
               f"{r['turns_not_trained']:,} never trained; prepare {r['prepare_s']} s", file=sys.stderr)
-    print(json.dumps({"max_length": args.max_length, "data": args.data, "turns": total, "whole_tokens": tokens,
-                      "results": res}, indent=1))
+    out = json.dumps({"max_length": args.max_length, "data": args.data, "turns": total, "whole_tokens": tokens,
+                      "results": res}, indent=1)
+    print(out)
+    if args.results:
+        with open(args.results, "w", encoding="utf-8") as f:
+            f.write(out + "\n")
 
 
 if __name__ == "__main__":
