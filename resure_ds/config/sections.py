@@ -56,9 +56,14 @@ class ModelConfig:
     """HF model folder or hub id; 'smollm2' = the embedded SmolLM2-135M-Instruct (converted once, cached)."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Training precision. auto: bf16 where the hardware computes it natively (CUDA GPUs with bf16,
-    CPUs with AVX-512/AMX bf16), else fp32 (an AVX2-only CPU emulates bf16, far slower than fp32:
-    docs/performance.md).
+    CPUs with AVX-512/AMX bf16), else fp32. bf16 on a CPU without bf16 instructions (AVX2 only) computes its
+    products in fp32 (model.bf16_matmul) and runs at about fp32's speed.
     fp16 is not offered: unsupported on CPU and brittle for LM fine-tuning."""
+    bf16_matmul: Literal["auto", "native", "fp32"] = "auto"
+    """How a bf16 run computes its matrix products and attention: native (the hardware's bf16 kernels)
+    or fp32 (from the same bf16 operands, each result rounded to bf16: what a native kernel computes,
+    up to the order of the sums). auto: fp32 on a CPU without bf16 instructions, whose bf16 kernels are
+    many times slower (docs/performance.md), else native. No effect on an fp32 run."""
     chat_template: str | None = None
     """Chat template to use instead of the tokenizer's own: Jinja text, or the path of a .jinja file. Any template works; one that rewrites history is located in one rendering (docs/method.md)."""
     gradient_checkpointing: bool = False

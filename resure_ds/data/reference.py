@@ -106,7 +106,9 @@ def scored_keys(cfg: Config, model_path: str, prepared: list) -> tuple[str, dict
     model folder, its fingerprint, and per source the key of its scores and whether they are there."""
     ref = reference_model(cfg, model_path)
     fp = model_fingerprint(ref)
-    keys = [reference_key(fp, cfg.model.dtype, p.manifest) for p in prepared]
+    m = cfg.model  # a products setting other than auto is part of the configured precision
+    precision = m.dtype if m.bf16_matmul == "auto" else f"{m.dtype}, bf16_matmul={m.bf16_matmul}"
+    keys = [reference_key(fp, precision, p.manifest) for p in prepared]
     return ref, fp, keys, [published(reference_folder(p.folder, k)) for p, k in zip(prepared, keys)]
 
 

@@ -39,7 +39,8 @@ from ..data.shards import PreparedSource
 from ..errors import DataError, run_command
 from ..models import load_tokenizer, resolve_model_path
 from ..runtime import fused
-from ..runtime.engine import resolve_dtype
+from ..runtime import bf16
+from ..runtime.engine import native_bf16, resolve_dtype
 from ..runtime.nll import token_nll
 from ..stats.turns import shift_targets, turn_losses
 
@@ -124,6 +125,7 @@ class Scorer:
     fingerprint: dict        # its files' fingerprint (data/reference.py)
     cfg: Config
     dtype: str               # bf16 or fp32, resolved
+    matmul: str              # how bf16 products are computed, resolved (runtime/bf16.py)
     pad_id: int
     task: tuple[int, int] = (0, 1)  # (this task, tasks): each scores every tasks-th row
     batch_tokens: int = BATCH_TOKENS
@@ -153,7 +155,8 @@ def _score_share(p: Prepared, folder: str, key: str, s: Scorer) -> str | None:
 
         t0 = time.perf_counter()
         with tqdm(total=len(rows), desc=f"score {p.spec.label}", unit=" dlg", disable=not s.progress) as bar:
-            scores = score_rows(s.model, src, rows, s.pad_id, s.batch_tokens, bar.update)
+            with bf16.products(s.matmul):
+                scores = score_rows(s.model, src, rows, s.pad_id, s.batch_tokens, bar.update)
         _save_part(part, scores)
         if s.progress:
             log(f"scored {len(rows):,} dialogues of {p.spec.label} in {time.perf_counter() - t0:.1f} s")
@@ -169,7 +172,7 @@ def _score_share(p: Prepared, folder: str, key: str, s: Scorer) -> str | None:
         raise DataError(f"{folder}.parts: the parts score {len(scores)} of {n} rows; delete the folder and "
                         "score again")
     write_reference(folder, [scores[i] for i in range(n)],
-                    {"reference": s.ref_dir, "fingerprint": s.fingerprint, "dtype": s.dtype,
+                    {"reference": s.ref_dir, "fingerprint": s.fingerprint, "dtype": s.dtype, "matmul": s.matmul,
                      "config_dtype": s.cfg.model.dtype, "prepared_key": p.manifest.get("key"), "tasks": tasks})
     for path in parts:
         os.remove(path)
@@ -177,14 +180,15 @@ def _score_share(p: Prepared, folder: str, key: str, s: Scorer) -> str | None:
     return key
 
 
-def load_reference(ref_dir: str, dtype: str, cfg: Config):
+def load_reference(ref_dir: str, dtype: str, cfg: Config, matmul: str = "native"):
     from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
 
     dev = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
            else torch.device("cpu"))
     model = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=DTYPES[dtype],
                                                  trust_remote_code=cfg.model.trust_remote_code).to(dev).eval()
-    model.fused = cfg.model.fused_loss != "false" and fused.fusable(model) is None and _fused_agrees(model, dev)
+    with bf16.products(matmul):
+        model.fused = cfg.model.fused_loss != "false" and fused.fusable(model) is None and _fused_agrees(model, dev)
     return model
 
 
@@ -214,10 +218,11 @@ def score_all(cfg: Config, task: tuple[int, int] = (0, 1), batch_tokens: int = B
     prepared = ensure_prepared(cfg, tok, model_path, progress=progress and task[0] == 0)
     ref_dir, fp, keys, there = scored_keys(cfg, model_path, prepared)
     dtype = resolve_dtype(cfg)
-    model = load_reference(ref_dir, dtype, cfg) if not all(there) else None
+    matmul = bf16.resolve(cfg.model.bf16_matmul, dtype, native_bf16())
+    model = load_reference(ref_dir, dtype, cfg, matmul) if not all(there) else None
     if model is not None and progress:
         log(f"scoring {there.count(False)} source(s) with the reference model {ref_dir} ({dtype})")
-    scorer = Scorer(model, ref_dir, fp, cfg, dtype, tok.pad_token_id, task, batch_tokens,
+    scorer = Scorer(model, ref_dir, fp, cfg, dtype, matmul, tok.pad_token_id, task, batch_tokens,
                     progress=progress and task[0] == 0)
     return [key if ok else score_source(p, key, scorer) for p, key, ok in zip(prepared, keys, there)]
 

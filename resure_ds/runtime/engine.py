@@ -18,7 +18,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from .. import dist
-from . import attention, fused, lora
+from . import attention, bf16, fused, lora
 from ..config import Config
 from ..data import IGNORE
 from ..errors import ConfigError
@@ -189,6 +189,7 @@ class Engine:
         # The model's dtype follows the final DeepSpeed config (train.ds_config may override bf16).
         self.dtype = "bf16" if conf.get("bf16", {}).get("enabled") else "fp32"
         dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        self.matmul = bf16.resolve(cfg.model.bf16_matmul, self.dtype, native_bf16())
         attention.register()
         self.attention = attention.resolve(cfg.model.attn_implementation)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
@@ -287,20 +288,23 @@ class Engine:
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits of a padded batch (attention_mask) or a packed one (position_ids restarting per dialogue)."""
-        return self.engine(**self._inputs(batch)).logits
+        with bf16.products(self.matmul):
+            return self.engine(**self._inputs(batch)).logits
 
     def token_nll(self, batch: dict, targets: torch.Tensor) -> torch.Tensor:
         """[B, S] float32 NLL of each position's target (shifted labels, -100 = untrained: 0 there).
         Fused (model.fused_loss): the head runs on trained positions only, a chunk at a time, and
         no [B, S, V] logits exist; else from the model's logits, chunked (loss.token_nll)."""
         if self.fused:
-            return self.engine(**self._inputs(batch), targets=targets)
+            with bf16.products(self.matmul):
+                return self.engine(**self._inputs(batch), targets=targets)
         return token_nll(self.forward(batch), targets)
 
     def describe(self, world: int) -> str:
         """The start-up line: what trains, where, how."""
         c = self.cfg
         return (f"model {self.model_path}, {world} rank(s), ZeRO-{c.train.zero_stage}, {self.dtype} "
+                f"{'with fp32 products ' if self.matmul == 'fp32' else ''}"
                 f"(model.dtype={c.model.dtype}), method {c.train.method}"
                 f"{_signals(c)}{', adaptive mixture' if c.data.mixture == 'adaptive' else ''}, "
                 f"{'packed' if c.data.packing else 'padded'} rows of {c.data.max_length} tokens, "
@@ -316,7 +320,8 @@ class Engine:
         we multiply by world size and skip its division by accumulation steps:
         the summed gradient is exactly grad(sum_all w*l / N) (docs/method.md s.5).
         """
-        self.engine.backward(weighted_sum * (self.world / global_tokens), scale_wrt_gas=False)
+        with bf16.products(self.matmul):  # the products an autograd.Function's backward computes itself
+            self.engine.backward(weighted_sum * (self.world / global_tokens), scale_wrt_gas=False)
 
     def step(self) -> None:
         """Per micro-step; DeepSpeed applies the optimizer at the accumulation boundary."""
