@@ -296,9 +296,32 @@ def test_a_grid_continues_only_in_the_precision_its_kept_runs_used(tmp_path):
     _study_with_runs(tmp_path / "study", ["n0.3-sft-seed0"], dtype="fp32")
     keep5.save(str(keep), str(tmp_path / "study"), {"profile": "cpu", "dtype": "fp32"})
     assert grid_dtype("fp32", str(keep)) == "fp32"
-    with pytest.raises(SystemExit, match="trained and sampled in fp32; this machine would use bf16.*--dtype fp32"):
+    assert grid_dtype("auto", str(keep)) == "fp32"  # on any machine: the kept grid's precision
+    with pytest.raises(SystemExit, match="trained and sampled in fp32, --dtype asks for bf16.*--dtype fp32"):
         grid_dtype("bf16", str(keep))
     assert grid_dtype("auto", None) in ("bf16", "fp32")
+
+
+def test_the_seeds_arms_share_one_arithmetic_and_a_run_made_otherwise_is_refused():
+    from benchmarks.noisy_mix.round5 import PROFILES, check_matmul, matmul_of, plan, run_name
+
+    cpu = {**PROFILES["cpu"], "dtype": "bf16"}
+    by_seed = {}
+    for spec in plan(cpu):
+        by_seed.setdefault((spec["noise"], spec["seed"]), set()).add(matmul_of(spec, cpu))
+    assert all(len(m) == 1 for m in by_seed.values())  # never two arithmetics within a seed's arms
+    assert {k for k, m in by_seed.items() if m == {"native"}} == {(0.3, 0), (0.3, 1)}
+    assert matmul_of({"noise": 0.0, "seed": 0}, cpu) == "fp32"
+    assert matmul_of({"noise": 0.3, "seed": 0}, {**cpu, "dtype": "fp32"}) == "native"  # fp32 grid: no bf16
+    assert matmul_of({"noise": 0.3, "seed": 5}, {**PROFILES["gpu"], "dtype": "bf16"}) == "native"
+    seed0, seed2 = {"noise": 0.3, "arm": "sft", "seed": 0}, {"noise": 0.3, "arm": "sft", "seed": 2}
+    old = {run_name(seed0): {"name": run_name(seed0)},  # records from before the field: native
+           run_name(seed2): {"name": run_name(seed2), "bf16_matmul": "fp32"}}
+    check_matmul(old, plan(cpu), cpu)
+    old[run_name(seed2)] = {"name": run_name(seed2)}  # a seed-2 run made with the native kernels
+    with pytest.raises(SystemExit, match="run n0.3-sft-seed2 computed its bf16 products native, the grid's "
+                                         "rule says fp32.*superseded"):
+        check_matmul(old, plan(cpu), cpu)
 
 
 def test_noise_halves_are_disjoint_and_canned_has_two_hundred_strings():

@@ -69,7 +69,8 @@ PROFILES = {
                   probe_pairs=6, detector_pairs=60, eval_dialogues=24, eval_length=128),
     "cpu": dict(model="smollm2", max_length=128, micro_batch_size=4, size=256, lr=1e-4, min_count=8,
                 seeds=list(range(8)), noises={"0.3": list(ARMS), "0.0": ["sft", *CANDIDATES]}, contexts=400,
-                gen_tokens=40, probe_pairs=50, detector_pairs=600, eval_dialogues=400, eval_length=192),
+                gen_tokens=40, probe_pairs=50, detector_pairs=600, eval_dialogues=400, eval_length=192,
+                native_matmul={"0.3": [0, 1]}),  # matmul_of
     # gpu: every candidate planned; benchmarks/gpu/study.sh runs sft, oracle_turn and one rule (--only).
     # 3,072 dialogues: chitchat's train split holds 3,218
     "gpu": dict(model="smollm2", max_length=512, micro_batch_size=16, size=3072, lr=1e-4, min_count=32,
@@ -352,18 +353,20 @@ def fast(model, dtype: str):
 
 def grid_dtype(asked: str, keep: str | None) -> str:
     """The precision every run of the grid trains and samples in: `asked`, with auto resolved for
-    this machine. A grid continued from kept runs (keep5.py) that used another precision is refused:
-    a pair of arms must differ in the arm, not in the precision of the machine's arithmetic."""
+    this machine, or the kept runs' precision (keep5.py) for a grid that continues: a bf16 grid
+    continues on a CPU without bf16 instructions too, its runs computing their products in fp32
+    (matmul_of). Asking for another precision than the kept runs' is refused: a pair of arms must
+    differ in the arm, not in the precision of the arithmetic."""
     from resure_ds.runtime.engine import native_bf16
 
     mine = ("bf16" if native_bf16() else "fp32") if asked == "auto" else asked
-    used = (keep5.grid_of(keep) or {}).get("dtype", mine) if keep else mine
-    if used != mine:
-        raise SystemExit(f"[round5] the runs kept in {keep} trained and sampled in {used}; this machine would use "
-                         f"{mine}{' (its CPU has no native bf16)' if asked == 'auto' else ''}. Continue on a "
-                         f"machine of that kind, or pass --dtype {used} (bf16 without native support is "
-                         "emulated: several times slower)")
-    return mine
+    used = (keep5.grid_of(keep) or {}).get("dtype") if keep else None
+    if used is None or used == mine:
+        return mine
+    if asked == "auto":  # a bf16 grid continues on any CPU: its runs compute their products in fp32 (matmul_of)
+        return used
+    raise SystemExit(f"[round5] the runs kept in {keep} trained and sampled in {used}, --dtype asks for {mine}: "
+                     f"a grid's runs share one precision (pass --dtype {used}, or --dtype auto)")
 
 
 def preferences(model, tok, probes: dict, max_length: int) -> dict:
@@ -390,9 +393,16 @@ def judge(detector, ctxs: list[dict], replies: list[dict]) -> list[str]:
     return detector.predict([(user_before(c["messages"], len(c["messages"])), r["reply"]) for c, r in zip(ctxs, replies)])
 
 
-def outcomes(model_dir: str, ctx: dict, p: dict, replies_path: str) -> dict:
+def outcomes(model_dir: str, ctx: dict, p: dict, replies_path: str, matmul: str = "native") -> dict:
     """Clean NLL, the noise-emission rates of sampled replies (written to replies_path with the
-    detector's class), the two-choice preferences: one model."""
+    detector's class), the two-choice preferences: one model, its bf16 products computed as `matmul`."""
+    from resure_ds.runtime import bf16
+
+    with bf16.products(matmul):
+        return _outcomes(model_dir, ctx, p, replies_path)
+
+
+def _outcomes(model_dir: str, ctx: dict, p: dict, replies_path: str) -> dict:
     from resure_ds.eval.offline import evaluate, load_model
 
     model, tok = load_model(model_dir)
@@ -475,13 +485,14 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str, do
         mixture = offline_filter_files(meta, sft, model, p)
     else:
         mixture = meta["files"][files]
-    steps, extra = run_settings(extra, p, meta)
+    steps, extra = run_settings(extra, p, meta, spec)
     t0 = time.time()
     run_dir = train_one(run_name(spec), json.dumps(mixture), model, p, method, steps, spec["seed"], extra, runs)
     res = {**spec, "name": run_name(spec), "steps": steps, "train_s": time.time() - t0, "dtype": p["dtype"],
-           "cpu": cpu_kind(),
+           "bf16_matmul": matmul_of(spec, p), "cpu": cpu_kind(),
            "detector_sha256": ctx["detector_sha256"],
-           **outcomes(os.path.join(run_dir, "export"), ctx, p, os.path.join(run_dir, "replies.jsonl")),
+           **outcomes(os.path.join(run_dir, "export"), ctx, p, os.path.join(run_dir, "replies.jsonl"),
+                      matmul_of(spec, p)),
            **training_measures(run_dir, meta, spec)}
     if files == "offline_filter":
         with open(os.path.join(meta["folder"], "offline_filter.json"), encoding="utf-8") as f:
@@ -491,10 +502,32 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str, do
     return res
 
 
-def run_settings(extra: dict, p: dict, meta: dict) -> tuple[int, dict]:
+def run_settings(extra: dict, p: dict, meta: dict, spec: dict) -> tuple[int, dict]:
     """An arm's steps and settings: one epoch, one dialogue per row, in the grid's precision."""
     steps = math.ceil(meta["size"] / p["micro_batch_size"])
-    return steps, {**extra, "data.packing": "false", "data.skip_invalid": "true", "model.dtype": p["dtype"]}
+    return steps, {**extra, "data.packing": "false", "data.skip_invalid": "true", "model.dtype": p["dtype"],
+                   "model.bf16_matmul": matmul_of(spec, p)}
+
+
+def matmul_of(spec: dict, p: dict) -> str:
+    """How a run computes its bf16 products (model.bf16_matmul; the README's amendment to round 5):
+    the cpu grid's runs of seeds 0 and 1 at 30% noise were made with the hardware's bf16 kernels
+    (`native_matmul`); every other run of a bf16 grid computes them in fp32 from the bf16 operands, on
+    any machine, so the arms of one seed share one arithmetic. The quick and gpu profiles: native."""
+    native = p.get("native_matmul")
+    if p["dtype"] != "bf16" or native is None:
+        return "native"
+    return "native" if spec["seed"] in native.get(str(spec["noise"]), ()) else "fp32"
+
+
+def check_matmul(done: dict, specs: list[dict], p: dict) -> None:
+    """Every run made (or kept) computed its products as matmul_of says its run must."""
+    for spec in specs:
+        r = done.get(run_name(spec))
+        if r is not None and r.get("bf16_matmul", "native") != matmul_of(spec, p):
+            raise SystemExit(f"[round5] run {r['name']} computed its bf16 products {r.get('bf16_matmul', 'native')}"
+                             f", the grid's rule says {matmul_of(spec, p)} (matmul_of): set its record and "
+                             "replies aside (and its kept files: --keep DIR/superseded/), and it is made again")
 
 
 def sft_model(spec: dict, p: dict, model: str, meta: dict, runs: str, done: dict) -> tuple[str, bool]:
@@ -511,7 +544,7 @@ def sft_model(spec: dict, p: dict, model: str, meta: dict, runs: str, done: dict
     print(f"[round5] {run_name(spec)}: the sft model of its seed is not on this machine; training it again",
           flush=True)
     method, extra, files = ARMS["sft"]
-    steps, extra = run_settings(extra, p, meta)
+    steps, extra = run_settings(extra, p, meta, sft)
     again = train_one(run_name(sft) + "-again", json.dumps(meta["files"][files]), model, p, method, steps,
                       spec["seed"], extra, runs)
     return os.path.join(again, "export"), True
@@ -824,6 +857,7 @@ def main() -> None:
     for fname in sorted(os.listdir(out)):
         if fname.startswith("runs") and fname.endswith(".jsonl"):
             done.update({r["name"]: r for r in read_jsonl(os.path.join(out, fname))})
+    check_matmul(done, plan(p), p)
     metas = {}
     for spec in mine:
         if run_name(spec) in done or (a.budget_s is not None and time.time() - t0 > a.budget_s):
@@ -981,7 +1015,8 @@ def cpu_kind() -> str:
 
 def outcomes_of_base(model: str, ctx: dict, p: dict, out: str) -> dict:
     """The base model's outcomes, for reference (its replies go to base-replies.jsonl)."""
-    return outcomes(model, ctx, p, os.path.join(out, "base-replies.jsonl"))
+    # its products as most of the grid's runs compute theirs (the base model is no arm of a seed)
+    return outcomes(model, ctx, p, os.path.join(out, "base-replies.jsonl"), matmul_of({"noise": -1, "seed": -1}, p))
 
 
 if __name__ == "__main__":
