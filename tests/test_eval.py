@@ -57,3 +57,20 @@ def test_eval_and_report_commands_name_bad_paths_without_a_traceback(tmp_path, t
     (tmp_path / "a-file").write_text("x")  # an output path that cannot be written: under a file
     out = run("resure_ds.report", str(run_dir), "--export", str(tmp_path / "a-file" / "v.parquet"))
     assert out.returncode == 2 and "a-file/v.parquet" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_eval_takes_the_embedded_model_by_its_name(tmp_path, smollm2_path):
+    """`python -m resure_ds.eval smollm2 DATA` evaluates the embedded model (it once asked the hub for a
+    model named smollm2, retried for about 30 s and failed)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "val.jsonl", OPENAI)
+    out = subprocess.run([sys.executable, "-m", "resure_ds.eval", "smollm2", str(path), "--max-length=64"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout[out.stdout.index("{"):])
+    want = evaluate_folder(smollm2_path, path, max_length=64)
+    assert got["tokens"] == want["tokens"] > 0 and abs(got["loss"] - want["loss"]) < 1e-5

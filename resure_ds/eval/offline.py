@@ -26,7 +26,7 @@ from ..data.overflow import POLICIES, OverflowCounts, apply as apply_overflow
 from ..data.records import read_dialogues
 from ..data.render import Renderer
 from ..errors import run_command
-from ..models import check_model_folder, load_tokenizer
+from ..models import check_model_folder, load_tokenizer, resolve_model_path
 from ..runtime.nll import token_nll
 from ..stats.turns import TurnLosses, shift_targets, turn_losses
 from .depth import DepthSums
@@ -87,8 +87,10 @@ def evaluate(model, tokenizer, source, max_length: int = _DATA.max_length, batch
 
 
 def load_model(model_dir: str):
+    """The model (fp32) and tokenizer of a folder, or of the embedded model by its name ('smollm2')."""
     from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
 
+    model_dir = resolve_model_path(model_dir)
     check_model_folder(model_dir)
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), load_tokenizer(model_dir)
 
