@@ -50,7 +50,8 @@ def score_speed(data: str) -> dict:
     from resure_ds.data.shards import PreparedSource
     from resure_ds.eval.score import BATCH_TOKENS, load_reference, score_rows
     from resure_ds.models import load_tokenizer, resolve_model_path
-    from resure_ds.runtime.engine import resolve_dtype
+    from resure_ds.runtime import bf16
+    from resure_ds.runtime.engine import native_bf16, resolve_dtype
 
     cfg = load_config(os.path.join(ROOT, "recipes", "default.yaml"),
                       [f"data.train={data}", f"data.prepared_dir={WORK}/prepared"])
@@ -60,10 +61,12 @@ def score_speed(data: str) -> dict:
     src = PreparedSource(p.folder)
     rows = np.arange(len(src), dtype=np.int64)
     dtype = resolve_dtype(cfg)
-    model = load_reference(model_path, dtype, cfg)
-    score_rows(model, src, rows[:32], tok.pad_token_id, BATCH_TOKENS)  # warm-up
-    t = time.perf_counter()
-    score_rows(model, src, rows, tok.pad_token_id, BATCH_TOKENS)
+    matmul = bf16.resolve(cfg.model.bf16_matmul, dtype, native_bf16())  # as the recipe's scoring computes
+    model = load_reference(model_path, dtype, cfg, matmul)
+    with bf16.products(matmul):
+        score_rows(model, src, rows[:32], tok.pad_token_id, BATCH_TOKENS)  # warm-up
+        t = time.perf_counter()
+        score_rows(model, src, rows, tok.pad_token_id, BATCH_TOKENS)
     dt = time.perf_counter() - t
     tokens = int(src.lengths.sum())
     split = {}

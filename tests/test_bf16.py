@@ -37,6 +37,17 @@ def test_each_product_is_the_fp32_product_of_the_bf16_operands_rounded():
         assert got[name].dtype == BF, name
         assert torch.equal(got[name], want[name]), name
     assert fp32_alone.dtype == torch.float32
+    with bf16.products("fp32") as mode:
+        into, grown = torch.empty(3, 5, 8, dtype=BF)[:, :, :8], torch.empty(0, dtype=BF)
+        assert torch.matmul(x, w.t(), out=into) is into and torch.mm(x[0], w.t(), out=grown) is grown
+        acc = x[0] @ w.t()
+        same = acc.addmm_(x[0], w.t(), beta=0.5, alpha=2.0)
+        with pytest.raises(RuntimeError, match="dtype"):
+            torch.mm(x[0], w.t().float())  # mixed operands fail as they do natively
+    assert mode.calls == 4
+    assert torch.equal(into, want["matmul"]) and torch.equal(grown, want["matmul"][0])
+    wanted = (0.5 * want["matmul"][0].float() + 2.0 * (x[0].float() @ w.float().t())).to(BF)
+    assert same is acc and torch.equal(acc, wanted)
     # the hardware's own bf16 kernel sums in fp32 too: the two agree to bf16's rounding
     native = F.linear(x, w, b)
     assert (native.float() - got["linear"].float()).abs().max() <= 2 ** -7 * got["linear"].float().abs().max()
@@ -136,3 +147,14 @@ def test_a_bf16_engine_moves_its_products_to_fp32_in_forward_and_backward(tmp_pa
     # the fused head's backward computes its own products (an autograd.Function): moved as well
     assert moved["fused"] and moved["backward_calls"] > 0
     assert abs(moved["loss"] - fp32["loss"]) <= 0.02 * fp32["loss"]
+
+
+def test_compiled_blocks_with_fp32_products_are_refused_before_the_model_loads(tiny_model_path):
+    from resure_ds.config import load_config
+    from resure_ds.errors import ConfigError
+    from resure_ds.runtime.engine import Engine
+
+    cfg = load_config(None, [f"model.path={tiny_model_path}", "model.dtype=bf16", "model.bf16_matmul=fp32",
+                             "model.compile=true"])
+    with pytest.raises(ConfigError, match="model.compile=true and bf16 products computed in fp32"):
+        Engine(cfg, tiny_model_path)

@@ -413,3 +413,28 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert {x["run"] for x in replies} == {r["name"] for r in runs}
     assert len(replies) == len(runs) * res["settings"]["contexts"]
     assert all("detector" in x and "reply" in x for x in replies)
+
+
+def test_a_run_made_otherwise_than_the_rule_goes_neither_into_the_kept_grid_nor_out_of_it(tmp_path):
+    from benchmarks.noisy_mix import keep5
+    from benchmarks.noisy_mix.round5 import PROFILES, made_matmul, take_kept
+
+    cpu = {**PROFILES["cpu"], "dtype": "bf16"}
+    study, keep = tmp_path / "study", tmp_path / "kept"
+    _study_with_runs(study, ["n0.3-sft-seed2"])  # made with the native kernels, before the rule
+    with open(study / "runs-0of2.jsonl", "a") as f:
+        f.write('{"name": "n0.3-clean-se')  # the other worker is writing its record
+    with pytest.raises(SystemExit, match="n0.3-sft-seed2 computed its bf16 products native"):
+        take_kept(str(keep), str(study), GRID, cpu)
+    assert not keep.exists()  # nothing was copied into the kept grid first
+    (study / "runs-0of2.jsonl").write_text(json.dumps({"name": "n0.3-sft-seed2", "dtype": "bf16",
+                                                       "bf16_matmul": "fp32"}) + "\n")
+    take_kept(str(keep), str(study), GRID, cpu)
+    assert sorted(keep5.kept_runs(str(keep))) == ["n0.3-sft-seed2"]
+    # a run folder's arithmetic, as the offline filter's sft model is chosen by it
+    run = study / "runs" / "n0.3-sft-seed2"
+    assert made_matmul(str(run)) == "unknown"
+    (run / "config.json").write_text(json.dumps({"model": {"dtype": "bf16"}}))
+    assert made_matmul(str(run)) == "native"
+    (run / "config.json").write_text(json.dumps({"model": {"dtype": "bf16", "bf16_matmul": "fp32"}}))
+    assert made_matmul(str(run)) == "fp32"

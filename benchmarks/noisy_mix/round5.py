@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -473,6 +474,27 @@ def plan(p: dict) -> list[dict]:
     return [dict(noise=float(n), arm=a, seed=s) for n, arms in p["noises"].items() for s in p["seeds"] for a in arms]
 
 
+def take_kept(keep: str, out: str, grid: dict, p: dict) -> None:
+    """The kept grid's runs into the study folder, and the study folder's into the kept grid (keep5.py),
+    once every run of both has been checked against matmul_of: a run made otherwise goes neither way."""
+    check_matmul({**made_runs(out), **{n: k["record"] for n, k in keep5.kept_runs(keep).items()}}, plan(p), p)
+    restored = keep5.restore(keep, out, grid)
+    if restored:
+        print(f"[round5] {len(restored)} runs taken from {keep}", flush=True)
+    keep5.save(keep, out, grid)  # and the study folder's runs made before --keep
+
+
+def made_runs(out: str) -> dict:
+    """The study folder's finished runs by name (every runs*.jsonl; a line without its end is a record
+    the other worker is writing)."""
+    done = {}
+    for fname in sorted(os.listdir(out)):
+        if fname.startswith("runs") and fname.endswith(".jsonl"):
+            with open(os.path.join(out, fname), encoding="utf-8") as f:
+                done.update({r["name"]: r for r in map(json.loads, (ln for ln in f if ln.strip() and ln.endswith("\n")))})
+    return done
+
+
 def run_name(spec: dict) -> str:
     return f"n{spec['noise']}-{spec['arm']}-seed{spec['seed']}"
 
@@ -505,8 +527,10 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str, do
 def run_settings(extra: dict, p: dict, meta: dict, spec: dict) -> tuple[int, dict]:
     """An arm's steps and settings: one epoch, one dialogue per row, in the grid's precision."""
     steps = math.ceil(meta["size"] / p["micro_batch_size"])
-    return steps, {**extra, "data.packing": "false", "data.skip_invalid": "true", "model.dtype": p["dtype"],
-                   "model.bf16_matmul": matmul_of(spec, p)}
+    settings = {**extra, "data.packing": "false", "data.skip_invalid": "true", "model.dtype": p["dtype"]}
+    if p["dtype"] == "bf16":  # explicit: auto would pick by the machine
+        settings["model.bf16_matmul"] = matmul_of(spec, p)
+    return steps, settings
 
 
 def matmul_of(spec: dict, p: dict) -> str:
@@ -526,8 +550,19 @@ def check_matmul(done: dict, specs: list[dict], p: dict) -> None:
         r = done.get(run_name(spec))
         if r is not None and r.get("bf16_matmul", "native") != matmul_of(spec, p):
             raise SystemExit(f"[round5] run {r['name']} computed its bf16 products {r.get('bf16_matmul', 'native')}"
-                             f", the grid's rule says {matmul_of(spec, p)} (matmul_of): set its record and "
-                             "replies aside (and its kept files: --keep DIR/superseded/), and it is made again")
+                             f", the grid's rule says {matmul_of(spec, p)} (matmul_of): set it aside (its line in "
+                             "runs*.jsonl, its folder runs/<run>/, and its kept files into --keep DIR/superseded/), "
+                             "and it is made again")
+
+
+def made_matmul(run_dir: str) -> str:
+    """How a run folder's training computed its bf16 products (its config.json; native before the key)."""
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            model = json.load(f).get("model", {})
+    except (OSError, ValueError):
+        return "unknown"
+    return model.get("bf16_matmul", "native") if model.get("dtype") == "bf16" else "native"
 
 
 def sft_model(spec: dict, p: dict, model: str, meta: dict, runs: str, done: dict) -> tuple[str, bool]:
@@ -539,12 +574,14 @@ def sft_model(spec: dict, p: dict, model: str, meta: dict, runs: str, done: dict
     if run_name(sft) not in done:
         raise RuntimeError(f"{run_name(spec)} needs the sft run of its seed first ({run_name(sft)})")
     for name in (run_name(sft), run_name(sft) + "-again"):
-        if os.path.exists(os.path.join(runs, name, "export")):
-            return os.path.join(runs, name, "export"), name != run_name(sft)
+        folder = os.path.join(runs, name)
+        if os.path.exists(os.path.join(folder, "export")) and made_matmul(folder) == matmul_of(sft, p):
+            return os.path.join(folder, "export"), name != run_name(sft)
     print(f"[round5] {run_name(spec)}: the sft model of its seed is not on this machine; training it again",
           flush=True)
     method, extra, files = ARMS["sft"]
     steps, extra = run_settings(extra, p, meta, sft)
+    shutil.rmtree(os.path.join(runs, run_name(sft) + "-again"), ignore_errors=True)  # one made otherwise
     again = train_one(run_name(sft) + "-again", json.dumps(meta["files"][files]), model, p, method, steps,
                       spec["seed"], extra, runs)
     return os.path.join(again, "export"), True
@@ -849,14 +886,8 @@ def main() -> None:
     mine = [x for x in specs if worker is None or x["seed"] % worker[1] == worker[0]]
     log = os.path.join(out, f"runs-{worker[0]}of{worker[1]}.jsonl" if worker else "runs.jsonl")
     if a.keep:
-        restored = keep5.restore(a.keep, out, grid)
-        if restored:
-            print(f"[round5] {len(restored)} runs taken from {a.keep}", flush=True)
-        keep5.save(a.keep, out, grid)  # and the study folder's runs made before --keep
-    done = {}
-    for fname in sorted(os.listdir(out)):
-        if fname.startswith("runs") and fname.endswith(".jsonl"):
-            done.update({r["name"]: r for r in read_jsonl(os.path.join(out, fname))})
+        take_kept(a.keep, out, grid, p)
+    done = made_runs(out)
     check_matmul(done, plan(p), p)
     metas = {}
     for spec in mine:
@@ -1016,7 +1047,8 @@ def cpu_kind() -> str:
 def outcomes_of_base(model: str, ctx: dict, p: dict, out: str) -> dict:
     """The base model's outcomes, for reference (its replies go to base-replies.jsonl)."""
     # its products as most of the grid's runs compute theirs (the base model is no arm of a seed)
-    return outcomes(model, ctx, p, os.path.join(out, "base-replies.jsonl"), matmul_of({"noise": -1, "seed": -1}, p))
+    matmul = matmul_of({"noise": -1, "seed": -1}, p)
+    return {**outcomes(model, ctx, p, os.path.join(out, "base-replies.jsonl"), matmul), "bf16_matmul": matmul}
 
 
 if __name__ == "__main__":

@@ -60,10 +60,11 @@ class ModelConfig:
     products in fp32 (model.bf16_matmul) and runs at about fp32's speed.
     fp16 is not offered: unsupported on CPU and brittle for LM fine-tuning."""
     bf16_matmul: Literal["auto", "native", "fp32"] = "auto"
-    """How a bf16 run computes its matrix products and attention: native (the hardware's bf16 kernels)
-    or fp32 (from the same bf16 operands, each result rounded to bf16: what a native kernel computes,
-    up to the order of the sums). auto: fp32 on a CPU without bf16 instructions, whose bf16 kernels are
-    many times slower (docs/performance.md), else native. No effect on an fp32 run."""
+    """How a bf16 run computes its matrix products (and, on a CPU, attention): native (the hardware's
+    bf16 kernels) or fp32 (from the same bf16 operands, each result rounded to bf16; a native matrix
+    product sums in fp32 too). auto: fp32 on a CPU without bf16 instructions, whose bf16 kernels are
+    many times slower (docs/performance.md), else native. No effect on an fp32 run; not with
+    model.compile."""
     chat_template: str | None = None
     """Chat template to use instead of the tokenizer's own: Jinja text, or the path of a .jinja file. Any template works; one that rewrites history is located in one rendering (docs/method.md)."""
     gradient_checkpointing: bool = False

@@ -2,10 +2,13 @@
 
 A CPU without bf16 instructions (AVX2 only) runs PyTorch's bf16 matrix products in a slow generic
 kernel: a forward and backward of the embedded model is many times slower than in fp32
-(`python benchmarks/matmul_dtype.py --step` measures it). Under `Fp32Matmul`, each matrix product and each
-attention kernel whose operands are bf16 is computed in fp32 from those very operands and its result
-rounded to bf16: what a native bf16 kernel computes (bf16 inputs, fp32 sums, a bf16 result), up to the
-order of the sums, at fp32's speed. Weights, activations and gradients stay bf16.
+(`python benchmarks/matmul_dtype.py --step` measures it). Under `Fp32Matmul`, each matrix product whose
+operands are all bf16, and each CPU attention kernel on bf16, is computed in fp32 from those very
+operands and its result rounded to bf16, at fp32's speed. For a matrix product that is what a native
+bf16 kernel computes (bf16 inputs, fp32 sums, a bf16 result), up to the order of the sums; the native
+CPU attention kernel also rounds its softmax probabilities to bf16 before the product with the values,
+which this does not. Weights, activations and gradients stay bf16. A GPU's attention kernels
+(flash, memory-efficient, cuDNN, flash-attn) take no fp32 inputs and keep their bf16 arithmetic.
 
 It works below autograd (a dispatch mode): autograd records the bf16 product as usual, and the
 products of its backward pass through the mode as well, those of an autograd.Function's own backward
@@ -21,9 +24,10 @@ from torch.utils._pytree import tree_map
 
 aten = torch.ops.aten
 FLASH = aten._scaled_dot_product_flash_attention_for_cpu.default
+ATTENTION = {FLASH, aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
 PRODUCTS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.addbmm.default,
-            aten.mv.default, aten.addmv.default, aten.dot.default, FLASH,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
+            aten.mv.default, aten.addmv.default, aten.dot.default, *ATTENTION}
+OUT = {op.overloadpacket.out: op for op in PRODUCTS if op not in ATTENTION}  # torch.mm(a, b, out=c)
 IN_PLACE = {aten.addmm_.default: aten.addmm.default, aten.baddbmm_.default: aten.baddbmm.default,
             aten.addbmm_.default: aten.addbmm.default, aten.addmv_.default: aten.addmv.default}
 KEEP_FP32 = {FLASH: (1,)}  # outputs a native bf16 kernel gives in fp32 too: attention's log-sum-exp
@@ -37,6 +41,15 @@ def _is_bf16(x) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16
 
 
+def _moved(func, args) -> bool:
+    """A product moves when all its tensor operands are bf16 (a mixed one fails as it would natively);
+    attention when its first tensor (the query, or the output's gradient) is: its log-sum-exp is fp32."""
+    if func in ATTENTION:
+        return _is_bf16(args[0])
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return bool(tensors) and all(a.dtype == torch.bfloat16 for a in tensors)
+
+
 class Fp32Matmul(TorchDispatchMode):
     """While active (a `with` block, on this thread and in the backward passes it starts): bf16
     products in fp32, rounded to bf16. `calls` counts the products it moved."""
@@ -47,20 +60,30 @@ class Fp32Matmul(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        into = None
+        into = None  # the tensor an in-place or out= form writes
         if func in IN_PLACE and _is_bf16(args[0]):
             into, func = args[0], IN_PLACE[func]
-        if func not in PRODUCTS or not any(_is_bf16(a) for a in args):
-            return func(*args, **kwargs)
-        self.calls += 1
-        out = func(*tree_map(_up, args), **tree_map(_up, kwargs))
-        keep = KEEP_FP32.get(func, ())
-        if isinstance(out, tuple):
-            out = tuple(o if i in keep or not isinstance(o, torch.Tensor) or o.dtype != torch.float32
-                        else o.to(torch.bfloat16) for i, o in enumerate(out))
+        elif func in OUT and _is_bf16(kwargs.get("out")):
+            kwargs = dict(kwargs)
+            into, func = kwargs.pop("out"), OUT[func]
+        if func in PRODUCTS and _moved(func, args):
+            self.calls += 1
+            out = _rounded(func, func(*tree_map(_up, args), **tree_map(_up, kwargs)))
         else:
-            out = out.to(torch.bfloat16)
-        return into.copy_(out) if into is not None else out
+            out = func(*args, **kwargs)
+        if into is None:
+            return out
+        if into.shape != out.shape:  # an out= tensor of another shape is resized, as natively
+            into.resize_(out.shape)
+        return into.copy_(out)
+
+
+def _rounded(func, out):
+    keep = KEEP_FP32.get(func, ())
+    if isinstance(out, tuple):
+        return tuple(o if i in keep or not isinstance(o, torch.Tensor) or o.dtype != torch.float32
+                     else o.to(torch.bfloat16) for i, o in enumerate(out))
+    return out.to(torch.bfloat16)
 
 
 def resolve(setting: str, dtype: str, native_bf16: bool) -> str:

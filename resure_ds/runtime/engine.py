@@ -190,6 +190,10 @@ class Engine:
         self.dtype = "bf16" if conf.get("bf16", {}).get("enabled") else "fp32"
         dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
         self.matmul = bf16.resolve(cfg.model.bf16_matmul, self.dtype, native_bf16())
+        if self.matmul == "fp32" and cfg.model.compile:  # torch.compile skips code run under a dispatch mode
+            raise ConfigError("model.compile=true and bf16 products computed in fp32 (model.bf16_matmul, auto on a "
+                              "CPU without bf16 instructions) do not go together: the compiled blocks would run "
+                              "uncompiled. Set model.compile=false, model.dtype=fp32 or model.bf16_matmul=native")
         attention.register()
         self.attention = attention.resolve(cfg.model.attn_implementation)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
