@@ -41,20 +41,25 @@ def _locked(out: str):
         yield
 
 
-def _records(out: str) -> dict:
-    found = {}
+def finished_records(out: str):
+    """Every record of the study folder's runs*.jsonl, file by file (a line without its end is one the
+    other worker is writing)."""
     for fname in sorted(os.listdir(out)):
         if not (fname.startswith("runs") and fname.endswith(".jsonl")):
             continue
         with open(os.path.join(out, fname), encoding="utf-8") as f:
             for line in f:
-                if not (line.strip() and line.endswith("\n")):  # a line without its end is being written
-                    continue
-                r = json.loads(line)
-                if found.get(r["name"], r) != r:
-                    raise _refuse(f"run {r['name']}: two different records of it in {out}/runs*.jsonl (two "
-                                  "runs of one arm and seed); keep one: remove the other line")
-                found[r["name"]] = r
+                if line.strip() and line.endswith("\n"):
+                    yield json.loads(line)
+
+
+def _records(out: str) -> dict:
+    found = {}
+    for r in finished_records(out):
+        if found.get(r["name"], r) != r:
+            raise _refuse(f"run {r['name']}: two different records of it in {out}/runs*.jsonl (two "
+                          "runs of one arm and seed); keep one: remove the other line")
+        found[r["name"]] = r
     return found
 
 

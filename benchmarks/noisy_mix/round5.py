@@ -485,14 +485,8 @@ def take_kept(keep: str, out: str, grid: dict, p: dict) -> None:
 
 
 def made_runs(out: str) -> dict:
-    """The study folder's finished runs by name (every runs*.jsonl; a line without its end is a record
-    the other worker is writing)."""
-    done = {}
-    for fname in sorted(os.listdir(out)):
-        if fname.startswith("runs") and fname.endswith(".jsonl"):
-            with open(os.path.join(out, fname), encoding="utf-8") as f:
-                done.update({r["name"]: r for r in map(json.loads, (ln for ln in f if ln.strip() and ln.endswith("\n")))})
-    return done
+    """The study folder's finished runs by name (keep5.finished_records; a later record of a run wins)."""
+    return {r["name"]: r for r in keep5.finished_records(out)}
 
 
 def run_name(spec: dict) -> str:
@@ -510,11 +504,11 @@ def one_run(spec: dict, p: dict, model: str, meta: dict, ctx: dict, out: str, do
     steps, extra = run_settings(extra, p, meta, spec)
     t0 = time.time()
     run_dir = train_one(run_name(spec), json.dumps(mixture), model, p, method, steps, spec["seed"], extra, runs)
+    matmul = matmul_of(spec, p)
     res = {**spec, "name": run_name(spec), "steps": steps, "train_s": time.time() - t0, "dtype": p["dtype"],
-           "bf16_matmul": matmul_of(spec, p), "cpu": cpu_kind(),
+           "bf16_matmul": matmul, "cpu": cpu_kind(),
            "detector_sha256": ctx["detector_sha256"],
-           **outcomes(os.path.join(run_dir, "export"), ctx, p, os.path.join(run_dir, "replies.jsonl"),
-                      matmul_of(spec, p)),
+           **outcomes(os.path.join(run_dir, "export"), ctx, p, os.path.join(run_dir, "replies.jsonl"), matmul),
            **training_measures(run_dir, meta, spec)}
     if files == "offline_filter":
         with open(os.path.join(meta["folder"], "offline_filter.json"), encoding="utf-8") as f:
@@ -577,7 +571,8 @@ def sft_model(spec: dict, p: dict, model: str, meta: dict, runs: str, done: dict
         folder = os.path.join(runs, name)
         if os.path.exists(os.path.join(folder, "export")) and made_matmul(folder) == matmul_of(sft, p):
             return os.path.join(folder, "export"), name != run_name(sft)
-    print(f"[round5] {run_name(spec)}: the sft model of its seed is not on this machine; training it again",
+    print(f"[round5] {run_name(spec)}: the sft model of its seed is not on this machine (or computed its "
+          f"products otherwise than {matmul_of(sft, p)}); training it again",
           flush=True)
     method, extra, files = ARMS["sft"]
     steps, extra = run_settings(extra, p, meta, sft)

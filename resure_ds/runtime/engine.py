@@ -324,7 +324,7 @@ class Engine:
         we multiply by world size and skip its division by accumulation steps:
         the summed gradient is exactly grad(sum_all w*l / N) (docs/method.md s.5).
         """
-        with bf16.products(self.matmul):  # the products an autograd.Function's backward computes itself
+        with bf16.products(self.matmul):  # backward's products run now, under the mode
             self.engine.backward(weighted_sum * (self.world / global_tokens), scale_wrt_gas=False)
 
     def step(self) -> None:
