@@ -50,7 +50,8 @@ def test_fieller_ends_solve_its_equation_and_hold_the_ratio():
         assert (ma - r * mb) ** 2 == pytest.approx(t2 * (saa - 2 * r * sab + r * r * sbb), rel=1e-9)
     assert f["share"] == pytest.approx(ma / mb) and f["lo"] < f["share"] < f["hi"]
     unresolved = fieller([0.1, -0.1, 0.05], [0.01, -0.02, 0.015])  # the denominator not resolved from 0
-    assert unresolved["lo"] is None and unresolved["hi"] is None
+    assert unresolved["lo"] is None and unresolved["hi"] is None and unresolved["unbounded"]
+    assert "unbounded" not in f
     assert fieller([0.1], [0.2])["share"] is None
 
 
@@ -104,6 +105,57 @@ def test_success_rule_waits_for_complete_cells_and_judges_each_condition():
     runs += _grid({}, {"excess_quantile_hard": 0.004})
     v = summarise(runs, det, p)["decision"]["per_arm"]["excess_quantile_hard"]
     assert v["state"] == "fails" and v["clean_nll_noninferior_30"] and not v["clean_nll_noninferior_0"]
+
+
+def test_the_rule_judges_what_it_can_and_never_ships_on_nothing():
+    """No candidate planned: nothing is final, so no "none" is declared. A candidate that fails (1) on
+    all seeds fails though the oracle lacks a seed; one that passes (1) waits for the oracle's seeds
+    and for clean NLL on all seeds at 30% as at 0%."""
+    from benchmarks.noisy_mix.round5 import summarise
+
+    det, p = {"primary_kinds": ["canned", "loop"]}, {"seeds": list(range(8))}
+    runs = _grid({"sft": (0.25, 0.0), "oracle_turn": (0.12, 0.001), "two_signals": (0.30, 0.0),
+                  "excess_quantile": (0.16, 0.0)}, {"sft": 0.0, "excess_quantile": 0.0})
+    dec = summarise(runs, det, p, ())["decision"]
+    assert dec == {"per_arm": {}, "final": False, "shipped": None}
+    short = [r for r in runs if not (r["arm"] == "oracle_turn" and r["seed"] == 7)]
+    v = summarise(short, det, p, ("two_signals", "excess_quantile"))["decision"]["per_arm"]
+    assert v["two_signals"]["state"] == "fails" and v["two_signals"]["half_of_oracle_gain"] is None
+    assert v["excess_quantile"]["state"] == "incomplete" and "oracle share has 7 of 8" in v["excess_quantile"]["why"]
+    no_nll = [dict(r, clean_nll=None) if r["arm"] == "excess_quantile" and r["noise"] == 0.3 and r["seed"] == 3
+              else r for r in runs]
+    v = summarise(no_nll, det, p, ("excess_quantile",))["decision"]["per_arm"]["excess_quantile"]
+    assert v["state"] == "incomplete" and v["why"] == "clean NLL at 30% has 7 of 8 seeds"
+
+
+def test_the_study_is_blind_until_its_first_cell_is_complete():
+    from benchmarks.noisy_mix.round5 import PROFILES, blind_reason, plan, run_name
+
+    p = PROFILES["cpu"]
+    done = {run_name(s): {} for s in plan(p) if s["noise"] == 0.3 and s["seed"] < 7}
+    assert blind_reason(done, p) == "the 30% cell has 70 of its 80 runs"
+    done.update({run_name(s): {} for s in plan(p) if s["noise"] == 0.3})
+    assert blind_reason(done, p) is None  # the 0% cell may still be running
+
+
+def test_a_record_cut_short_is_cut_before_the_next_and_a_merged_line_is_named(tmp_path):
+    from benchmarks.noisy_mix.round5 import append_record, cut_unended_line, made_runs
+
+    log = tmp_path / "runs-0of2.jsonl"
+    append_record(str(log), {"name": "n0.3-sft-seed0", "x": 1})
+    with open(log, "a") as f:
+        f.write('{"name": "n0.3-clean-se')  # killed while writing
+    cut_unended_line(str(log))
+    append_record(str(log), {"name": "n0.3-clean-seed0", "x": 2})
+    assert sorted(made_runs(str(tmp_path))) == ["n0.3-clean-seed0", "n0.3-sft-seed0"]
+    with open(log, "a") as f:  # written on without the cut: one line that is not a record
+        f.write('{"name": "n0.3-oracle_turn-se{"name": "n0.3-oracle_turn-seed0"}\n')
+    with pytest.raises(SystemExit, match=r"runs-0of2.jsonl, line 3: not a run's record"):
+        made_runs(str(tmp_path))
+    log.write_text(json.dumps({"name": "n0.3-sft-seed0", "x": 1}) + "\n")
+    (tmp_path / "runs-1of2.jsonl").write_text(json.dumps({"name": "n0.3-sft-seed0", "x": 3}) + "\n")
+    with pytest.raises(SystemExit, match="two different records of it"):
+        made_runs(str(tmp_path))
 
 
 def test_runs_judged_by_another_detector_stand_only_if_it_judges_alike(tmp_path):
@@ -164,9 +216,11 @@ def test_the_gpu_profile_runs_the_rule_the_cpu_grid_shipped_or_came_closest(tmp_
     summary = summarise(_grid(arms, {}), det, p)
     assert summary["decision"]["shipped"] is None
     path.write_text(json.dumps({"summary": summary}))
+    assert gpu_rule(str(path)) == "two_signals_adaptive"  # tables of a cell part-way through: the default
+    path.write_text(json.dumps({"summary": summary, "first_cell_complete": True}))
     assert gpu_rule(str(path)) == "two_signals"  # none shipped: the largest reduction
     summary["decision"]["shipped"] = "excess_quantile"
-    path.write_text(json.dumps({"summary": summary}))
+    path.write_text(json.dumps({"summary": summary, "first_cell_complete": True}))
     assert gpu_rule(str(path)) == "excess_quantile"
 
 
@@ -231,7 +285,7 @@ def test_kept_runs_carry_a_grid_to_a_new_machine_and_two_records_of_a_run_are_re
     assert keep5.restore(str(keep), str(new), GRID) == []
     for name in ("n0.3-sft-seed0", "n0.3-resure-seed0"):
         assert (new / "runs" / name / "replies.jsonl").read_text() == (old / "runs" / name / "replies.jsonl").read_text()
-    assert keep5._records(str(new)) == keep5._records(str(old))
+    assert keep5.records(str(new)) == keep5.records(str(old))
     assert keep5.restore(str(tmp_path / "none"), str(new), GRID) == []  # no kept folder yet: nothing taken
     for other in ({"profile": "quick", "dtype": "bf16"}, {"profile": "cpu", "dtype": "fp32"}):
         for step in (keep5.save, keep5.restore):
@@ -349,15 +403,23 @@ ARMS = ("sft", "clean", "oracle_turn", "offline_filter", "two_signals_adaptive")
 @pytest.mark.long
 def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     """Five arms on two seeds at 30% and two arms at 0%, on the tiny model: every run recorded with
-    the detector's hash; the same batches for every arm; paired intervals, Holm, the oracle's share
-    and the success rule's verdict written; the same command again trains nothing."""
+    the detector's hash; the same batches for every arm; no tables while the 30% cell has runs left,
+    unless --unblind; paired intervals, Holm, the oracle's share and the success rule's verdict written
+    over the whole plan; the same command again trains nothing."""
+    from benchmarks.noisy_mix.round5 import CANDIDATES, PROFILES, plan
+
     def study(port, *more):
         return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "round5.py"),
                                "--profile", "quick", "--out", str(tmp_path), "--only", ",".join(ARMS), *more],
                               cwd=ROOT, capture_output=True, text=True, timeout=900,
                               env={**os.environ, "MASTER_PORT": str(port)})
     out = study(29671)
+    assert out.returncode == 1 and "no tables written: the 30% cell has 10 of its 20 runs" in out.stderr, (
+        out.stderr[-4000:])
+    assert not (tmp_path / "results.json").exists() and "emission" not in out.stdout  # blind: no outcome printed
+    out = study(29673, "--unblind")
     assert out.returncode == 0, out.stderr[-4000:]
+    assert " done (" not in out.stdout  # every run was made: none again
     res = json.loads((tmp_path / "results.json").read_text())
     runs = res["runs"]
     assert {(r["noise"], r["arm"], r["seed"]) for r in runs} == (
@@ -388,10 +450,11 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert verdict["passes"] == all(verdict[k] for k in ("emission_below_sft", "half_of_oracle_gain",
                                                          "clean_nll_noninferior_30", "clean_nll_noninferior_0"))
     assert verdict["state"] in ("passes", "fails")  # both seeds at both rates: judged
-    # --only planned one candidate: it alone is judged, and the verdict is final
+    # --only made one candidate's runs: the plan's other three are judged incomplete, so nothing is final
     dec = res["summary"]["decision"]
-    assert set(dec["per_arm"]) == {"two_signals_adaptive"} and dec["final"]
-    assert dec["shipped"] == ("two_signals_adaptive" if verdict["passes"] else None)
+    assert set(dec["per_arm"]) == set(CANDIDATES) and not dec["final"] and dec["shipped"] is None
+    assert all(dec["per_arm"][a]["state"] == "incomplete" for a in CANDIDATES if a != "two_signals_adaptive")
+    assert len(res["not_run"]) == len(plan(PROFILES["quick"])) - len(runs) and not res["first_cell_complete"]
     big = cell["two_signals_adaptive"]["largest_share_over_configured"]
     assert big["ratio"] == max(v for r in adaptive for v in r["final_share_over_configured"].values())
     assert big["source"] in res["sources"] and big["seed"] in (0, 1)
@@ -400,9 +463,9 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert len(res["code"]["commit"]) == 40 and isinstance(res["code"]["changed"], list) and res["study"] == "round5"
     assert "### Noise 30%" in (tmp_path / "results.md").read_text()
     assert os.path.getsize(tmp_path / "round5.png") > 5000
-    again = study(29672, "--publish", str(tmp_path / "published"))
+    again = study(29672, "--publish", str(tmp_path / "published"), "--unblind")
     assert again.returncode == 0, again.stderr[-4000:]
-    assert f"{len(runs)} of {len(runs)} runs" in again.stdout and "clean NLL" not in again.stdout
+    assert f"{len(runs)} of {len(plan(PROFILES['quick']))} runs" in again.stdout and " done (" not in again.stdout
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == runs
     pub = tmp_path / "published"
     assert json.loads((pub / "results.json").read_text())["runs"] == runs and (pub / "results.md").exists()

@@ -15,7 +15,8 @@
 # --profile gpu: 3,072 dialogues, 512 tokens, 5 seeds) on sft, oracle_turn and one rule, judged by
 # the detector the CPU grid was judged by (benchmarks/noisy_mix/results/round5-cpu/detector.pt).
 # The rule: STUDY_RULE, else the CPU grid's (results/round5-cpu/results.json: the rule it shipped,
-# else the candidate with the largest emission reduction at 30%), else two_signals_adaptive. It
+# else, once its 30% cell is complete, the candidate with the largest emission reduction at 30%),
+# else two_signals_adaptive. This profile's tables are not held back (it ships nothing). It
 # starts no run after STUDY_BUDGET_S (default 420) and writes the tables of the runs done so far.
 # Results under $OUT: study.log, and the study folder's results.json/md, round5.png, base.json and
 # runs*.jsonl. If the machine went back in between, copy the returned runs*.jsonl and base.json into

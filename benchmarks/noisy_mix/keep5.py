@@ -48,12 +48,17 @@ def finished_records(out: str):
         if not (fname.startswith("runs") and fname.endswith(".jsonl")):
             continue
         with open(os.path.join(out, fname), encoding="utf-8") as f:
-            for line in f:
+            for i, line in enumerate(f, 1):
                 if line.strip() and line.endswith("\n"):
-                    yield json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        raise _refuse(f"{os.path.join(out, fname)}, line {i}: not a run's record (a record cut "
+                                      "short, then written on); remove that line, and its run is made again") from None
+                    yield record
 
 
-def _records(out: str) -> dict:
+def records(out: str) -> dict:
     found = {}
     for r in finished_records(out):
         if found.get(r["name"], r) != r:
@@ -121,7 +126,7 @@ def restore(keep: str, out: str, grid: dict) -> list[str]:
         return []
     _check_grid(keep, grid)
     with _locked(out):
-        have, kept = _records(out), kept_runs(keep)
+        have, kept = records(out), kept_runs(keep)
         new = []
         for name, k in sorted(kept.items()):
             if name in have:
@@ -164,7 +169,7 @@ def save(keep: str, out: str, grid: dict) -> list[str]:
             with open(os.path.join(keep, ".grid.json.tmp"), "w", encoding="utf-8") as f:
                 json.dump(grid, f)
             os.replace(os.path.join(keep, ".grid.json.tmp"), os.path.join(keep, "grid.json"))
-        for name, r in sorted(_records(out).items()):
+        for name, r in sorted(records(out).items()):
             if not RUN.fullmatch(name):
                 raise _refuse(f"run {name!r} in {out}/runs*.jsonl: not a name round5.py gives a run")
             if r.get("dtype") != grid["dtype"]:

@@ -80,6 +80,9 @@ PROFILES = {
                 gen_tokens=64, probe_pairs=100, detector_pairs=600, eval_dialogues=400, eval_length=512),
 }
 TEMPERATURE = 0.7
+# the profiles whose tables judge the success rule (quick: its pipeline); the gpu profile replicates sft,
+# oracle_turn and one rule on a larger scale and decides nothing, so its tables are not held back
+DECIDING = ("quick", "cpu")
 
 
 # -- held-out material, made once before any run ------------------------------------------------------
@@ -432,7 +435,7 @@ def training_measures(run_dir: str, meta: dict, spec: dict) -> dict:
     rows = [r for r in read_audit(run_dir).to_pylist() if not r["partial"]]
     bad = {(x["dialogue_id"], x["turn"]): x["kind"] for x in meta["labels"]}
     y = [(r["dialogue_id"], r["turn"]) in bad for r in rows]
-    w = [r["weight"] * (r.get("source_weight") or 1.0) for r in rows]
+    w = [r["weight"] * (1.0 if r.get("source_weight") is None else r["source_weight"]) for r in rows]
     removed = [1 - r["weight"] for r in rows if r["warm"]]
     removed_bad = [1 - r["weight"] for r, b in zip(rows, y) if r["warm"] and b]
     out = {"turns": len(rows), "corrupted": sum(y),
@@ -485,8 +488,8 @@ def take_kept(keep: str, out: str, grid: dict, p: dict) -> None:
 
 
 def made_runs(out: str) -> dict:
-    """The study folder's finished runs by name (keep5.finished_records; a later record of a run wins)."""
-    return {r["name"]: r for r in keep5.finished_records(out)}
+    """The study folder's finished runs by name; two different records of one run are refused (keep5)."""
+    return keep5.records(out)
 
 
 def run_name(spec: dict) -> str:
@@ -652,8 +655,8 @@ def summarise(results: list[dict], det: dict, p: dict, candidates: tuple = CANDI
 def decide(summary: dict, primary: list[str], seeds: int, candidates: tuple = CANDIDATES) -> dict:
     """The pre-stated success rule (README, round 5), arm by arm, on complete cells only: conditions (1)
     and (2) at 30% noise, then (3) at 30% and 0%. An arm short of `seeds` pairs for a condition it
-    reaches is "incomplete", and no rule ships while any candidate is. `candidates`: those the grid
-    plans (a profile or --only may plan fewer than CANDIDATES)."""
+    reaches is "incomplete", and no rule ships while any candidate is. `candidates`: those the profile
+    plans (every run of its plan, whatever --only made); with none, nothing is final."""
     hi, lo = summary.get("0.3", {}).get("arms", {}), summary.get("0.0", {}).get("arms", {})
     verdict = {}
     for arm in candidates:
@@ -661,45 +664,59 @@ def decide(summary: dict, primary: list[str], seeds: int, candidates: tuple = CA
             verdict[arm] = {"passes": False, "state": "incomplete", "why": "not measured at 30% noise"}
             continue
         em = hi[arm]["minus_sft"]["emission_any"]
+        if em["n"] < seeds:
+            verdict[arm] = {"passes": False, "state": "incomplete",
+                            "why": f"emission minus sft at 30% has {em['n']} of {seeds} seeds"}
+            continue
         sh = hi[arm].get("oracle_share", {}).get("emission_any", {})
-        short = [f"{what} has {n} of {seeds} seeds" for what, n in
-                 (("emission minus sft at 30%", em["n"]), ("the oracle share", sh.get("n", 0)))
-                 if n < seeds]
-        if short:
-            verdict[arm] = {"passes": False, "state": "incomplete", "why": "; ".join(short)}
-            continue
         share = sh.get("share")
-        checks = {"emission_below_sft": em["hi"] is not None and em["hi"] < 0,
-                  "half_of_oracle_gain": share is not None and share >= 0.5}
-        v = {"emission_any_minus_sft": em, "oracle_share": share, **checks}
-        if not all(checks.values()):
-            verdict[arm] = {**v, "passes": False, "state": "fails", "clean_nll_noninferior_30": None,
-                            "clean_nll_noninferior_0": None}
-            continue
-        n30, n0 = hi[arm]["minus_sft"]["clean_nll"], (lo.get(arm) or {}).get("minus_sft", {}).get("clean_nll")
-        if n0 is None or n0["n"] < seeds:
+        v = {"emission_any_minus_sft": em, "oracle_share": share, "emission_below_sft": em["hi"] is not None
+             and em["hi"] < 0, "half_of_oracle_gain": None if sh.get("n", 0) < seeds else share is not None
+             and share >= 0.5, "clean_nll_noninferior_30": None, "clean_nll_noninferior_0": None}
+        if v["emission_below_sft"] and v["half_of_oracle_gain"] is None:
             verdict[arm] = {**v, "passes": False, "state": "incomplete",
-                            "why": f"clean NLL at 0% has {0 if n0 is None else n0['n']} of {seeds} seeds"}
+                            "why": f"the oracle share has {sh.get('n', 0)} of {seeds} seeds"}
             continue
-        v["clean_nll_noninferior_30"] = n30["hi"] is not None and n30["hi"] < 0.01
-        v["clean_nll_noninferior_0"] = n0["hi"] is not None and n0["hi"] < 0.01
+        if not (v["emission_below_sft"] and v["half_of_oracle_gain"]):  # fails (1), or (2) on all seeds
+            verdict[arm] = {**v, "passes": False, "state": "fails"}
+            continue
+        nll = {"30%": hi[arm]["minus_sft"]["clean_nll"], "0%": (lo.get(arm) or {}).get("minus_sft", {}).get("clean_nll")}
+        short = [f"clean NLL at {cell} has {0 if d is None else d['n']} of {seeds} seeds"
+                 for cell, d in nll.items() if d is None or d["n"] < seeds]
+        if short:
+            verdict[arm] = {**v, "passes": False, "state": "incomplete", "why": "; ".join(short)}
+            continue
+        v["clean_nll_noninferior_30"] = nll["30%"]["hi"] is not None and nll["30%"]["hi"] < 0.01
+        v["clean_nll_noninferior_0"] = nll["0%"]["hi"] is not None and nll["0%"]["hi"] < 0.01
         ok = v["clean_nll_noninferior_30"] and v["clean_nll_noninferior_0"]
         verdict[arm] = {**v, "passes": ok, "state": "passes" if ok else "fails"}
-    final = all(v["state"] != "incomplete" for v in verdict.values())
+    final = bool(verdict) and all(v["state"] != "incomplete" for v in verdict.values())
     passing = [a for a in candidates if verdict[a]["passes"]]
     # several pass: the largest reduction (the lowest mean difference); an exact tie goes to the first listed
     best = min(passing, key=lambda a: verdict[a]["emission_any_minus_sft"]["mean"]) if passing and final else None
     return {"per_arm": verdict, "final": final, "shipped": best}
 
 
-def fmt(d: dict, digits: int = 3) -> str:
+def fmt(d: dict, digits: int = 3, pairs: int | None = None) -> str:
+    """mean [95% t]; with its number of pairs where it differs from the row's `pairs`."""
     if d is None or d.get("mean") is None:
         return "n/a"
     s = f"{d['mean']:+.{digits}f}"
-    return s + ("" if d.get("lo") is None else f" [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]")
+    s += "" if d.get("lo") is None else f" [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
+    return s + ("" if pairs is None or d.get("n") == pairs else f", {d['n']} pairs")
 
 
-def write_markdown(out: str, summary: dict, det: dict, p: dict, missing: list[str]) -> None:
+def fmt_share(arm: str, sh: dict | None) -> str:
+    """The oracle-share cell: the share [95% Fieller], pairs; why there is none."""
+    if arm in ("sft", "oracle_turn") or sh is None:
+        return "-"
+    if sh.get("share") is None:
+        return f"n/a ({sh.get('reason', 'no pairs')}), {sh['n']}"
+    ends = "unbounded" if sh.get("unbounded") else f"{_f(sh.get('lo'))}, {_f(sh.get('hi'))}"
+    return f"{sh['share']:.2f} [{ends}], {sh['n']}"
+
+
+def write_markdown(out: str, summary: dict, det: dict, p: dict, missing: list[str], decides: bool = True) -> None:
     primary = det["primary_kinds"]
     L = ["### The detector (fit before any run)", "",
          "| class | held-out precision | held-out recall | human replies flagged as it |", "| --- | --- | --- | --- |"]
@@ -717,28 +734,32 @@ def write_markdown(out: str, summary: dict, det: dict, p: dict, missing: list[st
         L += [f"### Noise {float(noise):.0%}", "", "Noise-emission rate of sampled replies (T=0.7; share of "
               f"{p['contexts']} held-out contexts), paired difference from sft with its 95% t-interval and, for "
               "the primary kinds, the Holm-adjusted p:", "",
-              "| arm | pairs | any noise | minus sft | "
+              "| arm | runs | pairs | any noise (mean of its runs) | minus sft (p) | "
               + " | ".join(f"{k} minus sft" + (" (Holm p)" if k in primary else "") for k in CLASSES[1:])
               + " | oracle share (any) [95% Fieller], pairs |",
-              "| --- | --- | --- | --- |" + " --- |" * len(CLASSES[1:]) + " --- |"]
+              "| --- | --- | --- | --- | --- |" + " --- |" * len(CLASSES[1:]) + " --- |"]
         for arm, c in s["arms"].items():
+            pairs = c["minus_sft"]["emission_any"]["n"]
             cells = []
             for k in CLASSES[1:]:
                 h = c["holm"].get(f"emission_{k}")
-                cells.append(fmt(c["minus_sft"][f"emission_{k}"]) + ("" if h is None else f" ({h:.3f})"))
-            sh = c.get("oracle_share", {}).get("emission_any")
-            share = ("-" if arm in ("sft", "oracle_turn") or sh is None else "n/a" if sh.get("share") is None else
-                     f"{sh['share']:.2f} [{_f(sh.get('lo'))}, {_f(sh.get('hi'))}], {sh['n']}")
-            pairs = c["n"] if arm == "sft" else c["minus_sft"]["emission_any"]["n"]
-            L.append(f"| {arm} | {pairs} | {_f(c['mean']['emission_any'])} | {fmt(c['minus_sft']['emission_any'])} | "
-                     + " | ".join(cells) + f" | {share} |")
+                cells.append("-" if arm == "sft" else fmt(c["minus_sft"][f"emission_{k}"], pairs=pairs)
+                             + ("" if h is None else f" ({h:.3f})"))
+            d = c["minus_sft"]["emission_any"]
+            own = "" if arm == "sft" or d.get("p") is None else f" (p {d['p']:.3f})"
+            L.append(f"| {arm} | {c['n']} | {'-' if arm == 'sft' else pairs} | {_f(c['mean']['emission_any'])} | "
+                     f"{'-' if arm == 'sft' else fmt(d) + own} | " + " | ".join(cells)
+                     + f" | {fmt_share(arm, c.get('oracle_share', {}).get('emission_any'))} |")
         L += ["", "Clean NLL (held-out replies) and two-choice preference for held-out noise (share of pairs where "
               "the noise reply is likelier than the genuine one), paired difference from sft:", "",
-              "| arm | clean NLL | minus sft | " + " | ".join(f"prefers {k} minus sft" for k in PROBE_KINDS) + " |",
-              "| --- | --- | --- |" + " --- |" * len(PROBE_KINDS)]
+              "| arm | pairs | clean NLL | minus sft | " + " | ".join(f"prefers {k} minus sft" for k in PROBE_KINDS) + " |",
+              "| --- | --- | --- | --- |" + " --- |" * len(PROBE_KINDS)]
         for arm, c in s["arms"].items():
-            L.append(f"| {arm} | {_f(c['mean']['clean_nll'], 4)} | {fmt(c['minus_sft']['clean_nll'], 4)} | "
-                     + " | ".join(fmt(c["minus_sft"][f"preference_{k}"]) for k in PROBE_KINDS) + " |")
+            pairs = c["minus_sft"]["clean_nll"]["n"]
+            diffs = [fmt(c["minus_sft"]["clean_nll"], 4)] + [fmt(c["minus_sft"][f"preference_{k}"], pairs=pairs)
+                                                              for k in PROBE_KINDS]
+            L.append(f"| {arm} | {'-' if arm == 'sft' else pairs} | {_f(c['mean']['clean_nll'], 4)} | "
+                     + " | ".join("-" if arm == "sft" else x for x in diffs) + " |")
         L += ["", "Weight each rule removed (share of the warm turns' weight), the share of it on corrupted turns, and "
               "the mean weight of corrupted and clean turns (source weight included):", "",
               "| arm | removed | on corrupted turns | w corrupted / clean |", "| --- | --- | --- | --- |"]
@@ -772,7 +793,8 @@ def write_markdown(out: str, summary: dict, det: dict, p: dict, missing: list[st
         L.append(f"| {arm} | {yn[v['emission_below_sft']]} | {yn[v['half_of_oracle_gain']]} | "
                  f"{yn[v['clean_nll_noninferior_30']]} | {yn[v['clean_nll_noninferior_0']]} | {v['state']} |")
     L += ["", "Shipped as recipes/noisy.yaml: " + (
-        dec["shipped"] if dec.get("shipped") else "none (no rule met the rule)" if dec.get("final")
+        "nothing from this profile (the ship decision is the cpu grid's)" if not decides
+        else dec["shipped"] if dec.get("shipped") else "none (no rule met the rule)" if dec.get("final")
         else "not decided (a candidate's cells are incomplete)") + ".", ""]
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(L))
@@ -824,12 +846,15 @@ def main() -> None:
     ap.add_argument("--worker", default=None, metavar="I/N",
                     help="only seeds i, i+N, ... (then run without --worker to write the tables)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no run after this many seconds")
-    ap.add_argument("--only", default=None, help="comma-separated arms: run only these")
+    ap.add_argument("--only", default=None, help="comma-separated arms: make only these runs (the tables hold "
+                    "every run of the plan that is made)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds: run only these")
     ap.add_argument("--detector", default=None, metavar="PT", help="judge with this fitted detector (another "
                     "profile's detector.pt) instead of fitting one; copied into the study folder")
-    ap.add_argument("--publish", default=None, metavar="DIR", help="after the tables: copy them, every run's "
-                    "record, the detector's report and every sampled reply (replies.jsonl.gz) into DIR")
+    ap.add_argument("--publish", default=None, metavar="DIR", help="make no run; write the tables and copy them, "
+                    "every run's record, the detector's report and every sampled reply (replies.jsonl.gz) into DIR")
+    ap.add_argument("--unblind", action="store_true", help="write the tables although the first cell (30%% "
+                    "noise) is not complete (the study is blind until it is: README, round 5)")
     ap.add_argument("--keep", default=None, metavar="DIR", help="keep every finished run's record and replies "
                     "in DIR too (e.g. benchmarks/noisy_mix/results/round5-cpu/grid, committed), and first take "
                     "DIR's runs that the study folder lacks: a new machine continues the grid (keep5.py)")
@@ -839,6 +864,8 @@ def main() -> None:
     ap.add_argument("--prepare-only", action="store_true", help="the held-out material, the detector and the "
                     "base model's outcomes, then stop (before starting workers side by side)")
     a = ap.parse_args()
+    if a.publish:
+        a.budget_s = 0
     p = {**PROFILES[a.profile], "dtype": grid_dtype(a.dtype, a.keep)}
     grid = {"profile": a.profile, "dtype": p["dtype"]}  # what every run kept in --keep shares
     out = os.path.abspath(a.out or os.path.join(ROOT, "benchmarks", "noisy_mix", "work", f"round5-{a.profile}"))
@@ -880,6 +907,7 @@ def main() -> None:
         specs = [x for x in specs if str(x["seed"]) in a.seeds.split(",")]
     mine = [x for x in specs if worker is None or x["seed"] % worker[1] == worker[0]]
     log = os.path.join(out, f"runs-{worker[0]}of{worker[1]}.jsonl" if worker else "runs.jsonl")
+    cut_unended_line(log)
     if a.keep:
         take_kept(a.keep, out, grid, p)
     done = made_runs(out)
@@ -892,43 +920,87 @@ def main() -> None:
         if key not in metas:
             metas[key] = seed_data(splits, p, spec["noise"], spec["seed"], tok, out)
         res = one_run(spec, p, model, metas[key], ctx, out, done)
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(res) + "\n")
+        append_record(log, res)
         done[res["name"]] = res
         if a.keep:
             keep5.save(a.keep, out, grid)
-        print(f"[round5] {res['name']}: emission {res['emission']['any']:.3f}, clean NLL {res['clean_nll']:.4f} "
-              f"({res['wall_s']:.0f} s; {time.time() - t0:.0f} s in all)", flush=True)
+        # no outcome here: the study is blind until its first cell is complete
+        print(f"[round5] {res['name']} done ({res['wall_s']:.0f} s; {time.time() - t0:.0f} s in all; "
+              f"{sum(run_name(x) in done for x in plan(p))} of {len(plan(p))} runs of the plan made)", flush=True)
     if worker:
         return
-    results = [done[run_name(s)] for s in specs if run_name(s) in done]
-    missing = [run_name(s) for s in specs if run_name(s) not in done]
+    # the tables hold every run of the profile's plan that is made, whatever --only / --seeds made this time
+    results = [done[run_name(s)] for s in plan(p) if run_name(s) in done]
+    missing = [run_name(s) for s in plan(p) if run_name(s) not in done]
+    blind = blind_reason(done, p)
+    if blind and a.profile in DECIDING and not a.unblind:
+        raise SystemExit(f"[round5] no tables written: {blind}. The study is blind until then (README, round 5); "
+                         "--unblind writes them anyway")
     rechecked = recheck_detector(results, detector, det, ctx, out)
-    summary = summarise(results, det, p, tuple(a for a in CANDIDATES if any(x["arm"] == a for x in specs)))
+    summary = summarise(results, det, p, tuple(a for a in CANDIDATES if any(x["arm"] == a for x in plan(p))))
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"study": "round5", "profile": a.profile, "settings": p,
                    "arms": {k: [v[0], v[1], v[2]] for k, v in ARMS.items()}, "sources": SOURCES,
-                   "corrupt_p": CORRUPT_P, "detector": det, "summary": summary, "runs": results,
+                   "corrupt_p": CORRUPT_P, "detector": det, "summary": summary, "first_cell_complete": not blind,
+                   "runs": results,
                    "runs_left": len(missing), "not_run": missing, "detector_rechecked": rechecked,
                    "code": code_version()}, f, indent=1)
-    write_markdown(out, summary, det, p, missing)
+    write_markdown(out, summary, det, p, missing, decides=a.profile in DECIDING)
     write_plot(out, summary)
     if a.publish:
         publish(out, a.publish, results)
-    print(f"[round5] {len(results)} of {len(specs)} runs -> {out}/results.md", flush=True)
+    print(f"[round5] {len(results)} of {len(plan(p))} runs -> {out}/results.md", flush=True)
     from resure_ds.train import cleanup
 
     cleanup()
 
 
+def blind_reason(done: dict, p: dict) -> str | None:
+    """Why the tables may not be written yet: the plan's first cell (its highest noise rate, where the
+    success rule's conditions (1) and (2) are judged) has runs left; None once it is complete."""
+    top = max(float(n) for n in p["noises"])
+    cell = [run_name(s) for s in plan(p) if s["noise"] == top]
+    left = sum(name not in done for name in cell)
+    return f"the {top:.0%} cell has {len(cell) - left} of its {len(cell)} runs" if left else None
+
+
+def append_record(log: str, res: dict) -> None:
+    """A run's record as one line, in one write to the end of this worker's own log."""
+    data = (json.dumps(res) + "\n").encode()
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def cut_unended_line(log: str) -> None:
+    """A line without its end in this worker's own log is the record of a run killed while writing it:
+    cut it (with a line that says so), so the next record starts a line of its own; the run is made again."""
+    if not os.path.exists(log):
+        return
+    with open(log, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            f.truncate(keep)
+            print(f"[round5] {log}: cut its last line, a record without its end ({len(data) - keep} bytes; "
+                  "its run is made again)", flush=True)
+
+
 def gpu_rule(results_path: str, default: str = "two_signals_adaptive") -> str:
     """The rule the gpu profile runs beside sft and oracle_turn (benchmarks/gpu/study.sh): the one the
-    CPU grid's tables shipped, else the candidate with the largest emission reduction at 30% (the
-    lowest mean difference from sft), else `default` where there are no tables yet."""
+    CPU grid's tables shipped; where they ship none, the candidate with the largest emission reduction
+    at 30% (the lowest mean difference from sft) once that cell is complete; else `default`, named
+    before any result (no tables yet, or tables of a cell part-way through)."""
     if not os.path.exists(results_path):
         return default
     with open(results_path, encoding="utf-8") as f:
-        summary = json.load(f)["summary"]
+        tables = json.load(f)
+    if not tables.get("first_cell_complete"):
+        return default
+    summary = tables["summary"]
     dec, arms = summary["decision"], summary.get("0.3", {}).get("arms", {})
     means = {a: arms[a]["minus_sft"]["emission_any"]["mean"] for a in dec["per_arm"] if a in arms}
     means = {a: m for a, m in means.items() if m is not None}

@@ -78,8 +78,8 @@ def holm(ps: list[float | None]) -> list[float | None]:
 
 
 def fieller(a: list[float], b: list[float]) -> dict:
-    """95% Fieller interval for mean(a) / mean(b), a and b paired (same seeds). Unbounded (None ends)
-    where mean(b) is not resolved from zero."""
+    """95% Fieller interval for mean(a) / mean(b), a and b paired (same seeds). Unbounded (None ends,
+    "unbounded": True) where mean(b) is not resolved from zero."""
     n = len(a)
     if n < 2 or n != len(b):
         return {"share": None, "lo": None, "hi": None}
@@ -92,6 +92,6 @@ def fieller(a: list[float], b: list[float]) -> dict:
     share = ma / mb if mb else None
     disc = qb * qb - 4 * qa * qc
     if qa <= 0 or disc < 0:
-        return {"share": share, "lo": None, "hi": None}
+        return {"share": share, "lo": None, "hi": None, "unbounded": True}
     r = math.sqrt(disc)
     return {"share": share, "lo": (-qb - r) / (2 * qa), "hi": (-qb + r) / (2 * qa)}
