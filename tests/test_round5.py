@@ -138,6 +138,20 @@ def test_the_study_is_blind_until_its_first_cell_is_complete():
     assert blind_reason(done, p) is None  # the 0% cell may still be running
 
 
+def test_one_pass_writes_a_log_and_a_worker_publishes_nothing(tmp_path, monkeypatch):
+    from benchmarks.noisy_mix.round5 import main, own_log
+
+    log = str(tmp_path / "runs-0of2.jsonl")
+    held = own_log(log)
+    with pytest.raises(SystemExit, match="being written by another pass that makes runs"):
+        own_log(log)
+    held.close()
+    own_log(log).close()  # free again once the first pass ends
+    monkeypatch.setattr(sys, "argv", ["round5.py", "--worker", "0/2", "--publish", str(tmp_path / "pub")])
+    with pytest.raises(SystemExit, match="--publish with --worker"):
+        main()
+
+
 def test_a_record_cut_short_is_cut_before_the_next_and_a_merged_line_is_named(tmp_path):
     from benchmarks.noisy_mix.round5 import append_record, cut_unended_line, made_runs
 
@@ -408,14 +422,16 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     over the whole plan; the same command again trains nothing."""
     from benchmarks.noisy_mix.round5 import CANDIDATES, PROFILES, plan
 
-    def study(port, *more):
+    def study(port, *more, only=ARMS):
         return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "noisy_mix", "round5.py"),
-                               "--profile", "quick", "--out", str(tmp_path), "--only", ",".join(ARMS), *more],
+                               "--profile", "quick", "--out", str(tmp_path), "--only", ",".join(only), *more],
                               cwd=ROOT, capture_output=True, text=True, timeout=900,
                               env={**os.environ, "MASTER_PORT": str(port)})
+    (tmp_path / "runs.jsonl").write_text('{"name": "n0.3-sft-seed0", "noi')  # a record cut short by a kill
     out = study(29671)
     assert out.returncode == 1 and "no tables written: the 30% cell has 10 of its 20 runs" in out.stderr, (
         out.stderr[-4000:])
+    assert "runs.jsonl: cut its last line, a record without its end (31 bytes" in out.stdout
     assert not (tmp_path / "results.json").exists() and "emission" not in out.stdout  # blind: no outcome printed
     out = study(29673, "--unblind")
     assert out.returncode == 0, out.stderr[-4000:]
@@ -463,9 +479,10 @@ def test_quick_profile_pipeline_and_schema(tmp_path, smollm2_path):
     assert len(res["code"]["commit"]) == 40 and isinstance(res["code"]["changed"], list) and res["study"] == "round5"
     assert "### Noise 30%" in (tmp_path / "results.md").read_text()
     assert os.path.getsize(tmp_path / "round5.png") > 5000
-    again = study(29672, "--publish", str(tmp_path / "published"), "--unblind")
+    again = study(29672, "--publish", str(tmp_path / "published"), "--unblind", only=(*ARMS, "two_signals"))
     assert again.returncode == 0, again.stderr[-4000:]
     assert f"{len(runs)} of {len(plan(PROFILES['quick']))} runs" in again.stdout and " done (" not in again.stdout
+    assert "4 of this pass's runs left" in again.stdout  # --publish made none of two_signals' runs
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == runs
     pub = tmp_path / "published"
     assert json.loads((pub / "results.json").read_text())["runs"] == runs and (pub / "results.md").exists()

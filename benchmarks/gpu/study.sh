@@ -7,7 +7,7 @@
 #   call 2  carry .gpu-model/part-01                                   bash benchmarks/gpu/study.sh
 #   call 3  carry .gpu-model/part-02                                   bash benchmarks/gpu/study.sh
 #   call 4  carry .gpu-model/part-03                                   bash benchmarks/gpu/study.sh
-#   then    bash benchmarks/gpu/study.sh (nothing carried) until it says no run is left
+#   then    bash benchmarks/gpu/study.sh (nothing carried) until it says no run of this pass's selection is left
 #
 # The machine keeps what earlier calls left while it stays warm (a call within its idle release).
 # Until every part is there this script names the missing ones and stops (status 3). Then it joins
@@ -49,7 +49,10 @@ RESULTS=benchmarks/noisy_mix/results/round5-cpu
 RULE="${STUDY_RULE:-$("$PY" -c 'import sys; from benchmarks.noisy_mix.round5 import gpu_rule; print(gpu_rule(sys.argv[1]))' \
   "$RESULTS/results.json")}" || exit 1
 echo "[resure_ds] round 5 on this GPU: sft, oracle_turn and $RULE" >&2
-"$PY" benchmarks/noisy_mix/round5.py --profile "$PROFILE" --budget-s "${STUDY_BUDGET_S:-420}" \
+# the gpu profile's tables decide nothing (quick's, in a dry run on a CPU, neither): written for the runs
+# made so far; the cpu profile's stay blind until its 30% cell is complete
+UNBLIND=(); [[ "$PROFILE" == cpu ]] || UNBLIND=(--unblind)
+"$PY" benchmarks/noisy_mix/round5.py --profile "$PROFILE" --budget-s "${STUDY_BUDGET_S:-420}" "${UNBLIND[@]}" \
   --only "sft,oracle_turn,$RULE" --detector "$RESULTS/detector.pt" > "$OUT/study.log" 2>&1
 status=$?
 grep -a "^\[round5\]\|Error" "$OUT/study.log" | tail -n 60

@@ -3,7 +3,7 @@
     python benchmarks/noisy_mix/round5.py --profile quick                 # tiny model: pipeline and schema
     OMP_NUM_THREADS=1 python benchmarks/noisy_mix/round5.py --profile cpu --worker 0/2 &
     OMP_NUM_THREADS=1 python benchmarks/noisy_mix/round5.py --profile cpu --worker 1/2
-    python benchmarks/noisy_mix/round5.py --profile cpu --budget-s 0     # the tables from what is done
+    python benchmarks/noisy_mix/round5.py --profile cpu --budget-s 0     # the tables, once the 30% cell is complete
 
 The design, the outcomes, the success rule and the rule that picks defaults are in
 benchmarks/noisy_mix/README.md (round 5), written before the first run. In short: per seed, a fresh
@@ -16,6 +16,7 @@ preference for held-out noise, the clean NLL.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -844,7 +845,8 @@ def main() -> None:
     ap.add_argument("--data", default="chitchat")
     ap.add_argument("--out", default=None, help="default: benchmarks/noisy_mix/work/round5-<profile>")
     ap.add_argument("--worker", default=None, metavar="I/N",
-                    help="only seeds i, i+N, ... (then run without --worker to write the tables)")
+                    help="only seeds i, i+N, ... (then run without --worker to write the tables, once "
+                    "the 30%% cell is complete)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no run after this many seconds")
     ap.add_argument("--only", default=None, help="comma-separated arms: make only these runs (the tables hold "
                     "every run of the plan that is made)")
@@ -864,8 +866,9 @@ def main() -> None:
     ap.add_argument("--prepare-only", action="store_true", help="the held-out material, the detector and the "
                     "base model's outcomes, then stop (before starting workers side by side)")
     a = ap.parse_args()
-    if a.publish:
-        a.budget_s = 0
+    if a.publish and a.worker:
+        raise SystemExit("[round5] --publish with --worker: a worker writes no tables; publish from a pass "
+                         "without --worker")
     p = {**PROFILES[a.profile], "dtype": grid_dtype(a.dtype, a.keep)}
     grid = {"profile": a.profile, "dtype": p["dtype"]}  # what every run kept in --keep shares
     out = os.path.abspath(a.out or os.path.join(ROOT, "benchmarks", "noisy_mix", "work", f"round5-{a.profile}"))
@@ -905,16 +908,18 @@ def main() -> None:
         specs = [x for x in specs if x["arm"] in a.only.split(",")]
     if a.seeds:
         specs = [x for x in specs if str(x["seed"]) in a.seeds.split(",")]
-    mine = [x for x in specs if worker is None or x["seed"] % worker[1] == worker[0]]
+    # --publish makes no run
+    mine = [] if a.publish else [x for x in specs if worker is None or x["seed"] % worker[1] == worker[0]]
     log = os.path.join(out, f"runs-{worker[0]}of{worker[1]}.jsonl" if worker else "runs.jsonl")
-    cut_unended_line(log)
     if a.keep:
         take_kept(a.keep, out, grid, p)
     done = made_runs(out)
     check_matmul(done, plan(p), p)
+    todo = [x for x in mine if run_name(x) not in done]
+    held = own_log(log) if todo and (a.budget_s is None or a.budget_s > 0) else None
     metas = {}
-    for spec in mine:
-        if run_name(spec) in done or (a.budget_s is not None and time.time() - t0 > a.budget_s):
+    for spec in todo:
+        if a.budget_s is not None and time.time() - t0 > a.budget_s:
             continue
         key = (spec["noise"], spec["seed"])
         if key not in metas:
@@ -927,6 +932,8 @@ def main() -> None:
         # no outcome here: the study is blind until its first cell is complete
         print(f"[round5] {res['name']} done ({res['wall_s']:.0f} s; {time.time() - t0:.0f} s in all; "
               f"{sum(run_name(x) in done for x in plan(p))} of {len(plan(p))} runs of the plan made)", flush=True)
+    if held:
+        held.close()
     if worker:
         return
     # the tables hold every run of the profile's plan that is made, whatever --only / --seeds made this time
@@ -949,7 +956,9 @@ def main() -> None:
     write_plot(out, summary)
     if a.publish:
         publish(out, a.publish, results)
-    print(f"[round5] {len(results)} of {len(plan(p))} runs -> {out}/results.md", flush=True)
+    left = sum(run_name(s) not in done for s in specs)
+    print(f"[round5] {len(results)} of {len(plan(p))} runs -> {out}/results.md; "
+          + (f"{left} of this pass's runs left" if left else "no run of this pass's selection is left"), flush=True)
     from resure_ds.train import cleanup
 
     cleanup()
@@ -973,6 +982,20 @@ def append_record(log: str, res: dict) -> None:
             data = data[os.write(fd, data):]
     finally:
         os.close(fd)
+
+
+def own_log(log: str):
+    """This pass's log, held (an exclusive flock, for as long as the returned file is open) while it
+    makes runs: a second pass that would write it is refused; its unended last line is cut."""
+    f = open(log, "a", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise SystemExit(f"[round5] {log} is being written by another pass that makes runs (the same --worker "
+                         "started twice?): stop that one first, or give this one another --worker") from None
+    cut_unended_line(log)
+    return f
 
 
 def cut_unended_line(log: str) -> None:
