@@ -152,6 +152,29 @@ def test_one_pass_writes_a_log_and_a_worker_publishes_nothing(tmp_path, monkeypa
         main()
 
 
+@pytest.mark.slow  # one short training, in a process of its own
+def test_a_run_stopped_before_its_last_step_is_named_not_measured(tmp_path, tiny_model_path):
+    """A stop (here train.stop_after; in the grid, a signal) ends the training without a model: the
+    worker says so, instead of failing later on the missing export."""
+    from tests.dist import free_port
+
+    code = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
+            "from benchmarks.noisy_mix.corrupt import write_jsonl\n"
+            "from benchmarks.noisy_mix.round4 import load_splits\n"
+            "from benchmarks.noisy_mix.run import train_one\n"
+            f"data = {str(tmp_path / 'train.jsonl')!r}\n"
+            "write_jsonl(data, load_splits('chitchat')['train'][:8])\n"
+            "p = dict(max_length=64, micro_batch_size=4, lr=1e-3, min_count=4)\n"
+            f"train_one('halted', data, {tiny_model_path!r}, p, 'sft', 2, 0, {{'train.stop_after': '1'}}, "
+            f"{str(tmp_path)!r})\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "run halted stopped before its step 2 (a stop signal): it has no model to measure" in out.stderr
+    assert not (tmp_path / "halted" / "export").exists()
+
+
 def test_a_record_cut_short_is_cut_before_the_next_and_a_merged_line_is_named(tmp_path):
     from benchmarks.noisy_mix.round5 import append_record, cut_unended_line, made_runs
 
