@@ -671,14 +671,15 @@ def decide(summary: dict, primary: list[str], seeds: int, candidates: tuple = CA
             continue
         sh = hi[arm].get("oracle_share", {}).get("emission_any", {})
         share = sh.get("share")
-        v = {"emission_any_minus_sft": em, "oracle_share": share, "emission_below_sft": em["hi"] is not None
-             and em["hi"] < 0, "half_of_oracle_gain": None if sh.get("n", 0) < seeds else share is not None
-             and share >= 0.5, "clean_nll_noninferior_30": None, "clean_nll_noninferior_0": None}
-        if v["emission_below_sft"] and v["half_of_oracle_gain"] is None:
+        below = em["hi"] is not None and em["hi"] < 0  # (1)
+        half = None if sh.get("n", 0) < seeds else share is not None and share >= 0.5  # (2); None: not judged
+        v = {"emission_any_minus_sft": em, "oracle_share": share, "emission_below_sft": below,
+             "half_of_oracle_gain": half, "clean_nll_noninferior_30": None, "clean_nll_noninferior_0": None}
+        if below and half is None:
             verdict[arm] = {**v, "passes": False, "state": "incomplete",
                             "why": f"the oracle share has {sh.get('n', 0)} of {seeds} seeds"}
             continue
-        if not (v["emission_below_sft"] and v["half_of_oracle_gain"]):  # fails (1), or (2) on all seeds
+        if not (below and half):  # fails (1), or (2) on all seeds
             verdict[arm] = {**v, "passes": False, "state": "fails"}
             continue
         nll = {"30%": hi[arm]["minus_sft"]["clean_nll"], "0%": (lo.get(arm) or {}).get("minus_sft", {}).get("clean_nll")}
@@ -903,7 +904,8 @@ def main() -> None:
         print(f"[round5] prepared {out}: {len(ctx['contexts'])} contexts, detector primary kinds "
               f"{det['primary_kinds']}", flush=True)
         return
-    specs = plan(p)
+    whole = plan(p)  # the profile's runs: the tables hold every one of them that is made
+    specs = whole
     if a.only:
         specs = [x for x in specs if x["arm"] in a.only.split(",")]
     if a.seeds:
@@ -914,7 +916,7 @@ def main() -> None:
     if a.keep:
         take_kept(a.keep, out, grid, p)
     done = made_runs(out)
-    check_matmul(done, plan(p), p)
+    check_matmul(done, whole, p)
     todo = [x for x in mine if run_name(x) not in done]
     held = own_log(log) if todo and (a.budget_s is None or a.budget_s > 0) else None
     metas = {}
@@ -931,20 +933,20 @@ def main() -> None:
             keep5.save(a.keep, out, grid)
         # no outcome here: the study is blind until its first cell is complete
         print(f"[round5] {res['name']} done ({res['wall_s']:.0f} s; {time.time() - t0:.0f} s in all; "
-              f"{sum(run_name(x) in done for x in plan(p))} of {len(plan(p))} runs of the plan made)", flush=True)
+              f"{sum(run_name(x) in done for x in whole)} of {len(whole)} runs of the plan made)", flush=True)
     if held:
         held.close()
     if worker:
         return
-    # the tables hold every run of the profile's plan that is made, whatever --only / --seeds made this time
-    results = [done[run_name(s)] for s in plan(p) if run_name(s) in done]
-    missing = [run_name(s) for s in plan(p) if run_name(s) not in done]
+    # whatever --only / --seeds made this time
+    results = [done[run_name(s)] for s in whole if run_name(s) in done]
+    missing = [run_name(s) for s in whole if run_name(s) not in done]
     blind = blind_reason(done, p)
     if blind and a.profile in DECIDING and not a.unblind:
         raise SystemExit(f"[round5] no tables written: {blind}. The study is blind until then (README, round 5); "
                          "--unblind writes them anyway")
     rechecked = recheck_detector(results, detector, det, ctx, out)
-    summary = summarise(results, det, p, tuple(a for a in CANDIDATES if any(x["arm"] == a for x in plan(p))))
+    summary = summarise(results, det, p, tuple(a for a in CANDIDATES if any(x["arm"] == a for x in whole)))
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"study": "round5", "profile": a.profile, "settings": p,
                    "arms": {k: [v[0], v[1], v[2]] for k, v in ARMS.items()}, "sources": SOURCES,
@@ -957,7 +959,7 @@ def main() -> None:
     if a.publish:
         publish(out, a.publish, results)
     left = sum(run_name(s) not in done for s in specs)
-    print(f"[round5] {len(results)} of {len(plan(p))} runs -> {out}/results.md; "
+    print(f"[round5] {len(results)} of {len(whole)} runs -> {out}/results.md; "
           + (f"{left} of this pass's runs left" if left else "no run of this pass's selection is left"), flush=True)
     from resure_ds.train import cleanup
 
