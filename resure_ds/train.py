@@ -56,6 +56,11 @@ class Recipe:
         self.logger: MetricsLogger | None = None
         self.startup: dict = {}  # seconds spent in each phase before the first step
 
+    @property
+    def finished(self) -> bool:
+        """All train.max_steps steps are trained (a stopped leg is not)."""
+        return self.step >= self.cfg.train.max_steps
+
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, t0 = self.cfg, time.perf_counter()
@@ -249,7 +254,7 @@ def run_recipe(cfg: Config) -> Recipe:
         recipe.setup()
         recipe.resume()
         reason = recipe.train()
-        if recipe.step >= cfg.train.max_steps:
+        if recipe.finished:
             recipe.finish()
         else:
             print0(f"stopped at step {recipe.step} of {cfg.train.max_steps} ({reason}); checkpoint saved, exit "
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         say_error("the run failed (traceback above); the other ranks stop too", on_rank)
         return leave_now(1)
     cleanup()
-    return 0 if run.step >= cfg.train.max_steps else EXIT_RESUME
+    return 0 if run.finished else EXIT_RESUME
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def train_one(name: str, data_path: str, model_path: str, p: dict, method: str, 
         from resure_ds.eval.score import score_all
 
         score_all(cfg, progress=False)
-    if run_recipe(cfg).step < steps:  # stopped (a signal, train.stop_after): saved and returned, no export
+    if not run_recipe(cfg).finished:  # stopped (a signal, train.stop_after): saved and returned, no export
         raise SystemExit(f"[noisy_mix] run {name} stopped before its step {steps} (a stop signal): it has no "
                          "model to measure; the same command makes it again from its start")
     return os.path.join(out, name)
