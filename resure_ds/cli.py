@@ -1,6 +1,6 @@
 """The `resure-ds` command (installed with the package):
 
-    resure-ds train   [RECIPE.yaml] [key=value ...]    launch/train.sh: all ranks of this node (DeepSpeed launcher)
+    resure-ds train   [RECIPE.yaml] [key=value ...]    launch/train.sh: all ranks of this node
     resure-ds prepare [RECIPE.yaml] [key=value ...]    tokenize the data into prepared shards once
     resure-ds score   [RECIPE.yaml] [key=value ...]    reference losses beside the shards (stats.reference)
     resure-ds plan    [RECIPE.yaml] [key=value ...] [--gpus N --gpu-memory GB --nodes M]   memory per GPU, fits?
@@ -15,9 +15,7 @@ import os
 import subprocess
 import sys
 
-from .config import markdown_table
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .config import CLONE as ROOT, markdown_table, shipped
 MODULES = {"prepare": "resure_ds.data.prepare", "score": "resure_ds.eval.score", "plan": "resure_ds.plan", "eval": "resure_ds.eval", "report": "resure_ds.report"}
 
 
@@ -33,7 +31,7 @@ def usage() -> str:
             head = [ln[1:].strip() for ln in f if ln.startswith("#")][2:]  # after the command line
         about = " ".join(head[:head.index("")] if "" in head else head)
         lines.append(f"  recipes/{name:<21} {about[:150]}{'...' if len(about) > 150 else ''}")
-    lines += ["", "Options (key=value; defaults of resure_ds/config.py):", markdown_table()]
+    lines += ["", "Options (key=value; defaults of resure_ds/config/sections.py):", markdown_table()]
     return "\n".join(lines)
 
 
@@ -44,13 +42,8 @@ def train(args: list[str]) -> int:
               "package from a clone (pip install -e <clone>)", file=sys.stderr)
         return 2
     env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}
-    return subprocess.call(["bash", script, *[_recipe(a) for a in args]], env=env)
-
-
-def _recipe(arg: str) -> str:
-    """recipes/x.yaml names the shipped recipe when the working directory has none of that name."""
-    shipped = os.path.join(ROOT, arg)
-    return shipped if arg.endswith(".yaml") and not os.path.exists(arg) and os.path.exists(shipped) else arg
+    # recipes/x.yaml names the shipped recipe when the working directory has none of that name
+    return subprocess.call(["bash", script, *[shipped(a) if a.endswith(".yaml") else a for a in args]], env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

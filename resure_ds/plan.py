@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import replace
 
-from .config import Config, ConfigError, load_config, positive, recipe_parser, split_recipe_args
+from .config import CLONE, Config, ConfigError, load_config, positive, recipe_parser, split_recipe_args
 from .config.parse import train_specs
 from .data.manifest import read_manifest
 from .data.prepare import prepared_folder, tokenizer_fingerprints
@@ -44,8 +44,7 @@ def remedies(cfg: Config) -> list[tuple[str, Config]]:
         c = replace(c, train=replace(c.train, zero_stage=3))
         out.append(("train.zero_stage=3", c))
     if not any(offload(c)):
-        c = replace(c, train=replace(c.train, ds_config=os.path.join(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))), "recipes", "ds_offload.json")))
+        c = replace(c, train=replace(c.train, ds_config=os.path.join(CLONE, "recipes", "ds_offload.json")))
         out.append(("train.ds_config=recipes/ds_offload.json (parameters and optimizer in CPU memory)", c))
     return out
 

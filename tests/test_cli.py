@@ -41,6 +41,13 @@ def test_train_runs_the_launcher_with_the_shipped_recipe_from_anywhere(tmp_path)
     assert not os.path.exists(tmp_path / "runs")
 
 
+def test_plan_reads_a_shipped_recipe_from_anywhere(tmp_path):
+    """prepare, score and plan find recipes/x.yaml in the clone as train does (load_config)."""
+    out = cli("plan", "recipes/offload.yaml", "train.max_steps=-1", cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "no such recipe" not in out.stderr and "train.max_steps: must be > 0, got -1" in out.stderr
+
+
 def test_report_dispatches_to_the_module(tmp_path):
     out = cli("report", str(tmp_path))
     assert out.returncode != 0 and "not a run folder with a logged step" in out.stderr

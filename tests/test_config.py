@@ -55,6 +55,20 @@ def test_bad_override_syntax_and_missing_recipe():
         load_config("nope.yaml")
 
 
+def test_the_shipped_recipes_and_their_ds_config_load_from_any_directory(tmp_path, monkeypatch):
+    """recipes/offload.yaml names recipes/ds_offload.json relative to the clone: from a folder without
+    recipes/, both are the clone's files; a DeepSpeed JSON found nowhere is one config problem."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("recipes/offload.yaml")
+    assert cfg.train.ds_config == os.path.join(ROOT, "recipes", "ds_offload.json")
+    with pytest.raises(ConfigError, match=r"train.ds_config: no such file nope/ds.json \(a DeepSpeed JSON"):
+        load_config("recipes/offload.yaml", ["train.ds_config=nope/ds.json"])
+    os.makedirs("recipes")
+    with open("recipes/ds_offload.json", "w", encoding="utf-8") as f:
+        f.write("{}")
+    assert load_config("recipes/offload.yaml").train.ds_config == "recipes/ds_offload.json"  # the folder's own first
+
+
 def test_the_docs_document_every_option_with_its_default():
     from resure_ds.config import markdown_table
 

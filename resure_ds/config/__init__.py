@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 import typing
 from typing import Any, Literal
 
@@ -88,6 +89,18 @@ def _build(cls, data: dict, prefix: str, errors: list[str]):
     return cls(**kwargs)
 
 
+CLONE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def shipped(path: str) -> str:
+    """A relative path that the working directory lacks and this clone has (recipes/default.yaml,
+    recipes/ds_offload.json): the clone's file, so the shipped recipes work from any directory."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    there = os.path.join(CLONE, path)
+    return there if os.path.exists(there) else path
+
+
 def _validate(c: Config) -> list[str]:
     """Every section's own problems (config/sections.py), then those across sections."""
     e = [p for f in dataclasses.fields(c) for p in getattr(c, f.name).problems()]
@@ -105,6 +118,9 @@ def _validate(c: Config) -> list[str]:
         e.append(f"resure.two_sided: true, false, or a list of signals of stats.signals ({sig}); got {two!r}")
     if (c.eval.every or c.eval.keep_best) and c.data.eval is None:
         e.append("eval.every / eval.keep_best: set data.eval (a validation source or a held-out fraction)")
+    if c.train.ds_config and not os.path.isfile(c.train.ds_config):
+        e.append(f"train.ds_config: no such file {c.train.ds_config} (a DeepSpeed JSON, its path absolute, relative "
+                 f"to the working directory {os.getcwd()}, or a file of this clone such as recipes/ds_offload.json)")
     return e
 
 
@@ -176,6 +192,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
     """YAML recipe (optional) + dotted overrides -> validated Config."""
     data: dict = {}
     if recipe:
+        recipe = shipped(recipe)
         try:
             with open(recipe, encoding="utf-8") as f:
                 data = yaml.load(f, Loader=UniqueKeyLoader) or {}
@@ -195,6 +212,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
         node[path[-1]] = value
     errors: list[str] = []
     cfg = _build(Config, data, "", errors)
+    if not errors and cfg.train.ds_config:
+        cfg.train.ds_config = shipped(cfg.train.ds_config)
     if not errors:
         errors = _validate(cfg)
     if errors:
