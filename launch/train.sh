@@ -4,10 +4,11 @@
 #
 #   bash launch/train.sh [RECIPE.yaml] [key=value ...]
 #
-# Run directly, it starts the DeepSpeed launcher, which runs this same
-# script once per rank (--no_python). Started by a launcher (RANK or
-# LOCAL_RANK set), it runs the recipe for that rank. Under the deepspeed
-# launcher, every form works:
+# Run directly, it starts this node's ranks (resure_ds/node.py), each
+# running this same script; with LAUNCHER_ARGS, or a HOSTFILE without
+# NODE_RANK, DeepSpeed's runner starts them (--no_python). Started by a
+# launcher (RANK or LOCAL_RANK set), it runs the recipe for that rank.
+# Under the deepspeed launcher, every form works:
 #   deepspeed launch/train.sh recipes/default.yaml
 #   deepspeed --num_gpus 2 --no_python launch/train.sh recipes/default.yaml
 #   deepspeed --no_python --no_local_rank launch/train.sh recipes/default.yaml

@@ -1,7 +1,7 @@
 """The recipe: setup -> train -> save_checkpoint -> cleanup.
 
-    bash launch/train.sh [RECIPE] [key=value ...]          # starts the deepspeed launcher
-    deepspeed --num_gpus 2 -m resure_ds.train RECIPE key=value ...
+    bash launch/train.sh [RECIPE] [key=value ...]          # starts this node's ranks (resure_ds/node.py)
+    deepspeed --num_gpus 2 --module resure_ds.train RECIPE key=value ...
 
 The layers below do the work (docs/architecture.md): data/ wires the prepared corpus and this
 rank's batches, step.py runs one optimizer step, stats/ holds the method's statistics and

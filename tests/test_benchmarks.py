@@ -26,6 +26,18 @@ def test_stats_sync_runs_on_two_ranks():
     assert "2 ranks (cpu)" in out and "ratio" in out
 
 
+@pytest.mark.slow
+def test_signals_cost_runs_every_row_on_two_ranks():
+    """benchmarks/signals_cost.py on 2 gloo ranks: every row measured, the paper's rule the unit, and
+    more sources hand more bytes to the collectives (their per-source statistics)."""
+    out = run("benchmarks/signals_cost.py", "--ranks", "2", "--turns", "8", "--repeats", "1")
+    rows = [ln.split(" | ") for ln in out.splitlines() if ln.startswith("| [loss")]
+    assert len(rows) == 8, out
+    assert rows[0][2] == "1.00"
+    sent = [int(r[3].rstrip(" |").replace(",", "")) for r in rows]
+    assert all(b > 0 for b in sent) and sent[2] < sent[4] < sent[6], out
+
+
 def test_loss_memory_runs_and_records(tmp_path):
     res = tmp_path / "loss_memory.json"
     out = run("benchmarks/loss_memory.py", "--batch", "2", "--seq", "256", "--hidden", "32", "--vocab", "20000",
