@@ -67,6 +67,11 @@ def test_the_shipped_recipes_and_their_ds_config_load_from_any_directory(tmp_pat
     with open("recipes/ds_offload.json", "w", encoding="utf-8") as f:
         f.write("{}")
     assert load_config("recipes/offload.yaml").train.ds_config == "recipes/ds_offload.json"  # the folder's own first
+    for text, problem in (("{\"zero_optimization\": ", "is not a readable JSON file"), ("[1]", "must hold a JSON object")):
+        with open("recipes/ds_offload.json", "w", encoding="utf-8") as f:
+            f.write(text)
+        with pytest.raises(ConfigError, match=f"train.ds_config: recipes/ds_offload.json {problem}"):
+            load_config("recipes/offload.yaml")
 
 
 def test_the_docs_document_every_option_with_its_default():

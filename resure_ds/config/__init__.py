@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import math
 import os
 import typing
@@ -118,10 +119,24 @@ def _validate(c: Config) -> list[str]:
         e.append(f"resure.two_sided: true, false, or a list of signals of stats.signals ({sig}); got {two!r}")
     if (c.eval.every or c.eval.keep_best) and c.data.eval is None:
         e.append("eval.every / eval.keep_best: set data.eval (a validation source or a held-out fraction)")
-    if c.train.ds_config and not os.path.isfile(c.train.ds_config):
-        e.append(f"train.ds_config: no such file {c.train.ds_config} (a DeepSpeed JSON, its path absolute, relative "
-                 f"to the working directory {os.getcwd()}, or a file of this clone such as recipes/ds_offload.json)")
+    if c.train.ds_config:
+        e += _ds_config_problems(c.train.ds_config)
     return e
+
+
+def _ds_config_problems(path: str) -> list[str]:
+    """train.ds_config names a readable JSON object (DeepSpeed's keys), or it is one problem here rather
+    than a traceback on every rank when the engine is built."""
+    if not os.path.isfile(path):
+        return [f"train.ds_config: no such file {path} (a DeepSpeed JSON, its path absolute, relative to the "
+                f"working directory {os.getcwd()}, or a file of this clone such as recipes/ds_offload.json)"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return [f"train.ds_config: {path} is not a readable JSON file ({err})"]
+    return [] if isinstance(data, dict) else [f"train.ds_config: {path} must hold a JSON object of DeepSpeed keys, "
+                                              f"got a {type(data).__name__}"]
 
 
 def two_sided(cfg: Config, signal: str) -> bool:
