@@ -55,6 +55,14 @@ def test_bad_override_syntax_and_missing_recipe():
         load_config("nope.yaml")
 
 
+def test_a_recipe_that_is_a_folder_or_not_text_is_one_config_error(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "bin.yaml").write_bytes(b"model:\n  path: \xff\xfe\n")
+    for name in ("dir.yaml", "bin.yaml"):
+        with pytest.raises(ConfigError, match=f"{name}: cannot read the recipe .*a recipe is a YAML text file"):
+            load_config(str(tmp_path / name))
+
+
 def test_the_shipped_recipes_and_their_ds_config_load_from_any_directory(tmp_path, monkeypatch):
     """recipes/offload.yaml names recipes/ds_offload.json relative to the clone: from a folder without
     recipes/, both are the clone's files; a DeepSpeed JSON found nowhere is one config problem."""

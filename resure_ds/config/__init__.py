@@ -213,6 +213,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
                 data = yaml.load(f, Loader=UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"{recipe}: no such recipe file (see recipes/)") from None
+        except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, not text
+            raise ConfigError(f"{recipe}: cannot read the recipe ({e}); a recipe is a YAML text file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{recipe}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
