@@ -17,7 +17,7 @@ import os
 import shutil
 from typing import Any, Iterator
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 
 def temp_name(path: str) -> str:
@@ -68,7 +68,8 @@ def check_target(target: str, protected: dict[str, str], flag: str, fix: str) ->
     """Refuse to write `target` where it would be, lie inside or hold a protected path (path -> what
     it is, e.g. 'an input of this run'). One ConfigError naming the flag, the path and the fix."""
     # a link is checked as itself too: writing replaces the link, beside it, where it lies
-    as_named = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(target))), os.path.basename(target))
+    named = os.path.abspath(target)  # newout/ and newout/. name newout
+    as_named = os.path.join(os.path.realpath(os.path.dirname(named)), os.path.basename(named))
     for path, what in protected.items():
         for t, resolve in ((target, True), (as_named, False)):
             within, holds = inside(t, path, resolve), inside(path, t)
@@ -98,3 +99,27 @@ def input_root(path: str) -> str:
             break
         head.append(part)
     return os.sep.join(head) or "."
+
+
+def jsonl_rows(path: str) -> Iterator[dict]:
+    """The JSON objects of a JSON-lines file the recipe appends to (metrics.jsonl), one at a time. A
+    last line without its end that does not parse is a write cut off by a killed process: left out.
+    Any other line that is not a JSON object is one DataError naming the file and the line."""
+    n = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, ln in enumerate(f, 1):
+                if not ln.strip():
+                    continue
+                try:
+                    row = json.loads(ln)
+                except ValueError:
+                    if not ln.endswith("\n"):
+                        return
+                    row = None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {n}: not a JSON object; the file was edited or damaged (the "
+                                    "recipe writes one object a line): restore it, or remove the line")
+                yield row
+    except UnicodeDecodeError:
+        raise DataError(f"{path} line {n + 1}: not UTF-8 text; the file is damaged: restore it") from None

@@ -339,3 +339,90 @@ def test_the_verdict_in_parts_names_a_temporary_folder_it_cannot_write(tmp_path,
                                          r"which cannot be written there .*point TMPDIR at a folder"):
         list(verdict_parts(str(tmp_path / "run"), part_rows=50))
     assert len(list(verdict_parts(str(tmp_path / "run")))) == 1  # one part: no temporary file
+
+
+def test_export_and_filter_never_write_into_the_model_reference_or_validation_data(tmp_path):
+    """model.path, stats.reference and data.eval are inputs too: --export into the model's folder (its
+    weights), onto the validation file or into the reference's folder is refused, nothing changed."""
+    src = tmp_path / "data.jsonl"
+    src.write_text(json.dumps(dialog("a0", 2)) + "\n")
+    model, ref, held = tmp_path / "model", tmp_path / "ref", tmp_path / "eval.jsonl"
+    for d in (model, ref):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"weights")
+    held.write_text(json.dumps(dialog("e0", 1)) + "\n")
+    run = tmp_path / "run"
+    write_run(run, [{"path": str(src), "name": "a"}], [row("a", "a0", 1, 0.1, 1)])
+    (run / "config.json").write_text(json.dumps({"data": {"train": [{"path": str(src), "name": "a"}], "eval": str(held)},
+                                                 "model": {"path": str(model)}, "stats": {"reference": str(ref)}}))
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    for target, what in ((model / "model.safetensors", r"lies inside .*model, an input of this run \(model.path\)"),
+                         (held, r"is .*eval.jsonl, an input of this run \(data.eval\)"),
+                         (ref / "v.parquet", r"lies inside .*ref, an input of this run \(stats.reference\)")):
+        with pytest.raises(ValueError, match=what):
+            export(str(run), str(target))
+    with pytest.raises(ValueError, match=r"lies inside .*model, an input of this run \(model.path\)"):
+        filter_corpus(str(run), str(model / "filtered"), 0.5)
+    assert (model / "model.safetensors").read_bytes() == b"weights" and (ref / "model.safetensors").read_bytes() == b"weights"
+    assert held.read_text() == json.dumps(dialog("e0", 1)) + "\n"
+
+
+def test_an_output_named_with_a_trailing_slash_beside_the_run_is_written(tmp_path, monkeypatch):
+    """newout/ beside the run folder is newout, not the folder that holds the run."""
+    src = tmp_path / "data.jsonl"
+    src.write_text(json.dumps(dialog("a0", 2)) + "\n")
+    write_run(tmp_path / "run", [{"path": str(src), "name": "a"}], [row("a", "a0", 1, 0.9, 1)])
+    monkeypatch.chdir(tmp_path)
+    c = filter_corpus("run", "newout/", 0.5)
+    assert c["kept"] == 1 and os.path.isdir(tmp_path / "newout")
+
+
+def test_the_report_names_a_damaged_run_file_instead_of_a_traceback(tmp_path):
+    """A metrics.jsonl edited in the middle, a config.json cut off or not an object, an audit segment
+    replaced by garbage: one error naming the file; a last metrics line cut off by a killed writer is
+    left out and the report is made."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "data.jsonl"
+    src.write_text(json.dumps(dialog("a0", 2)) + "\n")
+    run = tmp_path / "run"
+    write_run(run, [{"path": str(src), "name": "a"}], [row("a", "a0", 1, 0.1, 1)])
+
+    def report(*args):
+        return subprocess.run([sys.executable, "-m", "resure_ds.report", str(run), *args], capture_output=True,
+                              text=True, timeout=300)
+
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')  # a cut-off last line
+    out = report("--export", str(tmp_path / "v.parquet"))
+    assert out.returncode == 0, out.stderr
+    for text, msg in (('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n', "metrics.jsonl line 2: not a JSON object"),
+                      ('{"loss": 1.0}\n', "metrics.jsonl: row 1 has no step number"),
+                      ('[1]\n', "metrics.jsonl line 1: not a JSON object")):
+        (run / "metrics.jsonl").write_text(text)
+        out = report("--export", str(tmp_path / "w.parquet"))
+        assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr, out.stderr
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    good = (run / "config.json").read_text()
+    for text in (good[:-3], "[1]"):
+        (run / "config.json").write_text(text)
+        out = report("--filter", str(tmp_path / "f"))
+        assert out.returncode == 2 and "config.json: not the run's config" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    (run / "config.json").write_text(good)
+    (seg,) = (run / "audit").iterdir()
+    seg.write_bytes(b"not parquet")
+    out = report("--export", str(tmp_path / "x.parquet"))
+    assert out.returncode == 2 and f"{seg}: not a readable audit segment" in out.stderr, out.stderr
+    seg.unlink()
+    out = report("--export", str(tmp_path / "y.parquet"))
+    assert out.returncode == 2 and "has no turn audit" in out.stderr and not (tmp_path / "y.parquet").exists()
+
+
+def test_a_resume_cuts_metrics_back_past_a_last_line_cut_off_by_a_killed_writer(tmp_path):
+    from resure_ds.runtime.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    MetricsLogger(str(tmp_path), 10, 2, 1, []).close()
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'

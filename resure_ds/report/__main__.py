@@ -42,15 +42,16 @@ def _run(a: argparse.Namespace) -> None:
         missing = ", ".join(need) or "metrics.jsonl is empty"
         raise ConfigError(f"{a.run_dir}: not a run folder with a logged step ({missing}); give runs/<output.name> of a "
                           "run that has trained at least one step")
+    if (a.export or a.filter) and not segments(a.run_dir):
+        flag = "--export" if a.export else "--filter"
+        raise ConfigError(f"{a.run_dir} has no turn audit (audit/*.parquet), so it has no verdict: {flag} would "
+                          "write no turn or keep every record as never trained; use a run that audited its turns")
     if a.export:
         try:
             print(f"{export(a.run_dir, a.export):,} turns written to {a.export}")
         except OSError as e:
             raise OSError(f"--export {a.export} cannot be written ({e})") from None
     if a.filter:
-        if not segments(a.run_dir):
-            raise ConfigError(f"{a.run_dir} has no turn audit (audit/*.parquet), so it has no verdict: every "
-                              "record would be kept as never trained; filter with a run that audited its turns")
         c = filter_corpus(a.run_dir, a.filter, a.min_weight, a.unit)
         print(f"filter (weight < {a.min_weight}, by {a.unit}): {c['records']:,} records read; {c['kept']:,} kept, "
               f"{c['dropped']:,} dropped, {c['cut']:,} cut, {c['turns_removed']:,} turns removed; kept as they are: "

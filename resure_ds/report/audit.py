@@ -40,6 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..errors import DataError
+
 FLUSH_ROWS = 65536
 SCHEMA = pa.schema([
     ("source", pa.string()), ("dialogue_id", pa.string()), ("turn", pa.int32()), ("loss", pa.float64()),
@@ -90,10 +92,10 @@ def truncate(run_dir: str, step: int) -> int:
     fresh start in a used folder). Returns how many rows were dropped."""
     dropped = 0
     for p in segments(run_dir):
-        steps = pq.read_table(p, columns=["step"]).column("step")
+        steps = read_segment(p, columns=["step"]).column("step")
         if pc.max(steps).as_py() <= step:
             continue
-        t = pq.read_table(p)
+        t = read_segment(p)
         keep = t.filter(pc.less_equal(t.column("step"), step))
         dropped += t.num_rows - keep.num_rows
         if keep.num_rows:
@@ -105,9 +107,25 @@ def truncate(run_dir: str, step: int) -> int:
     return dropped
 
 
+def read_segment(path: str, **kw) -> pa.Table:
+    """One audit segment (pq.read_table's arguments); a damaged one is one DataError naming it."""
+    try:
+        return pq.read_table(path, **kw)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable audit segment ({e}); segments are written whole, so the file was "
+                        "damaged or replaced: restore it, or move it out of audit/ (its turns leave the report)") from None
+
+
+def segment_rows(path: str) -> int:
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowInvalid, OSError):
+        return read_segment(path).num_rows  # the same error, named
+
+
 def read_audit(run_dir: str, columns: list[str] | None = None) -> pa.Table:
     """All ranks' rows (any order across ranks; within a rank, training order)."""
-    parts = [pq.read_table(p, columns=columns) for p in segments(run_dir)]
+    parts = [read_segment(p, columns=columns) for p in segments(run_dir)]
     if not parts:
         return SCHEMA.empty_table() if columns is None else pa.schema([SCHEMA.field(c) for c in columns]).empty_table()
     return pa.concat_tables(parts)

@@ -7,7 +7,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..files import write_json
+from ..errors import DataError
+from ..files import jsonl_rows, write_json
 
 DATA_COUNTS = "data_counts.json"
 PLOT_ROWS = 2000  # the plots draw at most 2 x this many steps, evenly spaced, and the last
@@ -17,10 +18,12 @@ PLOT_KEYS = ("step", "loss", "weighted_loss", "lr", "bucket_mean", "bucket_std",
 
 def iter_metrics(run_dir: str) -> Iterator[dict]:
     """metrics.jsonl's rows, one at a time."""
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        for ln in f:
-            if ln.strip():
-                yield json.loads(ln)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    for n, row in enumerate(jsonl_rows(path), 1):
+        if not isinstance(row.get("step"), int):
+            raise DataError(f"{path}: row {n} has no step number; the file was edited or damaged (the recipe "
+                            "writes one object a step): restore it, or remove the row")
+        yield row
 
 
 def share_names(row: dict) -> list[str]:
@@ -72,8 +75,16 @@ def read_report_metrics(run_dir: str) -> Metrics:
 
 
 def read_config(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-        return json.load(f)
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except ValueError as e:  # not JSON, not UTF-8
+        raise DataError(f"{path}: not the run's config ({e}); the file was edited or damaged: restore it") from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{path}: not the run's config (a {type(cfg).__name__}, not a JSON object); the file was "
+                        "edited or damaged: restore it")
+    return cfg
 
 
 SOURCES = "sources.json"  # the raw files the run trained on (fingerprints), for the filter

@@ -21,10 +21,9 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..errors import DataError
-from .audit import SCHEMA, read_audit, segments
+from .audit import SCHEMA, read_audit, read_segment, segment_rows, segments
 
 PART_ROWS = 250_000  # audit rows per part: reducing one takes about 1.3 KB a row at its peak
 MAX_PARTS = 512  # files open at once while the rows are spread
@@ -48,7 +47,7 @@ def verdict_parts(run_dir: str, part_rows: int = PART_ROWS) -> Iterator[pa.Table
     """The run's last-seen verdict in parts, each dialogue's turns in one part (at least one part,
     empty for a run with no audit)."""
     segs = segments(run_dir)
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in segs)
+    rows = sum(segment_rows(p) for p in segs)
     n = min(MAX_PARTS, math.ceil(rows / part_rows))
     if n <= 1:
         yield last_seen(read_audit(run_dir))
@@ -78,7 +77,7 @@ def _spread(segs: list[str], paths: list[str]) -> None:
     writers = [pa.ipc.new_stream(s, SCHEMA, options=zstd) for s in sinks]
     try:
         for p in segs:
-            t = pq.read_table(p, schema=SCHEMA)
+            t = read_segment(p, schema=SCHEMA)
             part = np.fromiter((hash(d) % n for d in t.column("dialogue_id").to_pylist()), np.int64, t.num_rows)
             order = np.argsort(part, kind="stable")
             bounds = np.searchsorted(part[order], np.arange(n + 1))
@@ -164,7 +163,7 @@ class AuditSums:
 def audit_sums(run_dir: str) -> AuditSums:
     out = AuditSums()
     for p in segments(run_dir):
-        out.add(pq.read_table(p, columns=["source", "weight", "warm", "z"]))
+        out.add(read_segment(p, columns=["source", "weight", "warm", "z"]))
     return out
 
 

@@ -60,8 +60,12 @@ def protected(run_dir: str) -> dict[str, str]:
             out[os.path.commonpath(paths)] = what
     try:
         cfg = read_config(run_dir)
+    except (OSError, ValueError):
+        return out
+    out.update(_local_inputs(cfg))
+    try:
         specs = train_specs(cfg["data"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return out
     found = []
     for spec in specs:
@@ -70,6 +74,18 @@ def protected(run_dir: str) -> dict[str, str]:
         except (OSError, ValueError):
             continue
     return _guard_inputs(out, found)
+
+
+def _local_inputs(cfg: dict) -> dict[str, str]:
+    """The run's other inputs where they are local paths: the model and the reference model (folders),
+    the validation source (a file, a folder, or a glob's root)."""
+    out = {}
+    for section, key in (("model", "path"), ("stats", "reference"), ("data", "eval")):
+        part = cfg.get(section)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, str) and value != "base" and os.path.exists(input_root(value)):
+            out[os.path.abspath(input_root(value))] = f"an input of this run ({section}.{key})"
+    return out
 
 
 def _guard_inputs(guard: dict[str, str], sources: list) -> dict[str, str]:
@@ -318,7 +334,7 @@ def _check_unchanged(run_dir: str, sources: list) -> None:
 def _check_output(out_dir: str, run_dir: str, sources: list) -> None:
     """The filter never writes over, into or around an input of the run or the run's own files, nor into
     a used folder: its output would replace a source, or be read back as one by the next prepare."""
-    guard = _guard_inputs(run_entries(run_dir), sources)
+    guard = _guard_inputs({**run_entries(run_dir), **_local_inputs(read_config(run_dir))}, sources)
     check_target(out_dir, guard, "--filter", "write the filtered corpus to a new folder outside the run folder "
                  "and the training data")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):

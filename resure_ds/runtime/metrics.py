@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..files import jsonl_rows
 from .trackers import scalars
 
 
@@ -25,10 +26,9 @@ class MetricsLogger:
     def _truncate(self, start_step: int) -> None:
         if not os.path.exists(self.path):
             return
-        with open(self.path, encoding="utf-8") as f:
-            keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start_step]
+        keep = [row for row in jsonl_rows(self.path) if row.get("step", 0) <= start_step]  # a cut-off last line: left out
         with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(keep)
+            f.writelines(json.dumps(row) + "\n" for row in keep)
 
     def log(self, row: dict) -> None:
         self.f.write(json.dumps(row) + "\n")
