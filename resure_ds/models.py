@@ -15,7 +15,7 @@ import shutil
 import sys
 
 from .config import is_template_text
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 EMBEDDED = "smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,6 +92,19 @@ def shape_config(model_path: str) -> dict:
     except OSError:
         return {}  # a hub id: transformers resolves it; nothing to compare
     return {k: c.get(k) for k in SHAPE_KEYS if k in c}
+
+
+def causal_lm(model_path: str, **kw):
+    """AutoModelForCausalLM.from_pretrained(model_path, **kw); weights that cannot be read (a file cut off by
+    a copy or a download) are one DataError naming the folder, not a traceback."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_path, **kw)
+    except SafetensorError as e:
+        raise DataError(f"{model_path}: the model's weights cannot be read ({e}); a file cut off by a copy or a "
+                        "download? copy or download the folder again") from None
 
 
 def check_model_folder(model_path: str) -> None:

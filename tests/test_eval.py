@@ -44,6 +44,20 @@ def test_eval_and_report_commands_name_bad_paths_without_a_traceback(tmp_path, t
     assert out.returncode == 2 and "missing.jsonl" in out.stderr and "Traceback" not in out.stderr, out.stderr
     out = run("resure_ds.eval", str(tmp_path / "no-model"), str(tmp_path / "missing.jsonl"))
     assert out.returncode == 2 and "no-model: no such folder" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "other.jsonl").write_text(json.dumps({"foo": 1}) + "\n")  # no dialogue in the layout read
+    out = run("resure_ds.eval", tiny_model_path, str(tmp_path / "other.jsonl"))
+    assert out.returncode == 2 and "no assistant reply was scored" in out.stderr and '"loss"' not in out.stdout
+    out = run("resure_ds.eval", tiny_model_path, str(tmp_path / "other.jsonl"), "--columns", "[x")
+    assert out.returncode == 2 and "--columns '[x': not a YAML mapping" in out.stderr and "Traceback" not in out.stderr
+    import shutil
+
+    cut = tmp_path / "cut-model"
+    shutil.copytree(tiny_model_path, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut off
+    out = run("resure_ds.eval", str(cut), str(tmp_path / "other.jsonl"))
+    assert out.returncode == 2 and "cut-model: the model's weights cannot be read" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
     from resure_ds.report.audit import AuditLog
 
     run_dir = tmp_path / "run"

@@ -25,8 +25,8 @@ from ..data.holdout import held_out
 from ..data.overflow import POLICIES, OverflowCounts, apply as apply_overflow
 from ..data.records import read_dialogues
 from ..data.render import Renderer
-from ..errors import run_command
-from ..models import check_model_folder, load_tokenizer, resolve_model_path
+from ..errors import DataError, run_command
+from ..models import causal_lm, check_model_folder, load_tokenizer, resolve_model_path
 from ..runtime.nll import token_nll
 from ..stats.turns import TurnLosses, shift_targets, turn_losses
 from .depth import DepthSums
@@ -88,11 +88,9 @@ def evaluate(model, tokenizer, source, max_length: int = _DATA.max_length, batch
 
 def load_model(model_dir: str):
     """The model (fp32) and tokenizer of a folder, or of the embedded model by its name ('smollm2')."""
-    from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
-
     model_dir = resolve_model_path(model_dir)
     check_model_folder(model_dir)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), load_tokenizer(model_dir)
+    return causal_lm(model_dir, dtype=torch.float32), load_tokenizer(model_dir)
 
 
 def evaluate_folder(model_dir: str, source, max_length: int = _DATA.max_length, batch_size: int = _EVAL.micro_batch_size,
@@ -117,12 +115,24 @@ def main() -> None:
     ap.add_argument("--format", default=None, help="record layout, as data.format (default: detected)")
     ap.add_argument("--columns", default=None, help="field names, as data.columns, e.g. '{messages: dialog}'")
     a = ap.parse_args()
-    layout, errors = parse_layout(a.format, yaml.safe_load(a.columns) if a.columns else None, "--")
+    try:
+        columns = yaml.safe_load(a.columns) if a.columns else None
+    except yaml.YAMLError as e:
+        ap.error(f"--columns {a.columns!r}: not a YAML mapping ({' '.join(str(e).split())})")
+    layout, errors = parse_layout(a.format, columns, "--")
     if errors:
         ap.error("; ".join(errors))
     source = SourceSpec(a.data, layout=layout)
-    status = run_command(lambda: print(json.dumps(evaluate_folder(a.model_dir, source, a.max_length, a.batch_size,
-                                                                  a.holdout, a.overflow), indent=2)))
+
+    def body() -> None:
+        res = evaluate_folder(a.model_dir, source, a.max_length, a.batch_size, a.holdout, a.overflow)
+        if not res["turns"]:  # a loss of 0.0 over nothing would read as a perfect model
+            raise DataError(f"{a.data}: no assistant reply was scored, so there is no loss to report: the data holds "
+                            "no valid dialogue in the layout read (invalid records are skipped: check --format and "
+                            "--columns), or --holdout / --max-length leave none")
+        print(json.dumps(res, indent=2))
+
+    status = run_command(body)
     if status:
         raise SystemExit(status)
 

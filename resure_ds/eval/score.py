@@ -37,7 +37,7 @@ from ..data.prepare import Prepared, ensure_prepared, log, task_of_env
 from ..data.reference import published, reference_folder, scored_keys, write_reference
 from ..data.shards import PreparedSource
 from ..errors import DataError, run_command
-from ..models import load_tokenizer, resolve_model_path
+from ..models import causal_lm, load_tokenizer, resolve_model_path
 from ..runtime import fused
 from ..runtime import bf16
 from ..runtime.engine import native_bf16, resolve_dtype
@@ -181,12 +181,9 @@ def _score_share(p: Prepared, folder: str, key: str, s: Scorer) -> str | None:
 
 
 def load_reference(ref_dir: str, dtype: str, cfg: Config, matmul: str = "native"):
-    from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
-
     dev = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
            else torch.device("cpu"))
-    model = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=DTYPES[dtype],
-                                                 trust_remote_code=cfg.model.trust_remote_code).to(dev).eval()
+    model = causal_lm(ref_dir, dtype=DTYPES[dtype], trust_remote_code=cfg.model.trust_remote_code).to(dev).eval()
     with bf16.products(matmul):
         model.fused = cfg.model.fused_loss != "false" and fused.fusable(model) is None and _fused_agrees(model, dev)
     return model

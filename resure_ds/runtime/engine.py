@@ -22,6 +22,7 @@ from . import attention, bf16, fused, lora
 from ..config import Config
 from ..data import IGNORE
 from ..errors import ConfigError
+from ..models import causal_lm
 from .nll import token_nll
 
 PACKING_TOLERANCE = 0.05  # bf16 noise is ~1e-2 of the logit scale; a leak changes logits by O(1)
@@ -178,7 +179,6 @@ class Engine:
         """vocab: the tokenizer's size. Given, with data.packing, the start-up check also refuses a model
         that lets the dialogues of a packed row see each other (the recipe passes it; a caller that
         never packs rows need not)."""
-        from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
         self.cfg, self.model_path = cfg, model_path
@@ -196,9 +196,8 @@ class Engine:
                               "uncompiled. Set model.compile=false, model.dtype=fp32 or model.bf16_matmul=native")
         attention.register()
         self.attention = attention.resolve(cfg.model.attn_implementation)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
-                                                     trust_remote_code=cfg.model.trust_remote_code,
-                                                     attn_implementation=self.attention)
+        model = causal_lm(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                          attn_implementation=self.attention)
         model.config.use_cache = False
         if cfg.model.lora.rank:
             trainable, total = lora.attach(model, cfg.model.lora)
