@@ -259,6 +259,11 @@ def test_empty_and_missing_sources_are_named(tmp_path, tiny_model_path, tokenize
                        (str(tmp_path / "*.parquet"), "the glob matches no")):
         with pytest.raises(DataError, match=text):
             prepare(cfg(tiny_model_path, spec, tmp_path / "prep"), tokenizer, tiny_model_path)
+    good = write_jsonl(tmp_path / "good.jsonl", [{"id": "a", "messages": [{"role": "user", "content": "q"},
+                                                                        {"role": "assistant", "content": "a"}]}])
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DataError, match=r"data.prepared_dir=.*a-file is a file; give a folder"):
+        prepare(cfg(tiny_model_path, good, tmp_path / "a-file"), tokenizer, tiny_model_path)
     only_bad = write_jsonl(tmp_path / "bad.jsonl", [], raw_lines=[BAD[3][0]])
     with pytest.raises(DataError, match="no trainable dialogue .*no_assistant_turn=1"):
         prepare(cfg(tiny_model_path, only_bad, tmp_path / "prep", "data.skip_invalid=true"), tokenizer,

@@ -88,6 +88,9 @@ def check_prepared_dir(cfg: Config) -> None:
     reaches below its first level and matches .json names. Checked for every source, training and
     validation, before anything is written."""
     root = prepared_root(cfg)
+    if not remote.is_url(root) and os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"data.prepared_dir={cfg.data.prepared_dir}: {root} is a file; give a folder for the "
+                          "prepared shards (made if missing)")
     paths = [s.path for s in train_specs(cfg.data)] + ([cfg.data.eval] if isinstance(cfg.data.eval, str) else [])
     for spec_path in paths:
         path = remote.local(spec_path)
