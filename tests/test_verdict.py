@@ -141,10 +141,15 @@ def test_report_command_refuses_bad_filter_arguments(tmp_path):
     write_run(tmp_path / "run", "x.jsonl", [row("s", "a", 0, 0.3, 1)])
     (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     for args, msg in ((["--min-weight", "nan"], "--min-weight must be in"), (["--top", "-1"], "--top must be"),
-                      (["--min-weight", "2"], "--min-weight must be in")):
+                      (["--min-weight", "2"], "--min-weight must be in"), (["--filter", " "], "--filter needs a path")):
         out = subprocess.run([sys.executable, "-m", "resure_ds.report", str(tmp_path / "run"), "--filter",
                               str(tmp_path / "o"), *args], capture_output=True, text=True)
         assert out.returncode == 2 and msg in out.stderr, out.stderr
+    for args, msg in ((["--export", ""], "--export needs a path, got ''"),
+                      (["--min-weight", "0.3"], "--min-weight and --unit choose what --filter keeps")):
+        out = subprocess.run([sys.executable, "-m", "resure_ds.report", str(tmp_path / "run"), *args],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and "resure-ds report: error: " + msg in out.stderr, out.stderr
     os.rename(tmp_path / "run" / "audit", tmp_path / "run" / "no-audit")
     out = subprocess.run([sys.executable, "-m", "resure_ds.report", str(tmp_path / "run"), "--filter",
                           str(tmp_path / "o")], capture_output=True, text=True)

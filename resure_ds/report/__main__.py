@@ -17,16 +17,24 @@ from .verdict import export, filter_corpus
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="resure-ds report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("--top", type=int, default=None, help="list the N most down-weighted turns with their text "
                     "(default: the run's output.report_top)")
     ap.add_argument("--export", metavar="PATH", help="write the verdict per turn (last-seen weight, z) as Parquet")
     ap.add_argument("--filter", metavar="OUT", help="write the corpus without what the verdict finds below --min-weight")
-    ap.add_argument("--min-weight", type=float, default=0.5, help="filter threshold (default 0.5)")
-    ap.add_argument("--unit", choices=("dialogue", "turn"), default="dialogue",
+    ap.add_argument("--min-weight", type=float, default=None, help="filter threshold (default 0.5)")
+    ap.add_argument("--unit", choices=("dialogue", "turn"), default=None,
                     help="filter whole dialogues (default), or cut each dialogue before its first low turn")
     a = ap.parse_args(argv)
+    for flag, value in (("--export", a.export), ("--filter", a.filter)):
+        if value is not None and not value.strip():
+            ap.error(f"{flag} needs a path, got {value!r}")
+    if a.filter is None and (a.min_weight is not None or a.unit is not None):
+        ap.error("--min-weight and --unit choose what --filter keeps: give --filter OUT too")
+    a.min_weight = 0.5 if a.min_weight is None else a.min_weight
+    a.unit = a.unit or "dialogue"
     if a.top is not None and a.top < 0:
         ap.error(f"--top must be >= 0, got {a.top}")
     if not 0.0 < a.min_weight <= 1.0:  # NaN fails too
