@@ -56,10 +56,7 @@ class Recipe:
         self.logger: MetricsLogger | None = None
         self.startup: dict = {}  # seconds spent in each phase before the first step
 
-    @property
-    def finished(self) -> bool:
-        """All train.max_steps steps are trained (a stopped leg is not)."""
-        return self.step >= self.cfg.train.max_steps
+    finished = property(lambda self: self.step >= self.cfg.train.max_steps)  # all steps trained, not a stopped leg
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
