@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from .config import CLONE as ROOT, markdown_table, shipped
+from .config import CLONE as ROOT, markdown_table
 MODULES = {"prepare": "resure_ds.data.prepare", "score": "resure_ds.eval.score", "plan": "resure_ds.plan", "eval": "resure_ds.eval", "report": "resure_ds.report"}
 
 
@@ -42,8 +42,7 @@ def train(args: list[str]) -> int:
               "package from a clone (pip install -e <clone>)", file=sys.stderr)
         return 2
     env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}
-    # recipes/x.yaml names the shipped recipe when the working directory has none of that name
-    return subprocess.call(["bash", script, *[shipped(a) if a.endswith(".yaml") else a for a in args]], env=env)
+    return subprocess.call(["bash", script, *args], env=env)  # load_config finds recipes/x.yaml from anywhere
 
 
 def main(argv: list[str] | None = None) -> int:
