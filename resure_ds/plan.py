@@ -69,7 +69,8 @@ def steps_per_epoch(cfg: Config, tokens_per_step: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = recipe_parser(__doc__)
     ap.add_argument("--gpus", type=positive(int), default=8, help="GPUs per node (default 8)")
-    ap.add_argument("--gpu-memory", type=positive(float), default=80.0, help="memory per GPU in GB (default 80)")
+    ap.add_argument("--gpu-memory", type=positive(float, most=1e6), default=80.0,
+                    help="memory per GPU in GB (default 80; at most 10^6)")
     ap.add_argument("--nodes", type=positive(int), default=1, help="nodes (default 1)")
     ap.add_argument("--config", default=None, help="a folder with the model's config.json (default: model.path)")
     a = ap.parse_intermixed_args(argv)

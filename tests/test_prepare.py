@@ -455,3 +455,13 @@ def test_lone_surrogates_in_any_string_of_a_record_are_found_not_crashed_on(tmp_
         [p] = prepare(cfg(tiny_model_path, str(path), tmp_path / f"q{i}", "data.skip_invalid=true"), tokenizer,
                       tiny_model_path)
         assert p.manifest["counts"]["skipped"] == {"bad_text": 1} and p.manifest["counts"]["dialogues"] == 1
+
+
+@pytest.mark.parametrize("flag,value", [("--workers", "-3"), ("--workers", "0"), ("--wait", "nan"), ("--wait", "-1")])
+def test_prepare_refuses_worker_counts_and_waits_that_mean_nothing(capsys, flag, value):
+    from resure_ds.data.prepare import main
+
+    with pytest.raises(SystemExit) as e:  # -3 workers ran one; a NaN wait never timed out
+        main([os.path.join(ROOT, "recipes", "default.yaml"), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: must be a finite number > 0, got '{value}'" in err

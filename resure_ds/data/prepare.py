@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ..config import Config, load_config, recipe_parser, split_recipe_args
+from ..config import Config, load_config, positive, recipe_parser, split_recipe_args
 from ..config.parse import Layout, SourceSpec, config_layout, train_specs
 from ..errors import DataError, run_command
 from ..files import input_root, inside as files_inside
@@ -380,10 +380,11 @@ def ensure_eval_prepared(cfg: Config, tokenizer, model_path: str, workers: int |
 
 def main(argv: list[str] | None = None) -> int:
     ap = recipe_parser(__doc__)
-    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: data.prepare_workers)")
+    ap.add_argument("--workers", type=positive(int), default=None,
+                    help="worker processes (default: data.prepare_workers)")
     ap.add_argument("--tasks-from-env", action="store_true",
                     help="one of several tasks (launch/prepare.sh under srun/mpirun): take a share of the units")
-    ap.add_argument("--wait", type=float, default=86400, help="task 0: seconds to wait for the other tasks")
+    ap.add_argument("--wait", type=positive(float), default=86400, help="task 0: seconds to wait for the other tasks")
     ap.add_argument("--check-reference", action="store_true",
                     help=f"exit with status {UNSCORED} when stats.reference is set and a source has no reference "
                          "losses yet (launch/train.sh then runs resure-ds score)")

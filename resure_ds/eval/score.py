@@ -154,12 +154,13 @@ def _score_share(p: Prepared, folder: str, key: str, s: Scorer) -> str | None:
         from tqdm import tqdm
 
         t0 = time.perf_counter()
-        with tqdm(total=len(rows), desc=f"score {p.spec.label}", unit=" dlg", disable=not s.progress) as bar:
+        with tqdm(total=len(rows), desc=f"score {p.spec.label}", unit=" row", disable=not s.progress) as bar:
             with bf16.products(s.matmul):
                 scores = score_rows(s.model, src, rows, s.pad_id, s.batch_tokens, bar.update)
         _save_part(part, scores)
         if s.progress:
-            log(f"scored {len(rows):,} dialogues of {p.spec.label} in {time.perf_counter() - t0:.1f} s")
+            log(f"scored {len(rows):,} rows (dialogues, or windows of a split one) of {p.spec.label} in "
+                f"{time.perf_counter() - t0:.1f} s")
     if me != 0:
         return None
     parts = [_part(folder, k, tasks) for k in range(tasks)]

@@ -38,8 +38,8 @@ def export(run_dir: str, path: str) -> int:
         if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else None
     guard = protected(run_dir)
     for out in [path] + ([sources_path(path)] if shares is not None else []):
-        check_target(out, guard, "--export", "write the verdict to a new file outside the run folder's files "
-                     "and the training data")
+        check_target(out, guard, "--export", "write the verdict to a new file: none of the run's own files "
+                     "and none of the training data")
         if os.path.isdir(out):
             raise ConfigError(f"--export {out}: is a folder; give the path of a .parquet file to write")
     turns = _write_parquet(verdict_parts(run_dir), path)
@@ -335,8 +335,8 @@ def _check_output(out_dir: str, run_dir: str, sources: list) -> None:
     """The filter never writes over, into or around an input of the run or the run's own files, nor into
     a used folder: its output would replace a source, or be read back as one by the next prepare."""
     guard = _guard_inputs({**run_entries(run_dir), **_local_inputs(read_config(run_dir))}, sources)
-    check_target(out_dir, guard, "--filter", "write the filtered corpus to a new folder outside the run folder "
-                 "and the training data")
+    check_target(out_dir, guard, "--filter", "write the filtered corpus to a new folder: not among the run's "
+                 "own files and not in the training data")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ConfigError(f"--filter {out_dir}: exists and is not an empty folder (an earlier filter's output?); "
                          "give a new folder, or remove this one first")
