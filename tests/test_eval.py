@@ -88,3 +88,17 @@ def test_eval_takes_the_embedded_model_by_its_name(tmp_path, smollm2_path):
     got = json.loads(out.stdout[out.stdout.index("{"):])
     want = evaluate_folder(smollm2_path, path, max_length=64)
     assert got["tokens"] == want["tokens"] > 0 and abs(got["loss"] - want["loss"]) < 1e-5
+
+
+def test_eval_says_what_it_left_out(tmp_path, tiny_model_path):
+    long = {"id": "long", "messages": [{"role": "user", "content": "Tell me everything."},
+                                       {"role": "assistant", "content": "word " * 400}]}
+    bad = ['{"messages": [{"role": "user", "c', '{"messages": [{"role": "user", "content": "hi"}]}']
+    path = write_jsonl(tmp_path / "val.jsonl", OPENAI + [long], raw_lines=bad)
+    res = evaluate_folder(tiny_model_path, path, max_length=128, batch_size=2, overflow="drop")
+    # the loss is over OPENAI alone: a user reading it is told the other three records were not scored, and why
+    assert res["dialogues"] == len(OPENAI)
+    assert res["skipped"] == {"malformed_json": 1, "no_assistant_turn": 1}
+    assert res["overflow"]["dropped"] == 1 and res["no_trained_token"] == 0
+    full = evaluate_folder(tiny_model_path, path, max_length=128, batch_size=2, overflow="split")
+    assert full["overflow"]["dropped"] == 0 and full["overflow"]["split"] == 1 and full["dialogues"] == len(OPENAI) + 1

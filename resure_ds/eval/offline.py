@@ -7,12 +7,16 @@ losses, and both per turn depth (the same turn spans and, for a dialogue
 longer than --max-length, the same rows as training under data.overflow).
 --holdout F evaluates only the dialogues that data.eval=F holds out of DATA
 (the split training validated on, by the same hash of the dialogue id).
+What was not scored is in the output too: invalid records and template
+refusals skipped (by kind), dialogues --max-length left no trained token,
+and the overflow policy's counts.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -23,7 +27,7 @@ from ..config.parse import SourceSpec, parse_layout
 from ..data.collate import collate_examples
 from ..data.holdout import held_out
 from ..data.overflow import POLICIES, OverflowCounts, apply as apply_overflow
-from ..data.records import read_dialogues
+from ..data.records import SkipCounter, read_dialogues
 from ..data.render import Renderer
 from ..errors import DataError, run_command
 from ..models import causal_lm, check_model_folder, load_tokenizer, resolve_model_path
@@ -35,15 +39,26 @@ from .depth import DepthSums
 _DATA, _EVAL = DataConfig(), EvalConfig()  # the defaults of a run (config/sections.py)
 
 
+@dataclass
+class LeftOut:
+    """What an evaluation did not score, for its output: nothing is left out unsaid. Invalid records
+    and template refusals by kind, dialogues max_length left no trained token, and the overflow policy's
+    counts (dialogues dropped, cut or split)."""
+    skipped: SkipCounter = field(default_factory=SkipCounter)
+    no_trained_token: int = 0
+    overflow: OverflowCounts = field(default_factory=OverflowCounts)
+
+
 @torch.no_grad()
 def batch_turns(model, tokenizer, source, max_length: int = _DATA.max_length, batch_size: int = _EVAL.micro_batch_size, skip_invalid: bool = True,
-                holdout: float | None = None, overflow: str = _DATA.overflow) -> Iterator[tuple[list[str], TurnLosses]]:
+                holdout: float | None = None, overflow: str = _DATA.overflow,
+                left_out: LeftOut | None = None) -> Iterator[tuple[list[str], TurnLosses]]:
     """Yield (dialogue ids, TurnLosses) a batch at a time over a source (only its held-out split when
     holdout is a fraction); a dialogue longer than max_length as data.overflow makes it (several
-    rows under split, each with the dialogue's id)."""
+    rows under split, each with the dialogue's id). What was not scored is counted in left_out."""
     renderer = Renderer(tokenizer, max_length if overflow == "cut" else None)
-    counts = OverflowCounts()
-    dialogues = read_dialogues(source, skip_invalid)
+    left_out = LeftOut() if left_out is None else left_out
+    dialogues = read_dialogues(source, skip_invalid, left_out.skipped)
     if holdout:
         dialogues = (d for d in dialogues if held_out([d.dialogue_id], holdout)[0])
     model.eval()
@@ -52,8 +67,10 @@ def batch_turns(model, tokenizer, source, max_length: int = _DATA.max_length, ba
         chunk = list(itertools.islice(dialogues, batch_size))
         if not chunk:
             return
-        exs = [row for e in renderer.render_many(chunk, {} if skip_invalid else None) if e is not None
-               for row in apply_overflow(e, overflow, max_length, counts)]
+        rendered = renderer.render_many(chunk, left_out.skipped if skip_invalid else None)
+        left_out.no_trained_token += sum(e is None for e in rendered)
+        exs = [row for e in rendered if e is not None
+               for row in apply_overflow(e, overflow, max_length, left_out.overflow)]
         if not exs:
             continue
         b = collate_examples(exs, tokenizer.pad_token_id)
@@ -73,8 +90,9 @@ def turn_scores(model, tokenizer, source, max_length: int = _DATA.max_length, ba
 
 def evaluate(model, tokenizer, source, max_length: int = _DATA.max_length, batch_size: int = _EVAL.micro_batch_size,
              skip_invalid: bool = True, holdout: float | None = None, overflow: str = _DATA.overflow) -> dict:
-    sums, dialogues = DepthSums(), set()
-    for ids, turns in batch_turns(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout, overflow):
+    sums, dialogues, left_out = DepthSums(), set(), LeftOut()
+    for ids, turns in batch_turns(model, tokenizer, source, max_length, batch_size, skip_invalid, holdout, overflow,
+                                  left_out):
         dialogues.update(ids[s] for s in torch.nonzero((turns.count > 0).any(1)).flatten().tolist())
         sums.add(turns)
     s = sums.summary()
@@ -83,6 +101,8 @@ def evaluate(model, tokenizer, source, max_length: int = _DATA.max_length, batch
         "turn_loss": s["turn_loss"],
         "per_depth": {t: {"turns": n, "loss": s["depth_loss"][t], "turn_loss": s["depth_turn_loss"][t]}
                       for t, n in enumerate(s["depth_turns"]) if n},
+        "skipped": dict(sorted(left_out.skipped.items())), "no_trained_token": left_out.no_trained_token,
+        "overflow": left_out.overflow.to_dict(),
     }
 
 
