@@ -541,3 +541,36 @@ def test_a_run_made_otherwise_than_the_rule_goes_neither_into_the_kept_grid_nor_
     assert made_matmul(str(run)) == "native"
     (run / "config.json").write_text(json.dumps({"model": {"dtype": "bf16", "bf16_matmul": "fp32"}}))
     assert made_matmul(str(run)) == "fp32"
+
+
+def test_the_base_outcomes_are_kept_once_and_taken_only_under_their_detector_and_products(tmp_path):
+    import gzip
+
+    from benchmarks.noisy_mix import keep5
+
+    old, new, keep, det = tmp_path / "old", tmp_path / "new", tmp_path / "kept", "d" * 64
+    old.mkdir()
+    base = {"clean_nll": 1.5, "emission": {"any": 0.2}, "bf16_matmul": "fp32"}
+    (old / "base.json").write_text(json.dumps(base))
+    (old / "base-replies.jsonl").write_text('{"reply": "hi", "detector": "human"}\n')
+    assert keep5.save_base(str(keep), str(old), det) and not keep5.save_base(str(keep), str(old), det)  # once
+    assert keep5.kept_runs(str(keep)) == {}  # DIR/base/ holds no run
+    assert not keep5.restore_base(str(keep), str(old), det, "fp32")  # a study folder's own are never replaced
+    new.mkdir()
+    for sha, matmul in (("e" * 64, "fp32"), (det, "native")):  # another detector, other products
+        with pytest.raises(SystemExit, match="made with detector dddddddddddd and fp32 products"):
+            keep5.restore_base(str(keep), str(new), sha, matmul)
+    assert not (new / "base.json").exists()
+    assert keep5.restore_base(str(keep), str(new), det, "fp32")
+    assert json.loads((new / "base.json").read_text()) == base
+    assert (new / "base-replies.jsonl").read_text() == (old / "base-replies.jsonl").read_text()
+    third = tmp_path / "third"
+    (keep / "base" / "base-replies.jsonl.gz").write_bytes(gzip.compress(b'{"reply": "other"}\n'))  # by hand
+    with pytest.raises(SystemExit, match="not the replies kept with"):
+        keep5.restore_base(str(keep), str(third), det, "fp32")
+    (keep / "base" / "base-replies.jsonl.gz").write_bytes(b"\x1f\x8b cut")
+    with pytest.raises(SystemExit, match="base-replies.jsonl.gz: .*the base outcomes are made again"):
+        keep5.restore_base(str(keep), str(third), det, "fp32")
+    assert sorted(p.name for p in third.iterdir()) == [".keep.lock"]  # nothing taken half
+    with pytest.raises(SystemExit, match="that is the study folder itself"):
+        keep5.save_base(str(old), str(old), det)

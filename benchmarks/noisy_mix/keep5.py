@@ -7,6 +7,11 @@ need, so they are kept in DIR:
     DIR/grid.json                the grid's profile and precision: every kept run has them
     DIR/<run>.json               {"record": the run's record, as in runs-*.jsonl, "replies_sha256": ...}
     DIR/<run>.replies.jsonl.gz   its sampled replies with the detector's verdicts
+    DIR/base/                    the base model's outcomes (base.json, its replies), made once per grid
+
+A new machine takes the base model's outcomes from DIR/base/ (save_base, restore_base) instead of
+sampling its replies again, which was most of a quarter hour of each start on a 2-core CPU; they are
+taken only under the detector and the precision they were made with.
 
 A run's file is written after its replies, each by a rename, so a run in DIR always has its
 replies, and restore checks them against their sha256. `restore` puts DIR's runs into a study
@@ -195,3 +200,69 @@ def save(keep: str, out: str, grid: dict) -> list[str]:
             os.replace(tmp, os.path.join(keep, f"{name}.json"))
             new.append(name)
     return new
+
+
+def _base_files(folder: str) -> tuple[str, str]:
+    return os.path.join(folder, "base.json"), os.path.join(folder, "base-replies.jsonl")
+
+
+def save_base(keep: str, out: str, detector_sha256: str) -> bool:
+    """The study folder's base outcomes into DIR/base/, once (False: DIR has them, or out has none)."""
+    _same_folder(keep, out)
+    (mine, replies), folder = _base_files(out), os.path.join(keep, "base")
+    kept = os.path.join(folder, "base.json")
+    with _locked(out):
+        if os.path.exists(kept) or not (os.path.exists(mine) and os.path.exists(replies)):
+            return False
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".base.{os.getpid()}.tmp")
+        with open(replies, "rb") as src, open(tmp, "wb") as raw, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
+            dst.write(src.read())
+        os.replace(tmp, os.path.join(folder, "base-replies.jsonl.gz"))
+        with open(mine, encoding="utf-8") as f:
+            base = json.load(f)
+        with open(tmp, "w", encoding="utf-8") as f:  # last, by a rename: a kept base.json has its replies
+            json.dump({"base": base, "detector_sha256": detector_sha256, "replies_sha256": file_digest(replies)[1]}, f)
+        os.replace(tmp, kept)
+    return True
+
+
+def restore_base(keep: str, out: str, detector_sha256: str, matmul: str) -> bool:
+    """DIR/base/ into a study folder that has no base outcomes yet (False: nothing to take). Outcomes
+    of another detector or precision, or replies not the kept ones, are refused, never used."""
+    _same_folder(keep, out)
+    kept, gz = os.path.join(keep, "base", "base.json"), os.path.join(keep, "base", "base-replies.jsonl.gz")
+    mine, replies = _base_files(out)
+    with _locked(out):
+        if not os.path.exists(kept) or os.path.exists(mine):
+            return False
+        try:
+            with open(kept, encoding="utf-8") as f:
+                k = json.load(f)
+            made = (k["detector_sha256"], k["base"]["bf16_matmul"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise _refuse(f"{kept}: not kept base outcomes ({type(e).__name__}: {e}); remove "
+                          f"{os.path.dirname(kept)}, and they are made again") from None
+        if made != (detector_sha256, matmul):
+            raise _refuse(f"{kept}: made with detector {made[0][:12]} and {made[1]} products, this grid judges "
+                          f"with {detector_sha256[:12]} and {matmul}: remove {os.path.dirname(kept)}, and they "
+                          "are made again")
+        tmp = f"{replies}.{os.getpid()}.tmp"
+        try:
+            with gzip.open(gz, "rb") as f, open(tmp, "wb") as g:
+                g.write(f.read())
+        except (OSError, EOFError) as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise _refuse(f"{gz}: {type(e).__name__}: {e}; remove {os.path.dirname(kept)}, and the base "
+                          "outcomes are made again") from None
+        if file_digest(tmp)[1] != k["replies_sha256"]:
+            os.remove(tmp)
+            raise _refuse(f"{gz}: not the replies kept with {kept} (sha256 differs); remove "
+                          f"{os.path.dirname(kept)}, and the base outcomes are made again")
+        os.replace(tmp, replies)
+        with open(f"{mine}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
+            json.dump(k["base"], f)
+        os.replace(f"{mine}.{os.getpid()}.tmp", mine)
+    return True

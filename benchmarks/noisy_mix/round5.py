@@ -895,11 +895,15 @@ def main() -> None:
            "detector_sha256": det["sha256"],
            "probes": probe_pairs(test, test_pool, p, out, tok)}
     base_path = os.path.join(out, "base.json")
+    if a.keep and keep5.restore_base(a.keep, out, det["sha256"], base_matmul(p)):
+        print(f"[round5] the base model's outcomes taken from {a.keep}/base", flush=True)
     if not os.path.exists(base_path):  # written whole, by a rename: a killed start leaves none
         base = outcomes_of_base(model, ctx, p, out)
         with open(f"{base_path}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
             json.dump(base, f)
         os.replace(f"{base_path}.{os.getpid()}.tmp", base_path)
+    if a.keep:
+        keep5.save_base(a.keep, out, det["sha256"])
     if a.prepare_only:
         print(f"[round5] prepared {out}: {len(ctx['contexts'])} contexts, detector primary kinds "
               f"{det['primary_kinds']}", flush=True)
@@ -1136,10 +1140,14 @@ def cpu_kind() -> str:
     return f"cuda:{torch.cuda.get_device_name()}" if torch.cuda.is_available() else cpu_bf16_kind()
 
 
+def base_matmul(p: dict) -> str:
+    """The base model's products: as most of the grid's runs compute theirs (it is no arm of a seed)."""
+    return matmul_of({"noise": -1, "seed": -1}, p)
+
+
 def outcomes_of_base(model: str, ctx: dict, p: dict, out: str) -> dict:
     """The base model's outcomes, for reference (its replies go to base-replies.jsonl)."""
-    # its products as most of the grid's runs compute theirs (the base model is no arm of a seed)
-    matmul = matmul_of({"noise": -1, "seed": -1}, p)
+    matmul = base_matmul(p)
     return {**outcomes(model, ctx, p, os.path.join(out, "base-replies.jsonl"), matmul), "bf16_matmul": matmul}
 
 
