@@ -30,6 +30,7 @@ import os
 import re
 
 from resure_ds.data.manifest import file_digest
+from resure_ds.files import atomic, write_json
 
 RUN = re.compile(r"n[0-9.]+-[a-z_]+-seed[0-9]+")  # round5.run_name's form
 
@@ -123,6 +124,26 @@ def _same_folder(keep: str, out: str) -> None:
                       "(e.g. benchmarks/noisy_mix/results/round5-cpu/grid)")
 
 
+def _gzip(src: str, gz: str) -> None:
+    """src gzipped into gz by a rename, the same bytes each time (no name, no time in the header)."""
+    with atomic(gz) as tmp, open(src, "rb") as f, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
+        dst.write(f.read())
+
+
+def _unzip_checked(gz: str, dest: str, sha256: str, unreadable: str, differs: str) -> None:
+    """Kept replies unzipped into dest by a rename, if they are the ones kept (sha256); else a refusal
+    naming gz, ending in `unreadable` or `differs`, and dest is left as it was."""
+    with atomic(dest) as tmp:
+        try:
+            with gzip.open(gz, "rb") as f, open(tmp, "wb") as g:
+                g.write(f.read())
+        except (OSError, EOFError) as e:
+            raise _refuse(f"{gz}: {type(e).__name__}: {e}; {unreadable}") from None
+        if file_digest(tmp)[1] != sha256:
+            raise _refuse(f"{gz}: {differs}")
+
+
 def restore(keep: str, out: str, grid: dict) -> list[str]:
     """DIR's runs that the study folder lacks, written into it (out/runs-kept.jsonl and each run's
     out/runs/<run>/replies.jsonl). Returns the runs restored."""
@@ -140,18 +161,10 @@ def restore(keep: str, out: str, grid: dict) -> list[str]:
                 continue
             folder = os.path.join(out, "runs", name)
             os.makedirs(folder, exist_ok=True)
-            src, tmp = os.path.join(keep, f"{name}.replies.jsonl.gz"), os.path.join(folder, "replies.jsonl.tmp")
-            try:
-                with gzip.open(src, "rb") as f, open(tmp, "wb") as g:
-                    g.write(f.read())
-            except (OSError, EOFError) as e:
-                raise _refuse(f"{src}: {type(e).__name__}: {e}; the kept replies of run {name} cannot be "
-                              f"read: remove {name}.json beside it, and the run is made again") from None
-            if file_digest(tmp)[1] != k["replies_sha256"]:
-                os.remove(tmp)
-                raise _refuse(f"{src}: not the replies its run {name} kept (sha256 differs); remove "
-                              f"{name}.json beside it, and the run is made again")
-            os.replace(tmp, os.path.join(folder, "replies.jsonl"))
+            _unzip_checked(os.path.join(keep, f"{name}.replies.jsonl.gz"), os.path.join(folder, "replies.jsonl"),
+                           k["replies_sha256"], f"the kept replies of run {name} cannot be read: remove "
+                           f"{name}.json beside it, and the run is made again", f"not the replies its run {name} "
+                           f"kept (sha256 differs); remove {name}.json beside it, and the run is made again")
             new.append(name)
         if new:  # rewritten whole, by a rename: a killed restore leaves the file as it was
             path = os.path.join(out, "runs-kept.jsonl")
@@ -190,14 +203,8 @@ def save(keep: str, out: str, grid: dict) -> list[str]:
             if not os.path.exists(replies):
                 raise _refuse(f"run {name}: its record is in {out}/runs*.jsonl but its replies ({replies}) are "
                               "missing; run it again (delete its line and its folder)")
-            tmp = os.path.join(keep, f".{name}.tmp")
-            with open(replies, "rb") as src, open(tmp, "wb") as raw, \
-                    gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:  # the same bytes each time
-                dst.write(src.read())
-            os.replace(tmp, gz)
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"record": r, "replies_sha256": file_digest(replies)[1]}, f)
-            os.replace(tmp, os.path.join(keep, f"{name}.json"))
+            _gzip(replies, gz)
+            write_json(os.path.join(keep, f"{name}.json"), {"record": r, "replies_sha256": file_digest(replies)[1]})
             new.append(name)
     return new
 
@@ -215,16 +222,11 @@ def save_base(keep: str, out: str, detector_sha256: str) -> bool:
         if os.path.exists(kept) or not (os.path.exists(mine) and os.path.exists(replies)):
             return False
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".base.{os.getpid()}.tmp")
-        with open(replies, "rb") as src, open(tmp, "wb") as raw, \
-                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
-            dst.write(src.read())
-        os.replace(tmp, os.path.join(folder, "base-replies.jsonl.gz"))
+        _gzip(replies, os.path.join(folder, "base-replies.jsonl.gz"))
         with open(mine, encoding="utf-8") as f:
             base = json.load(f)
-        with open(tmp, "w", encoding="utf-8") as f:  # last, by a rename: a kept base.json has its replies
-            json.dump({"base": base, "detector_sha256": detector_sha256, "replies_sha256": file_digest(replies)[1]}, f)
-        os.replace(tmp, kept)
+        # last: a kept base.json has its replies
+        write_json(kept, {"base": base, "detector_sha256": detector_sha256, "replies_sha256": file_digest(replies)[1]})
     return True
 
 
@@ -248,21 +250,8 @@ def restore_base(keep: str, out: str, detector_sha256: str, matmul: str) -> bool
             raise _refuse(f"{kept}: made with detector {made[0][:12]} and {made[1]} products, this grid judges "
                           f"with {detector_sha256[:12]} and {matmul}: remove {os.path.dirname(kept)}, and they "
                           "are made again")
-        tmp = f"{replies}.{os.getpid()}.tmp"
-        try:
-            with gzip.open(gz, "rb") as f, open(tmp, "wb") as g:
-                g.write(f.read())
-        except (OSError, EOFError) as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise _refuse(f"{gz}: {type(e).__name__}: {e}; remove {os.path.dirname(kept)}, and the base "
-                          "outcomes are made again") from None
-        if file_digest(tmp)[1] != k["replies_sha256"]:
-            os.remove(tmp)
-            raise _refuse(f"{gz}: not the replies kept with {kept} (sha256 differs); remove "
-                          f"{os.path.dirname(kept)}, and the base outcomes are made again")
-        os.replace(tmp, replies)
-        with open(f"{mine}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
-            json.dump(k["base"], f)
-        os.replace(f"{mine}.{os.getpid()}.tmp", mine)
+        again = f"remove {os.path.dirname(kept)}, and the base outcomes are made again"
+        _unzip_checked(gz, replies, k["replies_sha256"], again,
+                       f"not the replies kept with {kept} (sha256 differs); {again}")
+        write_json(mine, k["base"])
     return True

@@ -878,6 +878,7 @@ def main() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(int(os.environ.get("MASTER_PORT", "29733")) + (worker[0] if worker else 0))
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    from resure_ds.files import write_json
     from resure_ds.models import EMBEDDED, load_tokenizer, resolve_model_path
 
     model = tiny_model(os.path.join(out, "tiny-model")) if p["model"] == "tiny" else resolve_model_path(EMBEDDED)
@@ -898,10 +899,7 @@ def main() -> None:
     if a.keep and keep5.restore_base(a.keep, out, det["sha256"], base_matmul(p)):
         print(f"[round5] the base model's outcomes taken from {a.keep}/base", flush=True)
     if not os.path.exists(base_path):  # written whole, by a rename: a killed start leaves none
-        base = outcomes_of_base(model, ctx, p, out)
-        with open(f"{base_path}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
-            json.dump(base, f)
-        os.replace(f"{base_path}.{os.getpid()}.tmp", base_path)
+        write_json(base_path, outcomes_of_base(model, ctx, p, out))
     if a.keep:
         keep5.save_base(a.keep, out, det["sha256"])
     if a.prepare_only:
