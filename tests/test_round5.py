@@ -572,5 +572,8 @@ def test_the_base_outcomes_are_kept_once_and_taken_only_under_their_detector_and
     with pytest.raises(SystemExit, match="base-replies.jsonl.gz: .*the base outcomes are made again"):
         keep5.restore_base(str(keep), str(third), det, "fp32")
     assert sorted(p.name for p in third.iterdir()) == [".keep.lock"]  # nothing taken half
+    (keep / "base" / "base.json").write_text("[1, 2]")  # edited by hand
+    with pytest.raises(SystemExit, match="base.json: not kept base outcomes .*they are made again"):
+        keep5.restore_base(str(keep), str(third), det, "fp32")
     with pytest.raises(SystemExit, match="that is the study folder itself"):
         keep5.save_base(str(old), str(old), det)
