@@ -360,6 +360,7 @@ def test_kept_replies_lost_or_swapped_by_hand_are_named_or_made_again(tmp_path):
     with pytest.raises(SystemExit, match="n0.3-sft-seed1.replies.jsonl.gz: .*cannot be read"):
         keep5.restore(str(keep), str(new), GRID)
     assert not (new / "runs-kept.jsonl").exists()
+    assert not (new / "runs").exists() or not any((new / "runs").iterdir())  # no folder left without its run
     (keep / "stray.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="stray.json: not a kept run"):
         keep5.kept_runs(str(keep))

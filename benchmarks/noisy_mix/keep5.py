@@ -28,9 +28,10 @@ import gzip
 import json
 import os
 import re
+import shutil
 
 from resure_ds.data.manifest import file_digest
-from resure_ds.files import atomic, write_json
+from resure_ds.files import atomic, write_json, write_text
 
 RUN = re.compile(r"n[0-9.]+-[a-z_]+-seed[0-9]+")  # round5.run_name's form
 
@@ -153,25 +154,30 @@ def restore(keep: str, out: str, grid: dict) -> list[str]:
     _check_grid(keep, grid)
     with _locked(out):
         have, kept = records(out), kept_runs(keep)
-        new = []
-        for name, k in sorted(kept.items()):
-            if name in have:
-                if have[name] != k["record"]:
-                    raise _differ(name, keep, out)
-                continue
-            folder = os.path.join(out, "runs", name)
-            os.makedirs(folder, exist_ok=True)
-            _unzip_checked(os.path.join(keep, f"{name}.replies.jsonl.gz"), os.path.join(folder, "replies.jsonl"),
-                           k["replies_sha256"], f"the kept replies of run {name} cannot be read: remove "
-                           f"{name}.json beside it, and the run is made again", f"not the replies its run {name} "
-                           f"kept (sha256 differs); remove {name}.json beside it, and the run is made again")
-            new.append(name)
+        new, made = [], []
+        try:
+            for name, k in sorted(kept.items()):
+                if name in have:
+                    if have[name] != k["record"]:
+                        raise _differ(name, keep, out)
+                    continue
+                folder = os.path.join(out, "runs", name)
+                if not os.path.isdir(folder):
+                    made.append(folder)
+                os.makedirs(folder, exist_ok=True)
+                _unzip_checked(os.path.join(keep, f"{name}.replies.jsonl.gz"), os.path.join(folder, "replies.jsonl"),
+                               k["replies_sha256"], f"the kept replies of run {name} cannot be read: remove "
+                               f"{name}.json beside it, and the run is made again", f"not the replies its run "
+                               f"{name} kept (sha256 differs); remove {name}.json beside it, and the run is made again")
+                new.append(name)
+        except BaseException:  # a refused restore leaves no folder of its own behind: none holds a run
+            for folder in made:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         if new:  # rewritten whole, by a rename: a killed restore leaves the file as it was
             path = os.path.join(out, "runs-kept.jsonl")
             old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.write(old + "".join(json.dumps(kept[n]["record"]) + "\n" for n in new))
-            os.replace(path + ".tmp", path)
+            write_text(path, old + "".join(json.dumps(kept[n]["record"]) + "\n" for n in new))
     return new
 
 
@@ -184,9 +190,7 @@ def save(keep: str, out: str, grid: dict) -> list[str]:
         _check_grid(keep, grid)
         kept, new = kept_runs(keep), []
         if grid_of(keep) is None:
-            with open(os.path.join(keep, ".grid.json.tmp"), "w", encoding="utf-8") as f:
-                json.dump(grid, f)
-            os.replace(os.path.join(keep, ".grid.json.tmp"), os.path.join(keep, "grid.json"))
+            write_json(os.path.join(keep, "grid.json"), grid)
         for name, r in sorted(records(out).items()):
             if not RUN.fullmatch(name):
                 raise _refuse(f"run {name!r} in {out}/runs*.jsonl: not a name round5.py gives a run")
